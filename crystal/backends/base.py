@@ -1,0 +1,79 @@
+"""The op protocol every backend implements; `crystal.model` is written once against it.
+
+Shapes use B batch, T time, C channels, NH heads, V vocabulary, N = B*T rows. Arrays are the
+backend's own (numpy on cpu, cupy on cuda), C-contiguous. Conventions that make gradients
+cheap and deterministic:
+
+- Parameter gradients (dw, db) are *written*, never accumulated, so a gradient buffer needs
+  no zeroing between micro-batches. The one exception is the tied token embedding: the LM
+  head writes dwte, then `encoder_backward` adds the embedding's scatter into it.
+- Activation gradients flowing into the residual stream (`layernorm_backward`'s dinp) are
+  *accumulated*; everything else is written.
+- Every reduction has a fixed order, so each op is bitwise reproducible run to run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+Array = Any
+
+
+class Backend(Protocol):
+    name: str
+
+    # memory
+    def empty(self, shape, dtype="float32") -> Array: ...
+    def zeros(self, shape, dtype="float32") -> Array: ...
+    def to_device(self, host_array) -> Array: ...
+    def to_host(self, array) -> Any: ...
+    def warmup(self) -> None: ...
+    def sphere_context(self, index: int): ...  # context manager a sphere thread runs inside
+    def zero(self, x) -> None: ...  # x[...] = 0
+
+    # out[b,t] = wte[idx[b,t]] + wpe[t]
+    def encoder_forward(self, out, idx, wte, wpe) -> None: ...
+    # dwte[idx[b,t]] += dout[b,t] in (b,t) order; dwpe[t] = sum_b dout[b,t]
+    def encoder_backward(self, dwte, dwpe, dout, idx) -> None: ...
+
+    # out = (inp - mean) * rstd * w + b over the last axis; saves mean, rstd [N]
+    def layernorm_forward(self, out, mean, rstd, inp, w, b, eps: float) -> None: ...
+    # dinp += ...; dw, db written
+    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd) -> None: ...
+
+    # out[N,OC] = inp[N,C] @ w[C,OC] + bias (Conv1D layout); bias may be None
+    def matmul_forward(self, out, inp, w, bias) -> None: ...
+    # dinp = dout @ w.T, dw = inp.T @ dout, dbias = sum_rows dout (all written; dbias may be None)
+    def matmul_backward(self, dinp, dw, dbias, dout, inp, w) -> None: ...
+    # logits[N,V] = inp[N,C] @ wte.T  (LM head tied to the token embedding)
+    def lm_head_forward(self, logits, inp, wte) -> None: ...
+    # dinp = dlogits @ wte, dwte = dlogits.T @ inp (written)
+    def lm_head_backward(self, dinp, dwte, dlogits, inp, wte) -> None: ...
+
+    # causal self-attention of qkv[B,T,3C] -> out[B,T,C]; saves att[B,NH,T,T] (softmax probs)
+    def attention_forward(self, out, att, qkv, n_head: int) -> None: ...
+    # dqkv written from dout, qkv and the saved att
+    def attention_backward(self, dqkv, dout, qkv, att, n_head: int) -> None: ...
+
+    # out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    def gelu_forward(self, out, inp) -> None: ...
+    # dinp = gelu'(inp) * dout (dinp may alias dout)
+    def gelu_backward(self, dinp, inp, dout) -> None: ...
+
+    # out = a + b
+    def residual_forward(self, out, a, b) -> None: ...
+
+    # probs[N,V] = softmax(logits) (may alias logits); losses[N] = -log probs[target]
+    def crossentropy_forward(self, losses, probs, logits, targets) -> None: ...
+    # dlogits = (probs - onehot(target)) * dloss (may alias probs)
+    def crossentropy_backward(self, dlogits, probs, targets, dloss: float) -> None: ...
+    # sum of losses in index order, as a Python float
+    def sum_losses(self, losses) -> float: ...
+
+    # reducer and optimizer, over flat float32 buffers
+    def add_inplace(self, acc, x) -> None: ...  # acc += x
+    def scale_inplace(self, x, s: float) -> None: ...  # x *= s
+    def sum_squares(self, x) -> float: ...  # sum x^2 in float64, fixed order
+    # AdamW on params; ranges [K,3] int64 rows (start, end, decay 0/1) cover the buffer
+    def adamw_update(self, params, grads, m, v, ranges, lr: float, beta1: float, beta2: float,
+                     eps: float, weight_decay: float, step: int, grad_scale: float) -> None: ...

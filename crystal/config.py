@@ -1,0 +1,201 @@
+"""Typed configuration: the model shape, the training run, presets and validation.
+
+A run is fully described by a `ModelConfig` and a `TrainConfig`; both are frozen dataclasses
+that serialize to JSON. Presets fill every field; CLI flags override single fields; `validate`
+turns nonsense into a `CrystalError` before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from crystal.errors import CrystalError
+
+MAX_SPHERES = 64
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GPT-2 shape. Field names follow nanoGPT; `to_hf` gives Hugging Face GPT2Config names."""
+
+    vocab_size: int = 256
+    block_size: int = 64  # max sequence length (n_positions)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    layer_norm_epsilon: float = 1e-5
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_hf(self) -> dict:
+        """The fields of a Hugging Face `GPT2Config` (config.json of a checkpoint)."""
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.block_size,
+            "n_ctx": self.block_size,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": None,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "activation_function": "gelu_new",
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "tie_word_embeddings": True,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "torch_dtype": "float32",
+        }
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        try:
+            if d.get("model_type", "gpt2") != "gpt2":
+                raise CrystalError(f"config.json: model_type {d.get('model_type')!r} is not gpt2")
+            cfg = cls(
+                vocab_size=int(d["vocab_size"]),
+                block_size=int(d["n_positions"]),
+                n_layer=int(d["n_layer"]),
+                n_head=int(d["n_head"]),
+                n_embd=int(d["n_embd"]),
+                layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CrystalError(f"config.json: missing or invalid field: {e}") from None
+        validate_model(cfg)
+        return cfg
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. A step consumes micro_batches x batch_size sequences of seq_len."""
+
+    preset: str = "small"
+    device: str = "auto"
+    spheres: int = 12
+    data: str | None = None  # None: the embedded Tiny Shakespeare corpus
+    batch_size: int = 1
+    seq_len: int = 64
+    micro_batches: int = 12
+    steps: int = 2000
+    epochs: float | None = None  # when set, steps = epochs * windows / (batch_size * micro_batches)
+    lr: float = 1e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 1337
+    log_every: int = 10
+    out: str | None = None
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batches * self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig
+    train: dict = field(default_factory=dict)  # TrainConfig field overrides
+    about: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+        dict(batch_size=2, seq_len=32, micro_batches=12, steps=50, lr=3e-3, warmup=5),
+        "2 layers, 2 heads, 32 wide, T=32: seconds, for tests",
+    ),
+    "small": Preset(
+        ModelConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
+        dict(batch_size=1, seq_len=64, micro_batches=12, steps=2000, lr=1e-3, warmup=100),
+        "4 layers, 4 heads, 128 wide, T=64 (nanoGPT's CPU example): the default",
+    ),
+    "shakespeare-char": Preset(
+        ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),
+        dict(batch_size=4, seq_len=256, micro_batches=16, steps=5000, lr=1e-3, warmup=100),
+        "6 layers, 6 heads, 384 wide, T=256, 64 sequences a step (nanoGPT's shakespeare_char)",
+    ),
+}
+
+
+def resolve(preset: str = "small", model_overrides: dict | None = None,
+            train_overrides: dict | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Preset values, then overrides (None values ignored), then validation."""
+    if preset not in PRESETS:
+        raise CrystalError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    mo = {k: v for k, v in (model_overrides or {}).items() if v is not None}
+    to = {k: v for k, v in (train_overrides or {}).items() if v is not None}
+    for k in mo:
+        if k not in {f.name for f in dataclasses.fields(ModelConfig)}:
+            raise CrystalError(f"unknown model setting {k!r}")
+    for k in to:
+        if k not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise CrystalError(f"unknown training setting {k!r}")
+    model = dataclasses.replace(p.model, **mo)
+    tdict = {**p.train, **to, "preset": preset}
+    # A smaller --block-size without --seq-len shrinks the preset's sequence length to fit.
+    if "seq_len" not in to and "block_size" in mo:
+        tdict["seq_len"] = min(tdict.get("seq_len", TrainConfig.seq_len), model.block_size)
+    train = TrainConfig(**tdict)
+    validate_model(model)
+    validate_train(train, model)
+    return model, train
+
+
+def _positive_int(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise CrystalError(f"{name} must be a positive integer, got {v!r}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        _positive_int(f"--{name.replace('_', '-')}", getattr(m, name))
+    if m.n_embd % m.n_head:
+        raise CrystalError(f"--n-embd ({m.n_embd}) must be divisible by --n-head ({m.n_head})")
+    if not (0 < m.layer_norm_epsilon < 1):
+        raise CrystalError(f"layer_norm_epsilon must be in (0, 1), got {m.layer_norm_epsilon}")
+
+
+def validate_train(t: TrainConfig, m: ModelConfig) -> None:
+    if t.device not in DEVICES:
+        raise CrystalError(f"--device must be one of {', '.join(DEVICES)}, got {t.device!r}")
+    if not isinstance(t.spheres, int) or not (1 <= t.spheres <= MAX_SPHERES):
+        raise CrystalError(f"--spheres must be between 1 and {MAX_SPHERES}, got {t.spheres}")
+    for name in ("batch_size", "seq_len", "micro_batches", "steps", "log_every"):
+        _positive_int(f"--{name.replace('_', '-')}", getattr(t, name))
+    if t.warmup < 0:
+        raise CrystalError(f"--warmup must be >= 0, got {t.warmup}")
+    if t.seq_len > m.block_size:
+        raise CrystalError(f"--seq-len ({t.seq_len}) must not exceed --block-size ({m.block_size})")
+    if t.epochs is not None and not (t.epochs > 0):
+        raise CrystalError(f"--epochs must be positive, got {t.epochs}")
+    if not (t.lr > 0) or t.lr == float("inf"):
+        raise CrystalError(f"--lr must be a positive number, got {t.lr}")
+    if t.min_lr is not None and not (0 <= t.min_lr <= t.lr):
+        raise CrystalError(f"--min-lr must be in [0, lr], got {t.min_lr}")
+    if not (0 <= t.weight_decay < 1):
+        raise CrystalError(f"--weight-decay must be in [0, 1), got {t.weight_decay}")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        raise CrystalError("AdamW betas must be in [0, 1)")
+    if not (t.eps > 0):
+        raise CrystalError(f"AdamW eps must be positive, got {t.eps}")
+    if not (t.grad_clip >= 0) or t.grad_clip == float("inf"):
+        raise CrystalError(f"--grad-clip must be >= 0 (0 disables), got {t.grad_clip}")

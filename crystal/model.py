@@ -1,0 +1,316 @@
+"""GPT-2: parameter layout in one flat buffer, activations, forward and backward.
+
+Written once against the backend op protocol (`crystal.backends.base`), so the same code runs
+on numpy (cpu) and cupy (cuda) arrays. Parameters and gradients each live in one flat float32
+buffer; `ParamLayout` gives the Hugging Face GPT-2 name, shape and offset of every tensor, so
+the reducer, the optimizer, the gradient norm and a checkpoint are each one pass over one
+buffer, and a checkpoint *is* an HF GPT-2 state dict (LM head tied to `transformer.wte`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from crystal.config import ModelConfig
+
+
+# --- parameter layout ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def decay(self) -> bool:
+        """Weight decay applies to 2-D tensors only (matmul weights and embeddings)."""
+        return len(self.shape) == 2
+
+
+def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """HF GPT-2 names and shapes, in buffer order. Linear weights use Conv1D layout [in, out]."""
+    V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
+    shapes = [("transformer.wte.weight", (V, C)), ("transformer.wpe.weight", (T, C))]
+    for l in range(cfg.n_layer):
+        p = f"transformer.h.{l}."
+        shapes += [
+            (p + "ln_1.weight", (C,)), (p + "ln_1.bias", (C,)),
+            (p + "attn.c_attn.weight", (C, 3 * C)), (p + "attn.c_attn.bias", (3 * C,)),
+            (p + "attn.c_proj.weight", (C, C)), (p + "attn.c_proj.bias", (C,)),
+            (p + "ln_2.weight", (C,)), (p + "ln_2.bias", (C,)),
+            (p + "mlp.c_fc.weight", (C, 4 * C)), (p + "mlp.c_fc.bias", (4 * C,)),
+            (p + "mlp.c_proj.weight", (4 * C, C)), (p + "mlp.c_proj.bias", (C,)),
+        ]
+    shapes += [("transformer.ln_f.weight", (C,)), ("transformer.ln_f.bias", (C,))]
+    return shapes
+
+
+class ParamLayout:
+    """Names, shapes and offsets of every tensor in the flat parameter buffer."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.config = cfg
+        self.specs: list[ParamSpec] = []
+        offset = 0
+        for name, shape in param_shapes(cfg):
+            spec = ParamSpec(name, shape, offset)
+            self.specs.append(spec)
+            offset += spec.size
+        self.size = offset
+        self.by_name = {s.name: s for s in self.specs}
+
+    def views(self, flat) -> dict:
+        """name -> view into `flat` (numpy or cupy), HF shapes, no copies."""
+        return {s.name: flat[s.offset:s.offset + s.size].reshape(s.shape) for s in self.specs}
+
+    def decay_ranges(self) -> np.ndarray:
+        """[K,3] int64 rows (start, end, decay 0/1) covering the buffer, merged where adjacent."""
+        rows: list[list[int]] = []
+        for s in self.specs:
+            if rows and rows[-1][2] == int(s.decay) and rows[-1][1] == s.offset:
+                rows[-1][1] = s.offset + s.size
+            else:
+                rows.append([s.offset, s.offset + s.size, int(s.decay)])
+        return np.array(rows, dtype=np.int64)
+
+
+def init_params(cfg: ModelConfig, seed: int) -> np.ndarray:
+    """GPT-2 init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer),
+    zero biases, LayerNorm weights one. Deterministic for a seed, in buffer order."""
+    layout = ParamLayout(cfg)
+    flat = np.empty(layout.size, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    views = layout.views(flat)
+    for s in layout.specs:
+        v = views[s.name]
+        if s.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            v[...] = 1.0
+        elif len(s.shape) == 1:
+            v[...] = 0.0
+        else:
+            std = 0.02
+            if s.name.endswith("c_proj.weight"):
+                std /= math.sqrt(2 * cfg.n_layer)
+            v[...] = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(std)
+    return flat
+
+
+@dataclass
+class LayerTensors:
+    ln1_w: object
+    ln1_b: object
+    qkv_w: object
+    qkv_b: object
+    attproj_w: object
+    attproj_b: object
+    ln2_w: object
+    ln2_b: object
+    fc_w: object
+    fc_b: object
+    fcproj_w: object
+    fcproj_b: object
+
+
+_LAYER_NAMES = {
+    "ln1_w": "ln_1.weight", "ln1_b": "ln_1.bias",
+    "qkv_w": "attn.c_attn.weight", "qkv_b": "attn.c_attn.bias",
+    "attproj_w": "attn.c_proj.weight", "attproj_b": "attn.c_proj.bias",
+    "ln2_w": "ln_2.weight", "ln2_b": "ln_2.bias",
+    "fc_w": "mlp.c_fc.weight", "fc_b": "mlp.c_fc.bias",
+    "fcproj_w": "mlp.c_proj.weight", "fcproj_b": "mlp.c_proj.bias",
+}
+
+
+class Tensors:
+    """Named views of a flat buffer (parameters or their gradients) for forward/backward."""
+
+    def __init__(self, layout: ParamLayout, flat):
+        v = layout.views(flat)
+        self.flat = flat
+        self.wte = v["transformer.wte.weight"]
+        self.wpe = v["transformer.wpe.weight"]
+        self.lnf_w = v["transformer.ln_f.weight"]
+        self.lnf_b = v["transformer.ln_f.bias"]
+        self.layers = [
+            LayerTensors(**{k: v[f"transformer.h.{l}.{n}"] for k, n in _LAYER_NAMES.items()})
+            for l in range(layout.config.n_layer)
+        ]
+
+
+# --- activations -----------------------------------------------------------------------------
+
+class Activations:
+    """Every buffer one forward/backward of a [B,T] batch needs, allocated once."""
+
+    def __init__(self, be, cfg: ModelConfig, B: int, T: int):
+        C, L, NH, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+        self.B, self.T = B, T
+
+        def per_layer(shape):
+            return [be.empty(shape) for _ in range(L)]
+
+        self.encoded = be.empty((B, T, C))
+        self.ln1, self.ln1_mean, self.ln1_rstd = per_layer((B, T, C)), per_layer((B, T)), per_layer((B, T))
+        self.qkv = per_layer((B, T, 3 * C))
+        self.att = per_layer((B, NH, T, T))
+        self.atty = per_layer((B, T, C))
+        self.attproj = per_layer((B, T, C))
+        self.res2 = per_layer((B, T, C))
+        self.ln2, self.ln2_mean, self.ln2_rstd = per_layer((B, T, C)), per_layer((B, T)), per_layer((B, T))
+        self.fch = per_layer((B, T, 4 * C))
+        self.fch_gelu = per_layer((B, T, 4 * C))
+        self.fcproj = per_layer((B, T, C))
+        self.res3 = per_layer((B, T, C))
+        self.lnf, self.lnf_mean, self.lnf_rstd = be.empty((B, T, C)), be.empty((B, T)), be.empty((B, T))
+        self.logits = be.empty((B, T, V))  # softmax probs after a forward with targets, then dlogits
+        self.losses = be.empty((B, T))
+        # backward scratch, reused by every layer
+        self.dres = be.empty((B, T, C))  # gradient of the residual stream
+        self.dln = be.empty((B, T, C))
+        self.datty = be.empty((B, T, C))
+        self.dqkv = be.empty((B, T, 3 * C))
+        self.dfch = be.empty((B, T, 4 * C))
+
+
+# --- forward and backward ----------------------------------------------------------------------
+
+def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None):
+    """Logits into a.logits; with targets, also the mean cross-entropy (returned as a float)."""
+    B, T = idx.shape
+    NH, eps = cfg.n_head, cfg.layer_norm_epsilon
+    be.encoder_forward(a.encoded, idx, w.wte, w.wpe[:T])
+    x = a.encoded
+    for l, p in enumerate(w.layers):
+        be.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], x, p.ln1_w, p.ln1_b, eps)
+        be.matmul_forward(a.qkv[l], a.ln1[l], p.qkv_w, p.qkv_b)
+        be.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
+        be.matmul_forward(a.attproj[l], a.atty[l], p.attproj_w, p.attproj_b)
+        be.residual_forward(a.res2[l], x, a.attproj[l])
+        be.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.res2[l], p.ln2_w, p.ln2_b, eps)
+        be.matmul_forward(a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
+        be.gelu_forward(a.fch_gelu[l], a.fch[l])
+        be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcproj_w, p.fcproj_b)
+        be.residual_forward(a.res3[l], a.res2[l], a.fcproj[l])
+        x = a.res3[l]
+    be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, w.lnf_w, w.lnf_b, eps)
+    be.lm_head_forward(a.logits, a.lnf, w.wte)
+    if targets is None:
+        return None
+    be.crossentropy_forward(a.losses, a.logits, a.logits, targets)
+    return be.sum_losses(a.losses) / (B * T)
+
+
+def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, targets):
+    """Gradient of the mean loss of the last `forward(..., targets)` into every tensor of g.
+
+    Every gradient tensor is written (not accumulated), so g needs no zeroing beforehand."""
+    B, T = idx.shape
+    NH = cfg.n_head
+    be.crossentropy_backward(a.logits, a.logits, targets, 1.0 / (B * T))
+    be.lm_head_backward(a.dln, g.wte, a.logits, a.lnf, w.wte)
+    last = a.res3[-1] if a.res3 else a.encoded
+    be.zero(a.dres)
+    be.layernorm_backward(a.dres, g.lnf_w, g.lnf_b, a.dln, last, w.lnf_w, a.lnf_mean, a.lnf_rstd)
+    for l in reversed(range(cfg.n_layer)):
+        p, q = w.layers[l], g.layers[l]
+        x = a.res3[l - 1] if l > 0 else a.encoded
+        # a.dres holds d res3[l]; res3 = res2 + fcproj
+        be.matmul_backward(a.dfch, q.fcproj_w, q.fcproj_b, a.dres, a.fch_gelu[l], p.fcproj_w)
+        be.gelu_backward(a.dfch, a.fch[l], a.dfch)
+        be.matmul_backward(a.dln, q.fc_w, q.fc_b, a.dfch, a.ln2[l], p.fc_w)
+        be.layernorm_backward(a.dres, q.ln2_w, q.ln2_b, a.dln, a.res2[l], p.ln2_w, a.ln2_mean[l], a.ln2_rstd[l])
+        # a.dres holds d res2[l]; res2 = x + attproj
+        be.matmul_backward(a.datty, q.attproj_w, q.attproj_b, a.dres, a.atty[l], p.attproj_w)
+        be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH)
+        be.matmul_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
+        be.layernorm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
+    be.encoder_backward(g.wte, g.wpe, a.dres, idx)
+
+
+# --- a model you can hold: parameters + config, for the Python API ------------------------------
+
+class GPT:
+    """A GPT-2 model on a backend: `.config`, `.params` (name -> array views), `.logits`,
+    `.loss_and_grads`. Activation buffers are cached per batch shape."""
+
+    def __init__(self, config: ModelConfig, flat: np.ndarray, backend=None):
+        from crystal.backends import get_backend
+
+        self.config = config
+        self.layout = ParamLayout(config)
+        if flat.shape != (self.layout.size,):
+            raise ValueError(f"flat parameter buffer has {flat.size} values, layout needs {self.layout.size}")
+        self.backend = backend or get_backend("cpu")
+        self.flat = self.backend.to_device(np.ascontiguousarray(flat, dtype=np.float32))
+        self.params = self.layout.views(self.flat)
+        self._tensors = Tensors(self.layout, self.flat)
+        self._acts: dict[tuple[int, int], Activations] = {}
+
+    @classmethod
+    def init(cls, config: ModelConfig, seed: int = 0, backend=None) -> "GPT":
+        return cls(config, init_params(config, seed), backend)
+
+    def _check(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        if idx.ndim == 1:
+            idx = idx[None, :]
+        if idx.ndim != 2 or idx.shape[1] < 1:
+            raise ValueError(f"token ids must have shape [B, T], got {idx.shape}")
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return np.ascontiguousarray(idx, dtype=np.int32)
+
+    def _activations(self, B: int, T: int) -> Activations:
+        if (B, T) not in self._acts:
+            self._acts[(B, T)] = Activations(self.backend, self.config, B, T)
+        return self._acts[(B, T)]
+
+    def logits(self, idx) -> np.ndarray:
+        idx = self._check(idx)
+        a = self._activations(*idx.shape)
+        be = self.backend
+        forward(be, self.config, self._tensors, a, be.to_device(idx))
+        return np.array(be.to_host(a.logits), dtype=np.float32)
+
+    def loss_and_grads(self, idx, targets) -> tuple[float, dict]:
+        idx = self._check(idx)
+        targets = self._check(targets)
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets {targets.shape} must match idx {idx.shape}")
+        be = self.backend
+        a = self._activations(*idx.shape)
+        gflat = be.empty(self.layout.size)
+        grads = Tensors(self.layout, gflat)
+        didx, dtgt = be.to_device(idx), be.to_device(targets)
+        loss = forward(be, self.config, self._tensors, a, didx, dtgt)
+        backward(be, self.config, self._tensors, grads, a, didx, dtgt)
+        host = np.array(be.to_host(gflat), dtype=np.float32)
+        return loss, {k: v.copy() for k, v in self.layout.views(host).items()}
+
+
+def warmup_backend(be) -> None:
+    """Run a tiny forward/backward and the flat-buffer ops once, compiling every kernel."""
+    cfg = ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8)
+    layout = ParamLayout(cfg)
+    flat = be.to_device(init_params(cfg, 0))
+    w, gflat = Tensors(layout, flat), be.empty(layout.size)
+    g = Tensors(layout, gflat)
+    a = Activations(be, cfg, 1, 3)
+    idx = be.to_device(np.array([[1, 2, 3]], dtype=np.int32))
+    forward(be, cfg, w, a, idx, idx)
+    backward(be, cfg, w, g, a, idx, idx)
+    m, v = be.zeros(layout.size), be.zeros(layout.size)
+    be.add_inplace(gflat, gflat)
+    be.scale_inplace(gflat, 0.5)
+    be.sum_squares(gflat)
+    be.adamw_update(flat, gflat, m, v, layout.decay_ranges(), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 1.0)
