@@ -36,6 +36,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a run's files are ordinary files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

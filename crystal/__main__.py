@@ -1,0 +1,5 @@
+import sys
+
+from crystal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""AdamW over the flat parameter buffer, its learning-rate schedule, gradient clipping."""
+
+from __future__ import annotations
+
+import math
+
+from crystal.config import TrainConfig
+from crystal.model import ParamLayout
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for 0-based `step`: linear warmup to lr over `warmup` steps, then cosine
+    decay from lr to final_lr (lr/10 unless --min-lr) at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = cfg.steps - cfg.warmup
+    if span <= 1:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup) / (span - 1))
+    return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)
+
+
+def clip_scale(grad_norm: float, max_norm: float) -> float:
+    """Factor that brings the global gradient norm down to max_norm (1 when under it or off)."""
+    if max_norm > 0 and grad_norm > max_norm:
+        return max_norm / (grad_norm + 1e-6)
+    return 1.0
+
+
+class AdamW:
+    """AdamW as in PyTorch (decoupled decay), weight decay on 2-D tensors only."""
+
+    def __init__(self, be, layout: ParamLayout, cfg: TrainConfig):
+        self.be, self.cfg = be, cfg
+        self.m = be.zeros(layout.size)
+        self.v = be.zeros(layout.size)
+        self.ranges = be.to_device(layout.decay_ranges())
+        self.t = 0
+
+    def step(self, params, grads, lr: float, grad_scale: float = 1.0) -> None:
+        self.t += 1
+        c = self.cfg
+        self.be.adamw_update(params, grads, self.m, self.v, self.ranges, lr, c.beta1, c.beta2,
+                             c.eps, c.weight_decay, self.t, grad_scale)

@@ -1,0 +1,151 @@
+"""SphereSystem: a root (the calling thread) and a ring of N worker spheres.
+
+The spheres are threads created once per run and kept for every step. Each owns its
+activation buffers (allocated once, before the first step) and, on cuda, its stream. For a
+step the root hands out micro-batches round-robin by index (sphere s computes m = s, s+N,
+...); a sphere writes micro-batch m's gradient into the reducer's slot m, so which sphere
+computed what never changes the result. The root waits for every sphere, and an exception in
+any sphere stops the step at once: the others finish the micro-batch they are on, the root
+raises `SphereFailure`, and `close()` joins every thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from crystal.config import ModelConfig
+from crystal.errors import SphereFailure
+from crystal.model import Activations, ParamLayout, Tensors, backward, forward
+
+JOIN_TIMEOUT_S = 10.0
+
+
+@dataclass
+class SphereStats:
+    """What one sphere has done so far (written by its thread, read by the root)."""
+
+    index: int
+    batches: int = 0
+    loss_sum: float = 0.0
+    busy_s: float = 0.0
+    tokens: int = 0
+    active: bool = False  # inside a micro-batch right now
+
+    @property
+    def avg_loss(self) -> float:
+        return self.loss_sum / self.batches if self.batches else float("nan")
+
+    def summary(self, wall_s: float) -> dict:
+        return {
+            "sphere": self.index,
+            "batches": self.batches,
+            "avg_loss": self.avg_loss if self.batches else None,
+            "busy_s": round(self.busy_s, 4),
+            "utilization": self.busy_s / wall_s if wall_s > 0 else 0.0,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / wall_s if wall_s > 0 else 0.0,
+        }
+
+
+@dataclass
+class _Task:
+    indices: list[int]
+    batches: list  # (x, y) host arrays, indexed by micro-batch
+    losses: list  # losses[m] written by the sphere that computes m
+
+
+class SphereSystem:
+    def __init__(self, be, cfg: ModelConfig, layout: ParamLayout, params, reducer,
+                 n_spheres: int, batch_size: int, seq_len: int):
+        self.be, self.cfg = be, cfg
+        self.n = n_spheres
+        self.weights = Tensors(layout, params)
+        self.slot_grads = [Tensors(layout, reducer.slot(m)) for m in range(reducer.M)]
+        self.stats = [SphereStats(i) for i in range(n_spheres)]
+        self.wall_s = 0.0  # root time spent in step(), the denominator of utilization
+        self._acts = [Activations(be, cfg, batch_size, seq_len) for _ in range(n_spheres)]
+        self._inbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n_spheres)]
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"sphere-{i}", daemon=True)
+            for i in range(n_spheres)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # --- the worker side ---
+    def _run(self, i: int) -> None:
+        be, stats, acts = self.be, self.stats[i], self._acts[i]
+        with be.sphere_context(i):
+            while True:
+                task = self._inbox[i].get()
+                if task is None:
+                    return
+                try:
+                    for m in task.indices:
+                        if self._stop.is_set():
+                            break
+                        t0 = time.perf_counter()
+                        stats.active = True
+                        x, y = task.batches[m]
+                        x, y = be.to_device(x), be.to_device(y)
+                        loss = forward(be, self.cfg, self.weights, acts, x, y)
+                        backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y)
+                        task.losses[m] = loss
+                        stats.active = False
+                        stats.batches += 1
+                        stats.loss_sum += loss
+                        stats.tokens += x.size
+                        stats.busy_s += time.perf_counter() - t0
+                    self._done.put((i, None))
+                except BaseException as e:  # reported to the root, which re-raises it
+                    stats.active = False
+                    self._done.put((i, e))
+
+    # --- the root side ---
+    def step(self, batches: list) -> list[float]:
+        """Forward/backward of every micro-batch; gradients land in the reducer's slots.
+        Returns the per-micro-batch losses, in micro-batch order."""
+        M = len(batches)
+        if M != len(self.slot_grads):
+            raise ValueError(f"{M} micro-batches for {len(self.slot_grads)} gradient slots")
+        if self._stop.is_set():
+            raise RuntimeError("the sphere system has stopped")
+        t0 = time.perf_counter()
+        losses = [float("nan")] * M
+        busy = 0
+        for s in range(self.n):
+            indices = list(range(s, M, self.n))
+            if indices:
+                self._inbox[s].put(_Task(indices, batches, losses))
+                busy += 1
+        for _ in range(busy):
+            i, err = self._done.get()
+            if err is not None:
+                self._stop.set()
+                raise SphereFailure(i, err) from err
+        self.wall_s += time.perf_counter() - t0
+        return losses
+
+    def summary(self) -> list[dict]:
+        return [s.summary(self.wall_s) for s in self.stats]
+
+    def active_spheres(self) -> int:
+        return sum(1 for s in self.stats if s.batches > 0)
+
+    def close(self) -> None:
+        self._stop.set()
+        for q in self._inbox:
+            q.put(None)
+        for t in self._threads:
+            t.join(JOIN_TIMEOUT_S)
+
+    def __enter__(self) -> "SphereSystem":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
