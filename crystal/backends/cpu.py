@@ -35,10 +35,11 @@ def encoder_forward(out, idx, wte, wpe):
 
 @kernel
 def encoder_backward(dwte, dwpe, dout, idx):
-    # dwpe is written; dwte accumulates rows in (b, t) order, a fixed order as in llm.c.
+    # dwpe is written (all rows: positions >= T get zero); dwte accumulates rows in (b, t)
+    # order, a fixed order as in llm.c.
     B, T = idx.shape
     C = dwte.shape[1]
-    for t in range(T):
+    for t in range(dwpe.shape[0]):
         for c in range(C):
             dwpe[t, c] = 0.0
     for b in range(B):

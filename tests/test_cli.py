@@ -1,0 +1,154 @@
+"""`crystal train` end to end: the run directory, the report, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import crystal
+from crystal.cli import main
+from crystal.config import ModelConfig
+from crystal.model import param_shapes
+
+TINY = ["train", "--preset", "tiny", "--steps", "6", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    proc = subprocess.run([sys.executable, "-m", "crystal", *TINY, "--spheres", "12", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def test_train_writes_the_run_directory(tiny_run):
+    out, _ = tiny_run
+    assert {p.name for p in out.iterdir()} == {
+        "config.json", "train.json", "metrics.jsonl", "spheres.json", "model.safetensors"}
+
+
+def test_model_safetensors_holds_exactly_the_hf_gpt2_tensors(tiny_run):
+    out, _ = tiny_run
+    cfg = ModelConfig.from_hf(json.loads((out / "config.json").read_text()))
+    expected = dict(param_shapes(cfg))
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        assert all(f.get_tensor(k).dtype == np.float32 for k in f.keys())
+    assert found == expected
+    assert "transformer.h.1.mlp.c_fc.weight" in found and "lm_head.weight" not in found
+
+
+def test_config_json_has_the_hf_gpt2config_fields(tiny_run):
+    out, _ = tiny_run
+    c = json.loads((out / "config.json").read_text())
+    assert c["model_type"] == "gpt2" and c["activation_function"] == "gelu_new"
+    assert c["tie_word_embeddings"] is True and c["layer_norm_epsilon"] == 1e-5
+    assert (c["vocab_size"], c["n_positions"], c["n_embd"], c["n_layer"], c["n_head"]) == (256, 32, 32, 2, 2)
+
+
+def test_metrics_jsonl_has_one_line_per_step(tiny_run):
+    out, _ = tiny_run
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 7))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "ms_per_step", "elapsed"} <= set(lines[0])
+
+
+def test_spheres_json_reports_every_sphere_and_the_root(tiny_run):
+    out, _ = tiny_run
+    s = json.loads((out / "spheres.json").read_text())
+    assert len(s["spheres"]) == 12 and all(x["batches"] == 6 for x in s["spheres"])
+    assert s["root"]["active_spheres"] == 12 and s["root"]["grad_norm"] > 0
+
+
+def test_progress_lines_and_final_report_are_printed(tiny_run):
+    out, stdout = tiny_run
+    steps = [l for l in stdout.splitlines() if l.startswith("step ")]
+    assert [l.split()[1] for l in steps] == ["1/6", "2/6", "4/6", "6/6"]
+    assert all("loss" in l and "tok/s" in l and "ms/step" in l for l in steps)
+    table = stdout[stdout.index("sphere  batches"):]
+    assert len([l for l in table.splitlines() if l.split() and l.split()[0].isdigit()]) == 12
+    assert "active spheres 12/12" in stdout and "total grad norm" in stdout
+    assert f"saved model: {out / 'model.safetensors'}" in stdout
+    assert "\x1b[" not in stdout
+
+
+def test_load_checkpoint_gives_the_trained_model(tiny_run):
+    out, _ = tiny_run
+    model = crystal.load_checkpoint(out)
+    assert model.config.n_layer == 2 and model.params["transformer.wte.weight"].shape == (256, 32)
+    idx = np.array([[70, 105, 114, 115, 116]])
+    logits = model.logits(idx)
+    assert logits.shape == (1, 5, 256) and logits.dtype == np.float32
+    loss, grads = model.loss_and_grads(idx, np.array([[105, 114, 115, 116, 32]]))
+    assert 0 < loss < 10 and grads.keys() == model.params.keys()
+    same = crystal.load_checkpoint(out / "model.safetensors")
+    np.testing.assert_array_equal(same.logits(idx), logits)
+
+
+def test_one_and_twelve_spheres_write_identical_models(tmp_path, tiny_run):
+    out, _ = tiny_run
+    assert main([*TINY, "--spheres", "1", "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_an_existing_run_is_not_overwritten(tiny_run, capsys):
+    out, _ = tiny_run
+    before = (out / "model.safetensors").read_bytes()
+    assert main([*TINY, "--out", str(out)]) == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+BAD_INPUTS = {  # name: (flags, a word the one-line error must contain); {tmp} is a fresh folder
+    "missing data file": (["--data", "{tmp}/missing.txt"], "not found"),
+    "empty data file": (["--data", "{tmp}/empty.txt"], "empty"),
+    "data shorter than one batch": (["--data", "{tmp}/short.txt"], "needs at least"),
+    "data is a directory": (["--data", "{tmp}"], "directory"),
+    "zero spheres": (["--spheres", "0"], "--spheres"),
+    "too many spheres": (["--spheres", "65"], "--spheres"),
+    "spheres not a number": (["--spheres", "many"], "--spheres"),
+    "n_embd not divisible by n_head": (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    "seq_len above block_size": (["--seq-len", "64", "--block-size", "32"], "--block-size"),
+    "zero steps": (["--steps", "0"], "--steps"),
+    "negative steps": (["--steps", "-3"], "--steps"),
+    "zero lr": (["--lr", "0"], "--lr"),
+    "negative lr": (["--lr", "-1e-3"], "--lr"),
+    "nan lr": (["--lr", "nan"], "--lr"),
+    "zero batch size": (["--batch-size", "0"], "--batch-size"),
+    "zero micro-batches": (["--micro-batches", "0"], "--micro-batches"),
+    "unknown preset": (["--preset", "huge"], "preset"),
+    "unknown device": (["--device", "tpu"], "--device"),
+    "cuda without a GPU": (["--device", "cuda"], "cuda"),
+    "negative warmup": (["--warmup", "-1"], "--warmup"),
+    "unknown option": (["--bogus"], "bogus"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_no_traceback(case, tmp_path, capsys):
+    if case == "cuda without a GPU":
+        from crystal.backends import cuda_unavailable_reason
+        if cuda_unavailable_reason() is None:
+            pytest.skip("a usable GPU is present")
+    (tmp_path / "short.txt").write_bytes(b"too short")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    flags, needle = BAD_INPUTS[case]
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--out", str(out), *(f.format(tmp=tmp_path) for f in flags)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert not (out / "model.safetensors").exists()
+
+
+def test_bad_input_from_the_installed_command_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "crystal", "train", "--spheres", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --spheres must be between 1 and 64, got 0"
