@@ -27,6 +27,8 @@ def _preset_help() -> str:
 @cli.command()
 @click.option("--device", type=click.Choice(DEVICES), default=None,
               help="cpu, cuda, or auto (cuda when a usable GPU is present)  [default: auto]")
+@click.option("--precision", type=click.Choice(("fp32", "tf32")), default=None,
+              help="cuda matmul precision (TF32 tensor cores or full fp32); cpu is always fp32  [default: fp32]")
 @click.option("--spheres", type=int, default=None, help="worker spheres around the root, 1-64  [default: 12]")
 @click.option("--data", type=str, default=None, help="text file to train on (bytes)  [default: embedded Tiny Shakespeare]")
 @click.option("--preset", type=str, default="small", show_default=True, help=_preset_help())
@@ -43,32 +45,36 @@ def _preset_help() -> str:
 @click.option("--min-lr", type=float, default=None, help="final learning rate of the cosine decay  [default: lr/10]")
 @click.option("--warmup", type=int, default=None, help="linear warmup steps")
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay on 2-D weights")
+@click.option("--beta1", type=float, default=None, help="AdamW beta1  [default: 0.9]")
+@click.option("--beta2", type=float, default=None, help="AdamW beta2  [default: 0.95]")
+@click.option("--eps", type=float, default=None, help="AdamW epsilon  [default: 1e-8]")
 @click.option("--grad-clip", type=float, default=None, help="global gradient-norm clip (0 disables)")
 @click.option("--seed", type=int, default=None, help="seed for initialization and data order")
 @click.option("--log-every", type=int, default=None, help="print a progress line every N steps")
 @click.option("--out", type=click.Path(), default=None, help="run directory  [default: runs/<preset>-<time>]")
 @click.option("--overwrite", is_flag=True, help="allow --out to replace a finished run")
-def train(device, spheres, data, preset, n_layer, n_head, n_embd, block_size, batch_size, seq_len,
-          micro_batches, steps, epochs, lr, min_lr, warmup, weight_decay, grad_clip, seed,
-          log_every, out, overwrite) -> None:
+def train(device, precision, spheres, data, preset, n_layer, n_head, n_embd, block_size, batch_size, seq_len,
+          micro_batches, steps, epochs, lr, min_lr, warmup, weight_decay, beta1, beta2, eps,
+          grad_clip, seed, log_every, out, overwrite) -> None:
     """Train a GPT-2-style model with data parallelism across a ring of spheres."""
     from crystal.checkpoint import RunDir
 
     model_cfg, cfg = resolve(
         preset,
         dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size),
-        dict(device=device, spheres=spheres, data=data, batch_size=batch_size, seq_len=seq_len,
+        dict(device=device, precision=precision, spheres=spheres, data=data, batch_size=batch_size, seq_len=seq_len,
              micro_batches=micro_batches, steps=steps, epochs=epochs, lr=lr, min_lr=min_lr,
-             warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
+             warmup=warmup, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps,
+             grad_clip=grad_clip, seed=seed,
              log_every=log_every, out=out),
     )
-    if seed is not None and seed < 0:
-        raise CrystalError(f"--seed must be >= 0, got {seed}")
-    from crystal.backends import get_backend
+    from crystal.backends import cuda_unavailable_reason, get_backend
     from crystal.data import load_tokens
     from crystal.trainer import train as run_training
 
-    get_backend(cfg.device)  # fail fast (e.g. --device cuda without a GPU) before reading data
+    get_backend(cfg.device, cfg.precision)  # fail fast (--device cuda without a GPU) before reading data
+    if cfg.device == "auto" and (reason := cuda_unavailable_reason()):
+        click.echo(f"device auto: training on cpu ({reason})")
     tokens, data_name = load_tokens(cfg.data)
     out_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = RunDir(out_dir, overwrite=overwrite)

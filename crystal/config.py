@@ -14,6 +14,7 @@ from crystal.errors import CrystalError
 
 MAX_SPHERES = 64
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "tf32")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class TrainConfig:
 
     preset: str = "small"
     device: str = "auto"
+    precision: str = "fp32"  # cuda matmuls: fp32 or tf32 (cpu is always fp32)
     spheres: int = 12
     data: str | None = None  # None: the embedded Tiny Shakespeare corpus
     batch_size: int = 1
@@ -177,6 +179,10 @@ def validate_model(m: ModelConfig) -> None:
 def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     if t.device not in DEVICES:
         raise CrystalError(f"--device must be one of {', '.join(DEVICES)}, got {t.device!r}")
+    if t.precision not in PRECISIONS:
+        raise CrystalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if not isinstance(t.seed, int) or t.seed < 0:
+        raise CrystalError(f"--seed must be a non-negative integer, got {t.seed!r}")
     if not isinstance(t.spheres, int) or not (1 <= t.spheres <= MAX_SPHERES):
         raise CrystalError(f"--spheres must be between 1 and {MAX_SPHERES}, got {t.spheres}")
     for name in ("batch_size", "seq_len", "micro_batches", "steps", "log_every"):

@@ -52,6 +52,7 @@ class SphereStats:
 
 @dataclass
 class _Task:
+    ready: object  # the root's event: parameters are up to date
     indices: list[int]
     batches: list  # (x, y) host arrays, indexed by micro-batch
     losses: list  # losses[m] written by the sphere that computes m
@@ -86,6 +87,7 @@ class SphereSystem:
                 if task is None:
                     return
                 try:
+                    be.wait_event(task.ready)
                     for m in task.indices:
                         if self._stop.is_set():
                             break
@@ -101,10 +103,10 @@ class SphereSystem:
                         stats.loss_sum += loss
                         stats.tokens += x.size
                         stats.busy_s += time.perf_counter() - t0
-                    self._done.put((i, None))
+                    self._done.put((i, None, be.record_event()))
                 except BaseException as e:  # reported to the root, which re-raises it
                     stats.active = False
-                    self._done.put((i, e))
+                    self._done.put((i, e, None))
 
     # --- the root side ---
     def step(self, batches: list) -> list[float]:
@@ -117,17 +119,19 @@ class SphereSystem:
             raise RuntimeError("the sphere system has stopped")
         t0 = time.perf_counter()
         losses = [float("nan")] * M
+        ready = self.be.record_event()
         busy = 0
         for s in range(self.n):
             indices = list(range(s, M, self.n))
             if indices:
-                self._inbox[s].put(_Task(indices, batches, losses))
+                self._inbox[s].put(_Task(ready, indices, batches, losses))
                 busy += 1
         for _ in range(busy):
-            i, err = self._done.get()
+            i, err, done = self._done.get()
             if err is not None:
                 self._stop.set()
                 raise SphereFailure(i, err) from err
+            self.be.wait_event(done)  # the reducer reads slots only after the sphere's work
         self.wall_s += time.perf_counter() - t0
         return losses
 

@@ -70,7 +70,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         tokens, data_name = load_tokens(cfg.data)
     batches = BatchIterator(tokens, cfg.batch_size, cfg.seq_len, cfg.seed, model_cfg.vocab_size)
     cfg = resolve_steps(cfg, batches.batches_per_epoch)
-    be = get_backend(cfg.device)
+    be = get_backend(cfg.device, cfg.precision)
     be.warmup()  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)

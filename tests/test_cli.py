@@ -152,3 +152,14 @@ def test_bad_input_from_the_installed_command_exits_2_without_traceback(tmp_path
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --spheres must be between 1 and 64, got 0"
+
+
+def test_device_auto_without_a_gpu_trains_on_the_cpu_and_says_so(tmp_path, capsys):
+    from crystal.backends import cuda_unavailable_reason
+
+    if cuda_unavailable_reason() is None:
+        pytest.skip("a usable GPU is present")
+    argv = ["train", "--preset", "tiny", "--steps", "2", "--device", "auto", "--out", str(tmp_path / "r")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "device auto: training on cpu (" in out and " on cpu with " in out

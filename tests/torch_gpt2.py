@@ -15,12 +15,13 @@ def torch_params(params: dict[str, np.ndarray], dtype=torch.float64) -> dict[str
 
 def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray) -> torch.Tensor:
     """Logits [B,T,V] of GPT-2 (pre-LN, tanh GELU, tied head) for token ids idx [B,T]."""
-    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    dev = p["transformer.wte.weight"].device
+    idx = idx.to(dev) if torch.is_tensor(idx) else torch.as_tensor(np.asarray(idx), dtype=torch.long, device=dev)
     B, T = idx.shape
     C, NH, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
     hs = C // NH
     x = p["transformer.wte.weight"][idx] + p["transformer.wpe.weight"][:T]
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     for l in range(cfg.n_layer):
         h = f"transformer.h.{l}."
         y = F.layer_norm(x, (C,), p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps)

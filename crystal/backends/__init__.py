@@ -1,26 +1,40 @@
-"""Backends map the op protocol onto a device: `cpu` (numba + NumPy BLAS) or `cuda`."""
+"""Backends map the op protocol onto a device: `cpu` (numba + NumPy BLAS) or `cuda` (cupy)."""
 
 from __future__ import annotations
 
+from crystal.config import PRECISIONS
 from crystal.errors import CrystalError
 
 
 def cuda_unavailable_reason() -> str | None:
-    """Why `--device cuda` cannot run here, or None when it can."""
-    return "the cuda backend is not built yet in this version of crystal; use --device cpu"
+    """Why `--device cuda` cannot run here (one line), or None when it can."""
+    from crystal.backends.cuda import unavailable_reason
+
+    return unavailable_reason()
 
 
-def get_backend(device: str = "auto"):
-    """'cpu', 'cuda', or 'auto' (cuda when usable, else cpu)."""
+def resolve_device(device: str = "auto") -> str:
+    """'auto' becomes 'cuda' when cupy sees a usable GPU, else 'cpu'."""
     if device == "auto":
-        device = "cuda" if cuda_unavailable_reason() is None else "cpu"
+        return "cuda" if cuda_unavailable_reason() is None else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise CrystalError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def get_backend(device: str = "auto", precision: str = "fp32"):
+    """The backend for 'cpu', 'cuda' or 'auto'. precision fp32|tf32 applies to cuda matmuls
+    (the cpu backend always computes in fp32)."""
+    if precision not in PRECISIONS:
+        raise CrystalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = resolve_device(device)
     if device == "cpu":
         from crystal.backends.cpu import CpuBackend
 
         return CpuBackend()
-    if device == "cuda":
-        reason = cuda_unavailable_reason()
-        if reason:
-            raise CrystalError(f"--device cuda: {reason}")
-        raise CrystalError("--device cuda: not available")
-    raise CrystalError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    reason = cuda_unavailable_reason()
+    if reason:
+        raise CrystalError(f"--device cuda: {reason}")
+    from crystal.backends.cuda import CudaBackend
+
+    return CudaBackend(precision)

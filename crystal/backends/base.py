@@ -30,6 +30,8 @@ class Backend(Protocol):
     def warmup(self) -> None: ...
     def sphere_context(self, index: int): ...  # context manager a sphere thread runs inside
     def zero(self, x) -> None: ...  # x[...] = 0
+    def record_event(self): ...  # marks the calling thread's work so far (None on cpu)
+    def wait_event(self, event) -> None: ...  # the calling thread's later work waits for it
 
     # out[b,t] = wte[idx[b,t]] + wpe[t]
     def encoder_forward(self, out, idx, wte, wpe) -> None: ...

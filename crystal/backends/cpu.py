@@ -337,6 +337,12 @@ class CpuBackend:
     def zero(self, x):
         x.fill(0)
 
+    def record_event(self):
+        return None  # cpu work is complete when the call returns
+
+    def wait_event(self, event):
+        pass
+
     def warmup(self) -> None:
         """Compile (or load from numba's cache) every kernel for float32 before threads start."""
         if self._warm:

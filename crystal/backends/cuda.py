@@ -1,0 +1,292 @@
+"""CUDA backend: cupy RawKernels compiled from kernels/*.cu, cuBLAS through cupy.matmul.
+
+Each sphere is a host thread issuing work on its own non-blocking CUDA stream (cupy's current
+stream is per thread). Ordering between the root and the spheres is by events only: a sphere's
+stream waits for the event the root recorded after the last optimizer step, and the root's
+stream waits for every sphere's end-of-task event before the reducer reads the gradient slots.
+Scratch buffers (attention layouts, reduction partials) are per thread and allocated once per
+shape; cupy's memory pool is stream-aware, so nothing is handed from one stream to another.
+
+Determinism: every kernel has a fixed reduction order (see kernels/README.md); each sphere
+thread has its own cuBLAS handle and stream, so a product's result never depends on which
+sphere computed it. TF32 is off unless `precision="tf32"`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import threading
+
+import numpy as np
+
+from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows, kernels_dir
+
+BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
+_ARG = {"i32": np.int32, "i64": np.int64, "f32": np.float32, "f64": np.float64}
+
+
+@functools.lru_cache(maxsize=1)
+def _module():
+    """All kernels/*.cu compiled into one cupy RawModule, once per process."""
+    import cupy as cp
+
+    src = "\n".join(p.read_text() for p in sorted(kernels_dir().glob("*.cu")))
+    return cp.RawModule(code=src, options=("--std=c++17",))
+
+
+class CudaBackend:
+    """cupy implementation of `crystal.backends.base.Backend`."""
+
+    name = "cuda"
+
+    def __init__(self, precision: str = "fp32"):
+        import cupy as cp
+
+        self.cp = cp
+        self.precision = precision
+        _set_tf32(precision == "tf32")
+        module = _module()
+        self._fn = {name: module.get_function(name) for name in KERNELS}
+        self._streams: dict[int, object] = {}
+        self._local = threading.local()
+        self._warm = False
+
+    # --- memory, streams, events ---
+    def empty(self, shape, dtype="float32"):
+        return self.cp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype="float32"):
+        return self.cp.zeros(shape, dtype=dtype)
+
+    def zero(self, x):
+        x.fill(0)
+
+    def to_device(self, host_array):
+        return self.cp.asarray(host_array)
+
+    def to_host(self, array):
+        return self.cp.asnumpy(array)
+
+    @contextlib.contextmanager
+    def sphere_context(self, index: int):
+        """Run the calling thread's work on sphere `index`'s own non-blocking stream."""
+        if index not in self._streams:
+            self._streams[index] = self.cp.cuda.Stream(non_blocking=True)
+        with self._streams[index]:
+            yield
+
+    def record_event(self):
+        ev = self.cp.cuda.Event(disable_timing=True)
+        ev.record()
+        return ev
+
+    def wait_event(self, event) -> None:
+        if event is not None:
+            self.cp.cuda.get_current_stream().wait_event(event)
+
+    def synchronize(self) -> None:
+        self.cp.cuda.get_current_stream().synchronize()
+
+    def warmup(self) -> None:
+        if self._warm:
+            return
+        from crystal.model import warmup_backend
+
+        warmup_backend(self)
+        self.synchronize()
+        self._warm = True
+
+    # --- launching ---
+    def _launch(self, name: str, grid, *args, block: int = BLOCK) -> None:
+        kinds = KERNELS[name].args
+        assert len(kinds) == len(args), name
+        conv = tuple(a if k == "ptr" else _ARG[k](a) for k, a in zip(kinds, args))
+        self._fn[name](grid, (block, 1, 1), conv)
+
+    def _scratch(self, key: str, shape, dtype="float32"):
+        """A per-thread buffer, allocated on first use for each (key, shape) and then reused."""
+        store = self._local.__dict__.setdefault("buffers", {})
+        k = (key, tuple(shape), dtype)
+        if k not in store:
+            store[k] = self.cp.empty(shape, dtype=dtype)
+        return store[k]
+
+    # --- encoder ---
+    def encoder_forward(self, out, idx, wte, wpe):
+        B, T = idx.shape
+        C = wte.shape[1]
+        self._launch("encoder_forward", grid_1d(B * T * C, BLOCK), out, idx, wte, wpe, B * T, T, C)
+
+    def encoder_backward(self, dwte, dwpe, dout, idx):
+        cp = self.cp
+        B, T = idx.shape
+        V, C = dwte.shape
+        BT = B * T
+        self._launch("encoder_backward_wpe", grid_1d(dwpe.shape[0] * C, BLOCK), dwpe, dout, B, T,
+                     dwpe.shape[0], C)
+        # Buckets of positions per token without atomics: keys token*BT + position are unique,
+        # so their sort is deterministic; bucket v is positions[start[v]:start[v+1]], ascending.
+        keys = idx.reshape(-1).astype(cp.int64) * BT + cp.arange(BT, dtype=cp.int64)
+        keys.sort()
+        tokens = keys // BT
+        positions = (keys - tokens * BT).astype(cp.int32)
+        vocab = self._vocab_ids(V)
+        starts = cp.searchsorted(tokens, cp.arange(V + 1, dtype=cp.int64)).astype(cp.int32)
+        self._launch("encoder_backward_wte", (cdiv(C, BLOCK), V, 1), dwte, dout, vocab, starts,
+                     positions, V, C)
+
+    def _vocab_ids(self, V: int):
+        store = self._local.__dict__.setdefault("vocab_ids", {})
+        if V not in store:  # made on this thread's stream, so ordered before its first use
+            store[V] = self.cp.arange(V, dtype=self.cp.int32)
+        return store[V]
+
+    # --- layernorm ---
+    def layernorm_forward(self, out, mean, rstd, inp, w, b, eps):
+        C = inp.shape[-1]
+        N = inp.size // C
+        self._launch("layernorm_forward", grid_rows(N), out, mean, rstd, inp, w, b, N, C, eps)
+
+    def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
+        C = inp.shape[-1]
+        N = inp.size // C
+        self._launch("layernorm_backward_dinp", grid_rows(N), dinp, dout, inp, w, mean, rstd, N, C)
+        self._launch("layernorm_backward_dwdb", grid_1d(C, BLOCK), dw, db, dout, inp, mean, rstd, N, C)
+
+    # --- matmul (cuBLAS) + bias ---
+    def matmul_forward(self, out, inp, w, bias):
+        out2 = out.reshape(-1, out.shape[-1])
+        self.cp.matmul(inp.reshape(-1, inp.shape[-1]), w, out=out2)
+        if bias is not None:
+            N, OC = out2.shape
+            self._launch("bias_forward", grid_1d(N * OC, BLOCK), out2, bias, N, OC)
+
+    def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
+        cp = self.cp
+        dout2 = dout.reshape(-1, dout.shape[-1])
+        cp.matmul(dout2, w.T, out=dinp.reshape(-1, dinp.shape[-1]))
+        cp.matmul(inp.reshape(-1, inp.shape[-1]).T, dout2, out=dw)
+        if dbias is not None:
+            N, OC = dout2.shape
+            self._launch("bias_backward", grid_1d(OC, BLOCK), dbias, dout2, N, OC)
+
+    def lm_head_forward(self, logits, inp, wte):
+        self.cp.matmul(inp.reshape(-1, inp.shape[-1]), wte.T, out=logits.reshape(-1, logits.shape[-1]))
+
+    def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
+        dl = dlogits.reshape(-1, dlogits.shape[-1])
+        self.cp.matmul(dl, wte, out=dinp.reshape(-1, dinp.shape[-1]))
+        self.cp.matmul(dl.T, inp.reshape(-1, inp.shape[-1]), out=dwte)
+
+    # --- attention: layout kernels + batched cuBLAS products + causal softmax kernels ---
+    def _qkv_heads(self, qkv, n_head):
+        B, T, C3 = qkv.shape
+        hs = C3 // 3 // n_head
+        shape = (B, n_head, T, hs)
+        q, k, v = (self._scratch(name, shape) for name in ("q", "k", "v"))
+        self._launch("attention_permute", grid_1d(q.size, BLOCK), q, k, v, qkv, B, T, n_head, hs)
+        return q, k, v, B, T, hs
+
+    def attention_forward(self, out, att, qkv, n_head):
+        cp = self.cp
+        q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
+        y = self._scratch("y", q.shape)
+        cp.matmul(q, k.transpose(0, 1, 3, 2), out=att)  # scores, scaled inside the softmax
+        self._launch("softmax_causal_forward", grid_rows(B * n_head * T), att, att, B * n_head, T,
+                     1.0 / math.sqrt(hs))
+        cp.matmul(att, v, out=y)
+        self._launch("attention_unpermute", grid_1d(y.size, BLOCK), out, y, B, T, n_head, hs)
+
+    def attention_backward(self, dqkv, dout, qkv, att, n_head):
+        cp = self.cp
+        q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
+        dy, dq, dk, dv = (self._scratch(name, q.shape) for name in ("dy", "dq", "dk", "dv"))
+        datt = self._scratch("datt", att.shape)
+        self._launch("attention_unpermute_backward", grid_1d(dy.size, BLOCK), dy, dout, B, T, n_head, hs)
+        cp.matmul(dy, v.transpose(0, 1, 3, 2), out=datt)
+        cp.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)
+        self._launch("softmax_causal_backward", grid_rows(B * n_head * T), datt, datt, att,
+                     B * n_head, T, 1.0 / math.sqrt(hs))
+        cp.matmul(datt, k, out=dq)
+        cp.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)
+        self._launch("attention_permute_backward", grid_1d(dq.size, BLOCK), dqkv, dq, dk, dv, B, T,
+                     n_head, hs)
+
+    # --- pointwise ---
+    def gelu_forward(self, out, inp):
+        self._launch("gelu_forward", grid_1d(inp.size, BLOCK), out, inp, inp.size)
+
+    def gelu_backward(self, dinp, inp, dout):
+        self._launch("gelu_backward", grid_1d(inp.size, BLOCK), dinp, inp, dout, inp.size)
+
+    def residual_forward(self, out, a, b):
+        self._launch("residual_forward", grid_1d(out.size, BLOCK), out, a, b, out.size)
+
+    # --- loss ---
+    def crossentropy_forward(self, losses, probs, logits, targets):
+        V = logits.shape[-1]
+        N = logits.size // V
+        self._launch("crossentropy_forward", grid_rows(N), losses, probs, logits, targets, N, V)
+
+    def crossentropy_backward(self, dlogits, probs, targets, dloss):
+        V = probs.shape[-1]
+        N = probs.size // V
+        self._launch("crossentropy_backward", grid_1d(N * V, BLOCK), dlogits, probs, targets, N, V, dloss)
+
+    def _reduce(self, kernel: str, x) -> float:
+        partial = self._scratch("partial", (REDUCE_BLOCKS,), "float64")
+        total = self._scratch("total", (1,), "float64")
+        self._launch(kernel, (REDUCE_BLOCKS, 1, 1), partial, x, x.size)
+        self._launch("sum_doubles", (1, 1, 1), total, partial, REDUCE_BLOCKS)
+        return float(total.get()[0])  # synchronizes this thread's stream only
+
+    def sum_losses(self, losses):
+        return self._reduce("sum_partial", losses.reshape(-1))
+
+    # --- reducer and optimizer ---
+    def add_inplace(self, acc, x):
+        self._launch("add_inplace", grid_1d(acc.size, BLOCK), acc, x, acc.size)
+
+    def scale_inplace(self, x, s):
+        self._launch("scale_inplace", grid_1d(x.size, BLOCK), x, s, x.size)
+
+    def sum_squares(self, x):
+        return self._reduce("sum_squares_partial", x)
+
+    def adamw_update(self, params, grads, m, v, ranges, lr, beta1, beta2, eps, weight_decay,
+                     step, grad_scale):
+        ranges = ranges if isinstance(ranges, self.cp.ndarray) else self.cp.asarray(ranges)
+        bc1 = 1.0 - beta1 ** step
+        bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        self._launch("adamw_update", grid_1d(params.size, BLOCK), params, grads, m, v, ranges,
+                     ranges.shape[0], params.size, lr, beta1, beta2, eps, weight_decay, bc1,
+                     bc2_sqrt, grad_scale)
+
+
+def _set_tf32(enabled: bool) -> None:
+    """cuBLAS compute type for float32 products: TF32 tensor cores, or pedantic fp32."""
+    from cupy._core import _routines_linalg as linalg
+
+    linalg.set_compute_type(linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_PEDANTIC)
+
+
+def unavailable_reason() -> str | None:
+    """Why the cuda backend cannot run here (one line), or None when it can."""
+    try:
+        import cupy
+    except ImportError:
+        return "cupy is not installed (pip install 'crystal[cuda]')"
+    except Exception as e:  # a broken cupy install
+        return f"cupy failed to import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"no usable CUDA GPU ({msg})"
+    if n < 1:
+        return "no CUDA GPU found"
+    if not any(kernels_dir().glob("*.cu")):
+        return f"no CUDA kernels found in {kernels_dir()}"
+    return None

@@ -1,0 +1,83 @@
+"""The CUDA kernels of `kernels/*.cu`: where they live, their arguments, their launch shapes.
+
+One table, used by the cuda backend to launch them with cupy and by the CPU-emulation tests to
+launch the very same sources compiled with g++, so both use the same launch geometry.
+Argument kinds: 'ptr' (device pointer), 'i32', 'i64', 'f32', 'f64'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def kernels_dir() -> Path:
+    """The packaged kernels (crystal/kernels in a wheel) or the checkout's top-level kernels/."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if candidate.is_dir() and any(candidate.glob("*.cu")):
+            return candidate
+    return here.parent / "kernels"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Deterministic reductions over a flat buffer use this many blocks, whatever the GPU: the
+# partial sums, and so the result's rounding, never depend on the device.
+REDUCE_BLOCKS = 256
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    file: str
+    args: tuple[str, ...]
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in [
+    # encoder.cu
+    Kernel("encoder_forward", "encoder.cu", ("ptr", "ptr", "ptr", "ptr", "i32", "i32", "i32")),
+    Kernel("encoder_backward_wpe", "encoder.cu", ("ptr", "ptr", "i32", "i32", "i32", "i32")),
+    Kernel("encoder_backward_wte", "encoder.cu", ("ptr", "ptr", "ptr", "ptr", "ptr", "i32", "i32")),
+    # layernorm.cu
+    Kernel("layernorm_forward", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32", "f32")),
+    Kernel("layernorm_backward_dinp", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
+    Kernel("layernorm_backward_dwdb", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
+    # matmul.cu (the products themselves are cuBLAS)
+    Kernel("bias_forward", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
+    Kernel("bias_backward", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
+    # attention.cu (score and value products are cuBLAS batched matmuls)
+    Kernel("attention_permute", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
+    Kernel("attention_unpermute", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
+    Kernel("attention_unpermute_backward", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
+    Kernel("attention_permute_backward", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
+    Kernel("softmax_causal_forward", "attention.cu", ("ptr", "ptr", "i32", "i32", "f32")),
+    Kernel("softmax_causal_backward", "attention.cu", ("ptr", "ptr", "ptr", "i32", "i32", "f32")),
+    # gelu.cu, residual.cu
+    Kernel("gelu_forward", "gelu.cu", ("ptr", "ptr", "i32")),
+    Kernel("gelu_backward", "gelu.cu", ("ptr", "ptr", "ptr", "i32")),
+    Kernel("residual_forward", "residual.cu", ("ptr", "ptr", "ptr", "i32")),
+    # crossentropy.cu
+    Kernel("crossentropy_forward", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
+    Kernel("crossentropy_backward", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),
+    # adamw.cu
+    Kernel("adamw_update", "adamw.cu", ("ptr",) * 5 + ("i32", "i64") + ("f64",) * 8),
+    # norm.cu
+    Kernel("sum_squares_partial", "norm.cu", ("ptr", "ptr", "i64")),
+    Kernel("sum_partial", "norm.cu", ("ptr", "ptr", "i64")),
+    Kernel("sum_doubles", "norm.cu", ("ptr", "ptr", "i32")),
+    # reduce.cu
+    Kernel("add_inplace", "reduce.cu", ("ptr", "ptr", "i64")),
+    Kernel("scale_inplace", "reduce.cu", ("ptr", "f64", "i64")),
+]}
+
+
+def grid_1d(n: int, block: int) -> tuple[int, int, int]:
+    return (max(1, cdiv(n, block)), 1, 1)
+
+
+def grid_rows(rows: int) -> tuple[int, int, int]:
+    """One block per row (block-level reductions)."""
+    return (max(1, rows), 1, 1)

@@ -1,0 +1,118 @@
+// Causal self-attention around cuBLAS: layout changes between qkv[B,T,3C] (q at channel 0, k at
+// C, v at 2C, head h at h*hs, C = NH*hs) and per-head [B,NH,T,hs], and the causal softmax over
+// rows of att[B*NH*T, T]. Softmax kernels run one block per row; any blockDim.x that is a
+// multiple of 32 (up to 1024) works, and the reduction order is fixed by it.
+
+// Offset of element j = [b,h,t,i] of a [B,NH,T,hs] tensor in a [B,T,width] tensor holding head
+// h at channels h*hs+i (width C = NH*hs for y and dout, 3C for qkv).
+__device__ long long head_offset(long long j, int T, int NH, int hs, long long width) {
+  long long i = j % hs, t = j / hs % T, h = j / ((long long)hs * T) % NH;
+  long long b = j / ((long long)hs * T * NH);
+  return (b * T + t) * width + h * hs + i;
+}
+
+// Sum of v over the block, returned to every thread, in a fixed order. Every thread of the
+// block must call it (it holds __syncthreads and warp shuffles).
+__device__ float block_sum(float v) {
+  __shared__ float warp_sums[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);  // all lanes agree
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // a previous call may still be reading warp_sums
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Maximum of v over the block, returned to every thread; same calling rule as block_sum.
+__device__ float block_max(float v) {
+  __shared__ float warp_maxes[32];
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) warp_maxes[warp] = v;
+  __syncthreads();
+  v = lane < (int)(blockDim.x >> 5) ? warp_maxes[lane] : -3.402823466e+38f;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// q[b,h,t,i] = qkv[b,t,h*hs+i], k[b,h,t,i] = qkv[b,t,C+h*hs+i], v[...] = qkv[b,t,2C+h*hs+i];
+// grid_1d(B*NH*T*hs).
+extern "C" __global__ void attention_permute(float* q, float* k, float* v, const float* qkv,
+                                             int B, int T, int NH, int hs) {
+  long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= (long long)B * NH * T * hs) return;
+  long long C = (long long)NH * hs, src = head_offset(j, T, NH, hs, 3 * C);
+  q[j] = qkv[src];
+  k[j] = qkv[src + C];
+  v[j] = qkv[src + 2 * C];
+}
+
+// out[b,t,h*hs+i] = y[b,h,t,i]; grid_1d(B*NH*T*hs).
+extern "C" __global__ void attention_unpermute(float* out, const float* y, int B, int T, int NH,
+                                               int hs) {
+  long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= (long long)B * NH * T * hs) return;
+  out[head_offset(j, T, NH, hs, (long long)NH * hs)] = y[j];
+}
+
+// dy[b,h,t,i] = dout[b,t,h*hs+i] (the adjoint of attention_unpermute); grid_1d(B*NH*T*hs).
+extern "C" __global__ void attention_unpermute_backward(float* dy, const float* dout, int B,
+                                                        int T, int NH, int hs) {
+  long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= (long long)B * NH * T * hs) return;
+  dy[j] = dout[head_offset(j, T, NH, hs, (long long)NH * hs)];
+}
+
+// dqkv[b,t,h*hs+i] = dq[b,h,t,i], dqkv[b,t,C+h*hs+i] = dk[...], dqkv[b,t,2C+h*hs+i] = dv[...]
+// (the adjoint of attention_permute, written); grid_1d(B*NH*T*hs).
+extern "C" __global__ void attention_permute_backward(float* dqkv, const float* dq,
+                                                      const float* dk, const float* dv, int B,
+                                                      int T, int NH, int hs) {
+  long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= (long long)B * NH * T * hs) return;
+  long long C = (long long)NH * hs, dst = head_offset(j, T, NH, hs, 3 * C);
+  dqkv[dst] = dq[j];
+  dqkv[dst + C] = dk[j];
+  dqkv[dst + 2 * C] = dv[j];
+}
+
+// Row r of [BNH*T, T], t = r % T: att[r,t2] = exp(s[t2] - max) / sum_{j<=t} exp(s[j] - max)
+// with s = scale*preatt[r,:], for t2 <= t; 0 for t2 > t. grid_rows(BNH*T): one block per row.
+// att may alias preatt: each element is read and then written by the same thread.
+extern "C" __global__ void softmax_causal_forward(float* att, const float* preatt, int BNH, int T,
+                                                  float scale) {
+  long long r = blockIdx.x;
+  if (r >= (long long)BNH * T) return;  // uniform: the whole block leaves
+  int t = (int)(r % T);
+  const float* x = preatt + r * T;
+  float m = -3.402823466e+38f;
+  for (int t2 = threadIdx.x; t2 <= t; t2 += blockDim.x) m = fmaxf(m, scale * x[t2]);
+  m = block_max(m);
+  float s = 0.0f;
+  for (int t2 = threadIdx.x; t2 <= t; t2 += blockDim.x) s += expf(scale * x[t2] - m);
+  float inv = 1.0f / block_sum(s);
+  float* y = att + r * T;
+  for (int t2 = threadIdx.x; t2 < T; t2 += blockDim.x)
+    y[t2] = t2 <= t ? expf(scale * x[t2] - m) * inv : 0.0f;
+}
+
+// Row r, t = r % T: dpreatt[r,t2] = scale * att[r,t2] * (datt[r,t2] - sum_{j<=t} att[r,j]*datt[r,j])
+// for t2 <= t, 0 for t2 > t. grid_rows(BNH*T): one block per row. dpreatt may alias datt.
+extern "C" __global__ void softmax_causal_backward(float* dpreatt, const float* datt,
+                                                   const float* att, int BNH, int T,
+                                                   float scale) {
+  long long r = blockIdx.x;
+  if (r >= (long long)BNH * T) return;  // uniform: the whole block leaves
+  int t = (int)(r % T);
+  const float* a = att + r * T;
+  const float* da = datt + r * T;
+  float s = 0.0f;
+  for (int t2 = threadIdx.x; t2 <= t; t2 += blockDim.x) s += a[t2] * da[t2];
+  float dot = block_sum(s);
+  float* dp = dpreatt + r * T;
+  for (int t2 = threadIdx.x; t2 < T; t2 += blockDim.x)
+    dp[t2] = t2 <= t ? scale * a[t2] * (da[t2] - dot) : 0.0f;
+}

@@ -1,0 +1,49 @@
+// Deterministic sums of a flat float32 buffer in double: exactly REDUCE_BLOCKS blocks
+// (crystal/backends/kernels.py) each write one partial sum, then one block adds the partials.
+// The result depends on REDUCE_BLOCKS and blockDim.x only, never on the device.
+
+// Sum of v over the block, returned to every thread, in a fixed order. Every thread of the
+// block must call it (it holds __syncthreads and warp shuffles).
+__device__ double block_sum(double v) {
+  __shared__ double warp_sums[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);  // all lanes agree
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // a previous call may still be reading warp_sums
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// partial[blockIdx.x] = sum of x[i]^2 (double) over i = blockIdx.x*blockDim.x + threadIdx.x
+// + k*gridDim.x*blockDim.x; launched with exactly REDUCE_BLOCKS blocks.
+extern "C" __global__ void sum_squares_partial(double* partial, const float* x, long long n) {
+  double acc = 0.0;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    double xi = x[i];
+    acc += xi * xi;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// partial[blockIdx.x] = sum of x[i] (double) over the same grid-strided i as
+// sum_squares_partial; launched with exactly REDUCE_BLOCKS blocks.
+extern "C" __global__ void sum_partial(double* partial, const float* x, long long n) {
+  double acc = 0.0;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    acc += x[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// out[0] = sum of partial[0..n) in a fixed order; one block.
+extern "C" __global__ void sum_doubles(double* out, const double* partial, int n) {
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) out[0] = acc;
+}

@@ -1,0 +1,105 @@
+// CPU emulation of the CUDA subset used by kernels/*.cu, force-included by g++ (-include).
+//
+// A launch runs the blocks of its grid one after another on one std::thread per CUDA thread:
+// every thread loops over the blocks, and a barrier between blocks keeps them apart, so
+// `__shared__` can be a function-local `static` (one block at a time). `__syncthreads()` is a
+// C++20 std::barrier over the block; warp shuffles exchange values through a per-thread slot
+// array between two waits on that same barrier (kernels keep control flow uniform around both).
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <math.h>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__
+#define __restrict__
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline std::barrier<>* emu_block_barrier;  // the running block's barrier
+inline unsigned long long emu_slots[1024];   // one shuffle slot per thread of the block
+
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+
+// Value of `v` held by lane `src` of the caller's warp (every thread of the block must call).
+template <class T> T emu_shuffle(T v, unsigned src) {
+  static_assert(sizeof(T) <= sizeof(unsigned long long));
+  unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  std::memcpy(&emu_slots[tid], &v, sizeof v);
+  __syncthreads();
+  T out;
+  std::memcpy(&out, &emu_slots[(tid & ~31u) + src], sizeof out);
+  __syncthreads();
+  return out;
+}
+inline unsigned emu_lane() {
+  return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) & 31u;
+}
+// CUDA semantics with width w: lanes form segments of w; a source outside the caller's
+// segment (down, xor) yields the caller's own value.
+template <class T> T __shfl_down_sync(unsigned, T v, unsigned d, int w = 32) {
+  unsigned lane = emu_lane();
+  return emu_shuffle(v, lane % w + d < unsigned(w) ? lane + d : lane);
+}
+template <class T> T __shfl_xor_sync(unsigned, T v, int m, int w = 32) {
+  unsigned lane = emu_lane(), src = lane ^ unsigned(m);
+  return emu_shuffle(v, src / w <= lane / w ? src : lane);
+}
+template <class T> T __shfl_sync(unsigned, T v, int src, int w = 32) {
+  unsigned lane = emu_lane();
+  return emu_shuffle(v, lane / w * w + unsigned(src) % w);
+}
+
+// A pointer argument from ctypes, converting to whatever pointer type the kernel declares.
+struct emu_ptr {
+  void* p;
+  template <class T> operator T*() const { return static_cast<T*>(p); }
+};
+// Argument kinds from crystal/backends/kernels.py must match the kernel's signature exactly.
+template <class A, class P> constexpr bool emu_arg_ok = std::is_same_v<A, P>;
+template <class P> constexpr bool emu_arg_ok<emu_ptr, P> = std::is_pointer_v<P>;
+
+// Runs kernel<<<grid, block>>>(args...) to completion.
+template <class... P, class... A>
+void emu_launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+  static_assert(sizeof...(P) == sizeof...(A), "argument count differs from KERNELS");
+  static_assert((emu_arg_ok<A, P> && ...), "argument kinds differ from KERNELS");
+  static std::mutex one_launch_at_a_time;  // `static` shared memory and slots are global
+  std::lock_guard<std::mutex> lock(one_launch_at_a_time);
+  unsigned n = block.x * block.y * block.z;
+  if (n == 0 || n > 1024 || n % 32 != 0 || grid.x * grid.y * grid.z == 0) {
+    std::fprintf(stderr, "emu: bad launch geometry\n");
+    std::abort();
+  }
+  std::barrier<> barrier(n);
+  emu_block_barrier = &barrier;
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < n; ++t)
+    threads.emplace_back([&, t] {
+      gridDim = grid;
+      blockDim = block;
+      threadIdx = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {
+            blockIdx = {x, y, z};
+            kernel(args...);
+            barrier.arrive_and_wait();  // the next block may reuse `__shared__` statics
+          }
+    });
+  for (auto& th : threads) th.join();
+}
