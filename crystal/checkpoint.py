@@ -3,11 +3,16 @@
 A run directory holds
     config.json        Hugging Face GPT2Config fields of the model
     train.json         the resolved training config (crystal.config.TrainConfig)
-    metrics.jsonl      one JSON object per logged step
+    tokenizer.json     the data's tokenizer (Hugging Face format)
+    metrics.jsonl      one JSON object per step; eval lines carry val_loss
     spheres.json       final per-sphere and root statistics
     model.safetensors  the final parameters, float32, HF GPT-2 names (LM head tied to wte)
-Every whole-file write goes to a temporary file in the same directory, is fsynced, then
-renamed over the target, so a reader sees the old file or the new one, never a torn one.
+    checkpoints/       resumable states step-XXXXXXXX/{model,optim}.safetensors + state.json,
+                       and `latest`, the name of the newest complete one
+Every file is written to a temporary name in its directory, fsynced and renamed; a checkpoint
+directory is complete before it is renamed into place, and `latest` moves only after that.
+Training has no randomness besides the data order, which is a function of (seed, epoch), so
+the data position (epoch, cursor) is the whole RNG state of a run.
 """
 
 from __future__ import annotations
@@ -15,71 +20,81 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 from crystal.config import ModelConfig, TrainConfig
 from crystal.errors import CrystalError
 from crystal.model import GPT, ParamLayout
 
 MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.safetensors"
+STATE_FILE = "state.json"
 CONFIG_FILE = "config.json"
 TRAIN_FILE = "train.json"
 METRICS_FILE = "metrics.jsonl"
 SPHERES_FILE = "spheres.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via temp file + fsync + rename + directory fsync."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a run's files are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FORMAT = 1
 
 
 def state_dict(layout: ParamLayout, flat: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(v) for name, v in layout.views(flat).items()}
 
 
-def save_model(path: Path, layout: ParamLayout, flat: np.ndarray) -> None:
+def save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save
 
-    data = save(state_dict(layout, flat), metadata={"format": "pt"})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+
+
+def load_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        return load(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise CrystalError(f"missing file {path}") from None
+    except (OSError, SafetensorError, ValueError, OverflowError) as e:
+        raise CrystalError(f"{path}: not a valid safetensors file ({str(e)[:200]})") from None
+
+
+def save_model(path: Path, layout: ParamLayout, flat: np.ndarray) -> None:
+    save_tensors(path, state_dict(layout, flat))
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue bitwise as if it had never stopped."""
+
+    step: int  # optimizer steps taken
+    params: np.ndarray  # flat float32
+    m: np.ndarray  # AdamW first moments, flat
+    v: np.ndarray  # AdamW second moments, flat
+    data: dict  # BatchIterator position {"epoch", "cursor"}
 
 
 class RunDir:
-    """The files of one training run. Creating one refuses to overwrite a finished run."""
+    """The files of one training run."""
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
-            raise CrystalError(f"--out {self.path} exists and is not a directory")
-        if (self.path / MODEL_FILE).exists() and not overwrite:
-            raise CrystalError(f"--out {self.path} already holds a trained model; "
-                               "choose another --out or pass --overwrite")
+            raise CrystalError(f"run directory {self.path} exists and is not a directory")
+        if resume:
+            if not (self.path / TRAIN_FILE).exists():
+                raise CrystalError(f"{self.path} is not a crystal run (no {TRAIN_FILE})")
+        elif (self.path / MODEL_FILE).exists() or (self.path / CHECKPOINTS).exists():
+            if not overwrite:
+                raise CrystalError(f"--out {self.path} already holds a run; "
+                                   "choose another --out, --resume it, or pass --overwrite")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".crystal-write-test"
@@ -87,22 +102,47 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise CrystalError(f"cannot write run directory {self.path}: {e.strerror or e}") from None
+        if overwrite and not resume:
+            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+            (self.path / METRICS_FILE).unlink(missing_ok=True)
         self._metrics = None
 
     @property
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
 
-    def write_configs(self, model: ModelConfig, train: TrainConfig) -> None:
+    # --- configs ---
+    def write_configs(self, model: ModelConfig, train: TrainConfig, tokenizer_json: str | None = None) -> None:
         atomic_write_json(self.path / CONFIG_FILE, model.to_hf())
         atomic_write_json(self.path / TRAIN_FILE, dataclasses.asdict(train))
+        if tokenizer_json is not None:
+            atomic_write_text(self.path / TOKENIZER_FILE, tokenizer_json)
 
+    def read_configs(self) -> tuple[ModelConfig, TrainConfig]:
+        model = read_config(self.path / CONFIG_FILE)
+        return model, read_train_config(self.path / TRAIN_FILE)
+
+    # --- metrics ---
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl, flushed."""
         if self._metrics is None:
-            self._metrics = open(self.path / METRICS_FILE, "w", encoding="utf-8")
+            self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only the lines of steps <= step (a resumed run rewrites what came after)."""
+        path = self.path / METRICS_FILE
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, AttributeError):
+                break  # a torn last line from a killed process
+        atomic_write_text(path, "".join(l + "\n" for l in keep))
 
     def write_spheres(self, stats: dict) -> None:
         atomic_write_json(self.path / SPHERES_FILE, stats)
@@ -110,17 +150,73 @@ class RunDir:
     def write_model(self, layout: ParamLayout, flat: np.ndarray) -> None:
         save_model(self.model_path, layout, flat)
 
+    # --- resumable checkpoints ---
+    def save_state(self, layout: ParamLayout, state: TrainState, keep: int) -> Path:
+        root = self.path / CHECKPOINTS
+        root.mkdir(exist_ok=True)
+        final = root / f"step-{state.step:08d}"
+        tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(tmp / MODEL_FILE, layout, state.params)
+        save_tensors(tmp / OPTIM_FILE, {"adamw.m": state.m, "adamw.v": state.v})
+        atomic_write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, "step": state.step,
+                                             "data": state.data, "params": int(layout.size)})
+        if final.exists():  # re-reaching a step after resuming from an earlier checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in steps[:-keep] if keep > 0 else []:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_state(self, model: ModelConfig) -> TrainState:
+        ckpt = latest_checkpoint(self.path)
+        if ckpt is None:
+            raise CrystalError(f"{self.path} has no checkpoint to resume from "
+                               "(train with --checkpoint-every N)")
+        try:
+            meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+            step, data = int(meta["step"]), dict(meta["data"])
+            if meta.get("format") != STATE_FORMAT:
+                raise ValueError(f"format {meta.get('format')}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CrystalError(f"{ckpt / STATE_FILE}: unreadable checkpoint state ({e})") from None
+        layout = ParamLayout(model)
+        params = read_params(ckpt / MODEL_FILE, model)
+        optim = load_tensors(ckpt / OPTIM_FILE)
+        if set(optim) != {"adamw.m", "adamw.v"} or any(
+                t.dtype != np.float32 or t.shape != (layout.size,) for t in optim.values()):
+            raise CrystalError(f"{ckpt / OPTIM_FILE}: optimizer state does not match the model")
+        return TrainState(step, params, optim["adamw.m"].copy(), optim["adamw.v"].copy(), data)
+
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
 
 
+def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete one, else None."""
+    root = Path(run) / CHECKPOINTS
+    try:
+        name = (root / LATEST).read_text(encoding="utf-8").strip()
+        if name and (root / name / STATE_FILE).exists():
+            return root / name
+    except (OSError, UnicodeDecodeError):
+        pass
+    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    return complete[-1] if complete else None
+
+
 def read_config(path: Path) -> ModelConfig:
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CrystalError(f"no {CONFIG_FILE} at {path}") from None
+        raise CrystalError(f"no {Path(path).name} at {Path(path).parent}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CrystalError(f"{path}: not a readable JSON config ({e})") from None
     if not isinstance(d, dict):
@@ -128,17 +224,20 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(d)
 
 
-def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:
-    """Load model.safetensors into a flat buffer, checking names, dtypes and shapes exactly."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
+def read_train_config(path: Path) -> TrainConfig:
     try:
-        tensors = load(Path(path).read_bytes())
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in d.items() if k in names})
     except FileNotFoundError:
-        raise CrystalError(f"no model file at {path}") from None
-    except (OSError, SafetensorError, ValueError) as e:
-        raise CrystalError(f"{path}: not a valid safetensors file ({e})") from None
+        raise CrystalError(f"no {Path(path).name} at {Path(path).parent}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise CrystalError(f"{path}: not a readable training config ({e})") from None
+
+
+def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:
+    """Load a model.safetensors into a flat buffer, checking names, dtypes and shapes exactly."""
+    tensors = load_tensors(path)
     layout = ParamLayout(cfg)
     expected = {s.name for s in layout.specs}
     missing, extra = expected - tensors.keys(), tensors.keys() - expected
@@ -161,9 +260,41 @@ def load_checkpoint(path: str | Path, backend=None) -> GPT:
     path = Path(path)
     if path.is_dir():
         model_file, config_file = path / MODEL_FILE, path / CONFIG_FILE
+        if not model_file.exists() and (latest := latest_checkpoint(path)) is not None:
+            model_file = latest / MODEL_FILE  # a run stopped before its end
     else:
         model_file, config_file = path, path.parent / CONFIG_FILE
     if not model_file.exists():
         raise CrystalError(f"no checkpoint at {model_file}")
     cfg = read_config(config_file)
     return GPT(cfg, read_params(model_file, cfg), backend)
+
+
+def export_hf(run: str | Path, out: str | Path) -> Path:
+    """A directory that transformers' GPT2LMHeadModel / AutoTokenizer load offline."""
+    run, out = Path(run), Path(out)
+    model = load_checkpoint(run)
+    cfg = model.config
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
+    atomic_write_json(out / CONFIG_FILE, cfg.to_hf())
+    save_model(out / MODEL_FILE, model.layout, model.flat)
+    tok_file = run / TOKENIZER_FILE
+    if tok_file.exists():
+        tokenizer_json = tok_file.read_text(encoding="utf-8")
+    else:  # runs trained on bytes before tokenizer.json was written
+        from crystal.data import ByteTokenizer
+
+        tokenizer_json = ByteTokenizer().to_json()
+    atomic_write_text(out / TOKENIZER_FILE, tokenizer_json)
+    specials = [t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])]
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+               "clean_up_tokenization_spaces": False}
+    if specials:
+        tok_cfg.update(bos_token=specials[0], eos_token=specials[0], unk_token=specials[0])
+    atomic_write_json(out / "tokenizer_config.json", tok_cfg)
+    atomic_write_json(out / "generation_config.json",
+                      {"bos_token_id": 0, "eos_token_id": 0, "max_length": cfg.block_size})
+    return out

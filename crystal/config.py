@@ -84,7 +84,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"  # cuda matmuls: fp32 or tf32 (cpu is always fp32)
     spheres: int = 12
-    data: str | None = None  # None: the embedded Tiny Shakespeare corpus
+    data: str | None = None  # text file, prepared directory, or None: the embedded corpus
+    val_fraction: float = 0.1  # held-out tail of a text file / the embedded corpus
     batch_size: int = 1
     seq_len: int = 64
     micro_batches: int = 12
@@ -100,6 +101,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 1337
     log_every: int = 10
+    eval_every: int = 0  # 0: no evaluation; else every N steps and at the last step
+    eval_batches: int = 20
+    checkpoint_every: int = 0  # 0: no resumable checkpoints; else every N steps and the last
+    keep: int = 3  # resumable checkpoints kept (newest)
+    stop_at: int | None = None  # stop after this step with a checkpoint, as if interrupted
     out: str | None = None
 
     @property
@@ -126,12 +132,14 @@ PRESETS: dict[str, Preset] = {
     ),
     "small": Preset(
         ModelConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
-        dict(batch_size=1, seq_len=64, micro_batches=12, steps=2000, lr=1e-3, warmup=100),
+        dict(batch_size=1, seq_len=64, micro_batches=12, steps=2000, lr=1e-3, warmup=100,
+             eval_every=250),
         "4 layers, 4 heads, 128 wide, T=64 (nanoGPT's CPU example): the default",
     ),
     "shakespeare-char": Preset(
         ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),
-        dict(batch_size=4, seq_len=256, micro_batches=16, steps=5000, lr=1e-3, warmup=100),
+        dict(batch_size=4, seq_len=256, micro_batches=16, steps=5000, lr=1e-3, warmup=100,
+             eval_every=250),
         "6 layers, 6 heads, 384 wide, T=256, 64 sequences a step (nanoGPT's shakespeare_char)",
     ),
 }
@@ -185,8 +193,16 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError(f"--seed must be a non-negative integer, got {t.seed!r}")
     if not isinstance(t.spheres, int) or not (1 <= t.spheres <= MAX_SPHERES):
         raise CrystalError(f"--spheres must be between 1 and {MAX_SPHERES}, got {t.spheres}")
-    for name in ("batch_size", "seq_len", "micro_batches", "steps", "log_every"):
+    for name in ("batch_size", "seq_len", "micro_batches", "steps", "log_every", "eval_batches"):
         _positive_int(f"--{name.replace('_', '-')}", getattr(t, name))
+    for name in ("eval_every", "checkpoint_every", "keep"):
+        v = getattr(t, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise CrystalError(f"--{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
+    if t.stop_at is not None and not (isinstance(t.stop_at, int) and 1 <= t.stop_at):
+        raise CrystalError(f"--stop-at must be a positive step, got {t.stop_at!r}")
+    if not (0 <= t.val_fraction < 1):
+        raise CrystalError(f"--val-fraction must be in [0, 1), got {t.val_fraction}")
     if t.warmup < 0:
         raise CrystalError(f"--warmup must be >= 0, got {t.warmup}")
     if t.seq_len > m.block_size:

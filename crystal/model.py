@@ -282,11 +282,21 @@ class GPT:
         forward(be, self.config, self._tensors, a, be.to_device(idx))
         return np.array(be.to_host(a.logits), dtype=np.float32)
 
-    def loss_and_grads(self, idx, targets) -> tuple[float, dict]:
-        idx = self._check(idx)
-        targets = self._check(targets)
+    def loss(self, idx, targets) -> float:
+        """Mean cross-entropy of next-token predictions (forward only)."""
+        idx, targets = self._check_pair(idx, targets)
+        be = self.backend
+        a = self._activations(*idx.shape)
+        return forward(be, self.config, self._tensors, a, be.to_device(idx), be.to_device(targets))
+
+    def _check_pair(self, idx, targets):
+        idx, targets = self._check(idx), self._check(targets)
         if targets.shape != idx.shape:
             raise ValueError(f"targets {targets.shape} must match idx {idx.shape}")
+        return idx, targets
+
+    def loss_and_grads(self, idx, targets) -> tuple[float, dict]:
+        idx, targets = self._check_pair(idx, targets)
         be = self.backend
         a = self._activations(*idx.shape)
         gflat = be.empty(self.layout.size)

@@ -18,6 +18,14 @@ def tree_pairs(n: int) -> list[tuple[int, int]]:
     return pairs
 
 
+def tree_mean(values: list[float]) -> float:
+    """Mean of values summed over the fixed tree (losses of micro-batches or eval batches)."""
+    vals = list(values)
+    for dst, src in tree_pairs(len(vals)):
+        vals[dst] += vals[src]
+    return vals[0] / len(vals)
+
+
 class GradientReducer:
     def __init__(self, be, size: int, micro_batches: int):
         self.be = be
@@ -37,7 +45,4 @@ class GradientReducer:
 
     def reduce_losses(self, losses: list[float]) -> float:
         """Mean micro-batch loss, summed over the same tree."""
-        vals = list(losses)
-        for dst, src in self._pairs:
-            vals[dst] += vals[src]
-        return vals[0] / self.M
+        return tree_mean(losses)

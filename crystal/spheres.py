@@ -56,6 +56,7 @@ class _Task:
     indices: list[int]
     batches: list  # (x, y) host arrays, indexed by micro-batch
     losses: list  # losses[m] written by the sphere that computes m
+    backward: bool  # False: forward only (evaluation), no gradients, no statistics
 
 
 class SphereSystem:
@@ -72,14 +73,14 @@ class SphereSystem:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._run, args=(i,), name=f"sphere-{i}", daemon=True)
+            threading.Thread(target=self._sphere_loop, args=(i,), name=f"sphere-{i}", daemon=True)
             for i in range(n_spheres)
         ]
         for t in self._threads:
             t.start()
 
     # --- the worker side ---
-    def _run(self, i: int) -> None:
+    def _sphere_loop(self, i: int) -> None:
         be, stats, acts = self.be, self.stats[i], self._acts[i]
         with be.sphere_context(i):
             while True:
@@ -92,9 +93,12 @@ class SphereSystem:
                         if self._stop.is_set():
                             break
                         t0 = time.perf_counter()
-                        stats.active = True
                         x, y = task.batches[m]
                         x, y = be.to_device(x), be.to_device(y)
+                        if not task.backward:
+                            task.losses[m] = forward(be, self.cfg, self.weights, acts, x, y)
+                            continue
+                        stats.active = True
                         loss = forward(be, self.cfg, self.weights, acts, x, y)
                         backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y)
                         task.losses[m] = loss
@@ -112,19 +116,28 @@ class SphereSystem:
     def step(self, batches: list) -> list[float]:
         """Forward/backward of every micro-batch; gradients land in the reducer's slots.
         Returns the per-micro-batch losses, in micro-batch order."""
-        M = len(batches)
-        if M != len(self.slot_grads):
-            raise ValueError(f"{M} micro-batches for {len(self.slot_grads)} gradient slots")
+        if len(batches) != len(self.slot_grads):
+            raise ValueError(f"{len(batches)} micro-batches for {len(self.slot_grads)} gradient slots")
+        t0 = time.perf_counter()
+        losses = self._dispatch(batches, backward=True)
+        self.wall_s += time.perf_counter() - t0
+        return losses
+
+    def evaluate(self, batches: list) -> list[float]:
+        """Forward-only losses of any number of batches, spread over the spheres likewise."""
+        return self._dispatch(batches, backward=False)
+
+    def _dispatch(self, batches: list, backward: bool) -> list[float]:
         if self._stop.is_set():
             raise RuntimeError("the sphere system has stopped")
-        t0 = time.perf_counter()
+        M = len(batches)
         losses = [float("nan")] * M
         ready = self.be.record_event()
         busy = 0
         for s in range(self.n):
             indices = list(range(s, M, self.n))
             if indices:
-                self._inbox[s].put(_Task(ready, indices, batches, losses))
+                self._inbox[s].put(_Task(ready, indices, batches, losses, backward))
                 busy += 1
         for _ in range(busy):
             i, err, done = self._done.get()
@@ -132,7 +145,6 @@ class SphereSystem:
                 self._stop.set()
                 raise SphereFailure(i, err) from err
             self.be.wait_event(done)  # the reducer reads slots only after the sphere's work
-        self.wall_s += time.perf_counter() - t0
         return losses
 
     def summary(self) -> list[dict]:

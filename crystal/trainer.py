@@ -2,6 +2,8 @@
 
 `train()` is what `crystal train` runs and what tests call directly. It owns nothing global:
 the backend, the parameters, the sphere threads and the run directory all belong to one call.
+A resumed run restores parameters, AdamW moments, the step and the data position, so its
+remaining steps are bitwise the steps the uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import Callable
 import numpy as np
 
 from crystal.backends import get_backend
-from crystal.checkpoint import RunDir
+from crystal.checkpoint import RunDir, TrainState
 from crystal.config import ModelConfig, TrainConfig
-from crystal.data import BatchIterator, load_tokens
+from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
+from crystal.errors import CrystalError
 from crystal.model import ParamLayout, init_params
 from crystal.optim import AdamW, clip_scale, lr_at
-from crystal.reducer import GradientReducer
+from crystal.reducer import GradientReducer, tree_mean
 from crystal.spheres import SphereSystem
 
 
@@ -44,53 +47,84 @@ class TrainResult:
     model: ModelConfig
     train: TrainConfig  # resolved: steps filled in from --epochs when given
     params: np.ndarray  # final flat float32 parameters (host)
-    losses: list[float]
+    losses: list[float]  # this call's steps
     spheres: list[dict]
     root: dict
     data_name: str = ""
     wall_s: float = 0.0
     run_dir: str | None = None
     history: list[StepRecord] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    finished: bool = True  # False when stopped early by --stop-at
+    checkpoint: str | None = None  # the last resumable checkpoint written
 
 
 def resolve_steps(cfg: TrainConfig, batches_per_epoch: int) -> TrainConfig:
-    """--epochs E overrides --steps: steps = E * batches per epoch / micro-batches (at least 1)."""
+    """--epochs E overrides --steps: steps = E * batches per epoch / micro-batches (at least 1);
+    the resolved config keeps steps and drops epochs so a resume reads the same number."""
     if cfg.epochs is None:
         return cfg
     steps = max(1, int(cfg.epochs * batches_per_epoch / cfg.micro_batches))
-    return dataclasses.replace(cfg, steps=steps)
+    return dataclasses.replace(cfg, steps=steps, epochs=None)
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = None,
-          tokens: np.ndarray | None = None, data_name: str | None = None,
+          dataset: DataSet | None = None, resume: TrainState | None = None,
           on_start: Callable[[dict], None] | None = None,
-          on_step: Callable[[StepRecord, SphereSystem], None] | None = None) -> TrainResult:
-    """Train from scratch. `tokens` overrides cfg.data (tests pass arrays directly)."""
-    if tokens is None:
-        tokens, data_name = load_tokens(cfg.data)
-    batches = BatchIterator(tokens, cfg.batch_size, cfg.seq_len, cfg.seed, model_cfg.vocab_size)
+          on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
+          on_eval: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train from scratch, or continue from `resume`. `dataset` overrides cfg.data."""
+    if dataset is None:
+        dataset = load_dataset(cfg.data, cfg.val_fraction)
+    if dataset.vocab_size != model_cfg.vocab_size:
+        raise CrystalError(f"the data's vocabulary has {dataset.vocab_size} tokens, "
+                           f"the model {model_cfg.vocab_size}")
+    batches = BatchIterator(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed,
+                            model_cfg.vocab_size, what="the training split")
     cfg = resolve_steps(cfg, batches.batches_per_epoch)
+    val = []
+    if cfg.eval_every:
+        if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
+            raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one "
+                               "batch; raise --val-fraction or pass --eval-every 0")
+        val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
     be = get_backend(cfg.device, cfg.precision)
     be.warmup()  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)
-    params = be.to_device(init_params(model_cfg, cfg.seed))
+    params = be.to_device(resume.params if resume else init_params(model_cfg, cfg.seed))
     optimizer = AdamW(be, layout, cfg)
+    first = 0
+    if resume is not None:
+        if not (0 < resume.step <= cfg.steps):
+            raise CrystalError(f"checkpoint step {resume.step} is outside this run's {cfg.steps} steps")
+        optimizer.m[...] = be.to_device(resume.m)
+        optimizer.v[...] = be.to_device(resume.v)
+        optimizer.t = resume.step
+        batches.set_state(resume.data)
+        first = resume.step
+    last = min(cfg.steps, cfg.stop_at or cfg.steps)
     reducer = GradientReducer(be, layout.size, cfg.micro_batches)
     if run_dir is not None:
-        run_dir.write_configs(model_cfg, cfg)
+        if resume is None:
+            run_dir.write_configs(model_cfg, dataclasses.replace(cfg, stop_at=None),
+                                  dataset.tokenizer.to_json())
+        else:
+            run_dir.truncate_metrics(resume.step)
     if on_start is not None:
-        on_start({"params": layout.size, "tokens": len(tokens), "data": data_name,
-                  "steps": cfg.steps, "device": be.name, "config": cfg, "model": model_cfg})
+        on_start({"params": layout.size, "tokens": len(dataset.train), "val_tokens": len(dataset.val),
+                  "data": dataset.name, "steps": cfg.steps, "first": first, "last": last,
+                  "device": be.name, "config": cfg, "model": model_cfg})
 
     losses: list[float] = []
     history: list[StepRecord] = []
-    norm_sum = 0.0
-    last_norm = float("nan")
+    val_losses: list[tuple[int, float]] = []
+    norms: list[float] = []
+    checkpoint = None
     t_start = time.perf_counter()
     with _blas_limits(be), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
                                         cfg.batch_size, cfg.seq_len) as spheres:
-        for step in range(cfg.steps):
+        for step in range(first, last):
             t0 = time.perf_counter()
             micro = [batches.next_batch() for _ in range(cfg.micro_batches)]
             loss = reducer.reduce_losses(spheres.step(micro))
@@ -99,36 +133,64 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             lr = lr_at(step, cfg)
             optimizer.step(params, grad, lr, clip_scale(norm, cfg.grad_clip))
             dt = time.perf_counter() - t0
+            done = step + 1
             losses.append(loss)
-            norm_sum += norm
-            last_norm = norm
-            rec = StepRecord(step + 1, loss, lr, norm, cfg.tokens_per_step / dt, dt * 1e3,
+            norms.append(norm)
+            rec = StepRecord(done, loss, lr, norm, cfg.tokens_per_step / dt, dt * 1e3,
                              time.perf_counter() - t_start)
             history.append(rec)
             if run_dir is not None:
                 run_dir.log(rec.to_json())
             if on_step is not None:
                 on_step(rec, spheres)
+            if val and (done % cfg.eval_every == 0 or done == cfg.steps):
+                val_loss = tree_mean(spheres.evaluate(val))
+                val_losses.append((done, val_loss))
+                if run_dir is not None:
+                    run_dir.log({"step": done, "val_loss": val_loss, "eval_batches": len(val)})
+                if on_eval is not None:
+                    on_eval(done, val_loss)
+            due = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+            stopping = done == last and last < cfg.steps  # --stop-at: always leave a checkpoint
+            if run_dir is not None and (due or stopping):
+                state = TrainState(done, be.to_host(params), be.to_host(optimizer.m),
+                                   be.to_host(optimizer.v), batches.state())
+                checkpoint = str(run_dir.save_state(layout, state, cfg.keep))
         sphere_summary = spheres.summary()
         active = spheres.active_spheres()
     wall = time.perf_counter() - t_start
     host_params = np.array(be.to_host(params), dtype=np.float32)
+    n = max(1, len(losses))
     root = {
         "spheres": cfg.spheres,
         "active_spheres": active,
-        "steps": cfg.steps,
-        "grad_norm": last_norm,
-        "mean_grad_norm": norm_sum / max(1, cfg.steps),
+        "steps": len(losses),
+        "grad_norm": norms[-1] if norms else float("nan"),
+        "mean_grad_norm": sum(norms) / n,
         "wall_s": wall,
-        "tokens_per_s": cfg.tokens_per_step * cfg.steps / wall,
-        "ms_per_step": 1e3 * wall / cfg.steps,
+        "tokens_per_s": cfg.tokens_per_step * len(losses) / wall if wall > 0 else 0.0,
+        "ms_per_step": 1e3 * wall / n,
     }
+    finished = last == cfg.steps
     if run_dir is not None:
         run_dir.write_spheres({"root": root, "spheres": sphere_summary})
-        run_dir.write_model(layout, host_params)
+        if finished:
+            run_dir.write_model(layout, host_params)
         run_dir.close()
-    return TrainResult(model_cfg, cfg, host_params, losses, sphere_summary, root,
-                       data_name or "", wall, str(run_dir.path) if run_dir else None, history)
+    return TrainResult(model_cfg, cfg, host_params, losses, sphere_summary, root, dataset.name,
+                       wall, str(run_dir.path) if run_dir else None, history, val_losses,
+                       finished, checkpoint)
+
+
+def evaluate(model, dataset: DataSet, cfg: TrainConfig) -> tuple[float, int]:
+    """Mean loss of a model on the run's fixed validation batches, in the training's order.
+    Returns (loss, number of batches)."""
+    if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
+        raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one batch")
+    val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
+    with _blas_limits(model.backend):
+        losses = [model.loss(x, y) for x, y in val]
+    return tree_mean(losses), len(val)
 
 
 def _blas_limits(be):

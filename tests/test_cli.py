@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory):
 def test_train_writes_the_run_directory(tiny_run):
     out, _ = tiny_run
     assert {p.name for p in out.iterdir()} == {
-        "config.json", "train.json", "metrics.jsonl", "spheres.json", "model.safetensors"}
+        "config.json", "train.json", "tokenizer.json", "metrics.jsonl", "spheres.json", "model.safetensors"}
 
 
 def test_model_safetensors_holds_exactly_the_hf_gpt2_tensors(tiny_run):
@@ -99,7 +99,7 @@ def test_an_existing_run_is_not_overwritten(tiny_run, capsys):
     out, _ = tiny_run
     before = (out / "model.safetensors").read_bytes()
     assert main([*TINY, "--out", str(out)]) == 2
-    assert "already holds a trained model" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from crystal.data import BatchIterator, ByteTokenizer, default_corpus, load_tokens
+from crystal.data import BatchIterator, ByteTokenizer, default_corpus, load_dataset
 from crystal.errors import CrystalError
 
 
@@ -21,9 +21,10 @@ def test_embedded_corpus_is_tiny_shakespeare():
     assert data.startswith(b"First Citizen:")
 
 
-def test_load_tokens_without_a_path_uses_the_embedded_corpus():
-    tokens, name = load_tokens(None)
-    assert len(tokens) == 1_115_394 and "Shakespeare" in name
+def test_without_a_path_the_data_set_is_the_embedded_corpus_split_ninety_ten():
+    ds = load_dataset(None, val_fraction=0.1)
+    assert len(ds.train) + len(ds.val) == 1_115_394 and "Shakespeare" in ds.name
+    assert len(ds.val) == round(1_115_394 * 0.1) and ds.vocab_size == 256
 
 
 def test_targets_are_inputs_shifted_by_one():
@@ -82,6 +83,6 @@ def test_token_ids_outside_the_vocabulary_are_refused():
 def test_empty_and_missing_data_files_are_refused(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(CrystalError, match="empty"):
-        load_tokens(str(tmp_path / "empty.txt"))
+        load_dataset(str(tmp_path / "empty.txt"))
     with pytest.raises(CrystalError, match="not found"):
-        load_tokens(str(tmp_path / "nope.txt"))
+        load_dataset(str(tmp_path / "nope.txt"))

@@ -89,7 +89,7 @@ class FailingBackend(CpuBackend):
 def test_an_exception_in_one_sphere_stops_the_run_with_that_error(monkeypatch):
     import crystal.trainer
 
-    monkeypatch.setattr(crystal.trainer, "get_backend", lambda device: FailingBackend(7))
+    monkeypatch.setattr(crystal.trainer, "get_backend", lambda device, precision="fp32": FailingBackend(7))
     t0 = time.perf_counter()
     with pytest.raises(SphereFailure, match="sphere 7 failed: ValueError: injected failure") as e:
         train(*tiny(spheres=12, steps=5))
