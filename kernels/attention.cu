@@ -99,8 +99,9 @@ extern "C" __global__ void softmax_causal_forward(float* att, const float* preat
     y[t2] = t2 <= t ? expf(scale * x[t2] - m) * inv : 0.0f;
 }
 
-// Row r, t = r % T: dpreatt[r,t2] = scale * att[r,t2] * (datt[r,t2] - sum_{j<=t} att[r,j]*datt[r,j])
-// for t2 <= t, 0 for t2 > t. grid_rows(BNH*T): one block per row. dpreatt may alias datt.
+// Row r, t = r % T: for t2 <= t,
+// dpreatt[r,t2] = scale * att[r,t2] * (datt[r,t2] - sum_{j<=t} att[r,j]*datt[r,j]); 0 for t2 > t.
+// grid_rows(BNH*T): one block per row. dpreatt may alias datt.
 extern "C" __global__ void softmax_causal_backward(float* dpreatt, const float* datt,
                                                    const float* att, int BNH, int T,
                                                    float scale) {

@@ -27,13 +27,13 @@ BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
 _ARG = {"i32": np.int32, "i64": np.int64, "f32": np.float32, "f64": np.float64}
 
 
-@functools.lru_cache(maxsize=1)
-def _module():
-    """All kernels/*.cu compiled into one cupy RawModule, once per process."""
+@functools.lru_cache(maxsize=None)
+def _module(file: str):
+    """One kernels/*.cu file compiled into a cupy RawModule, once per process (each file is
+    its own translation unit: device helpers such as block_sum repeat across files)."""
     import cupy as cp
 
-    src = "\n".join(p.read_text() for p in sorted(kernels_dir().glob("*.cu")))
-    return cp.RawModule(code=src, options=("--std=c++17",))
+    return cp.RawModule(code=(kernels_dir() / file).read_text(), options=("--std=c++17",))
 
 
 class CudaBackend:
@@ -41,14 +41,23 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, precision: str = "fp32"):
-        import cupy as cp
+    def __init__(self, precision: str = "fp32", block: int = BLOCK, *, array_module=None,
+                 launcher=None):
+        """array_module and launcher replace cupy and the RawKernels: the tests run this
+        backend's host code with numpy arrays and the CPU-emulated kernels."""
+        if array_module is None:
+            import cupy
 
-        self.cp = cp
+            array_module = cupy
+            _set_tf32(precision == "tf32")
+            fns = {name: _module(k.file).get_function(name) for name, k in KERNELS.items()}
+
+            def launcher(name, grid, block, *args):
+                fns[name](grid, (block, 1, 1), args)
+        self.cp = array_module
         self.precision = precision
-        _set_tf32(precision == "tf32")
-        module = _module()
-        self._fn = {name: module.get_function(name) for name in KERNELS}
+        self.block = block
+        self._launcher = launcher
         self._streams: dict[int, object] = {}
         self._local = threading.local()
         self._warm = False
@@ -99,11 +108,11 @@ class CudaBackend:
         self._warm = True
 
     # --- launching ---
-    def _launch(self, name: str, grid, *args, block: int = BLOCK) -> None:
+    def _launch(self, name: str, grid, *args) -> None:
         kinds = KERNELS[name].args
         assert len(kinds) == len(args), name
-        conv = tuple(a if k == "ptr" else _ARG[k](a) for k, a in zip(kinds, args))
-        self._fn[name](grid, (block, 1, 1), conv)
+        self._launcher(name, grid, self.block,
+                       *(a if k == "ptr" else _ARG[k](a) for k, a in zip(kinds, args)))
 
     def _scratch(self, key: str, shape, dtype="float32"):
         """A per-thread buffer, allocated on first use for each (key, shape) and then reused."""
@@ -117,14 +126,14 @@ class CudaBackend:
     def encoder_forward(self, out, idx, wte, wpe):
         B, T = idx.shape
         C = wte.shape[1]
-        self._launch("encoder_forward", grid_1d(B * T * C, BLOCK), out, idx, wte, wpe, B * T, T, C)
+        self._launch("encoder_forward", grid_1d(B * T * C, self.block), out, idx, wte, wpe, B * T, T, C)
 
     def encoder_backward(self, dwte, dwpe, dout, idx):
         cp = self.cp
         B, T = idx.shape
         V, C = dwte.shape
         BT = B * T
-        self._launch("encoder_backward_wpe", grid_1d(dwpe.shape[0] * C, BLOCK), dwpe, dout, B, T,
+        self._launch("encoder_backward_wpe", grid_1d(dwpe.shape[0] * C, self.block), dwpe, dout, B, T,
                      dwpe.shape[0], C)
         # Buckets of positions per token without atomics: keys token*BT + position are unique,
         # so their sort is deterministic; bucket v is positions[start[v]:start[v+1]], ascending.
@@ -134,8 +143,9 @@ class CudaBackend:
         positions = (keys - tokens * BT).astype(cp.int32)
         vocab = self._vocab_ids(V)
         starts = cp.searchsorted(tokens, cp.arange(V + 1, dtype=cp.int64)).astype(cp.int32)
-        self._launch("encoder_backward_wte", (cdiv(C, BLOCK), V, 1), dwte, dout, vocab, starts,
-                     positions, V, C)
+        # one bucket per vocabulary id; the kernel strides over buckets by gridDim.y (<= 65535)
+        self._launch("encoder_backward_wte", (cdiv(C, self.block), min(V, 65535), 1), dwte, dout, vocab,
+                     starts, positions, V, C)
 
     def _vocab_ids(self, V: int):
         store = self._local.__dict__.setdefault("vocab_ids", {})
@@ -153,7 +163,7 @@ class CudaBackend:
         C = inp.shape[-1]
         N = inp.size // C
         self._launch("layernorm_backward_dinp", grid_rows(N), dinp, dout, inp, w, mean, rstd, N, C)
-        self._launch("layernorm_backward_dwdb", grid_1d(C, BLOCK), dw, db, dout, inp, mean, rstd, N, C)
+        self._launch("layernorm_backward_dwdb", grid_1d(C, self.block), dw, db, dout, inp, mean, rstd, N, C)
 
     # --- matmul (cuBLAS) + bias ---
     def matmul_forward(self, out, inp, w, bias):
@@ -161,7 +171,7 @@ class CudaBackend:
         self.cp.matmul(inp.reshape(-1, inp.shape[-1]), w, out=out2)
         if bias is not None:
             N, OC = out2.shape
-            self._launch("bias_forward", grid_1d(N * OC, BLOCK), out2, bias, N, OC)
+            self._launch("bias_forward", grid_1d(N * OC, self.block), out2, bias, N, OC)
 
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
         cp = self.cp
@@ -170,7 +180,7 @@ class CudaBackend:
         cp.matmul(inp.reshape(-1, inp.shape[-1]).T, dout2, out=dw)
         if dbias is not None:
             N, OC = dout2.shape
-            self._launch("bias_backward", grid_1d(OC, BLOCK), dbias, dout2, N, OC)
+            self._launch("bias_backward", grid_1d(OC, self.block), dbias, dout2, N, OC)
 
     def lm_head_forward(self, logits, inp, wte):
         self.cp.matmul(inp.reshape(-1, inp.shape[-1]), wte.T, out=logits.reshape(-1, logits.shape[-1]))
@@ -186,7 +196,7 @@ class CudaBackend:
         hs = C3 // 3 // n_head
         shape = (B, n_head, T, hs)
         q, k, v = (self._scratch(name, shape) for name in ("q", "k", "v"))
-        self._launch("attention_permute", grid_1d(q.size, BLOCK), q, k, v, qkv, B, T, n_head, hs)
+        self._launch("attention_permute", grid_1d(q.size, self.block), q, k, v, qkv, B, T, n_head, hs)
         return q, k, v, B, T, hs
 
     def attention_forward(self, out, att, qkv, n_head):
@@ -197,32 +207,32 @@ class CudaBackend:
         self._launch("softmax_causal_forward", grid_rows(B * n_head * T), att, att, B * n_head, T,
                      1.0 / math.sqrt(hs))
         cp.matmul(att, v, out=y)
-        self._launch("attention_unpermute", grid_1d(y.size, BLOCK), out, y, B, T, n_head, hs)
+        self._launch("attention_unpermute", grid_1d(y.size, self.block), out, y, B, T, n_head, hs)
 
     def attention_backward(self, dqkv, dout, qkv, att, n_head):
         cp = self.cp
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
         dy, dq, dk, dv = (self._scratch(name, q.shape) for name in ("dy", "dq", "dk", "dv"))
         datt = self._scratch("datt", att.shape)
-        self._launch("attention_unpermute_backward", grid_1d(dy.size, BLOCK), dy, dout, B, T, n_head, hs)
+        self._launch("attention_unpermute_backward", grid_1d(dy.size, self.block), dy, dout, B, T, n_head, hs)
         cp.matmul(dy, v.transpose(0, 1, 3, 2), out=datt)
         cp.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)
         self._launch("softmax_causal_backward", grid_rows(B * n_head * T), datt, datt, att,
                      B * n_head, T, 1.0 / math.sqrt(hs))
         cp.matmul(datt, k, out=dq)
         cp.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)
-        self._launch("attention_permute_backward", grid_1d(dq.size, BLOCK), dqkv, dq, dk, dv, B, T,
+        self._launch("attention_permute_backward", grid_1d(dq.size, self.block), dqkv, dq, dk, dv, B, T,
                      n_head, hs)
 
     # --- pointwise ---
     def gelu_forward(self, out, inp):
-        self._launch("gelu_forward", grid_1d(inp.size, BLOCK), out, inp, inp.size)
+        self._launch("gelu_forward", grid_1d(inp.size, self.block), out, inp, inp.size)
 
     def gelu_backward(self, dinp, inp, dout):
-        self._launch("gelu_backward", grid_1d(inp.size, BLOCK), dinp, inp, dout, inp.size)
+        self._launch("gelu_backward", grid_1d(inp.size, self.block), dinp, inp, dout, inp.size)
 
     def residual_forward(self, out, a, b):
-        self._launch("residual_forward", grid_1d(out.size, BLOCK), out, a, b, out.size)
+        self._launch("residual_forward", grid_1d(out.size, self.block), out, a, b, out.size)
 
     # --- loss ---
     def crossentropy_forward(self, losses, probs, logits, targets):
@@ -233,24 +243,24 @@ class CudaBackend:
     def crossentropy_backward(self, dlogits, probs, targets, dloss):
         V = probs.shape[-1]
         N = probs.size // V
-        self._launch("crossentropy_backward", grid_1d(N * V, BLOCK), dlogits, probs, targets, N, V, dloss)
+        self._launch("crossentropy_backward", grid_1d(N * V, self.block), dlogits, probs, targets, N, V, dloss)
 
     def _reduce(self, kernel: str, x) -> float:
         partial = self._scratch("partial", (REDUCE_BLOCKS,), "float64")
         total = self._scratch("total", (1,), "float64")
         self._launch(kernel, (REDUCE_BLOCKS, 1, 1), partial, x, x.size)
         self._launch("sum_doubles", (1, 1, 1), total, partial, REDUCE_BLOCKS)
-        return float(total.get()[0])  # synchronizes this thread's stream only
+        return float(self.to_host(total)[0])  # synchronizes this thread's stream only
 
     def sum_losses(self, losses):
         return self._reduce("sum_partial", losses.reshape(-1))
 
     # --- reducer and optimizer ---
     def add_inplace(self, acc, x):
-        self._launch("add_inplace", grid_1d(acc.size, BLOCK), acc, x, acc.size)
+        self._launch("add_inplace", grid_1d(acc.size, self.block), acc, x, acc.size)
 
     def scale_inplace(self, x, s):
-        self._launch("scale_inplace", grid_1d(x.size, BLOCK), x, s, x.size)
+        self._launch("scale_inplace", grid_1d(x.size, self.block), x, s, x.size)
 
     def sum_squares(self, x):
         return self._reduce("sum_squares_partial", x)
@@ -260,7 +270,7 @@ class CudaBackend:
         ranges = ranges if isinstance(ranges, self.cp.ndarray) else self.cp.asarray(ranges)
         bc1 = 1.0 - beta1 ** step
         bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        self._launch("adamw_update", grid_1d(params.size, BLOCK), params, grads, m, v, ranges,
+        self._launch("adamw_update", grid_1d(params.size, self.block), params, grads, m, v, ranges,
                      ranges.shape[0], params.size, lr, beta1, beta2, eps, weight_decay, bc1,
                      bc2_sqrt, grad_scale)
 

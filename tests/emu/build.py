@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,7 +76,9 @@ class EmulatedKernels:
     """`launch(name, grid, block, *args)` runs kernel<<<grid, block>>>(args) on the CPU.
 
     Arrays are passed as pointers to their (C-contiguous) data; scalars are converted to the
-    kind the KERNELS table gives. Every launched name is added to `launched`.
+    kind the KERNELS table gives. Every launched name is added to `launched`. Launches from
+    several threads (sphere threads) run one at a time: each .so has its own copy of the
+    emulator's globals (`__shared__` statics, the block barrier), so only one grid may run.
     """
 
     def __init__(self, libs: dict[str, ctypes.CDLL]):
@@ -86,6 +89,7 @@ class EmulatedKernels:
             fn.restype = None
             self._fns[k.name] = fn
         self.launched: set[str] = set()
+        self._one_at_a_time = threading.Lock()
 
     def launch(self, name: str, grid, block: int, *args) -> None:
         kinds = KERNELS[name].args
@@ -99,8 +103,9 @@ class EmulatedKernels:
             else:
                 values.append(a)
         gx, gy, gz = grid
-        self._fns[name](gx, gy, gz, block, 1, 1, *values)
-        self.launched.add(name)
+        with self._one_at_a_time:
+            self._fns[name](gx, gy, gz, block, 1, 1, *values)
+            self.launched.add(name)
 
 
 def build(cache: Path | None = None) -> EmulatedKernels:

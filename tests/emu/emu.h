@@ -4,7 +4,7 @@
 // every thread loops over the blocks, and a barrier between blocks keeps them apart, so
 // `__shared__` can be a function-local `static` (one block at a time). `__syncthreads()` is a
 // C++20 std::barrier over the block; warp shuffles exchange values through a per-thread slot
-// array between two waits on that same barrier (kernels keep control flow uniform around both).
+// array and one wait on that same barrier (kernels keep control flow uniform around both).
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -28,22 +28,25 @@
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
-inline std::barrier<>* emu_block_barrier;  // the running block's barrier
-inline unsigned long long emu_slots[1024];   // one shuffle slot per thread of the block
+inline std::barrier<>* emu_block_barrier;   // the running block's barrier
+inline unsigned long long emu_slots[2][1024];  // one shuffle slot per thread, two generations
+inline thread_local unsigned emu_shuffles;     // shuffles done: the same count in every thread
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 
 // Value of `v` held by lane `src` of the caller's warp (every thread of the block must call).
+// Successive shuffles alternate slot generations: no thread can write generation g again before
+// every thread has passed the next shuffle's wait, which each does after reading generation g.
 template <class T> T emu_shuffle(T v, unsigned src) {
   static_assert(sizeof(T) <= sizeof(unsigned long long));
   unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  std::memcpy(&emu_slots[tid], &v, sizeof v);
+  unsigned long long* slots = emu_slots[emu_shuffles++ & 1u];
+  std::memcpy(&slots[tid], &v, sizeof v);
   __syncthreads();
   T out;
-  std::memcpy(&out, &emu_slots[(tid & ~31u) + src], sizeof out);
-  __syncthreads();
+  std::memcpy(&out, &slots[(tid & ~31u) + src], sizeof out);
   return out;
 }
 inline unsigned emu_lane() {
@@ -93,6 +96,7 @@ void emu_launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
       gridDim = grid;
       blockDim = block;
       threadIdx = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+      emu_shuffles = 0;
       for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
           for (unsigned x = 0; x < grid.x; ++x) {
