@@ -27,7 +27,9 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(f"crystal train failed:\n{proc.stderr}")
         (run,) = (Path(tmp) / "runs").iterdir()
-        rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [l for l in lines if "loss" in l]
+    vals = [l for l in lines if "val_loss" in l]
     losses = [r["loss"] for r in rows]
     result = {
         "command": "crystal train " + " ".join(args.extra),
@@ -37,6 +39,7 @@ def main() -> None:
         "steps": len(rows),
         "final_loss": round(losses[-1], 4),
         "last20_loss": round(sum(losses[-20:]) / 20, 4),
+        "val_loss": round(vals[-1]["val_loss"], 4) if vals else None,
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / len(rows)),
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -69,11 +69,12 @@ def resolve_steps(cfg: TrainConfig, batches_per_epoch: int) -> TrainConfig:
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = None,
-          dataset: DataSet | None = None, resume: TrainState | None = None,
+          dataset: DataSet | None = None, resume: TrainState | None = None, backend=None,
           on_start: Callable[[dict], None] | None = None,
           on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
           on_eval: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train from scratch, or continue from `resume`. `dataset` overrides cfg.data."""
+    """Train from scratch, or continue from `resume`. `dataset` overrides cfg.data; `backend`
+    overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one)."""
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.val_fraction)
     if dataset.vocab_size != model_cfg.vocab_size:
@@ -88,7 +89,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one "
                                "batch; raise --val-fraction or pass --eval-every 0")
         val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
-    be = get_backend(cfg.device, cfg.precision)
+    be = backend if backend is not None else get_backend(cfg.device, cfg.precision)
     be.warmup()  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)

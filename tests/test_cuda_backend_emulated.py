@@ -81,15 +81,12 @@ def test_emulated_cuda_backend_gradients_match_cpu(pair):
     assert errors[worst] <= 1e-4, (worst, errors[worst])
 
 
-def test_emulated_cuda_training_follows_the_cpu_trajectory_for_any_sphere_count(monkeypatch):
-    import crystal.trainer
-
+def test_emulated_cuda_training_follows_the_cpu_trajectory_for_any_sphere_count():
     small = dict(n_layer=1, n_head=2, n_embd=16, block_size=8)  # emulation is slow: keep it tiny
     model_cfg, cfg = resolve("tiny", small, dict(steps=2, spheres=3, micro_batches=3, batch_size=1))
     cpu_run = train(model_cfg, cfg)
     backend = EmulatedCudaBackend()
-    monkeypatch.setattr(crystal.trainer, "get_backend", lambda device, precision: backend)
-    one = train(model_cfg, dataclasses.replace(cfg, spheres=1))
-    three = train(model_cfg, cfg)
+    one = train(model_cfg, dataclasses.replace(cfg, spheres=1), backend=backend)
+    three = train(model_cfg, cfg, backend=backend)
     assert max(abs(x - y) / x for x, y in zip(cpu_run.losses, three.losses)) <= 1e-4
     assert one.losses == three.losses and one.params.tobytes() == three.params.tobytes()

@@ -14,7 +14,9 @@ def test_crystal_train_with_no_options_learns_tiny_shakespeare(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("small-")
-    losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [l["loss"] for l in lines if "loss" in l]
     assert len(losses) == 2000
     assert sum(losses[-20:]) / 20 < 2.0
+    assert [l["step"] for l in lines if "val_loss" in l] == list(range(250, 2001, 250))
     assert "saved model:" in proc.stdout

@@ -86,13 +86,10 @@ class FailingBackend(CpuBackend):
         super().attention_forward(out, att, qkv, n_head)
 
 
-def test_an_exception_in_one_sphere_stops_the_run_with_that_error(monkeypatch):
-    import crystal.trainer
-
-    monkeypatch.setattr(crystal.trainer, "get_backend", lambda device, precision="fp32": FailingBackend(7))
+def test_an_exception_in_one_sphere_stops_the_run_with_that_error():
     t0 = time.perf_counter()
     with pytest.raises(SphereFailure, match="sphere 7 failed: ValueError: injected failure") as e:
-        train(*tiny(spheres=12, steps=5))
+        train(*tiny(spheres=12, steps=5), backend=FailingBackend(7))
     assert time.perf_counter() - t0 < 30
     assert isinstance(e.value.error, ValueError)
     assert not [t for t in threading.enumerate() if t.name.startswith("sphere-")]

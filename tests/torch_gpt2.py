@@ -13,8 +13,9 @@ def torch_params(params: dict[str, np.ndarray], dtype=torch.float64) -> dict[str
     return {k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=True) for k, v in params.items()}
 
 
-def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray) -> torch.Tensor:
-    """Logits [B,T,V] of GPT-2 (pre-LN, tanh GELU, tied head) for token ids idx [B,T]."""
+def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray, sdpa: bool = False) -> torch.Tensor:
+    """Logits [B,T,V] of GPT-2 (pre-LN, tanh GELU, tied head) for token ids idx [B,T].
+    sdpa: attention through F.scaled_dot_product_attention (fused; what nanoGPT uses)."""
     dev = p["transformer.wte.weight"].device
     idx = idx.to(dev) if torch.is_tensor(idx) else torch.as_tensor(np.asarray(idx), dtype=torch.long, device=dev)
     B, T = idx.shape
@@ -28,9 +29,12 @@ def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray) -> torch.Ten
         qkv = y @ p[h + "attn.c_attn.weight"] + p[h + "attn.c_attn.bias"]
         q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, NH, hs).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        if sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+            y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+        y = y.transpose(1, 2).reshape(B, T, C)
         x = x + y @ p[h + "attn.c_proj.weight"] + p[h + "attn.c_proj.bias"]
         y = F.layer_norm(x, (C,), p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps)
         y = F.gelu(y @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"], approximate="tanh")
