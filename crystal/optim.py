@@ -28,17 +28,38 @@ def clip_scale(grad_norm: float, max_norm: float) -> float:
 
 
 class AdamW:
-    """AdamW as in PyTorch (decoupled decay), weight decay on 2-D tensors only."""
+    """AdamW as in PyTorch (decoupled decay), weight decay on 2-D tensors only.
 
-    def __init__(self, be, layout: ParamLayout, cfg: TrainConfig):
+    The update is elementwise, so it can run on any partition of the buffer: `update_chunk`
+    updates one of the reducer's chunks (spheres share a step's chunks); `step` does all."""
+
+    def __init__(self, be, layout: ParamLayout, cfg: TrainConfig, chunks: list[tuple[int, int]] | None = None):
         self.be, self.cfg = be, cfg
         self.m = be.zeros(layout.size)
         self.v = be.zeros(layout.size)
-        self.ranges = be.to_device(layout.decay_ranges())
+        ranges = layout.decay_ranges()
+        self.chunk_ranges = [clip_ranges(ranges, s, e) for s, e in (chunks or [(0, layout.size)])]
         self.t = 0
 
-    def step(self, params, grads, lr: float, grad_scale: float = 1.0) -> None:
+    def begin_step(self) -> None:
         self.t += 1
-        c = self.cfg
-        self.be.adamw_update(params, grads, self.m, self.v, self.ranges, lr, c.beta1, c.beta2,
-                             c.eps, c.weight_decay, self.t, grad_scale)
+
+    def update_chunk(self, c: int, params, grads, lr: float, grad_scale: float) -> None:
+        ranges = self.chunk_ranges[c]
+        if ranges.shape[0]:
+            k = self.cfg
+            self.be.adamw_update(params, grads, self.m, self.v, ranges, lr, k.beta1, k.beta2,
+                                 k.eps, k.weight_decay, self.t, grad_scale)
+
+    def step(self, params, grads, lr: float, grad_scale: float = 1.0) -> None:
+        self.begin_step()
+        for c in range(len(self.chunk_ranges)):
+            self.update_chunk(c, params, grads, lr, grad_scale)
+
+
+def clip_ranges(ranges, start: int, end: int):
+    """The (start, end, decay) rows of `ranges` cut to [start, end)."""
+    import numpy as np
+
+    rows = [(max(s, start), min(e, end), d) for s, e, d in ranges.tolist() if s < end and e > start]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)

@@ -1,12 +1,18 @@
 """SphereSystem: a root (the calling thread) and a ring of N worker spheres.
 
 The spheres are threads created once per run and kept for every step. Each owns its
-activation buffers (allocated once, before the first step) and, on cuda, its stream. For a
-step the root hands out micro-batches round-robin by index (sphere s computes m = s, s+N,
-...); a sphere writes micro-batch m's gradient into the reducer's slot m, so which sphere
-computed what never changes the result. The root waits for every sphere, and an exception in
-any sphere stops the step at once: the others finish the micro-batch they are on, the root
-raises `SphereFailure`, and `close()` joins every thread.
+activation buffers (allocated once, before the first step) and, on cuda, its stream. The root
+hands out work by index, round-robin (sphere s takes items s, s+N, ...):
+
+- micro-batches: sphere s runs forward/backward of micro-batch m into the reducer's slot m, so
+  which sphere computed what never changes the result;
+- chunks of the flat parameter buffer: the reducer's tree sum and the optimizer update run on
+  fixed chunks (their count does not depend on N), so the spheres share that work too and the
+  root only combines per-chunk partial sums, in chunk order.
+
+The root waits for every sphere after each round; an exception in any sphere stops the round
+at once: the others finish the item they are on, the root raises `SphereFailure`, and
+`close()` joins every thread.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from crystal.config import ModelConfig
 from crystal.errors import SphereFailure
@@ -52,11 +59,10 @@ class SphereStats:
 
 @dataclass
 class _Task:
-    ready: object  # the root's event: parameters are up to date
+    ready: object  # the root's event: everything the items read is in place
     indices: list[int]
-    batches: list  # (x, y) host arrays, indexed by micro-batch
-    losses: list  # losses[m] written by the sphere that computes m
-    backward: bool  # False: forward only (evaluation), no gradients, no statistics
+    work: Callable[[int, int], float]  # work(sphere, item) -> result
+    results: list  # results[item], written by the sphere that runs the item
 
 
 class SphereSystem:
@@ -67,7 +73,7 @@ class SphereSystem:
         self.weights = Tensors(layout, params)
         self.slot_grads = [Tensors(layout, reducer.slot(m)) for m in range(reducer.M)]
         self.stats = [SphereStats(i) for i in range(n_spheres)]
-        self.wall_s = 0.0  # root time spent in step(), the denominator of utilization
+        self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
         self._acts = [Activations(be, cfg, batch_size, seq_len) for _ in range(n_spheres)]
         self._inbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n_spheres)]
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -81,7 +87,7 @@ class SphereSystem:
 
     # --- the worker side ---
     def _sphere_loop(self, i: int) -> None:
-        be, stats, acts = self.be, self.stats[i], self._acts[i]
+        be = self.be
         with be.sphere_context(i):
             while True:
                 task = self._inbox[i].get()
@@ -89,28 +95,32 @@ class SphereSystem:
                     return
                 try:
                     be.wait_event(task.ready)
-                    for m in task.indices:
+                    for item in task.indices:
                         if self._stop.is_set():
                             break
-                        t0 = time.perf_counter()
-                        x, y = task.batches[m]
-                        x, y = be.to_device(x), be.to_device(y)
-                        if not task.backward:
-                            task.losses[m] = forward(be, self.cfg, self.weights, acts, x, y)
-                            continue
-                        stats.active = True
-                        loss = forward(be, self.cfg, self.weights, acts, x, y)
-                        backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y)
-                        task.losses[m] = loss
-                        stats.active = False
-                        stats.batches += 1
-                        stats.loss_sum += loss
-                        stats.tokens += x.size
-                        stats.busy_s += time.perf_counter() - t0
+                        task.results[item] = task.work(i, item)
                     self._done.put((i, None, be.record_event()))
                 except BaseException as e:  # reported to the root, which re-raises it
-                    stats.active = False
+                    self.stats[i].active = False
                     self._done.put((i, e, None))
+
+    def _train_micro_batch(self, i: int, x, y, m: int) -> float:
+        be, stats, acts = self.be, self.stats[i], self._acts[i]
+        t0 = time.perf_counter()
+        stats.active = True
+        x, y = be.to_device(x), be.to_device(y)
+        loss = forward(be, self.cfg, self.weights, acts, x, y)
+        backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y)
+        stats.active = False
+        stats.batches += 1
+        stats.loss_sum += loss
+        stats.tokens += x.size
+        stats.busy_s += time.perf_counter() - t0
+        return loss
+
+    def _eval_batch(self, i: int, x, y) -> float:
+        be = self.be
+        return forward(be, self.cfg, self.weights, self._acts[i], be.to_device(x), be.to_device(y))
 
     # --- the root side ---
     def step(self, batches: list) -> list[float]:
@@ -118,34 +128,33 @@ class SphereSystem:
         Returns the per-micro-batch losses, in micro-batch order."""
         if len(batches) != len(self.slot_grads):
             raise ValueError(f"{len(batches)} micro-batches for {len(self.slot_grads)} gradient slots")
-        t0 = time.perf_counter()
-        losses = self._dispatch(batches, backward=True)
-        self.wall_s += time.perf_counter() - t0
-        return losses
+        return self.map(len(batches), lambda i, m: self._train_micro_batch(i, *batches[m], m))
 
     def evaluate(self, batches: list) -> list[float]:
         """Forward-only losses of any number of batches, spread over the spheres likewise."""
-        return self._dispatch(batches, backward=False)
+        return self.map(len(batches), lambda i, m: self._eval_batch(i, *batches[m]))
 
-    def _dispatch(self, batches: list, backward: bool) -> list[float]:
+    def map(self, n_items: int, work: Callable[[int, int], float]) -> list:
+        """[work(sphere, item) for item in range(n_items)], items spread round-robin."""
         if self._stop.is_set():
             raise RuntimeError("the sphere system has stopped")
-        M = len(batches)
-        losses = [float("nan")] * M
+        t0 = time.perf_counter()
+        results = [float("nan")] * n_items
         ready = self.be.record_event()
         busy = 0
         for s in range(self.n):
-            indices = list(range(s, M, self.n))
+            indices = list(range(s, n_items, self.n))
             if indices:
-                self._inbox[s].put(_Task(ready, indices, batches, losses, backward))
+                self._inbox[s].put(_Task(ready, indices, work, results))
                 busy += 1
         for _ in range(busy):
             i, err, done = self._done.get()
             if err is not None:
                 self._stop.set()
                 raise SphereFailure(i, err) from err
-            self.be.wait_event(done)  # the reducer reads slots only after the sphere's work
-        return losses
+            self.be.wait_event(done)  # the root reads results only after the sphere's work
+        self.wall_s += time.perf_counter() - t0
+        return results
 
     def summary(self) -> list[dict]:
         return [s.summary(self.wall_s) for s in self.stats]

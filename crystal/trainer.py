@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,7 +23,7 @@ from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError
 from crystal.model import ParamLayout, init_params
 from crystal.optim import AdamW, clip_scale, lr_at
-from crystal.reducer import GradientReducer, tree_mean
+from crystal.reducer import GradientReducer, norm_of, tree_mean
 from crystal.spheres import SphereSystem
 
 
@@ -94,7 +93,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
 
     layout = ParamLayout(model_cfg)
     params = be.to_device(resume.params if resume else init_params(model_cfg, cfg.seed))
-    optimizer = AdamW(be, layout, cfg)
+    reducer = GradientReducer(be, layout.size, cfg.micro_batches)
+    optimizer = AdamW(be, layout, cfg, reducer.chunks)
     first = 0
     if resume is not None:
         if not (0 < resume.step <= cfg.steps):
@@ -105,7 +105,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         batches.set_state(resume.data)
         first = resume.step
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
-    reducer = GradientReducer(be, layout.size, cfg.micro_batches)
     if run_dir is not None:
         if resume is None:
             run_dir.write_configs(model_cfg, dataclasses.replace(cfg, stop_at=None),
@@ -129,10 +128,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             t0 = time.perf_counter()
             micro = [batches.next_batch() for _ in range(cfg.micro_batches)]
             loss = reducer.reduce_losses(spheres.step(micro))
-            grad = reducer.reduce()
-            norm = math.sqrt(be.sum_squares(grad))
-            lr = lr_at(step, cfg)
-            optimizer.step(params, grad, lr, clip_scale(norm, cfg.grad_clip))
+            n_chunks = len(reducer.chunks)
+            norm = norm_of(spheres.map(n_chunks, lambda i, c: reducer.reduce_chunk(c)))
+            lr, scale = lr_at(step, cfg), clip_scale(norm, cfg.grad_clip)
+            optimizer.begin_step()
+            spheres.map(n_chunks, lambda i, c: optimizer.update_chunk(c, params, reducer.grad, lr, scale))
             dt = time.perf_counter() - t0
             done = step + 1
             losses.append(loss)

@@ -9,7 +9,7 @@ from crystal.backends.cpu import CpuBackend
 from crystal.config import ModelConfig, TrainConfig
 from crystal.model import ParamLayout, init_params
 from crystal.optim import AdamW, clip_scale, lr_at
-from crystal.reducer import GradientReducer, tree_pairs
+from crystal.reducer import GradientReducer, norm_of, tree_pairs
 
 be = CpuBackend()
 
@@ -102,7 +102,9 @@ def test_reducer_returns_the_mean_gradient():
     red = GradientReducer(be, 1000, 5)
     vals = np.random.default_rng(2).standard_normal((5, 1000)).astype(np.float32)
     red.slots[...] = vals
-    np.testing.assert_allclose(red.reduce(), vals.mean(0), rtol=1e-5, atol=1e-6)
+    norm = red.reduce()
+    np.testing.assert_allclose(red.grad, vals.mean(0), rtol=1e-5, atol=1e-6)
+    assert norm == pytest.approx(float(np.linalg.norm(vals.mean(0).astype(np.float64))), rel=1e-5)
     assert red.reduce_losses([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(3.0)
 
 
@@ -110,7 +112,19 @@ def test_reducer_sum_order_is_a_fixed_tree_not_sequential():
     red = GradientReducer(be, 1, 4)
     red.slots[:, 0] = np.array([1e8, 1.0, -1e8, 1.0], dtype=np.float32)
     # tree: (1e8 + 1) + (-1e8 + 1) in float32 = 1e8 + -1e8 = 0; sequential would give 1
-    assert float(red.reduce()[0]) == 0.0
+    red.reduce()
+    assert float(red.grad[0]) == 0.0
+
+
+def test_reducing_chunk_by_chunk_in_any_order_gives_the_same_gradient_and_norm():
+    vals = np.random.default_rng(3).standard_normal((7, 5000)).astype(np.float32)
+    a, b = GradientReducer(be, 5000, 7), GradientReducer(be, 5000, 7)
+    a.slots[...] = vals
+    b.slots[...] = vals
+    norm_a = a.reduce()
+    partial = {c: b.reduce_chunk(c) for c in reversed(range(len(b.chunks)))}
+    assert norm_of([partial[c] for c in range(len(b.chunks))]) == norm_a
+    assert a.grad.tobytes() == b.grad.tobytes()
 
 
 def test_train_config_is_a_frozen_dataclass():

@@ -76,6 +76,10 @@ class Backend(Protocol):
     def add_inplace(self, acc, x) -> None: ...  # acc += x
     def scale_inplace(self, x, s: float) -> None: ...  # x *= s
     def sum_squares(self, x) -> float: ...  # sum x^2 in float64, fixed order
-    # AdamW on params; ranges [K,3] int64 rows (start, end, decay 0/1) cover the buffer
+    # the reducer's tree on [start, end): slots[dst] += slots[src] for each (dst, src) row of
+    # pairs [K,2] (a host int64 array) in order, then slots[0] *= inv_m; returns the sum of squares of slots[0] there
+    def reduce_slots(self, slots, pairs, start: int, end: int, inv_m: float) -> float: ...
+    # AdamW on params[start:end]; ranges: host int64 [K,3] rows (start, end, decay 0/1) that
+    # cover [start, end) contiguously (the optimizer passes one chunk at a time)
     def adamw_update(self, params, grads, m, v, ranges, lr: float, beta1: float, beta2: float,
                      eps: float, weight_decay: float, step: int, grad_scale: float) -> None: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import numpy as np
 from numba import njit
@@ -18,6 +19,9 @@ from numba import njit
 kernel = njit(nogil=True, cache=True, error_model="numpy")
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
+# float32 constants keep the pointwise kernels in float32, so LLVM vectorizes them
+GELU_S32, GELU_A32, GELU_3A32 = np.float32(GELU_SCALE), np.float32(0.044715), np.float32(3 * 0.044715)
+HALF32, ONE32 = np.float32(0.5), np.float32(1.0)
 
 
 # --- encoder: out[b,t] = wte[idx[b,t]] + wpe[t] ---------------------------------------------
@@ -121,100 +125,78 @@ def bias_backward(dbias, dout):
             dbias[o] += dout[i, o]
 
 
-# --- causal self-attention, qkv[B,T,3C] -> out[B,T,C], att[B,NH,T,T] softmax probs ------------
+# --- causal self-attention: score and value products go to BLAS, per (batch, head) ----------
+# The kernels below are the softmax and its backward over att[B,NH,T,T] rows, causal: row t
+# covers positions t2 <= t, the rest is zero.
 
 @kernel
-def attention_forward(out, att, qkv, n_head):
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    scale = 1.0 / math.sqrt(hs)
+def softmax_causal_forward(att, scale):
+    # att[..., t, :] <- softmax(scale * att[..., t, :t+1]) in place, zeros after t
+    B, NH, T, _ = att.shape
     for b in range(B):
-        for h in range(n_head):
-            qo = h * hs
-            ko = C + h * hs
-            vo = 2 * C + h * hs
+        for h in range(NH):
             for t in range(T):
-                # scores s[t2] = q_t . k_t2 / sqrt(hs) for t2 <= t, then a stable softmax
+                row = att[b, h, t]
                 maxv = -np.inf
                 for t2 in range(t + 1):
-                    s = 0.0
-                    for i in range(hs):
-                        s += qkv[b, t, qo + i] * qkv[b, t2, ko + i]
-                    s *= scale
-                    att[b, h, t, t2] = s
-                    if s > maxv:
-                        maxv = s
+                    v = row[t2] * scale
+                    if v > maxv:
+                        maxv = v
                 total = 0.0
                 for t2 in range(t + 1):
-                    e = math.exp(att[b, h, t, t2] - maxv)
-                    att[b, h, t, t2] = e
+                    e = math.exp(row[t2] * scale - maxv)
+                    row[t2] = e
                     total += e
                 inv = 1.0 / total
                 for t2 in range(t + 1):
-                    att[b, h, t, t2] *= inv
+                    row[t2] *= inv
                 for t2 in range(t + 1, T):
-                    att[b, h, t, t2] = 0.0
-                # out_t = sum_t2 att[t2] v_t2
-                for i in range(hs):
-                    out[b, t, qo + i] = 0.0
-                for t2 in range(t + 1):
-                    a = att[b, h, t, t2]
-                    for i in range(hs):
-                        out[b, t, qo + i] += a * qkv[b, t2, vo + i]
+                    row[t2] = 0.0
 
 
 @kernel
-def attention_backward(dqkv, dout, qkv, att, n_head):
-    # datt = dout . v;  dpre = att * (datt - sum(att * datt));  dq = dpre k / sqrt(hs), dk = dpre q / sqrt(hs)
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    scale = 1.0 / math.sqrt(hs)
-    datt = np.empty(T)
+def softmax_causal_backward(datt, att, scale):
+    # datt <- scale * att * (datt - sum_t2 att * datt) in place (the gradient of the scores)
+    B, NH, T, _ = att.shape
     for b in range(B):
-        for t in range(T):
-            for c in range(C3):
-                dqkv[b, t, c] = 0.0
-    for b in range(B):
-        for h in range(n_head):
-            qo = h * hs
-            ko = C + h * hs
-            vo = 2 * C + h * hs
+        for h in range(NH):
             for t in range(T):
+                a = att[b, h, t]
+                d = datt[b, h, t]
                 dot = 0.0
                 for t2 in range(t + 1):
-                    d = 0.0
-                    for i in range(hs):
-                        d += dout[b, t, qo + i] * qkv[b, t2, vo + i]
-                    datt[t2] = d
-                    dot += att[b, h, t, t2] * d
+                    dot += a[t2] * d[t2]
                 for t2 in range(t + 1):
-                    a = att[b, h, t, t2]
-                    dpre = a * (datt[t2] - dot) * scale
-                    for i in range(hs):
-                        dqkv[b, t, qo + i] += dpre * qkv[b, t2, ko + i]
-                        dqkv[b, t2, ko + i] += dpre * qkv[b, t, qo + i]
-                        dqkv[b, t2, vo + i] += a * dout[b, t, qo + i]
+                    d[t2] = scale * a[t2] * (d[t2] - dot)
+                for t2 in range(t + 1, T):
+                    d[t2] = 0.0
 
 
-# --- GELU, tanh approximation -----------------------------------------------------------------
-
-@kernel
-def gelu_forward(out, inp):
-    for i in range(inp.size):
-        v = inp[i]
-        out[i] = 0.5 * v * (1.0 + math.tanh(GELU_SCALE * (v + 0.044715 * v * v * v)))
-
+# --- GELU, tanh approximation: gelu(x) = 0.5 x (1 + tanh(u)), u = s (x + 0.044715 x^3) ---------
+# numba has no SIMD tanh here, NumPy's float32 tanh is; so each pass is three vectorized sweeps:
+# u (numba) -> tanh(u) in place (NumPy) -> the output or the local derivative (numba).
 
 @kernel
-def gelu_backward(dinp, inp, dout):
-    # d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u = s (x + 0.044715 x^3)
-    for i in range(inp.size):
-        v = inp[i]
-        th = math.tanh(GELU_SCALE * (v + 0.044715 * v * v * v))
-        du = GELU_SCALE * (1.0 + 3.0 * 0.044715 * v * v)
-        dinp[i] = (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * du) * dout[i]
+def gelu_tanh_arg(u, x):
+    for i in range(x.size):
+        v = x[i]
+        u[i] = GELU_S32 * (v + GELU_A32 * v * v * v)
+
+
+@kernel
+def gelu_forward_finish(out, x, th):
+    for i in range(x.size):
+        out[i] = HALF32 * x[i] * (ONE32 + th[i])
+
+
+@kernel
+def gelu_backward_finish(dinp, x, th, dout):
+    # d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 * 0.044715 x^2)
+    for i in range(x.size):
+        v = x[i]
+        t = th[i]
+        du = GELU_S32 * (ONE32 + GELU_3A32 * v * v)
+        dinp[i] = (HALF32 * (ONE32 + t) + HALF32 * v * (ONE32 - t * t) * du) * dout[i]
 
 
 # --- residual ----------------------------------------------------------------------------------
@@ -277,6 +259,23 @@ def scale_inplace(x, s):
 
 
 @kernel
+def reduce_slots(slots, pairs, start, end, inv_m):
+    # slots[dst] += slots[src] for each (dst, src) of the fixed tree, on [start, end); then
+    # slots[0] *= inv_m; returns the sum of squares of the result (float64, in index order)
+    for p in range(pairs.shape[0]):
+        dst, src = pairs[p, 0], pairs[p, 1]
+        for i in range(start, end):
+            slots[dst, i] += slots[src, i]
+    ss = 0.0
+    for i in range(start, end):
+        v = slots[0, i] * inv_m
+        slots[0, i] = v
+        f = np.float64(slots[0, i])
+        ss += f * f
+    return ss
+
+
+@kernel
 def sum_squares(x):
     s = 0.0
     for i in range(x.size):
@@ -317,6 +316,7 @@ class CpuBackend:
 
     def __init__(self):
         self._warm = False
+        self._local = threading.local()
 
     # memory
     def empty(self, shape, dtype="float32"):
@@ -389,16 +389,65 @@ class CpuBackend:
         np.matmul(dl.T, _rows(inp), out=dwte)
 
     def attention_forward(self, out, att, qkv, n_head):
-        attention_forward(out, att, qkv, int(n_head))
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        hs = C // n_head
+        for b in range(B):
+            for h in range(n_head):
+                q, k = qkv[b, :, h * hs:(h + 1) * hs], qkv[b, :, C + h * hs:C + (h + 1) * hs]
+                np.matmul(q, k.T, out=att[b, h])  # all T x T scores; the softmax masks t2 > t
+        softmax_causal_forward(att, 1.0 / math.sqrt(hs))
+        for b in range(B):
+            for h in range(n_head):
+                v = qkv[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
+                np.matmul(att[b, h], v, out=out[b, :, h * hs:(h + 1) * hs])
 
     def attention_backward(self, dqkv, dout, qkv, att, n_head):
-        attention_backward(dqkv, dout, qkv, att, int(n_head))
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        hs = C // n_head
+        datt = self._scratch("datt", att.shape, att.dtype)
+
+        def heads(x, b, h):  # (q, k, v) of head h in a [B,T,3C] tensor
+            return (x[b, :, h * hs:(h + 1) * hs], x[b, :, C + h * hs:C + (h + 1) * hs],
+                    x[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs])
+
+        for b in range(B):
+            for h in range(n_head):
+                _, _, v = heads(qkv, b, h)
+                _, _, dv = heads(dqkv, b, h)
+                dy = dout[b, :, h * hs:(h + 1) * hs]
+                np.matmul(dy, v.T, out=datt[b, h])  # d att = dy v^T
+                np.matmul(att[b, h].T, dy, out=dv)  # d v = att^T dy
+        softmax_causal_backward(datt, att, 1.0 / math.sqrt(hs))
+        for b in range(B):
+            for h in range(n_head):
+                q, k, _ = heads(qkv, b, h)
+                dq, dk, _ = heads(dqkv, b, h)
+                np.matmul(datt[b, h], k, out=dq)  # d q = d scores k
+                np.matmul(datt[b, h].T, q, out=dk)  # d k = d scores^T q
+
+    def _scratch(self, key: str, shape, dtype=np.float32):
+        """A per-thread buffer, allocated on first use for each (key, shape) and then reused."""
+        store = self._local.__dict__.setdefault("buffers", {})
+        k = (key, tuple(shape), np.dtype(dtype))
+        if k not in store:
+            store[k] = np.empty(shape, dtype=dtype)
+        return store[k]
 
     def gelu_forward(self, out, inp):
-        gelu_forward(out.reshape(-1), inp.reshape(-1))
+        x = inp.reshape(-1)
+        th = self._scratch("gelu", x.shape, x.dtype)
+        gelu_tanh_arg(th, x)
+        np.tanh(th, out=th)
+        gelu_forward_finish(out.reshape(-1), x, th)
 
     def gelu_backward(self, dinp, inp, dout):
-        gelu_backward(dinp.reshape(-1), inp.reshape(-1), dout.reshape(-1))
+        x = inp.reshape(-1)
+        th = self._scratch("gelu", x.shape, x.dtype)
+        gelu_tanh_arg(th, x)
+        np.tanh(th, out=th)
+        gelu_backward_finish(dinp.reshape(-1), x, th, dout.reshape(-1))
 
     def residual_forward(self, out, a, b):
         residual_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1))
@@ -420,6 +469,9 @@ class CpuBackend:
 
     def sum_squares(self, x):
         return float(sum_squares(x))
+
+    def reduce_slots(self, slots, pairs, start, end, inv_m):
+        return float(reduce_slots(slots, pairs, int(start), int(end), float(inv_m)))
 
     def adamw_update(self, params, grads, m, v, ranges, lr, beta1, beta2, eps, weight_decay,
                      step, grad_scale):

@@ -265,14 +265,34 @@ class CudaBackend:
     def sum_squares(self, x):
         return self._reduce("sum_squares_partial", x)
 
+    def reduce_slots(self, slots, pairs, start, end, inv_m):
+        for dst, src in pairs.tolist():  # pairs: a host array
+            self.add_inplace(slots[dst, start:end], slots[src, start:end])
+        self.scale_inplace(slots[0, start:end], inv_m)
+        return self.sum_squares(slots[0, start:end])
+
     def adamw_update(self, params, grads, m, v, ranges, lr, beta1, beta2, eps, weight_decay,
                      step, grad_scale):
-        ranges = ranges if isinstance(ranges, self.cp.ndarray) else self.cp.asarray(ranges)
+        # ranges: host [K,3] rows covering [start, end) contiguously; the kernel runs on that
+        # slice with the rows shifted to start at 0
+        start, end = int(ranges[0, 0]), int(ranges[-1, 1])
+        dev = self._device_ranges(ranges, start)
         bc1 = 1.0 - beta1 ** step
         bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        self._launch("adamw_update", grid_1d(params.size, self.block), params, grads, m, v, ranges,
-                     ranges.shape[0], params.size, lr, beta1, beta2, eps, weight_decay, bc1,
-                     bc2_sqrt, grad_scale)
+        n = end - start
+        self._launch("adamw_update", grid_1d(n, self.block), params[start:end], grads[start:end],
+                     m[start:end], v[start:end], dev, dev.shape[0], n, lr, beta1, beta2, eps,
+                     weight_decay, bc1, bc2_sqrt, grad_scale)
+
+    def _device_ranges(self, ranges, start: int):
+        """A per-thread device copy of host ranges, shifted by -start (made once per array)."""
+        store = self._local.__dict__.setdefault("ranges", {})
+        key = (id(ranges), start)
+        if key not in store:
+            shifted = ranges.copy()
+            shifted[:, :2] -= start
+            store[key] = (ranges, self.cp.asarray(shifted))  # keep `ranges` alive: id stays unique
+        return store[key][1]
 
 
 def _set_tf32(enabled: bool) -> None:

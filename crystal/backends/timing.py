@@ -20,7 +20,7 @@ FAMILIES = {
     "gelu_forward": "gelu", "gelu_backward": "gelu",
     "residual_forward": "residual",
     "crossentropy_forward": "loss", "crossentropy_backward": "loss", "sum_losses": "loss",
-    "add_inplace": "reducer", "scale_inplace": "reducer",
+    "add_inplace": "reducer", "scale_inplace": "reducer", "reduce_slots": "reducer",
     "sum_squares": "optimizer", "adamw_update": "optimizer",
 }
 
