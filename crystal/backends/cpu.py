@@ -304,6 +304,20 @@ def adamw_update(params, grads, m, v, ranges, lr, beta1, beta2, eps, weight_deca
 
 # --- the backend object --------------------------------------------------------------------------
 
+def _heads(qkv, n_head):
+    """q, k, v of qkv[B,T,3C] as [B,NH,T,hs] strided views (each head's rows stride 3C)."""
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // n_head
+    x = qkv.reshape(B, T, 3, n_head, hs)
+    return tuple(x[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+def _merge_view(y, n_head):
+    """y[B,T,C] as a [B,NH,T,hs] strided view (head h at channels h*hs ...)."""
+    B, T, C = y.shape
+    return y.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
 def _rows(a):
     """View [..., K] as [N, K] (no copy; the arrays are contiguous)."""
     return a.reshape(-1, a.shape[-1])
@@ -389,43 +403,21 @@ class CpuBackend:
         np.matmul(dl.T, _rows(inp), out=dwte)
 
     def attention_forward(self, out, att, qkv, n_head):
-        B, T, C3 = qkv.shape
-        C = C3 // 3
-        hs = C // n_head
-        for b in range(B):
-            for h in range(n_head):
-                q, k = qkv[b, :, h * hs:(h + 1) * hs], qkv[b, :, C + h * hs:C + (h + 1) * hs]
-                np.matmul(q, k.T, out=att[b, h])  # all T x T scores; the softmax masks t2 > t
-        softmax_causal_forward(att, 1.0 / math.sqrt(hs))
-        for b in range(B):
-            for h in range(n_head):
-                v = qkv[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs]
-                np.matmul(att[b, h], v, out=out[b, :, h * hs:(h + 1) * hs])
+        q, k, v = _heads(qkv, n_head)  # [B,NH,T,hs] views of qkv, no copies
+        np.matmul(q, k.transpose(0, 1, 3, 2), out=att)  # all T x T scores; the softmax masks
+        softmax_causal_forward(att, 1.0 / math.sqrt(q.shape[-1]))
+        np.matmul(att, v, out=_merge_view(out, n_head))  # y = att v, heads written in place
 
     def attention_backward(self, dqkv, dout, qkv, att, n_head):
-        B, T, C3 = qkv.shape
-        C = C3 // 3
-        hs = C // n_head
+        q, k, v = _heads(qkv, n_head)
+        dq, dk, dv = _heads(dqkv, n_head)
+        dy = _merge_view(dout, n_head)
         datt = self._scratch("datt", att.shape, att.dtype)
-
-        def heads(x, b, h):  # (q, k, v) of head h in a [B,T,3C] tensor
-            return (x[b, :, h * hs:(h + 1) * hs], x[b, :, C + h * hs:C + (h + 1) * hs],
-                    x[b, :, 2 * C + h * hs:2 * C + (h + 1) * hs])
-
-        for b in range(B):
-            for h in range(n_head):
-                _, _, v = heads(qkv, b, h)
-                _, _, dv = heads(dqkv, b, h)
-                dy = dout[b, :, h * hs:(h + 1) * hs]
-                np.matmul(dy, v.T, out=datt[b, h])  # d att = dy v^T
-                np.matmul(att[b, h].T, dy, out=dv)  # d v = att^T dy
-        softmax_causal_backward(datt, att, 1.0 / math.sqrt(hs))
-        for b in range(B):
-            for h in range(n_head):
-                q, k, _ = heads(qkv, b, h)
-                dq, dk, _ = heads(dqkv, b, h)
-                np.matmul(datt[b, h], k, out=dq)  # d q = d scores k
-                np.matmul(datt[b, h].T, q, out=dk)  # d k = d scores^T q
+        np.matmul(dy, v.transpose(0, 1, 3, 2), out=datt)  # d att = dy v^T
+        np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # d v = att^T dy
+        softmax_causal_backward(datt, att, 1.0 / math.sqrt(q.shape[-1]))  # -> d scores
+        np.matmul(datt, k, out=dq)  # d q = d scores k
+        np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # d k = d scores^T q
 
     def _scratch(self, key: str, shape, dtype=np.float32):
         """A per-thread buffer, allocated on first use for each (key, shape) and then reused."""
