@@ -261,27 +261,32 @@ def scale_inplace(x, s):
 @kernel
 def reduce_slots(slots, pairs, start, end, inv_m):
     # slots[dst] += slots[src] for each (dst, src) of the fixed tree, on [start, end); then
-    # slots[0] *= inv_m; returns the sum of squares of the result (float64, in index order)
+    # slots[0] *= inv_m; returns the sum of squares of the result
     for p in range(pairs.shape[0]):
         dst, src = pairs[p, 0], pairs[p, 1]
         for i in range(start, end):
             slots[dst, i] += slots[src, i]
-    ss = 0.0
     for i in range(start, end):
-        v = slots[0, i] * inv_m
-        slots[0, i] = v
-        f = np.float64(slots[0, i])
-        ss += f * f
-    return ss
+        slots[0, i] = slots[0, i] * inv_m
+    return sum_squares(slots[0, start:end])
 
 
 @kernel
 def sum_squares(x):
-    s = 0.0
-    for i in range(x.size):
+    # float64, in a fixed order: 4 interleaved partial sums (x[i] goes to sum i % 4), combined
+    # as (s0 + s1) + (s2 + s3); the independent chains run ~4x faster than one
+    s0 = s1 = s2 = s3 = 0.0
+    n4 = x.size - x.size % 4
+    for i in range(0, n4, 4):
+        a, b, c, d = np.float64(x[i]), np.float64(x[i + 1]), np.float64(x[i + 2]), np.float64(x[i + 3])
+        s0 += a * a
+        s1 += b * b
+        s2 += c * c
+        s3 += d * d
+    for i in range(n4, x.size):
         v = np.float64(x[i])
-        s += v * v
-    return s
+        s0 += v * v
+    return (s0 + s1) + (s2 + s3)
 
 
 @kernel
