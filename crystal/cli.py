@@ -68,72 +68,91 @@ def _preset_help() -> str:
 @click.option("--overwrite", is_flag=True, help="allow --out to replace an existing run")
 @click.option("--resume", "resume_dir", type=click.Path(), default=None,
               help="continue the run in this directory from its newest checkpoint")
-def train(overwrite, resume_dir, **flags) -> None:
+@click.option("--config", "config_file", type=click.Path(), default=None,
+              help="TOML file: preset = ..., [model] and [train] tables; flags override it")
+@click.option("--print-config", is_flag=True, help="print the resolved config as TOML and exit")
+@click.option("--dry-run", is_flag=True, help="print parameters, memory and FLOPs, then exit")
+@click.option("--quiet", is_flag=True, help="no progress output; errors and the final summary only")
+def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, **flags) -> None:
     """Train a GPT-2-style model with data parallelism across a ring of spheres."""
     from crystal.backends import cuda_unavailable_reason, get_backend
     from crystal.checkpoint import RunDir
+    from crystal.config import read_toml, to_toml
     from crystal.data import load_dataset
     from crystal.trainer import train as run_training
 
     given = {k: v for k, v in flags.items() if v is not None}
     if resume_dir is not None:
         fixed = sorted(set(given) - set(RESUME_FLAGS))
-        if fixed:
-            raise CrystalError(f"--resume continues a run with its own config; it cannot change "
-                               f"--{fixed[0].replace('_', '-')}")
+        if fixed or config_file:
+            name = fixed[0].replace("_", "-") if fixed else "config"
+            raise CrystalError(f"--resume continues a run with its own config; it cannot change --{name}")
         run_dir = RunDir(resume_dir, resume=True)
         model_cfg, cfg = run_dir.read_configs()
         _, cfg = resolve(cfg.preset, dataclasses.asdict(model_cfg),
                          {**dataclasses.asdict(cfg), "stop_at": None, **given})
         state = run_dir.load_state(model_cfg)
     else:
-        preset = given.pop("preset", "small")
-        model_over = {k: given.pop(k) for k in MODEL_FLAGS if k in given}
-        model_cfg, cfg = resolve(preset, model_over, given)
+        file_preset, file_model, file_train = read_toml(config_file) if config_file else (None, {}, {})
+        preset = given.pop("preset", None) or file_preset or "small"
+        model_over = {**file_model, **{k: given.pop(k) for k in MODEL_FLAGS if k in given}}
+        model_cfg, cfg = resolve(preset, model_over, {**file_train, **given})
         state = None
-    get_backend(cfg.device, cfg.precision)  # fail fast (--device cuda without a GPU) before reading data
-    if cfg.device == "auto" and (reason := cuda_unavailable_reason()):
-        click.echo(f"device auto: training on cpu ({reason})")
+    if not (print_config or dry_run):
+        get_backend(cfg.device, cfg.precision)  # fail fast (--device cuda without a GPU) before reading data
     dataset = load_dataset(cfg.data, cfg.val_fraction)
-    if resume_dir is None:
-        # the model's vocabulary is the data's
+    if resume_dir is None:  # the model's vocabulary is the data's
         model_cfg, cfg = resolve(cfg.preset, {**model_over, "vocab_size": dataset.vocab_size},
                                  dataclasses.asdict(cfg))
+    if print_config:
+        click.echo(to_toml(model_cfg, cfg), nl=False)
+        return
+    if dry_run:
+        click.echo(format_dry_run(model_cfg, cfg))
+        return
+    if cfg.device == "auto" and (reason := cuda_unavailable_reason()) and not quiet:
+        click.echo(f"device auto: training on cpu ({reason})")
+    if resume_dir is None:
         out_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir(out_dir, overwrite=overwrite)
-    progress = ProgressPrinter(run_dir.path, cfg.log_every)
-    result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state,
-                          on_start=progress.start, on_step=progress.step, on_eval=progress.eval)
+    view = make_view(run_dir.path, cfg.log_every, quiet)
+    try:
+        result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state,
+                              on_start=view.start, on_step=view.step, on_eval=view.eval)
+    finally:
+        view.close()
     click.echo(format_summary(result))
 
 
-class ProgressPrinter:
-    """Plain progress lines: a header, then one line every `log_every` steps (and the last)."""
+def make_view(out_dir: Path, log_every: int, quiet: bool):
+    """The live ring on a terminal, plain lines when stdout is not one, nothing when quiet."""
+    from crystal.dashboard import LiveView, PlainView, QuietView
 
-    def __init__(self, out_dir: Path, log_every: int):
-        self.out_dir, self.log_every, self.steps = out_dir, log_every, 0
+    if quiet:
+        return QuietView(out_dir, log_every)
+    if sys.stdout.isatty():
+        return LiveView()
+    return PlainView(out_dir, log_every)
 
-    def start(self, info: dict) -> None:
-        c, m = info["config"], info["model"]
-        self.steps = info["steps"]
-        click.echo(f"crystal: preset {c.preset} ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
-                   f"vocab {m.vocab_size}, {info['params'] / 1e6:.2f}M params) on {info['device']} "
-                   f"with {c.spheres} spheres")
-        click.echo(f"data: {info['data']} ({info['tokens']:,} train / {info['val_tokens']:,} val tokens); "
-                   f"{c.steps} steps x {c.micro_batches} micro-batches x {c.batch_size} x {c.seq_len} "
-                   f"tokens; run: {self.out_dir}")
-        if info["first"]:
-            click.echo(f"resuming after step {info['first']}")
 
-    def step(self, rec, spheres) -> None:
-        if rec.step % self.log_every and rec.step not in (1, self.steps):
-            return
-        click.echo(f"step {rec.step:>{len(str(self.steps))}}/{self.steps} | loss {rec.loss:.4f} | "
-                   f"lr {rec.lr:.2e} | norm {rec.grad_norm:.3f} | {rec.tokens_per_s:,.0f} tok/s | "
-                   f"{rec.ms_per_step:.1f} ms/step")
+def format_dry_run(model_cfg, cfg) -> str:
+    from crystal.model import ParamLayout, flops_per_token, memory_estimate
 
-    def eval(self, step: int, val_loss: float) -> None:
-        click.echo(f"step {step:>{len(str(self.steps))}}/{self.steps} | val loss {val_loss:.4f}")
+    n = ParamLayout(model_cfg).size
+    mem = memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len)
+    fpt = flops_per_token(model_cfg, cfg.seq_len)
+    mib = {k: f"{v / 2**20:,.1f} MiB" for k, v in mem.items()}
+    return "\n".join([
+        f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
+        f"vocab {model_cfg.vocab_size}, block {model_cfg.block_size}",
+        f"parameters: {n:,}",
+        f"tokens per step: {cfg.tokens_per_step:,} ({cfg.micro_batches} micro-batches x "
+        f"{cfg.batch_size} x {cfg.seq_len})",
+        f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",
+        f"memory: params {mib['params']} | grads ({cfg.micro_batches} slots) {mib['grads']} | "
+        f"AdamW moments {mib['adamw_moments']} | activations {mib['activations_per_sphere']} per "
+        f"sphere x {cfg.spheres} = {mib['activations']} | total {mib['total']}",
+    ])
 
 
 def format_summary(result) -> str:
@@ -236,6 +255,28 @@ def export(run, fmt, out) -> None:
 
     path = export_hf(run, out)
     click.echo(f"exported {run} to {path} (config.json, model.safetensors, tokenizer.json)")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="PNG file to write")
+@click.option("--width", type=int, default=1200, show_default=True, help="pixels")
+@click.option("--height", type=int, default=800, show_default=True, help="pixels")
+def plot(runs, out, width, height) -> None:
+    """Loss curves (against step and time) and per-sphere bars of one or more runs, as a PNG."""
+    from crystal.plot import plot_runs
+
+    plot_runs([Path(r) for r in runs], Path(out), width, height)
+    click.echo(f"wrote {out} ({width}x{height})")
+
+
+@cli.command()
+def info() -> None:
+    """Versions, BLAS, cores, numba threading, GPU and nvcc of this machine."""
+    from crystal.info import describe
+
+    for key, value in describe().items():
+        click.echo(f"{key + ':':<16} {value}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,3 +221,73 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError(f"AdamW eps must be positive, got {t.eps}")
     if not (t.grad_clip >= 0) or t.grad_clip == float("inf"):
         raise CrystalError(f"--grad-clip must be >= 0 (0 disables), got {t.grad_clip}")
+
+
+# --- TOML files ---------------------------------------------------------------------------------
+# A config file has an optional top-level `preset` and two tables, [model] (ModelConfig fields)
+# and [train] (TrainConfig fields). Resolution: preset -> file -> command-line flags.
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return repr(v) if abs(v) != float("inf") else ("inf" if v > 0 else "-inf")
+    if isinstance(v, str):
+        import json
+
+        return json.dumps(v)  # a TOML basic string
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(model: ModelConfig, train: TrainConfig) -> str:
+    """The resolved config as a TOML file that `--config` reads back to the same config
+    (unset optional values are left out)."""
+    lines = [f"preset = {_toml_value(train.preset)}", "", "[model]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(model).items() if v is not None]
+    lines += ["", "[train]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(train).items()
+              if v is not None and k != "preset"]
+    return "\n".join(lines) + "\n"
+
+
+def _coerce(cls, table: dict, where: str) -> dict:
+    """Check names against the dataclass and turn TOML integers into floats where a float goes."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in table.items():
+        if k not in fields:
+            raise CrystalError(f"{where}: unknown setting {k!r}")
+        default = fields[k].default
+        if isinstance(v, int) and not isinstance(v, bool) and (
+                isinstance(default, float) or "float" in str(fields[k].type)):
+            v = float(v)
+        out[k] = v
+    return out
+
+
+def read_toml(path: str) -> tuple[str | None, dict, dict]:
+    """(preset or None, model overrides, train overrides) from a config file."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise CrystalError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CrystalError(f"{path}: not a valid TOML config ({e})") from None
+    unknown = set(data) - {"preset", "model", "train"}
+    if unknown:
+        raise CrystalError(f"{path}: unknown section or key {sorted(unknown)[0]!r} "
+                           "(expected preset, [model], [train])")
+    preset = data.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise CrystalError(f"{path}: preset must be a string")
+    model, train = data.get("model", {}), data.get("train", {})
+    if not isinstance(model, dict) or not isinstance(train, dict):
+        raise CrystalError(f"{path}: [model] and [train] must be tables")
+    return preset, _coerce(ModelConfig, model, f"{path} [model]"), _coerce(TrainConfig, train, f"{path} [train]")

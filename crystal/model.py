@@ -180,6 +180,44 @@ class Activations:
         self.dfch = be.empty((B, T, 4 * C))
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (parameters - position embeddings) + 12 n_layer T C
+    (the PaLM convention; the tied LM head counts once, attention over full T x T)."""
+    return 6 * (ParamLayout(cfg).size - cfg.block_size * cfg.n_embd) + 12 * cfg.n_layer * seq_len * cfg.n_embd
+
+
+class _ShapeOnly:
+    """A backend stand-in whose buffers take no memory: for counting Activations' bytes."""
+
+    name = "shape-only"
+
+    def empty(self, shape, dtype="float32"):
+        return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+def activation_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+    """Bytes of one sphere's Activations for [B, T] batches, plus the cpu backend's per-sphere
+    scratch (attention score gradients [B,NH,T,T], the GELU tanh buffer [B,T,4C])."""
+    acts = Activations(_ShapeOnly(), cfg, B, T)
+    total = 0
+    for v in vars(acts).values():
+        for x in (v if isinstance(v, list) else [v]):
+            if hasattr(x, "shape"):
+                total += math.prod(x.shape) * x.dtype.itemsize
+    return total + 4 * (B * cfg.n_head * T * T + B * T * 4 * cfg.n_embd)
+
+
+def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int) -> dict:
+    """Bytes of the training state by part: parameters, the reducer's gradient slots (one per
+    micro-batch), AdamW moments, activations of every sphere."""
+    P = ParamLayout(cfg).size * 4
+    acts = activation_bytes(cfg, B, T)
+    parts = {"params": P, "grads": micro_batches * P, "adamw_moments": 2 * P,
+             "activations_per_sphere": acts, "activations": spheres * acts}
+    parts["total"] = parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["activations"]
+    return parts
+
+
 # --- forward and backward ----------------------------------------------------------------------
 
 def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None):
