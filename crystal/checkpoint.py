@@ -54,16 +54,36 @@ def save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
 def load_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file; anything malformed is a CrystalError, never a crash."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
     try:
-        return load(Path(path).read_bytes())
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise CrystalError(f"missing file {path}") from None
-    except (OSError, SafetensorError, ValueError, OverflowError) as e:
-        raise CrystalError(f"{path}: not a valid safetensors file ({str(e)[:200]})") from None
+    except OSError as e:
+        raise CrystalError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) < 8:
+        raise CrystalError(f"{path}: truncated safetensors file ({len(data)} bytes)")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(MAX_HEADER, len(data) - 8):
+        raise CrystalError(f"{path}: corrupt safetensors header (length {n} for a {len(data)}-byte file)")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, OverflowError, TypeError, KeyError, UnicodeDecodeError) as e:
+        raise CrystalError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+
+
+def verify_safetensors(path: Path, shapes: dict[str, tuple]) -> None:
+    """Read back a written file: the same tensor names and shapes, float32 (write verification)."""
+    t = load_tensors(path)
+    if set(t) != set(shapes) or any(t[k].shape != tuple(shapes[k]) or t[k].dtype != np.float32 for k in t):
+        raise OSError(f"verification of {path} failed: it does not hold what was written")
 
 
 def save_model(path: Path, layout: ParamLayout, flat: np.ndarray) -> None:
@@ -79,6 +99,11 @@ class TrainState:
     m: np.ndarray  # AdamW first moments, flat
     v: np.ndarray  # AdamW second moments, flat
     data: dict  # BatchIterator position {"epoch", "cursor"}
+    adam_t: int = -1  # AdamW's step count (differs from step after skipped steps); -1: = step
+
+    def __post_init__(self):
+        if self.adam_t < 0:
+            self.adam_t = self.step
 
 
 class RunDir:
@@ -105,6 +130,8 @@ class RunDir:
         if overwrite and not resume:
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
             (self.path / METRICS_FILE).unlink(missing_ok=True)
+        for stale in (self.path / CHECKPOINTS).glob(".step-*.tmp-*"):  # left by a killed process
+            shutil.rmtree(stale, ignore_errors=True)
         self._metrics = None
 
     @property
@@ -161,7 +188,10 @@ class RunDir:
         save_model(tmp / MODEL_FILE, layout, state.params)
         save_tensors(tmp / OPTIM_FILE, {"adamw.m": state.m, "adamw.v": state.v})
         atomic_write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, "step": state.step,
-                                             "data": state.data, "params": int(layout.size)})
+                                             "adam_t": state.adam_t, "data": state.data,
+                                             "params": int(layout.size)})
+        verify_safetensors(tmp / MODEL_FILE, {s.name: s.shape for s in layout.specs})
+        verify_safetensors(tmp / OPTIM_FILE, {"adamw.m": (layout.size,), "adamw.v": (layout.size,)})
         if final.exists():  # re-reaching a step after resuming from an earlier checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -181,6 +211,7 @@ class RunDir:
         try:
             meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
             step, data = int(meta["step"]), dict(meta["data"])
+            adam_t = int(meta.get("adam_t", step))
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"format {meta.get('format')}")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -191,7 +222,7 @@ class RunDir:
         if set(optim) != {"adamw.m", "adamw.v"} or any(
                 t.dtype != np.float32 or t.shape != (layout.size,) for t in optim.values()):
             raise CrystalError(f"{ckpt / OPTIM_FILE}: optimizer state does not match the model")
-        return TrainState(step, params, optim["adamw.m"].copy(), optim["adamw.v"].copy(), data)
+        return TrainState(step, params, optim["adamw.m"].copy(), optim["adamw.v"].copy(), data, adam_t)
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import click
 
 from crystal.config import DEVICES, PRECISIONS, PRESETS, resolve
-from crystal.errors import CrystalError
+from crystal.errors import CrystalError, NonFiniteError
 
 EXIT_USAGE = 2
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 # What --resume may change: where and how fast the rest of the run computes, not what.
-RESUME_FLAGS = ("device", "precision", "spheres", "log_every", "stop_at", "checkpoint_every", "keep")
+RESUME_FLAGS = ("device", "precision", "spheres", "log_every", "stop_at", "checkpoint_every", "keep",
+                "on_nonfinite")
+EXIT_NONFINITE = 3
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,6 +69,8 @@ def _preset_help() -> str:
 @click.option("--checkpoint-every", type=int, default=None, help="resumable checkpoint every N steps (0: none)")
 @click.option("--keep", type=int, default=None, help="resumable checkpoints to keep  [default: 3]")
 @click.option("--stop-at", type=int, default=None, help="stop after this step, leaving a resumable checkpoint")
+@click.option("--on-nonfinite", type=click.Choice(("stop", "skip")), default=None,
+              help="a step with a non-finite loss or gradient: stop with exit 3, or skip its update  [default: stop]")
 @click.option("--out", type=click.Path(), default=None, help="run directory  [default: runs/<preset>-<time>]")
 @click.option("--overwrite", is_flag=True, help="allow --out to replace an existing run")
 @click.option("--resume", "resume_dir", type=click.Path(), default=None,
@@ -116,12 +123,49 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, **fl
         out_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir(out_dir, overwrite=overwrite)
     view = make_view(run_dir.path, cfg.log_every, quiet)
-    try:
-        result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state,
-                              on_start=view.start, on_step=view.step, on_eval=view.eval)
-    finally:
-        view.close()
+    with StopSignals() as stop:
+        try:
+            result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state,
+                                  on_start=view.start, on_step=view.step, on_eval=view.eval,
+                                  should_stop=stop.requested)
+        finally:
+            view.close()
     click.echo(format_summary(result))
+    if result.interrupted:
+        name = signal.Signals(stop.signum).name
+        click.echo(f"interrupted by {name} after step {result.history[-1].step if result.history else '?'}; "
+                   f"checkpoint {result.checkpoint}; continue with: crystal train --resume {run_dir.path}", err=True)
+        raise SystemExit(128 + stop.signum)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the run to stop after the current step (with a checkpoint); a second
+    one exits at once, touching no file (checkpoints are atomic, so none is left damaged)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        sys.stderr.write(f"{signal.Signals(signum).name}: stopping after this step "
+                         "(again to quit at once)\n")
+        sys.stderr.flush()
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def make_view(out_dir: Path, log_every: int, quiet: bool):
@@ -289,12 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     except CrystalError as e:
         click.echo(f"error: {e}", err=True)
         return EXIT_USAGE
+    except NonFiniteError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_NONFINITE
     except click.exceptions.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return EXIT_USAGE
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("error: interrupted", err=True)
         return 130
+    except SystemExit as e:  # an interrupted run: 130 (SIGINT) or 143 (SIGTERM)
+        return e.code if isinstance(e.code, int) else 1
     return rv if isinstance(rv, int) else 0
 
 

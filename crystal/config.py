@@ -106,6 +106,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no resumable checkpoints; else every N steps and the last
     keep: int = 3  # resumable checkpoints kept (newest)
     stop_at: int | None = None  # stop after this step with a checkpoint, as if interrupted
+    on_nonfinite: str = "stop"  # a step with a non-finite loss or gradient: stop (exit 3) or skip it
     out: str | None = None
 
     @property
@@ -201,6 +202,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
             raise CrystalError(f"--{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
     if t.stop_at is not None and not (isinstance(t.stop_at, int) and 1 <= t.stop_at):
         raise CrystalError(f"--stop-at must be a positive step, got {t.stop_at!r}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise CrystalError(f"--on-nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     if not (0 <= t.val_fraction < 1):
         raise CrystalError(f"--val-fraction must be in [0, 1), got {t.val_fraction}")
     if t.warmup < 0:

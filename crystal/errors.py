@@ -17,3 +17,13 @@ class SphereFailure(RuntimeError):
         super().__init__(f"sphere {sphere} failed: {type(error).__name__}: {error}")
         self.sphere = sphere
         self.error = error
+
+
+class NonFiniteError(Exception):
+    """The loss or the gradient norm of a step is not finite; training stopped before applying it."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, checkpoint: str | None):
+        where = f"; last good checkpoint: {checkpoint}" if checkpoint else "; no checkpoint was written"
+        super().__init__(f"non-finite {'loss' if loss != loss or abs(loss) == float('inf') else 'gradient norm'} "
+                         f"at step {step} (loss {loss}, grad norm {grad_norm}){where}")
+        self.step, self.checkpoint = step, checkpoint

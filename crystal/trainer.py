@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +21,7 @@ from crystal.backends import get_backend
 from crystal.checkpoint import RunDir, TrainState
 from crystal.config import ModelConfig, TrainConfig
 from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
-from crystal.errors import CrystalError
+from crystal.errors import CrystalError, NonFiniteError
 from crystal.model import ParamLayout, init_params
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.reducer import GradientReducer, norm_of, tree_mean
@@ -54,8 +55,10 @@ class TrainResult:
     run_dir: str | None = None
     history: list[StepRecord] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
-    finished: bool = True  # False when stopped early by --stop-at
+    finished: bool = True  # False when stopped early by --stop-at or a signal
     checkpoint: str | None = None  # the last resumable checkpoint written
+    interrupted: bool = False  # stopped by should_stop (a signal)
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (--on-nonfinite skip)
 
 
 def resolve_steps(cfg: TrainConfig, batches_per_epoch: int) -> TrainConfig:
@@ -71,9 +74,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
           dataset: DataSet | None = None, resume: TrainState | None = None, backend=None,
           on_start: Callable[[dict], None] | None = None,
           on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
-          on_eval: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_eval: Callable[[int, float], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train from scratch, or continue from `resume`. `dataset` overrides cfg.data; `backend`
-    overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one)."""
+    overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one).
+    `should_stop` is asked after every step (signals): when it says so, the run writes a
+    resumable checkpoint and returns with `interrupted` set. A non-finite loss or gradient norm
+    raises NonFiniteError before the step is applied (cfg.on_nonfinite "skip": the step's
+    update is skipped instead and logged)."""
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.val_fraction)
     if dataset.vocab_size != model_cfg.vocab_size:
@@ -101,7 +109,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             raise CrystalError(f"checkpoint step {resume.step} is outside this run's {cfg.steps} steps")
         optimizer.m[...] = be.to_device(resume.m)
         optimizer.v[...] = be.to_device(resume.v)
-        optimizer.t = resume.step
+        optimizer.t = resume.adam_t
         batches.set_state(resume.data)
         first = resume.step
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
@@ -121,6 +129,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     val_losses: list[tuple[int, float]] = []
     norms: list[float] = []
     checkpoint = None
+    skipped = 0
+    interrupted = False
     t_start = time.perf_counter()
     with _blas_limits(be), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
                                         cfg.batch_size, cfg.seq_len) as spheres:
@@ -130,11 +140,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             loss = reducer.reduce_losses(spheres.step(micro))
             n_chunks = len(reducer.chunks)
             norm = norm_of(spheres.map(n_chunks, lambda i, c: reducer.reduce_chunk(c)))
+            done = step + 1
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteError(done, loss, norm, checkpoint or _latest(run_dir))
+                skipped += 1
+                if run_dir is not None:
+                    run_dir.log({"step": done, "skipped": "non-finite loss or gradient norm"})
+                continue
             lr, scale = lr_at(step, cfg), clip_scale(norm, cfg.grad_clip)
             optimizer.begin_step()
             spheres.map(n_chunks, lambda i, c: optimizer.update_chunk(c, params, reducer.grad, lr, scale))
             dt = time.perf_counter() - t0
-            done = step + 1
             losses.append(loss)
             norms.append(norm)
             rec = StepRecord(done, loss, lr, norm, cfg.tokens_per_step / dt, dt * 1e3,
@@ -152,11 +169,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                 if on_eval is not None:
                     on_eval(done, val_loss)
             due = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-            stopping = done == last and last < cfg.steps  # --stop-at: always leave a checkpoint
-            if run_dir is not None and (due or stopping):
+            interrupted = should_stop is not None and should_stop()
+            stopping = (done == last and last < cfg.steps) or (interrupted and done < cfg.steps)
+            if run_dir is not None and (due or stopping):  # --stop-at and signals leave a checkpoint
                 state = TrainState(done, be.to_host(params), be.to_host(optimizer.m),
-                                   be.to_host(optimizer.v), batches.state())
+                                   be.to_host(optimizer.v), batches.state(), optimizer.t)
                 checkpoint = str(run_dir.save_state(layout, state, cfg.keep))
+            if interrupted:
+                last = done
+                break
         sphere_summary = spheres.summary()
         active = spheres.active_spheres()
     wall = time.perf_counter() - t_start
@@ -180,7 +201,16 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         run_dir.close()
     return TrainResult(model_cfg, cfg, host_params, losses, sphere_summary, root, dataset.name,
                        wall, str(run_dir.path) if run_dir else None, history, val_losses,
-                       finished, checkpoint)
+                       finished, checkpoint, interrupted and not finished, skipped)
+
+
+def _latest(run_dir: RunDir | None) -> str | None:
+    if run_dir is None:
+        return None
+    from crystal.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir.path)
+    return str(ckpt) if ckpt else None
 
 
 def evaluate(model, dataset: DataSet, cfg: TrainConfig) -> tuple[float, int]:
