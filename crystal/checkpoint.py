@@ -275,14 +275,15 @@ def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:
     if missing or extra:
         raise CrystalError(f"{path}: tensors do not match config.json "
                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
-    flat = np.empty(layout.size, dtype=np.float32)
-    views = layout.views(flat)
-    for s in layout.specs:
+    for s in layout.specs:  # every shape checked before allocating what config.json claims
         t = tensors[s.name]
         if t.dtype != np.float32 or t.shape != s.shape:
             raise CrystalError(f"{path}: {s.name} is {t.dtype}{list(t.shape)}, "
                                f"config.json needs float32{list(s.shape)}")
-        views[s.name][...] = t
+    flat = np.empty(layout.size, dtype=np.float32)
+    views = layout.views(flat)
+    for s in layout.specs:
+        views[s.name][...] = tensors[s.name]
     return flat
 
 

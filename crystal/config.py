@@ -176,9 +176,16 @@ def _positive_int(name: str, v) -> None:
         raise CrystalError(f"{name} must be a positive integer, got {v!r}")
 
 
+MODEL_LIMITS = {"vocab_size": 1 << 24, "block_size": 1 << 20, "n_layer": 1024, "n_head": 1024,
+                "n_embd": 1 << 16}  # far beyond any model crystal trains; guards against nonsense
+
+
 def validate_model(m: ModelConfig) -> None:
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         _positive_int(f"--{name.replace('_', '-')}", getattr(m, name))
+        if getattr(m, name) > MODEL_LIMITS[name]:
+            raise CrystalError(f"--{name.replace('_', '-')} {getattr(m, name)} is above the limit "
+                               f"{MODEL_LIMITS[name]}")
     if m.n_embd % m.n_head:
         raise CrystalError(f"--n-embd ({m.n_embd}) must be divisible by --n-head ({m.n_head})")
     if not (0 < m.layer_norm_epsilon < 1):

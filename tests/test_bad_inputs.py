@@ -1,0 +1,172 @@
+"""A table of bad inputs: each exits 2 with one line on stderr, no traceback, and changes no file.
+
+Every case runs against its own copy of a finished run (with resumable checkpoints and a BPE
+data set beside it), damaged as the case says; every file of the copy is hashed before and
+after the command, so an error never writes a checkpoint, a model or a metrics line.
+"""
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from crystal.cli import main
+from crystal.data import TOKEN_HEADER, default_corpus, prepare
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    (root / "input.txt").write_bytes(default_corpus()[:60_000])
+    prepare([str(root / "input.txt")], str(root / "bpe"), "bpe", vocab_size=300)
+    prepare([str(root / "input.txt")], str(root / "bytes"), "bytes")
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--checkpoint-every", "2", "--spheres", "2",
+                 "--quiet", "--data", str(root / "bytes"), "--out", str(root / "run")]) == 0
+    return root
+
+
+def hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- damage helpers: each takes the copied root ---
+def model(root):
+    return root / "run" / "model.safetensors"
+
+
+def resave(path, change):
+    t = load_file(str(path))
+    change(t)
+    save_file(t, str(path), metadata={"format": "pt"})
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def write(path, data):
+    Path(path).write_bytes(data)
+
+
+def set_json(path, key, value):
+    d = json.loads(Path(path).read_text())
+    d[key] = value
+    Path(path).write_text(json.dumps(d))
+
+
+def token_file(root, ids, vocab=256, magic=b"CRYSTOK1"):
+    d = root / "tok"
+    shutil.copytree(root / "bytes", d)
+    ids = np.asarray(ids, dtype="<u2")
+    write(d / "train.bin", TOKEN_HEADER.pack(magic, 1, 2, ids.size, vocab) + ids.tobytes())
+    return d
+
+
+R = "{root}"
+TRAIN = ["train", "--preset", "tiny", "--quiet", "--out", f"{R}/new"]
+CASES = {
+    # command-line values
+    "zero spheres": (None, [*TRAIN, "--spheres", "0"]),
+    "65 spheres": (None, [*TRAIN, "--spheres", "65"]),
+    "spheres not a number": (None, [*TRAIN, "--spheres", "x"]),
+    "zero steps": (None, [*TRAIN, "--steps", "0"]),
+    "negative lr": (None, [*TRAIN, "--lr", "-1"]),
+    "nan lr": (None, [*TRAIN, "--lr", "nan"]),
+    "inf grad clip": (None, [*TRAIN, "--grad-clip", "inf"]),
+    "n_embd not divisible": (None, [*TRAIN, "--n-embd", "30", "--n-head", "4"]),
+    "seq_len above block": (None, [*TRAIN, "--seq-len", "64", "--block-size", "32"]),
+    "negative warmup": (None, [*TRAIN, "--warmup", "-5"]),
+    "weight decay 2": (None, [*TRAIN, "--weight-decay", "2"]),
+    "beta1 of 1": (None, [*TRAIN, "--beta1", "1"]),
+    "val fraction 1.5": (None, [*TRAIN, "--val-fraction", "1.5"]),
+    "negative keep": (None, [*TRAIN, "--keep", "-1"]),
+    "stop at 0": (None, [*TRAIN, "--stop-at", "0"]),
+    "negative seed": (None, [*TRAIN, "--seed", "-1"]),
+    "unknown preset": (None, [*TRAIN, "--preset", "gpt5"]),
+    "unknown device": (None, [*TRAIN, "--device", "tpu"]),
+    "unknown precision": (None, [*TRAIN, "--precision", "fp8"]),
+    "unknown on-nonfinite": (None, [*TRAIN, "--on-nonfinite", "ignore"]),
+    "missing config file": (None, [*TRAIN, "--config", f"{R}/nope.toml"]),
+    "config not toml": (lambda r: write(r / "c.toml", b"[train\nlr = "), [*TRAIN, "--config", f"{R}/c.toml"]),
+    "config unknown key": (lambda r: write(r / "c.toml", b"[train]\nspeed = 3\n"), [*TRAIN, "--config", f"{R}/c.toml"]),
+    "sample negative tokens": (None, ["sample", f"{R}/run", "--tokens", "-5"]),
+    "sample negative temperature": (None, ["sample", f"{R}/run", "--temperature", "-1"]),
+    "sample top-k 0": (None, ["sample", f"{R}/run", "--top-k", "0"]),
+    "prepare bpe vocab 10": (None, ["prepare", f"{R}/input.txt", "--out", f"{R}/p", "--tokenizer", "bpe",
+                                    "--vocab-size", "10"]),
+    "prepare missing input": (None, ["prepare", f"{R}/missing.txt", "--out", f"{R}/p"]),
+    "resume changes lr": (None, ["train", "--resume", f"{R}/run", "--lr", "0.1"]),
+    # data files
+    "empty data": (lambda r: write(r / "e.txt", b""), [*TRAIN, "--data", f"{R}/e.txt"]),
+    "one byte of data": (lambda r: write(r / "o.txt", b"x"), [*TRAIN, "--data", f"{R}/o.txt"]),
+    "binary input for bpe": (lambda r: write(r / "b.bin", bytes(range(256)) * 50),
+                             ["prepare", f"{R}/b.bin", "--out", f"{R}/p", "--tokenizer", "bpe"]),
+    "token ids above vocab": (lambda r: token_file(r, [1, 2, 300, 4] * 200), [*TRAIN, "--data", f"{R}/tok"]),
+    "token file wrong magic": (lambda r: token_file(r, [1, 2, 3] * 300, magic=b"NOTATOKN"),
+                               [*TRAIN, "--data", f"{R}/tok"]),
+    "token file truncated": (lambda r: truncate(token_file(r, [1, 2, 3] * 300) / "train.bin", 0.7),
+                             [*TRAIN, "--data", f"{R}/tok"]),
+    "prepared dir bad meta": (lambda r: write(r / "bytes" / "meta.json", b"{not json"),
+                              [*TRAIN, "--data", f"{R}/bytes"]),
+    "data is bpe, run is bytes": (None, ["eval", f"{R}/run", "--data", f"{R}/bpe"]),
+    # checkpoints
+    "truncated model": (lambda r: truncate(model(r)), ["eval", f"{R}/run"]),
+    "model wrong shape": (lambda r: resave(model(r), lambda t: t.update(
+        {"transformer.ln_f.bias": np.zeros(7, np.float32)})), ["eval", f"{R}/run"]),
+    "model missing tensor": (lambda r: resave(model(r), lambda t: t.pop("transformer.wpe.weight")),
+                             ["eval", f"{R}/run"]),
+    "model extra tensor": (lambda r: resave(model(r), lambda t: t.update({"lm_head.weight": np.zeros(3, np.float32)})),
+                           ["sample", f"{R}/run"]),
+    "model float16": (lambda r: resave(model(r), lambda t: t.update(
+        {"transformer.ln_f.bias": t["transformer.ln_f.bias"].astype(np.float16)})), ["export", f"{R}/run", "--out", f"{R}/hf"]),
+    "huge header length": (lambda r: write(model(r), struct.pack("<Q", 2**62) + model(r).read_bytes()[8:]),
+                           ["eval", f"{R}/run"]),
+    "config mismatch": (lambda r: set_json(r / "run" / "config.json", "n_embd", 48), ["eval", f"{R}/run"]),
+    "config not json": (lambda r: write(r / "run" / "config.json", b"n_embd = 32"), ["sample", f"{R}/run"]),
+    "config not gpt2": (lambda r: set_json(r / "run" / "config.json", "model_type", "llama"), ["eval", f"{R}/run"]),
+    "train.json not json": (lambda r: write(r / "run" / "train.json", b"\x00\x01"), ["eval", f"{R}/run"]),
+    "tokenizer.json corrupt": (lambda r: write(r / "run" / "tokenizer.json", b"{}"), ["sample", f"{R}/run"]),
+    "resume truncated optimizer": (lambda r: truncate(r / "run" / "checkpoints" / "step-00000004" / "optim.safetensors"),
+                                   ["train", "--resume", f"{R}/run"]),
+    "resume corrupt state": (lambda r: write(r / "run" / "checkpoints" / "step-00000004" / "state.json", b"[]"),
+                             ["train", "--resume", f"{R}/run"]),
+    # run directories
+    "out under a file": (lambda r: write(r / "afile", b"x"), [*TRAIN[:-2], "--out", f"{R}/afile/run"]),
+    "out is a file": (lambda r: write(r / "afile", b"x"), [*TRAIN[:-2], "--out", f"{R}/afile"]),
+    "existing run without overwrite": (None, [*TRAIN[:-2], "--out", f"{R}/run"]),
+    "resume missing dir": (None, ["train", "--resume", f"{R}/missing"]),
+    "resume dir without checkpoints": (lambda r: shutil.rmtree(r / "run" / "checkpoints"),
+                                       ["train", "--resume", f"{R}/run"]),
+    "eval missing run": (None, ["eval", f"{R}/missing"]),
+    "export to a file path": (lambda r: write(r / "afile", b"x"), ["export", f"{R}/run", "--out", f"{R}/afile/hf"]),
+    "plot missing run": (None, ["plot", f"{R}/missing", "--out", f"{R}/x.png"]),
+}
+
+
+def test_the_table_has_at_least_forty_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_changes_no_file(case, reference, tmp_path, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(reference, root)
+    damage, argv = CASES[case]
+    if damage:
+        damage(root)
+    before = hashes(root)
+    capsys.readouterr()
+    code = main([a.replace(R, str(root)) for a in argv])
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert code == 2, out.err + out.out
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert "Traceback" not in out.err + out.out
+    assert hashes(root) == before
