@@ -146,3 +146,18 @@ def test_an_exception_in_sphere_7_ends_the_run_within_5_seconds_with_that_error(
     with pytest.raises(SphereFailure, match="sphere 7 failed: RuntimeError: injected failure in sphere 7"):
         train(*resolve("tiny", train_overrides=dict(spheres=12, steps=50)), backend=be)
     assert time.perf_counter() - t0 < 5
+
+
+def test_a_second_ctrl_c_exits_at_once_and_leaves_the_checkpoints_intact(tmp_path):
+    run = tmp_path / "run"
+    proc = start([*TINY, "--steps", "100", "--checkpoint-every", "1"], run)
+    wait_for_steps(run, 5, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    from crystal.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(run) is not None  # every complete checkpoint still loads
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert len(losses(run)) == 100
