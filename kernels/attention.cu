@@ -3,39 +3,14 @@
 // rows of att[B*NH*T, T]. Softmax kernels run one block per row; any blockDim.x that is a
 // multiple of 32 (up to 1024) works, and the reduction order is fixed by it.
 
+#include "block_reduce.cuh"
+
 // Offset of element j = [b,h,t,i] of a [B,NH,T,hs] tensor in a [B,T,width] tensor holding head
 // h at channels h*hs+i (width C = NH*hs for y and dout, 3C for qkv).
 __device__ long long head_offset(long long j, int T, int NH, int hs, long long width) {
   long long i = j % hs, t = j / hs % T, h = j / ((long long)hs * T) % NH;
   long long b = j / ((long long)hs * T * NH);
   return (b * T + t) * width + h * hs + i;
-}
-
-// Sum of v over the block, returned to every thread, in a fixed order. Every thread of the
-// block must call it (it holds __syncthreads and warp shuffles).
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);  // all lanes agree
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // a previous call may still be reading warp_sums
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Maximum of v over the block, returned to every thread; same calling rule as block_sum.
-__device__ float block_max(float v) {
-  __shared__ float warp_maxes[32];
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) warp_maxes[warp] = v;
-  __syncthreads();
-  v = lane < (int)(blockDim.x >> 5) ? warp_maxes[lane] : -3.402823466e+38f;
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
 }
 
 // q[b,h,t,i] = qkv[b,t,h*hs+i], k[b,h,t,i] = qkv[b,t,C+h*hs+i], v[...] = qkv[b,t,2C+h*hs+i];

@@ -1,32 +1,7 @@
 // Fused softmax + cross-entropy over logits[N,V]. The forward runs one block per row; any
 // blockDim.x that is a multiple of 32 (up to 1024) works, and the reduction order is fixed by it.
 
-// Sum of v over the block, returned to every thread, in a fixed order. Every thread of the
-// block must call it (it holds __syncthreads and warp shuffles).
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);  // all lanes agree
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // a previous call may still be reading warp_sums
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Maximum of v over the block, returned to every thread; same calling rule as block_sum.
-__device__ float block_max(float v) {
-  __shared__ float warp_maxes[32];
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) warp_maxes[warp] = v;
-  __syncthreads();
-  v = lane < (int)(blockDim.x >> 5) ? warp_maxes[lane] : -3.402823466e+38f;
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
+#include "block_reduce.cuh"
 
 // lse = max + log(sum_v exp(logits[i,v] - max)); losses[i] = lse - logits[i,targets[i]];
 // probs[i,v] = exp(logits[i,v] - lse). grid_rows(N): one block per row. probs may alias logits:

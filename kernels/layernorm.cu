@@ -1,19 +1,7 @@
 // LayerNorm over the last axis of inp[N,C]. Row kernels run one block per row; any blockDim.x
 // that is a multiple of 32 (up to 1024) works, and the reduction order is fixed by it.
 
-// Sum of v over the block, returned to every thread, in a fixed order. Every thread of the
-// block must call it (it holds __syncthreads and warp shuffles).
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);  // all lanes agree
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // a previous call may still be reading warp_sums
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+#include "block_reduce.cuh"
 
 // out = (x - mean) * rstd * w + b with mean, var (two-pass) over the row, rstd = 1/sqrt(var+eps);
 // saves mean[i], rstd[i]. grid_rows(N): one block per row.

@@ -2,19 +2,7 @@
 // (crystal/backends/kernels.py) each write one partial sum, then one block adds the partials.
 // The result depends on REDUCE_BLOCKS and blockDim.x only, never on the device.
 
-// Sum of v over the block, returned to every thread, in a fixed order. Every thread of the
-// block must call it (it holds __syncthreads and warp shuffles).
-__device__ double block_sum(double v) {
-  __shared__ double warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);  // all lanes agree
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // a previous call may still be reading warp_sums
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+#include "block_reduce.cuh"
 
 // partial[blockIdx.x] = sum of x[i]^2 (double) over i = blockIdx.x*blockDim.x + threadIdx.x
 // + k*gridDim.x*blockDim.x; launched with exactly REDUCE_BLOCKS blocks.

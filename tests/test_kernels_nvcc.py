@@ -56,8 +56,9 @@ def test_kernel_file_compiles_with_nvrtc(source, arch):
     prog = ctypes.c_void_p()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.read_bytes(),
                                     source.name.encode(), 0, None, None) == 0
-    options = (ctypes.c_char_p * 1)(f"-arch={arch.replace('sm_', 'compute_')}".encode())
-    status = nvrtc.nvrtcCompileProgram(prog, 1, options)
+    options = (ctypes.c_char_p * 2)(f"-arch={arch.replace('sm_', 'compute_')}".encode(),
+                                    f"-I{source.parent}".encode())  # as cupy.RawModule is given
+    status = nvrtc.nvrtcCompileProgram(prog, 2, options)
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)

@@ -33,7 +33,8 @@ def _module(file: str):
     its own translation unit: device helpers such as block_sum repeat across files)."""
     import cupy as cp
 
-    return cp.RawModule(code=(kernels_dir() / file).read_text(), options=("--std=c++17",))
+    return cp.RawModule(code=(kernels_dir() / file).read_text(),
+                        options=("--std=c++17", f"-I{kernels_dir()}"))  # for block_reduce.cuh
 
 
 class CudaBackend:

@@ -56,8 +56,9 @@ def launchers_source(cu: Path) -> str:
 
 def _compile(cu: Path, cache: Path) -> Path:
     source = launchers_source(cu)
+    headers = [h.read_text() for h in sorted(cu.parent.glob("*.cuh"))]  # what the .cu includes
     digest = hashlib.sha256("\0".join(
-        [source, cu.read_text(), EMU_HEADER.read_text(), " ".join(CXX)]).encode()).hexdigest()
+        [source, cu.read_text(), *headers, EMU_HEADER.read_text(), " ".join(CXX)]).encode()).hexdigest()
     lib = cache / f"{cu.stem}-{digest[:16]}.so"
     if lib.exists():
         return lib
