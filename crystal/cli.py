@@ -105,8 +105,8 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, **fl
         model_over = {**file_model, **{k: given.pop(k) for k in MODEL_FLAGS if k in given}}
         model_cfg, cfg = resolve(preset, model_over, {**file_train, **given})
         state = None
-    if not (print_config or dry_run):
-        get_backend(cfg.device, cfg.precision)  # fail fast (--device cuda without a GPU) before reading data
+    # built before the data is read: --device cuda without a GPU fails fast
+    backend = None if print_config or dry_run else get_backend(cfg.device, cfg.precision)
     dataset = load_dataset(cfg.data, cfg.val_fraction)
     if resume_dir is None:  # the model's vocabulary is the data's
         model_cfg, cfg = resolve(cfg.preset, {**model_over, "vocab_size": dataset.vocab_size},
@@ -125,7 +125,7 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, **fl
     view = make_view(run_dir.path, cfg.log_every, quiet)
     with StopSignals() as stop:
         try:
-            result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state,
+            result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state, backend=backend,
                                   on_start=view.start, on_step=view.step, on_eval=view.eval,
                                   should_stop=stop.requested)
         finally:

@@ -387,11 +387,7 @@ def eval_batches(val: np.ndarray, batch_size: int, seq_len: int, seed: int, coun
 
 
 def run_tokenizer(run: Path):
-    """The tokenizer a run was trained with (its tokenizer.json; bytes when there is none)."""
-    path = Path(run) / TOKENIZER_FILE
-    if not path.exists():
-        return ByteTokenizer()
-    try:
-        return BPETokenizer.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise CrystalError(f"cannot read {path}: {e}") from None
+    """The tokenizer a run was trained with: its tokenizer.json (a byte tokenizer is one too,
+    a BPE without merges), or bytes when there is none."""
+    has_json = (Path(run) / TOKENIZER_FILE).exists()
+    return load_tokenizer(run, "bpe" if has_json else "bytes")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from crystal.config import TrainConfig
 from crystal.model import ParamLayout
 
@@ -59,7 +61,5 @@ class AdamW:
 
 def clip_ranges(ranges, start: int, end: int):
     """The (start, end, decay) rows of `ranges` cut to [start, end)."""
-    import numpy as np
-
     rows = [(max(s, start), min(e, end), d) for s, e, d in ranges.tolist() if s < end and e > start]
     return np.array(rows, dtype=np.int64).reshape(-1, 3)

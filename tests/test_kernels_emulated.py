@@ -19,6 +19,7 @@ from crystal.backends import cpu
 from crystal.backends.cpu import CpuBackend
 from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows
 from emu.build import build, parse_global_kernels
+from compare import rel_err
 
 B, T, C, NH, V = 3, 37, 48, 3, 259
 HS = C // NH
@@ -58,12 +59,6 @@ def covers(*names):
             assert not missing, f"{test.__name__} never launched {sorted(missing)}"
         return run
     return register
-
-
-def rel_err(actual, expected) -> float:
-    expected = np.asarray(expected, dtype=np.float64)
-    return float(np.abs(np.asarray(actual, np.float64) - expected).max()
-                 / max(np.abs(expected).max(), 1e-30))
 
 
 @pytest.fixture

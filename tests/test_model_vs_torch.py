@@ -9,14 +9,11 @@ import pytest
 
 from crystal.config import ModelConfig
 from crystal.model import GPT, ParamLayout, init_params
+from compare import rel_err, worst_rel_err
 
 torch_gpt2 = pytest.importorskip("torch_gpt2", reason="needs torch (the test extra)")
 
 CFG = ModelConfig(vocab_size=259, block_size=40, n_layer=2, n_head=3, n_embd=48)
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +42,8 @@ def test_logits_match_pytorch(case):
 def test_every_parameter_gradient_matches_pytorch(case):
     _, _, _, grads, _, ref_grads, _ = case
     assert set(grads) == set(ref_grads) == {s.name for s in ParamLayout(CFG).specs}
-    errors = {name: rel_err(grads[name], ref_grads[name]) for name in grads}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= 1e-4, (worst, errors[worst])
+    worst, err = worst_rel_err(grads, ref_grads)
+    assert err <= 1e-4, (worst, err)
 
 
 def test_gradients_do_not_depend_on_stale_gradient_buffers(case):
