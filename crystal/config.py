@@ -62,15 +62,14 @@ class ModelConfig:
         try:
             if d.get("model_type", "gpt2") != "gpt2":
                 raise CrystalError(f"config.json: model_type {d.get('model_type')!r} is not gpt2")
-            cfg = cls(
-                vocab_size=int(d["vocab_size"]),
-                block_size=int(d["n_positions"]),
-                n_layer=int(d["n_layer"]),
-                n_head=int(d["n_head"]),
-                n_embd=int(d["n_embd"]),
-                layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            sizes = {field: d[key] for field, key in (("vocab_size", "vocab_size"), ("block_size", "n_positions"),
+                                                      ("n_layer", "n_layer"), ("n_head", "n_head"),
+                                                      ("n_embd", "n_embd"))}
+            for key, v in sizes.items():  # whole numbers only: no 3.7 layers, no infinity
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise CrystalError(f"config.json: {key} must be an integer, got {v!r}")
+            cfg = cls(**sizes, layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CrystalError(f"config.json: missing or invalid field: {e}") from None
         validate_model(cfg)
         return cfg

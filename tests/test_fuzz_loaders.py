@@ -3,7 +3,7 @@
 import json
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from crystal.checkpoint import load_checkpoint, read_params
@@ -89,6 +89,8 @@ def test_a_damaged_model_file_loads_or_raises_crystal_error(tmp_path, edits, cut
        overlay=st.dictionaries(st.sampled_from(["n_embd", "n_head", "n_layer", "vocab_size", "n_positions",
                                                 "layer_norm_epsilon", "model_type"]),
                                st.none() | st.integers(-3, 10**9) | st.floats() | st.text(max_size=4), max_size=3))
+@example(config=None, overlay={"n_embd": float("inf")})  # once crashed int() with OverflowError
+@example(config=None, overlay={"n_embd": 22947, "n_head": 1})  # once allocated 23 GiB before checking
 def test_any_config_json_loads_or_raises_crystal_error(tmp_path, config, overlay):
     valid_checkpoint(tmp_path)
     base = CFG.to_hf()
