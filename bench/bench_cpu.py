@@ -1,7 +1,8 @@
 """crystal (cpu backend) vs PyTorch CPU eager: tokens/s, model FLOP/s, peak RSS, side by side.
 
 Usage (from the repository root, with the test extra installed):
-    python bench/bench_cpu.py --preset small [--spheres 2] [--threads 2] [--steps 30] [--json OUT]
+    python bench/bench_cpu.py --preset small [--spheres 2] [--threads 2] [--steps 30]
+                              [--crystal-batch 2] [--json OUT]
 
 Both sides train the same GPT-2 config from the same initial parameters on the same batches
 (the step's M x B sequences of T tokens from crystal's BatchIterator over Tiny Shakespeare),
@@ -9,7 +10,9 @@ with AdamW, the same schedule and gradient clipping, in float32, with the same t
 threads: crystal runs `--spheres` sphere threads with one BLAS thread each; PyTorch runs one
 process with torch.set_num_threads(--threads) and does the whole step's batch in one
 forward/backward (its fastest way; attention through scaled_dot_product_attention, as
-nanoGPT). Each measurement is a fresh subprocess (so each side's peak RSS is its own), the two
+nanoGPT). `--crystal-batch B` adds a third side: crystal with the same step batch cut into
+micro-batches of B sequences (M = step sequences / B): fewer, larger matmuls per sphere, the
+same model, data, optimizer and step. Each measurement is a fresh subprocess (so each side's peak RSS is its own), the two
 sides alternate for --rounds rounds, and the first --warmup-steps steps of each are not timed.
 
 Model FLOPs per token: 6 * (parameters - position embeddings) + 12 * n_layer * T * C (the
@@ -58,12 +61,25 @@ def sgemm_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / best
 
 
-def run_crystal(preset: str, spheres: int, steps: int, warmup: int) -> dict:
+def crystal_split(preset: str, batch: int | None) -> dict:
+    """batch_size/micro_batches overrides that keep the preset's step batch (None: the preset's)."""
+    from crystal.config import resolve
+
+    if batch is None:
+        return {}
+    _, cfg = resolve(preset)
+    sequences = cfg.batch_size * cfg.micro_batches
+    if sequences % batch:
+        sys.exit(f"--crystal-batch {batch} does not divide the step's {sequences} sequences")
+    return dict(batch_size=batch, micro_batches=sequences // batch)
+
+
+def run_crystal(preset: str, spheres: int, steps: int, warmup: int, batch: int | None) -> dict:
     from crystal.config import resolve
     from crystal.trainer import train
 
     model_cfg, cfg = resolve(preset, train_overrides=dict(spheres=spheres, steps=steps, device="cpu",
-                                                          eval_every=0))
+                                                          eval_every=0, **crystal_split(preset, batch)))
     marks = []
     train(model_cfg, cfg, on_step=lambda rec, s: marks.append(time.perf_counter()))
     timed = marks[warmup:]
@@ -111,7 +127,9 @@ def run_torch(preset: str, threads: int, steps: int, warmup: int) -> dict:
 def worker(args) -> None:
     """One measurement in this process; prints a JSON line with tokens/s and peak RSS."""
     if args.side == "crystal":
-        out = run_crystal(args.preset, args.spheres, args.steps, args.warmup_steps)
+        out = run_crystal(args.preset, args.spheres, args.steps, args.warmup_steps, None)
+    elif args.side == "crystal-split":
+        out = run_crystal(args.preset, args.spheres, args.steps, args.warmup_steps, args.crystal_batch)
     else:
         out = run_torch(args.preset, args.threads, args.steps, args.warmup_steps)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -121,6 +139,8 @@ def worker(args) -> None:
 def measure(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--preset", args.preset, "--spheres", str(args.spheres),
            "--threads", str(args.threads), "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
+    if args.crystal_batch is not None:
+        cmd += ["--crystal-batch", str(args.crystal_batch)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
@@ -147,8 +167,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup-steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--crystal-batch", type=int, default=None,
+                    help="also run crystal with micro-batches of this many sequences (same step batch)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--worker", choices=("crystal", "torch"), dest="side", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("crystal", "crystal-split", "torch"), dest="side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         return worker(args)
@@ -157,11 +179,12 @@ def main() -> None:
     model_cfg, cfg = resolve(args.preset)
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     peak = sgemm_peak(args.threads)
-    runs = {"crystal": [], "torch": []}
+    sides = ["crystal", "torch"] + (["crystal-split"] if args.crystal_batch else [])
+    runs = {side: [] for side in sides}
     for r in range(args.rounds):
-        for side in ("crystal", "torch") if r % 2 == 0 else ("torch", "crystal"):
+        for side in sides if r % 2 == 0 else reversed(sides):
             runs[side].append(measure(side, args))
-            print(f"round {r + 1} {side:>7}: {runs[side][-1]['tokens_per_s']:>9,.0f} tok/s", flush=True)
+            print(f"round {r + 1} {side:>13}: {runs[side][-1]['tokens_per_s']:>9,.0f} tok/s", flush=True)
     best = {side: max(rs, key=lambda x: x["tokens_per_s"]) for side, rs in runs.items()}
     c, t = best["crystal"]["tokens_per_s"], best["torch"]["tokens_per_s"]
     out = {
@@ -177,6 +200,14 @@ def main() -> None:
         "torch_peak_rss_mb": round(best["torch"]["peak_rss_mb"]),
         "all_rounds": {k: [round(x["tokens_per_s"]) for x in v] for k, v in runs.items()},
     }
+    if args.crystal_batch:
+        split = crystal_split(args.preset, args.crystal_batch)
+        s = best["crystal-split"]["tokens_per_s"]
+        out["crystal_split"] = {
+            **split, "tokens_per_s": round(s), "ratio": round(s / t, 3),
+            "gflops": round(s * fpt / 1e9, 1), "peak_fraction": round(s * fpt / peak, 3),
+            "peak_rss_mb": round(best["crystal-split"]["peak_rss_mb"]),
+        }
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -37,7 +37,7 @@ class SphereStats:
     index: int
     batches: int = 0
     loss_sum: float = 0.0
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # all work: micro-batches, reducer and optimizer chunks, evaluation
     tokens: int = 0
     active: bool = False  # inside a micro-batch right now
 
@@ -94,19 +94,21 @@ class SphereSystem:
                 if task is None:
                     return
                 try:
+                    t0 = time.perf_counter()
                     be.wait_event(task.ready)
                     for item in task.indices:
                         if self._stop.is_set():
                             break
                         task.results[item] = task.work(i, item)
-                    self._done.put((i, None, be.record_event()))
+                    done = be.record_event()
+                    self.stats[i].busy_s += time.perf_counter() - t0
+                    self._done.put((i, None, done))
                 except BaseException as e:  # reported to the root, which re-raises it
                     self.stats[i].active = False
                     self._done.put((i, e, None))
 
     def _train_micro_batch(self, i: int, x, y, m: int) -> float:
         be, stats, acts = self.be, self.stats[i], self._acts[i]
-        t0 = time.perf_counter()
         stats.active = True
         x, y = be.to_device(x), be.to_device(y)
         loss = forward(be, self.cfg, self.weights, acts, x, y)
@@ -115,7 +117,6 @@ class SphereSystem:
         stats.batches += 1
         stats.loss_sum += loss
         stats.tokens += x.size
-        stats.busy_s += time.perf_counter() - t0
         return loss
 
     def _eval_batch(self, i: int, x, y) -> float:
