@@ -109,13 +109,18 @@ class TrainState:
 class RunDir:
     """The files of one training run."""
 
-    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False):
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False,
+                 readonly: bool = False):
+        """readonly (with resume): read the configs and checkpoints, touch nothing (ranks > 0)."""
         self.path = Path(path)
+        self._metrics = None
         if self.path.exists() and not self.path.is_dir():
             raise CrystalError(f"run directory {self.path} exists and is not a directory")
         if resume:
             if not (self.path / TRAIN_FILE).exists():
                 raise CrystalError(f"{self.path} is not a crystal run (no {TRAIN_FILE})")
+            if readonly:
+                return
         elif (self.path / MODEL_FILE).exists() or (self.path / CHECKPOINTS).exists():
             if not overwrite:
                 raise CrystalError(f"--out {self.path} already holds a run; "

@@ -80,13 +80,54 @@ def _preset_help() -> str:
 @click.option("--print-config", is_flag=True, help="print the resolved config as TOML and exit")
 @click.option("--dry-run", is_flag=True, help="print parameters, memory and FLOPs, then exit")
 @click.option("--quiet", is_flag=True, help="no progress output; errors and the final summary only")
-def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, **flags) -> None:
-    """Train a GPT-2-style model with data parallelism across a ring of spheres."""
-    from crystal.backends import cuda_unavailable_reason, get_backend
+@click.option("--comm-timeout", type=float, default=None,
+              help="several ranks: seconds a rank waits for the others before it exits  [default: 60]")
+def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, **flags) -> None:
+    """Train a GPT-2-style model with data parallelism across a ring of spheres.
+
+    Under mpiexec, srun or torchrun-style variables (RANK, WORLD_SIZE, ...), each process is a
+    rank with its own ring; rank 0 writes the run directory and prints the progress."""
+    from crystal.world import discover
+
+    world = discover()
+    comm = None
+    try:
+        comm = _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet,
+                      comm_timeout, flags)
+    except SystemExit:  # an interrupted run: every rank agreed to stop after the same step
+        raise
+    except BaseException as e:
+        if world.size > 1 and comm_started():
+            _abort_ranks(world, e)
+        raise
+
+
+def comm_started() -> bool:
+    """Whether other ranks may be waiting on this one (MPI is up): then a failure must end them."""
+    return "mpi4py" in sys.modules or "cupyx.distributed" in sys.modules
+
+
+def _abort_ranks(world, e: BaseException) -> None:
+    """Print this rank's failure like main() would, then end every rank (MPI_Abort)."""
+    message, code = error_exit(e)
+    if message:
+        click.echo(f"error: rank {world.rank}: {message}", err=True)
+    try:
+        from mpi4py import MPI
+
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(code)
+    except ImportError:
+        os._exit(code)
+
+
+def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags):
+    from crystal.backends import cuda_unavailable_reason, get_backend, resolve_device
     from crystal.checkpoint import RunDir
     from crystal.config import read_toml, to_toml
     from crystal.data import load_dataset
     from crystal.trainer import train as run_training
+    from crystal.world import DEFAULT_TIMEOUT_S, connect
 
     given = {k: v for k, v in flags.items() if v is not None}
     if resume_dir is not None:
@@ -94,7 +135,7 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, **fl
         if fixed or config_file:
             name = fixed[0].replace("_", "-") if fixed else "config"
             raise CrystalError(f"--resume continues a run with its own config; it cannot change --{name}")
-        run_dir = RunDir(resume_dir, resume=True)
+        run_dir = RunDir(resume_dir, resume=True, readonly=not world.is_root)
         model_cfg, cfg = run_dir.read_configs()
         _, cfg = resolve(cfg.preset, dataclasses.asdict(model_cfg),
                          {**dataclasses.asdict(cfg), "stop_at": None, **given})
@@ -106,36 +147,45 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, **fl
         model_cfg, cfg = resolve(preset, model_over, {**file_train, **given})
         state = None
     # built before the data is read: --device cuda without a GPU fails fast
-    backend = None if print_config or dry_run else get_backend(cfg.device, cfg.precision)
+    backend = None if print_config or dry_run else get_backend(cfg.device, cfg.precision, world.local_rank)
+    comm = None
+    if backend is not None:
+        comm = connect(world, resolve_device(cfg.device),
+                       DEFAULT_TIMEOUT_S if comm_timeout is None else comm_timeout)
     dataset = load_dataset(cfg.data, cfg.val_fraction)
     if resume_dir is None:  # the model's vocabulary is the data's
         model_cfg, cfg = resolve(cfg.preset, {**model_over, "vocab_size": dataset.vocab_size},
                                  dataclasses.asdict(cfg))
     if print_config:
         click.echo(to_toml(model_cfg, cfg), nl=False)
-        return
+        return comm
     if dry_run:
         click.echo(format_dry_run(model_cfg, cfg))
-        return
-    if cfg.device == "auto" and (reason := cuda_unavailable_reason()) and not quiet:
+        return comm
+    root = world.is_root  # rank 0 alone writes the run directory and prints
+    if root and cfg.device == "auto" and (reason := cuda_unavailable_reason()) and not quiet:
         click.echo(f"device auto: training on cpu ({reason})")
-    if resume_dir is None:
+    if resume_dir is None and root:
         out_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir(out_dir, overwrite=overwrite)
-    view = make_view(run_dir.path, cfg.log_every, quiet)
+    elif not root:
+        run_dir = None
+    view = make_view(run_dir.path if root else None, cfg.log_every, quiet or not root)
     with StopSignals() as stop:
         try:
             result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state, backend=backend,
                                   on_start=view.start, on_step=view.step, on_eval=view.eval,
-                                  should_stop=stop.requested)
+                                  should_stop=stop.requested, comm=comm)
         finally:
             view.close()
-    click.echo(format_summary(result))
+    if root:
+        click.echo(format_summary(result))
     if result.interrupted:
         name = signal.Signals(stop.signum).name
         click.echo(f"interrupted by {name} after step {result.history[-1].step if result.history else '?'}; "
                    f"checkpoint {result.checkpoint}; continue with: crystal train --resume {run_dir.path}", err=True)
         raise SystemExit(128 + stop.signum)
+    return comm
 
 
 class StopSignals:
@@ -323,6 +373,23 @@ def info() -> None:
         click.echo(f"{key + ':':<16} {value}")
 
 
+def error_exit(e: BaseException) -> tuple[str | None, int]:
+    """The one-line message (None: nothing to print) and exit status of an exception."""
+    if isinstance(e, click.exceptions.NoArgsIsHelpError):
+        return None, 0
+    if isinstance(e, CrystalError):
+        return str(e), EXIT_USAGE
+    if isinstance(e, NonFiniteError):
+        return str(e), EXIT_NONFINITE
+    if isinstance(e, click.exceptions.ClickException):
+        return e.format_message(), EXIT_USAGE
+    if isinstance(e, (click.exceptions.Abort, KeyboardInterrupt)):
+        return "interrupted", 130
+    if isinstance(e, SystemExit):  # an interrupted run: 130 (SIGINT) or 143 (SIGTERM)
+        return None, e.code if isinstance(e.code, int) else 1
+    return f"{type(e).__name__}: {e}", 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the click group; user errors become one line on stderr and exit 2."""
     try:
@@ -330,20 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.format_message())
         return 0
-    except CrystalError as e:
-        click.echo(f"error: {e}", err=True)
-        return EXIT_USAGE
-    except NonFiniteError as e:
-        click.echo(f"error: {e}", err=True)
-        return EXIT_NONFINITE
-    except click.exceptions.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        return EXIT_USAGE
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("error: interrupted", err=True)
-        return 130
-    except SystemExit as e:  # an interrupted run: 130 (SIGINT) or 143 (SIGTERM)
-        return e.code if isinstance(e.code, int) else 1
+    except (CrystalError, NonFiniteError, click.exceptions.ClickException, click.exceptions.Abort,
+            KeyboardInterrupt, SystemExit) as e:
+        message, code = error_exit(e)
+        if message:
+            click.echo(f"error: {message}", err=True)
+        return code
     return rv if isinstance(rv, int) else 0
 
 

@@ -2,8 +2,17 @@
 
 Slot m holds the gradient of micro-batch m, whichever sphere computed it. The sum is folded
 over slot index (stride 1, 2, 4, ...: slot i += slot i+stride), an order that depends only on
-M, so the step gradient is bitwise the same for any number of spheres. The tree is the same
-one the multi-process reducer uses across ranks (ranks own whole subtrees).
+M, so the step gradient is bitwise the same for any number of spheres.
+
+Across R ranks the tree is the same tree. Rank r computes the micro-batches
+[r M / R, (r+1) M / R) (integer division) and owns every subtree that lies inside that range:
+it sums them itself (phase A), sends the roots of its largest ones (one buffer per rank, all
+ranks' in one all-gather), and every rank then finishes the tree's remaining additions over
+those roots (phase B) in the tree's order. Each addition is the one a single process does, on
+the same operands, so the mean gradient is bitwise the single-process one for any R <= M.
+When M / R is a power of two each rank sends exactly one root (its whole subtree); otherwise a
+range's edges cut subtrees and a rank sends one root per whole subtree it holds (M = 12 on 2
+ranks: [0,4)+[4,6) and [6,8)+[8,12)); with R = M every slot is sent.
 
 The flat buffer is cut into CHUNKS fixed pieces, a number independent of the sphere count;
 spheres reduce chunks in parallel, each returning its chunk's sum of squares, and the root adds
@@ -13,6 +22,7 @@ those partial sums in chunk order: the gradient norm, too, is the same for any s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +36,37 @@ def tree_pairs(n: int) -> list[tuple[int, int]]:
         pairs += [(i, i + stride) for i in range(0, n - stride, 2 * stride)]
         stride *= 2
     return pairs
+
+
+def rank_ranges(n: int, ranks: int) -> list[range]:
+    """The contiguous share of n items (micro-batches, eval batches) of each rank."""
+    return [range(r * n // ranks, (r + 1) * n // ranks) for r in range(ranks)]
+
+
+@dataclass(frozen=True)
+class TreeSplit:
+    """The fixed tree over M slots cut along rank ranges (slot indices are global)."""
+
+    ranges: list[range]
+    local: list[list[tuple[int, int]]]  # per rank: additions inside its range, in tree order
+    roots: list[list[int]]  # per rank: slots whose partial sums it sends, ascending
+    top: list[tuple[int, int]]  # additions across ranges, in tree order (done by every rank)
+
+
+def split_tree(n: int, ranks: int) -> TreeSplit:
+    ranges = rank_ranges(n, ranks)
+    owner = [r for r, rg in enumerate(ranges) for _ in rg]
+    local: list[list[tuple[int, int]]] = [[] for _ in ranges]
+    top = []
+    for dst, src in tree_pairs(n):
+        end = min(dst + 2 * (src - dst), n)  # the pair sums slots [dst, end)
+        if owner[dst] == owner[end - 1]:
+            local[owner[dst]].append((dst, src))
+        else:
+            top.append((dst, src))
+    sent = sorted({0} | {i for pair in top for i in pair})
+    roots = [[i for i in sent if owner[i] == r] for r in range(ranks)]
+    return TreeSplit(ranges, local, roots, top)
 
 
 def tree_mean(values: list[float]) -> float:
@@ -44,36 +85,103 @@ def chunk_bounds(size: int, chunks: int = CHUNKS) -> list[tuple[int, int]]:
 
 
 class GradientReducer:
-    def __init__(self, be, size: int, micro_batches: int):
+    """The step's gradient slots on this rank, and the tree that sums them (see the module doc).
+
+    `slot(j)` is the j-th micro-batch of this rank's range; `reduce(map)` sums everything and
+    returns the gradient norm, running the per-chunk work through `map(n_items, work)` (the
+    spheres); `grad` is then the mean gradient, the same buffer contents on every rank."""
+
+    def __init__(self, be, size: int, micro_batches: int, comm=None):
         self.be = be
         self.M = micro_batches
         self.size = size
-        self.slots = be.empty((micro_batches, size))  # allocated once, reused every step
-        self.pairs = np.array(tree_pairs(micro_batches), dtype=np.int64).reshape(-1, 2)  # host
-        self.chunks = chunk_bounds(size)
+        self.comm = comm
+        ranks = comm.size if comm is not None else 1
+        rank = comm.rank if comm is not None else 0
+        if micro_batches < ranks:
+            from crystal.errors import CrystalError
 
-    def slot(self, m: int):
-        return self.slots[m]
+            raise CrystalError(f"--micro-batches {micro_batches} is fewer than the {ranks} ranks; "
+                               "every rank needs at least one micro-batch")
+        self.split = split_tree(micro_batches, ranks)
+        self.owned = self.split.ranges[rank]
+        lo = self.owned.start
+        self.slots = be.empty((len(self.owned), size))  # allocated once, reused every step
+        self.pairs = _pair_array([(d - lo, s - lo) for d, s in self.split.local[rank]])  # host
+        self.chunks = chunk_bounds(size)
+        self.top = None
+        if ranks > 1:
+            # every rank's roots in a [R * k, size] buffer, rank r's at rows k r ...; the tree's
+            # remaining additions are remapped onto those rows (slot 0 is row 0)
+            k = max(len(r) for r in self.split.roots)
+            row = {i: r * k + j for r, rs in enumerate(self.split.roots) for j, i in enumerate(rs)}
+            self.top = be.empty((ranks * k, size))
+            self.top_pairs = _pair_array([(row[d], row[s]) for d, s in self.split.top])
+            self._pack = [(rank * k + j, i - lo) for j, i in enumerate(self.split.roots[rank])]
+
+    @property
+    def local_count(self) -> int:
+        return len(self.owned)
+
+    def slot(self, j: int):
+        return self.slots[j]
 
     @property
     def grad(self):
-        """The mean gradient, in slot 0 once every chunk is reduced."""
-        return self.slots[0]
+        """The mean gradient, once reduced."""
+        return self.slots[0] if self.top is None else self.top[0]
 
     def reduce_chunk(self, c: int) -> float:
-        """Tree-sum chunk c of the slots into slot 0, scaled by 1/M; its sum of squares."""
+        """One process: tree-sum chunk c of the slots into slot 0, scaled by 1/M; its sum of squares."""
         start, end = self.chunks[c]
         if start == end:
             return 0.0
         return self.be.reduce_slots(self.slots, self.pairs, start, end, 1.0 / self.M)
 
-    def reduce(self) -> float:
-        """All chunks on the calling thread; returns the gradient norm."""
-        return norm_of([self.reduce_chunk(c) for c in range(len(self.chunks))])
+    def _local_chunk(self, c: int) -> float:
+        start, end = self.chunks[c]
+        if start < end and len(self.pairs):
+            self.be.reduce_slots(self.slots, self.pairs, start, end, 1.0)  # x 1.0 is exact
+        return 0.0
+
+    def _top_chunk(self, c: int) -> float:
+        start, end = self.chunks[c]
+        if start == end:
+            return 0.0
+        return self.be.reduce_slots(self.top, self.top_pairs, start, end, 1.0 / self.M)
+
+    def reduce(self, map_chunks=None) -> float:
+        """Sum the tree (and across ranks); returns the gradient norm. map_chunks(n, work) runs
+        work(sphere, chunk) for every chunk (the spheres' map); default: this thread."""
+        if map_chunks is None:
+            map_chunks = lambda n, work: [work(0, c) for c in range(n)]  # noqa: E731
+        n = len(self.chunks)
+        if self.top is None:
+            return norm_of(map_chunks(n, lambda i, c: self.reduce_chunk(c)))
+        map_chunks(n, lambda i, c: self._local_chunk(c))  # phase A: this rank's subtrees
+        for row, j in self._pack:
+            self.top[row] = self.slots[j]
+        self.comm.allgather_rows(self.top)
+        return norm_of(map_chunks(n, lambda i, c: self._top_chunk(c)))  # phase B: the rest
+
+    def gather(self, local: list[float], n: int) -> list[float]:
+        """Per-item values (losses) of every rank's range of n items, in item order."""
+        if self.comm is None or self.comm.size == 1:
+            return list(local)
+        ranges = rank_ranges(n, self.comm.size)
+        width = max(len(r) for r in ranges)
+        padded = np.full(width, np.nan)
+        padded[:len(local)] = local
+        rows = self.comm.allgather_values(padded)
+        return [float(v) for r, rg in enumerate(ranges) for v in rows[r, :len(rg)]]
 
     def reduce_losses(self, losses: list[float]) -> float:
-        """Mean micro-batch loss, summed over the same tree."""
-        return tree_mean(losses)
+        """Mean micro-batch loss of the whole step, summed over the same tree."""
+        return tree_mean(self.gather(losses, self.M))
+
+
+def _pair_array(pairs: list[tuple[int, int]]) -> np.ndarray:
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
 def norm_of(partial_sums: list[float]) -> float:

@@ -71,7 +71,7 @@ class SphereSystem:
         self.be, self.cfg = be, cfg
         self.n = n_spheres
         self.weights = Tensors(layout, params)
-        self.slot_grads = [Tensors(layout, reducer.slot(m)) for m in range(reducer.M)]
+        self.slot_grads = [Tensors(layout, reducer.slot(j)) for j in range(reducer.local_count)]
         self.stats = [SphereStats(i) for i in range(n_spheres)]
         self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
         self._acts = [Activations(be, cfg, batch_size, seq_len) for _ in range(n_spheres)]

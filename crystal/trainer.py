@@ -24,8 +24,9 @@ from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, NonFiniteError
 from crystal.model import ParamLayout, init_params
 from crystal.optim import AdamW, clip_scale, lr_at
-from crystal.reducer import GradientReducer, norm_of, tree_mean
+from crystal.reducer import GradientReducer, rank_ranges, tree_mean
 from crystal.spheres import SphereSystem
+from crystal.world import Comm
 
 
 @dataclass
@@ -75,13 +76,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
           on_start: Callable[[dict], None] | None = None,
           on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
           on_eval: Callable[[int, float], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None, comm: Comm | None = None) -> TrainResult:
     """Train from scratch, or continue from `resume`. `dataset` overrides cfg.data; `backend`
     overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one).
     `should_stop` is asked after every step (signals): when it says so, the run writes a
     resumable checkpoint and returns with `interrupted` set. A non-finite loss or gradient norm
     raises NonFiniteError before the step is applied (cfg.on_nonfinite "skip": the step's
-    update is skipped instead and logged)."""
+    update is skipped instead and logged).
+
+    With `comm` of R > 1 ranks every rank calls train() with the same arguments except
+    run_dir and the callbacks (rank 0's alone): each rank reads every batch (the iterator is
+    the same everywhere), computes its range of the step's micro-batches on its own spheres,
+    and the reducer's tree joins them; the optimizer then updates every rank's replica of the
+    parameters identically."""
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.val_fraction)
     if dataset.vocab_size != model_cfg.vocab_size:
@@ -101,7 +108,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
 
     layout = ParamLayout(model_cfg)
     params = be.to_device(resume.params if resume else init_params(model_cfg, cfg.seed))
-    reducer = GradientReducer(be, layout.size, cfg.micro_batches)
+    comm = comm if comm is not None else Comm()
+    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm)
     optimizer = AdamW(be, layout, cfg, reducer.chunks)
     first = 0
     if resume is not None:
@@ -112,6 +120,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         optimizer.t = resume.adam_t
         batches.set_state(resume.data)
         first = resume.step
+    if comm.size > 1:
+        comm.meet(_fingerprint(model_cfg, cfg, be.to_host(params), first))
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
     if run_dir is not None:
         if resume is None:
@@ -122,7 +132,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if on_start is not None:
         on_start({"params": layout.size, "tokens": len(dataset.train), "val_tokens": len(dataset.val),
                   "data": dataset.name, "steps": cfg.steps, "first": first, "last": last,
-                  "device": be.name, "config": cfg, "model": model_cfg})
+                  "device": be.name, "config": cfg, "model": model_cfg, "ranks": comm.size})
 
     losses: list[float] = []
     history: list[StepRecord] = []
@@ -136,10 +146,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                                         cfg.batch_size, cfg.seq_len) as spheres:
         for step in range(first, last):
             t0 = time.perf_counter()
-            micro = [batches.next_batch() for _ in range(cfg.micro_batches)]
-            loss = reducer.reduce_losses(spheres.step(micro))
+            micro = [batches.next_batch() for _ in range(cfg.micro_batches)]  # all, on every rank
+            loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop]))
+            norm = reducer.reduce(spheres.map)
             n_chunks = len(reducer.chunks)
-            norm = norm_of(spheres.map(n_chunks, lambda i, c: reducer.reduce_chunk(c)))
             done = step + 1
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 if cfg.on_nonfinite == "stop":
@@ -162,7 +172,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             if on_step is not None:
                 on_step(rec, spheres)
             if val and (done % cfg.eval_every == 0 or done == cfg.steps):
-                val_loss = tree_mean(spheres.evaluate(val))
+                share = rank_ranges(len(val), comm.size)[comm.rank]
+                val_loss = tree_mean(reducer.gather(spheres.evaluate(val[share.start:share.stop]), len(val)))
                 val_losses.append((done, val_loss))
                 if run_dir is not None:
                     run_dir.log({"step": done, "val_loss": val_loss, "eval_batches": len(val)})
@@ -170,6 +181,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                     on_eval(done, val_loss)
             due = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
             interrupted = should_stop is not None and should_stop()
+            if comm.size > 1:  # every rank stops after the same step
+                interrupted = comm.any(interrupted)
             stopping = (done == last and last < cfg.steps) or (interrupted and done < cfg.steps)
             if run_dir is not None and (due or stopping):  # --stop-at and signals leave a checkpoint
                 state = TrainState(done, be.to_host(params), be.to_host(optimizer.m),
@@ -193,6 +206,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         "tokens_per_s": cfg.tokens_per_step * len(losses) / wall if wall > 0 else 0.0,
         "ms_per_step": 1e3 * wall / n,
     }
+    if comm.size > 1:
+        root.update(ranks=comm.size, comm_s=comm.seconds, comm_ms_per_step=1e3 * comm.seconds / n)
     finished = last == cfg.steps
     if run_dir is not None:
         run_dir.write_spheres({"root": root, "spheres": sphere_summary})
@@ -202,6 +217,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     return TrainResult(model_cfg, cfg, host_params, losses, sphere_summary, root, dataset.name,
                        wall, str(run_dir.path) if run_dir else None, history, val_losses,
                        finished, checkpoint, interrupted and not finished, skipped)
+
+
+def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, params, first: int) -> int:
+    """What every rank must agree on: the model, the computation's config, the parameters."""
+    import zlib
+
+    what = dataclasses.replace(cfg, spheres=1, log_every=1, out=None, stop_at=None)
+    text = repr((model_cfg, what, first)).encode()
+    return zlib.crc32(np.ascontiguousarray(params).view(np.uint8), zlib.crc32(text))
 
 
 def _latest(run_dir: RunDir | None) -> str | None:

@@ -22,9 +22,10 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def get_backend(device: str = "auto", precision: str = "fp32"):
+def get_backend(device: str = "auto", precision: str = "fp32", gpu: int = 0):
     """The backend for 'cpu', 'cuda' or 'auto'. precision fp32|tf32 applies to cuda matmuls
-    (the cpu backend always computes in fp32)."""
+    (the cpu backend always computes in fp32); gpu is the CUDA device index (a rank's
+    LOCAL_RANK)."""
     if precision not in PRECISIONS:
         raise CrystalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = resolve_device(device)
@@ -37,4 +38,4 @@ def get_backend(device: str = "auto", precision: str = "fp32"):
         raise CrystalError(f"--device cuda: {reason}")
     from crystal.backends.cuda import CudaBackend
 
-    return CudaBackend(precision)
+    return CudaBackend(precision, gpu=gpu)

@@ -42,13 +42,22 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, precision: str = "fp32", block: int = BLOCK, *, array_module=None,
+    def __init__(self, precision: str = "fp32", block: int = BLOCK, *, gpu: int = 0, array_module=None,
                  launcher=None):
-        """array_module and launcher replace cupy and the RawKernels: the tests run this
-        backend's host code with numpy arrays and the CPU-emulated kernels."""
+        """gpu: the device index (every thread of this backend uses it). array_module and
+        launcher replace cupy and the RawKernels: the tests run this backend's host code with
+        numpy arrays and the CPU-emulated kernels."""
+        self._device = None
         if array_module is None:
             import cupy
 
+            n = cupy.cuda.runtime.getDeviceCount()
+            if not 0 <= gpu < n:
+                from crystal.errors import CrystalError
+
+                raise CrystalError(f"GPU {gpu} (LOCAL_RANK) does not exist: this machine has {n}")
+            self._device = cupy.cuda.Device(gpu)
+            self._device.use()  # the root thread's device; spheres enter it in sphere_context
             array_module = cupy
             _set_tf32(precision == "tf32")
             fns = {name: _module(k.file).get_function(name) for name, k in KERNELS.items()}
@@ -82,10 +91,11 @@ class CudaBackend:
     @contextlib.contextmanager
     def sphere_context(self, index: int):
         """Run the calling thread's work on sphere `index`'s own non-blocking stream."""
-        if index not in self._streams:
-            self._streams[index] = self.cp.cuda.Stream(non_blocking=True)
-        with self._streams[index]:
-            yield
+        with self._device if self._device is not None else contextlib.nullcontext():
+            if index not in self._streams:
+                self._streams[index] = self.cp.cuda.Stream(non_blocking=True)
+            with self._streams[index]:
+                yield
 
     def record_event(self):
         ev = self.cp.cuda.Event(disable_timing=True)

@@ -1,0 +1,269 @@
+"""Ranks: which process of a multi-process run this is, and how the processes talk.
+
+`discover()` reads the launcher's environment (mpiexec/mpirun, srun, torchrun-style
+variables). A process with none of them is a world of one and imports no MPI. `connect()`
+returns the transport for the run's device:
+
+- cpu: MPI through mpi4py, host buffers (one collective call per step on a flat buffer);
+- cuda: NCCL through `cupyx.distributed` when every rank has its own GPU, otherwise MPI with
+  the buffer staged through host memory.
+
+Every collective runs under a watchdog: if the other ranks do not answer within the timeout
+(a rank died, hangs, or was never started), this rank prints one line and exits with
+EXIT_RANK_FAILURE, so no rank waits forever. Launchers end the other ranks themselves when
+one exits early (mpiexec, srun); the watchdog covers the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from crystal.errors import CrystalError
+
+EXIT_RANK_FAILURE = 4
+DEFAULT_TIMEOUT_S = 60.0
+STARTUP_TIMEOUT_S = 600.0  # the first meeting waits for every rank's imports, data and kernels
+
+# (rank, size, local rank) variables of each launcher, in the order they are tried
+LAUNCHERS = (
+    ("mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+    ("mpi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH / Intel MPI (hydra)
+    ("mpi", "PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),  # PMIx launchers
+    ("slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),  # srun (a step, not sbatch)
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    launcher: str = "single"
+    master_addr: str | None = None  # torchrun-style rendezvous (NCCL), when given
+    master_port: int | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    raw = env[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise CrystalError(f"launcher variable {name}={raw!r} is not an integer") from None
+
+
+def discover(env: Mapping[str, str] | None = None) -> World:
+    """This process's place in the run, from the first launcher whose variables are set."""
+    env = os.environ if env is None else env
+    for launcher, rank_var, size_var, local_var in LAUNCHERS:
+        if rank_var in env and size_var in env:
+            rank, size = _int(env, rank_var), _int(env, size_var)
+            local = _int(env, local_var) if local_var in env else 0
+            if size < 1 or not 0 <= rank < size or local < 0:
+                raise CrystalError(f"launcher variables {rank_var}={rank}, {size_var}={size}: "
+                                   "need 0 <= rank < size")
+            port = env.get("MASTER_PORT")
+            if port is not None and not port.isdigit():
+                raise CrystalError(f"MASTER_PORT={port!r} is not a port number")
+            return World(rank, size, local, launcher, env.get("MASTER_ADDR"),
+                         int(port) if port else None)
+    return World()
+
+
+# --- the watchdog ----------------------------------------------------------------------------
+
+class Watchdog:
+    """Ends the process when a collective outlives its deadline (a daemon thread, armed per call)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._what = ""
+        self._timeout = 0.0
+        threading.Thread(target=self._run, name="crystal-watchdog", daemon=True).start()
+
+    def arm(self, what: str, timeout: float) -> None:
+        with self._cond:
+            self._deadline, self._what, self._timeout = time.monotonic() + timeout, what, timeout
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                sys.stderr.write(f"error: rank {self.rank}: no answer from the other ranks for "
+                                 f"{self._timeout:g} s during {self._what}; a rank failed or hangs\n")
+                sys.stderr.flush()
+                os._exit(EXIT_RANK_FAILURE)
+
+
+# --- transports ------------------------------------------------------------------------------
+
+class Comm:
+    """A world of one: every collective is the identity."""
+
+    def __init__(self, world: World = World(), timeout: float = DEFAULT_TIMEOUT_S):
+        self.world, self.timeout = world, timeout
+        self.rank, self.size = world.rank, world.size
+        self.seconds = 0.0  # time inside collectives (communication and waiting for peers)
+        self.calls = 0
+        self._watchdog = Watchdog(world.rank) if world.size > 1 else None
+
+    def _collective(self, what: str, fn, timeout: float | None = None):
+        t0 = time.perf_counter()
+        if self._watchdog is not None:
+            self._watchdog.arm(what, timeout or self.timeout)
+        try:
+            return fn()
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.disarm()
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+    # what the trainer calls
+    def allgather_rows(self, buf) -> None:
+        """buf[R * k, n]: rank r's rows k*r ... k*r+k-1 are filled; afterwards all are, everywhere."""
+
+    def allgather_values(self, values: np.ndarray) -> np.ndarray:
+        """float64 values[k] of every rank -> [R, k], in rank order."""
+        return np.asarray(values, dtype=np.float64).reshape(1, -1)
+
+    def meet(self, fingerprint: int) -> None:
+        """The first meeting of all ranks: fails when their configs or parameters differ."""
+        fps = self._collective("startup", lambda: self.allgather_values(np.array([float(fingerprint)])),
+                               STARTUP_TIMEOUT_S)
+        if np.any(fps != fps[0]):
+            raise CrystalError("ranks disagree on the run (config, data or initial parameters differ: "
+                               f"fingerprints {[int(f) for f in fps[:, 0]]})")
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on some rank."""
+        return bool(np.any(self.allgather_values(np.array([1.0 if flag else 0.0]))))
+
+    def abort(self, code: int) -> None:
+        """End every rank now (a failure on this one)."""
+        os._exit(code)
+
+
+class MpiComm(Comm):
+    """mpi4py on host buffers; cupy buffers are staged through host memory."""
+
+    def __init__(self, world: World, timeout: float = DEFAULT_TIMEOUT_S):
+        try:
+            from mpi4py import MPI
+        except ImportError as e:
+            raise CrystalError(f"{world.size} ranks need mpi4py and an MPI library "
+                               f"(pip install 'crystal[mpi]'): {e}") from None
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        if (self.comm.Get_rank(), self.comm.Get_size()) != (world.rank, world.size):
+            raise CrystalError(
+                f"the {world.launcher} variables say rank {world.rank} of {world.size}, MPI says "
+                f"{self.comm.Get_rank()} of {self.comm.Get_size()}: on the cpu, launch with mpiexec "
+                "or srun --mpi=pmi2 (torchrun-style variables alone start no MPI)")
+        super().__init__(world, timeout)
+
+    def allgather_rows(self, buf) -> None:
+        def run():
+            if isinstance(buf, np.ndarray):
+                self.comm.Allgather(self.MPI.IN_PLACE, buf)
+            else:  # a cupy array without NCCL: through the host
+                host = buf.get()
+                self.comm.Allgather(self.MPI.IN_PLACE, host)
+                buf.set(host)
+        self._collective("the gradient exchange", run)
+
+    def allgather_values(self, values: np.ndarray) -> np.ndarray:
+        v = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        out = np.empty((self.size, v.size), dtype=np.float64)
+        self._collective("an exchange of losses", lambda: self.comm.Allgather(v, out))
+        return out
+
+    def abort(self, code: int) -> None:
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+class NcclComm(Comm):
+    """NCCL through cupyx.distributed on device buffers, one GPU per rank."""
+
+    def __init__(self, world: World, timeout: float = DEFAULT_TIMEOUT_S, use_mpi: bool = False):
+        import cupy
+        import cupyx.distributed
+
+        super().__init__(world, timeout)
+        self.cp = cupy
+        where = {}  # torchrun-style MASTER_ADDR/PORT, else cupyx's defaults (or MPI, use_mpi)
+        if world.master_addr:
+            where["host"] = world.master_addr
+        if world.master_port:
+            where["port"] = world.master_port
+        self.nccl = self._collective("the NCCL rendezvous", lambda: cupyx.distributed.init_process_group(
+            world.size, world.rank, backend="nccl", use_mpi=use_mpi, **where), STARTUP_TIMEOUT_S)
+
+    def allgather_rows(self, buf) -> None:
+        k = buf.size // self.size
+        mine = buf.reshape(-1)[self.rank * k:(self.rank + 1) * k]  # in place: NCCL allows it
+
+        def run():
+            self.nccl.all_gather(mine, buf.reshape(-1), k)
+            self.cp.cuda.get_current_stream().synchronize()
+        self._collective("the gradient exchange", run)
+
+    def allgather_values(self, values: np.ndarray) -> np.ndarray:
+        v = self.cp.asarray(np.asarray(values, dtype=np.float64).reshape(-1))
+        out = self.cp.empty(self.size * v.size, dtype=self.cp.float64)
+
+        def run():
+            self.nccl.all_gather(v, out, v.size)
+            return self.cp.asnumpy(out).reshape(self.size, -1)
+        return self._collective("an exchange of losses", run)
+
+
+def connect(world: World, device: str, timeout: float = DEFAULT_TIMEOUT_S) -> Comm:
+    """The transport for this world and device (a world of one needs none)."""
+    if timeout <= 0 or not np.isfinite(timeout):
+        raise CrystalError(f"--comm-timeout must be a positive number of seconds, got {timeout}")
+    if world.size == 1:
+        return Comm(world, timeout)
+    if device == "cuda" and nccl_available():
+        launched_by_mpi = world.launcher in ("mpi", "slurm")
+        if launched_by_mpi or world.master_addr:
+            return NcclComm(world, timeout, use_mpi=launched_by_mpi and not world.master_addr)
+    return MpiComm(world, timeout)
+
+
+def nccl_available() -> bool:
+    """cupy with its NCCL library loaded (cupy warns, and sets available False, without one)."""
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from cupy.cuda import nccl
+        return bool(nccl.available)
+    except Exception:
+        return False
