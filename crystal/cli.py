@@ -103,8 +103,11 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm
 
 
 def comm_started() -> bool:
-    """Whether other ranks may be waiting on this one (MPI is up): then a failure must end them."""
-    return "mpi4py" in sys.modules or "cupyx.distributed" in sys.modules
+    """Whether other ranks may be waiting on this one (MPI or NCCL is up with peers): then a
+    failure must end them."""
+    if "mpi4py.MPI" in sys.modules:
+        return sys.modules["mpi4py.MPI"].COMM_WORLD.Get_size() > 1
+    return "cupyx.distributed" in sys.modules
 
 
 def _abort_ranks(world, e: BaseException) -> None:
@@ -112,13 +115,10 @@ def _abort_ranks(world, e: BaseException) -> None:
     message, code = error_exit(e)
     if message:
         click.echo(f"error: rank {world.rank}: {message}", err=True)
-    try:
-        from mpi4py import MPI
-
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(code)
-    except ImportError:
-        os._exit(code)
+    sys.stderr.flush()
+    if "mpi4py.MPI" in sys.modules:
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)  # the launcher ends the other ranks
+    os._exit(code)  # MPI_Abort may return before the launcher acts
 
 
 def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags):

@@ -163,10 +163,6 @@ class Comm:
         """True on every rank when it is True on some rank."""
         return bool(np.any(self.allgather_values(np.array([1.0 if flag else 0.0]))))
 
-    def abort(self, code: int) -> None:
-        """End every rank now (a failure on this one)."""
-        os._exit(code)
-
 
 class MpiComm(Comm):
     """mpi4py on host buffers; cupy buffers are staged through host memory."""
@@ -202,9 +198,6 @@ class MpiComm(Comm):
         self._collective("an exchange of losses", lambda: self.comm.Allgather(v, out))
         return out
 
-    def abort(self, code: int) -> None:
-        sys.stderr.flush()
-        self.comm.Abort(code)
 
 
 class NcclComm(Comm):

@@ -1,0 +1,158 @@
+"""Multi-process runs under mpiexec (the `mpi` extra: mpi4py + the mpich wheel): bitwise equal to
+one process, a killed rank ends the run, a 2-rank run resumes exactly."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mpi4py")
+MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on the PATH")
+
+TINY = ["train", "--preset", "tiny", "--device", "cpu", "--quiet", "--micro-batches", "12"]
+
+
+def crystal(*args) -> list[str]:
+    return [sys.executable, "-m", "crystal.cli", *args]
+
+
+def clean_env() -> dict:
+    """This test's environment without launcher variables from an outer launcher."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("PMI_", "OMPI_", "PMIX_", "SLURM_")) and k not in ("RANK", "WORLD_SIZE")}
+
+
+def run(cmd, timeout=300) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def mpirun(n: int, *args, timeout=300) -> subprocess.CompletedProcess:
+    return run([MPIEXEC, "-n", str(n), *crystal(*args)], timeout)
+
+
+def steps(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for k in ("elapsed", "ms_per_step", "tokens_per_s"):
+            rec.pop(k, None)
+        out.append(rec)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The one-process reference run."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    run(crystal(*TINY, "--spheres", "1", "--steps", "24", "--eval-every", "12", "--out", str(out)))
+    return out
+
+
+@pytest.mark.parametrize("ranks, spheres", [(2, 1), (4, 2)])
+def test_ranks_give_bitwise_the_single_process_run(single, tmp_path, ranks, spheres):
+    out = tmp_path / "run"
+    mpirun(ranks, *TINY, "--spheres", str(spheres), "--steps", "24", "--eval-every", "12", "--out", str(out))
+    assert (out / "model.safetensors").read_bytes() == (single / "model.safetensors").read_bytes()
+    assert steps(out) == steps(single)
+
+
+def test_only_rank_zero_prints_and_writes(tmp_path):
+    out = tmp_path / "run"
+    done = mpirun(2, *TINY, "--spheres", "1", "--steps", "4", "--out", str(out))
+    assert done.stdout.count("saved model:") == 1
+    assert json.loads((out / "spheres.json").read_text())["root"]["ranks"] == 2
+
+
+def test_resume_of_a_two_rank_run_equals_the_uninterrupted_run(single, tmp_path):
+    out = tmp_path / "run"
+    mpirun(2, *TINY, "--spheres", "1", "--steps", "24", "--eval-every", "12", "--checkpoint-every", "5",
+           "--stop-at", "10", "--out", str(out))
+    assert not (out / "model.safetensors").exists()
+    mpirun(2, "train", "--resume", str(out), "--quiet")
+    assert (out / "model.safetensors").read_bytes() == (single / "model.safetensors").read_bytes()
+    assert steps(out) == steps(single)
+
+
+def rank_pids(marker: str) -> dict[int, int]:
+    """{rank: pid} of the running crystal processes whose command line holds marker."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "PMI_RANK" in env and "crystal.cli" in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            found[int(env["PMI_RANK"])] = int(proc.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find a rank's pid")
+def test_a_killed_rank_ends_the_run_within_60_seconds(tmp_path):
+    out = tmp_path / "killed-run"
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", *crystal(*TINY, "--spheres", "1", "--steps", "100000",
+                                                          "--out", str(out))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or len(steps(out)) < 3:  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        pids = rank_pids(str(out))
+        assert set(pids) == {0, 1}
+        os.kill(pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert time.monotonic() - t0 < 60
+        assert "BAD TERMINATION" in stdout + stderr or "no answer from the other ranks" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"")  # rank 0 refuses to overwrite; rank 1 has no run dir
+    done = subprocess.run([MPIEXEC, "-n", "2", *crystal(*TINY, "--steps", "4", "--out", str(out))],
+                          capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert done.returncode != 0
+    assert f"error: rank 0: --out {out} already holds a run" in done.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find a rank's pid")
+def test_a_hung_rank_is_caught_by_the_watchdog_of_the_others(tmp_path):
+    out = tmp_path / "hung-run"
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", *crystal(*TINY, "--spheres", "1", "--steps", "100000",
+                                                          "--comm-timeout", "3", "--out", str(out))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or len(steps(out)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        os.kill(rank_pids(str(out))[1], signal.SIGSTOP)  # alive, but never answers again
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and time.monotonic() - t0 < 60
+        assert "error: rank 0: no answer from the other ranks for 3 s" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
