@@ -60,6 +60,14 @@ class Snapshot:
     recent_util: list[float] = field(default_factory=list)  # per sphere, over the last steps
 
 
+def where(info: dict, ring: bool = False) -> str:
+    """The device, and the ranks when there are several (the live view shows rank 0's ring)."""
+    ranks = info.get("ranks", 1)
+    if ranks == 1:
+        return info["device"]
+    return f"{info['device']} x {ranks} ranks" + (" (rank 0's ring)" if ring else "")
+
+
 def ring(spheres: list[dict], recent_util: list[float] | None = None, radius: int = 0):
     """The sphere ring around ROOT as rich Text: one marker `●<batches>` per sphere on a circle,
     colored by activity."""
@@ -154,8 +162,8 @@ class PlainView:
         c, m = info["config"], info["model"]
         self.steps = info["steps"]
         click.echo(f"crystal: preset {c.preset} ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
-                   f"vocab {m.vocab_size}, {info['params'] / 1e6:.2f}M params) on {info['device']} "
-                   f"with {c.spheres} spheres")
+                   f"vocab {m.vocab_size}, {info['params'] / 1e6:.2f}M params) on {where(info)} "
+                   f"with {c.spheres} spheres" + (" per rank" if info.get("ranks", 1) > 1 else ""))
         click.echo(f"data: {info['data']} ({info['tokens']:,} train / {info['val_tokens']:,} val tokens); "
                    f"{c.steps} steps x {c.micro_batches} micro-batches x {c.batch_size} x {c.seq_len} "
                    f"tokens; run: {self.out_dir}")
@@ -209,7 +217,7 @@ class LiveView:
 
         c = info["config"]
         with self._lock:
-            self.snap.preset, self.snap.device = c.preset, info["device"]
+            self.snap.preset, self.snap.device = c.preset, where(info, ring=True)
             self.snap.steps, self.snap.first, self.snap.step = info["steps"], info["first"], info["first"]
         self._live = Live(get_renderable=self._renderable, console=self.console,
                           refresh_per_second=self._refresh, transient=False)

@@ -237,16 +237,34 @@ class NcclComm(Comm):
 
 
 def connect(world: World, device: str, timeout: float = DEFAULT_TIMEOUT_S) -> Comm:
-    """The transport for this world and device (a world of one needs none)."""
+    """The transport for this world and device (a world of one needs none).
+
+    cuda: NCCL when every rank has a GPU of its own (LOCAL_RANK < GPUs on the node) and cupy
+    has NCCL; otherwise ranks share GPUs round-robin and exchange through host memory by MPI.
+    torchrun-style variables without an MPI launcher can only use NCCL."""
     if timeout <= 0 or not np.isfinite(timeout):
         raise CrystalError(f"--comm-timeout must be a positive number of seconds, got {timeout}")
     if world.size == 1:
         return Comm(world, timeout)
-    if device == "cuda" and nccl_available():
-        launched_by_mpi = world.launcher in ("mpi", "slurm")
-        if launched_by_mpi or world.master_addr:
-            return NcclComm(world, timeout, use_mpi=launched_by_mpi and not world.master_addr)
-    return MpiComm(world, timeout)
+    own_gpu = device == "cuda" and world.local_rank < gpu_count() and nccl_available()
+    if world.launcher == "torchrun" and device == "cuda":
+        if not own_gpu:
+            raise CrystalError(f"rank {world.rank}: torchrun-style launches on cuda need NCCL and one GPU "
+                               f"per rank (LOCAL_RANK {world.local_rank}, {gpu_count()} GPUs)")
+        return NcclComm(world, timeout)
+    mpi = MpiComm(world, timeout)
+    if device == "cuda" and bool(np.all(mpi.allgather_values(np.array([float(own_gpu)])))):
+        return NcclComm(world, timeout, use_mpi=world.master_addr is None)
+    return mpi
+
+
+def gpu_count() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
 
 
 def nccl_available() -> bool:

@@ -190,3 +190,84 @@ def test_comm_timeout_must_be_positive(tmp_path):
 
     assert main(["train", "--preset", "tiny", "--steps", "2", "--device", "cpu", "--quiet",
                  "--comm-timeout", "0", "--out", str(tmp_path / "r")]) == 2
+
+
+# --- the NCCL transport against cupyx.distributed's API, with a stand-in for the GPU -------------
+
+class FakeNcclBackend:
+    """cupyx.distributed's NCCLBackend as threads on numpy arrays (all_gather only)."""
+
+    def __init__(self, n_devices, rank, shared):
+        self.n, self.rank, self.shared = n_devices, rank, shared
+
+    def all_gather(self, in_array, out_array, count, stream=None):
+        assert in_array.size == count and out_array.size == count * self.n
+        board, barrier = self.shared.setdefault(("nccl", count), {}), self.shared["barrier"]
+        board[self.rank] = in_array.copy()  # NCCL allows in_array to be out_array's own slice
+        barrier.wait()
+        for r in range(self.n):
+            out_array[r * count:(r + 1) * count] = board[r]
+        barrier.wait()
+
+
+def fake_cupy_modules(shared, calls):
+    import types
+
+    cupy = types.ModuleType("cupy")
+    cupy.asarray, cupy.asnumpy, cupy.empty, cupy.float64 = np.asarray, np.asarray, np.empty, np.float64
+    cupy.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
+    dist = types.ModuleType("cupyx.distributed")
+
+    def init_process_group(n_devices, rank, *, backend="nccl", host=None, port=None, use_mpi=False):
+        calls.append(dict(n_devices=n_devices, rank=rank, backend=backend, host=host, port=port,
+                          use_mpi=use_mpi))
+        return FakeNcclBackend(n_devices, rank, shared)
+
+    dist.init_process_group = init_process_group
+    cupyx = types.ModuleType("cupyx")
+    cupyx.distributed = dist
+    return {"cupy": cupy, "cupyx": cupyx, "cupyx.distributed": dist}
+
+
+def test_nccl_transport_reduces_bitwise_like_one_process(monkeypatch):
+    from crystal.world import NcclComm
+
+    m, r = 12, 2
+    shared, calls = {"barrier": threading.Barrier(r)}, []
+    for name, mod in fake_cupy_modules(shared, calls).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    rng = np.random.default_rng(7)
+    grads, losses = rng.standard_normal((m, 3000)).astype(np.float32), list(rng.uniform(1, 5, m))
+    (g1, n1, l1), = run_ranks(m, 1, grads, losses)
+    be, out = CpuBackend(), [None] * r
+
+    def rank(i):
+        comm = NcclComm(World(i, r, i, "torchrun", "127.0.0.1", 29500), timeout=30)
+        red = GradientReducer(be, grads.shape[1], m, comm)
+        for j, mb in enumerate(red.owned):
+            red.slot(j)[...] = grads[mb]
+        loss = red.reduce_losses([losses[mb] for mb in red.owned])
+        norm = red.reduce()
+        out[i] = (red.grad.copy(), norm, loss)
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(r)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(c["rank"] for c in calls) == [0, 1]
+    assert all(c["host"] == "127.0.0.1" and c["port"] == 29500 and c["backend"] == "nccl" for c in calls)
+    for g, n, loss in out:
+        assert g.tobytes() == g1.tobytes() and n == n1 and loss == l1
+
+
+def test_nccl_calls_fit_the_installed_cupyx_distributed_api():
+    """The keyword names and argument counts crystal uses, bound to cupyx's real signatures."""
+    import inspect
+
+    dist = pytest.importorskip("cupyx.distributed")
+    from cupyx.distributed._nccl_comm import NCCLBackend
+
+    inspect.signature(dist.init_process_group).bind(2, 0, backend="nccl", use_mpi=False,
+                                                    host="127.0.0.1", port=29500)
+    inspect.signature(NCCLBackend.all_gather).bind(None, "in", "out", 10)

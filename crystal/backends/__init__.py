@@ -24,8 +24,8 @@ def resolve_device(device: str = "auto") -> str:
 
 def get_backend(device: str = "auto", precision: str = "fp32", gpu: int = 0):
     """The backend for 'cpu', 'cuda' or 'auto'. precision fp32|tf32 applies to cuda matmuls
-    (the cpu backend always computes in fp32); gpu is the CUDA device index (a rank's
-    LOCAL_RANK)."""
+    (the cpu backend always computes in fp32); gpu is a rank's LOCAL_RANK (its CUDA device,
+    modulo the devices present)."""
     if precision not in PRECISIONS:
         raise CrystalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = resolve_device(device)

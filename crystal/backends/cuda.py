@@ -51,12 +51,8 @@ class CudaBackend:
         if array_module is None:
             import cupy
 
-            n = cupy.cuda.runtime.getDeviceCount()
-            if not 0 <= gpu < n:
-                from crystal.errors import CrystalError
-
-                raise CrystalError(f"GPU {gpu} (LOCAL_RANK) does not exist: this machine has {n}")
-            self._device = cupy.cuda.Device(gpu)
+            # ranks beyond the node's GPUs share them round-robin (and exchange through the host)
+            self._device = cupy.cuda.Device(gpu % cupy.cuda.runtime.getDeviceCount())
             self._device.use()  # the root thread's device; spheres enter it in sphere_context
             array_module = cupy
             _set_tf32(precision == "tf32")
