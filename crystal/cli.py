@@ -181,10 +181,12 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
     if root:
         click.echo(format_summary(result))
     if result.interrupted:
-        name = signal.Signals(stop.signum).name
-        click.echo(f"interrupted by {name} after step {result.history[-1].step if result.history else '?'}; "
-                   f"checkpoint {result.checkpoint}; continue with: crystal train --resume {run_dir.path}", err=True)
-        raise SystemExit(128 + stop.signum)
+        signum = stop.signum or signal.SIGINT  # a rank may stop because another one was signalled
+        if root:
+            click.echo(f"interrupted by {signal.Signals(signum).name} after step "
+                       f"{result.history[-1].step if result.history else '?'}; checkpoint {result.checkpoint}; "
+                       f"continue with: crystal train --resume {run_dir.path}", err=True)
+        raise SystemExit(128 + signum)
     return comm
 
 

@@ -156,3 +156,24 @@ def test_a_hung_rank_is_caught_by_the_watchdog_of_the_others(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_sigint_to_mpiexec_stops_every_rank_after_one_step_with_a_checkpoint(tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", *crystal(*TINY, "--spheres", "1", "--steps", "100000",
+                                                          "--out", str(out))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or len(steps(out)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # mpiexec passes it on to every rank
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert "continue with: crystal train --resume" in stderr
+        assert len(list((out / "checkpoints").glob("step-*"))) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
