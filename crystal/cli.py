@@ -90,9 +90,8 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm
     from crystal.world import discover
 
     world = discover()
-    comm = None
     try:
-        comm = _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet,
+        _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet,
                       comm_timeout, flags)
     except SystemExit:  # an interrupted run: every rank agreed to stop after the same step
         raise
@@ -158,10 +157,10 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
                                  dataclasses.asdict(cfg))
     if print_config:
         click.echo(to_toml(model_cfg, cfg), nl=False)
-        return comm
+        return
     if dry_run:
         click.echo(format_dry_run(model_cfg, cfg))
-        return comm
+        return
     root = world.is_root  # rank 0 alone writes the run directory and prints
     if root and cfg.device == "auto" and (reason := cuda_unavailable_reason()) and not quiet:
         click.echo(f"device auto: training on cpu ({reason})")
@@ -187,7 +186,6 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
                        f"{result.history[-1].step if result.history else '?'}; checkpoint {result.checkpoint}; "
                        f"continue with: crystal train --resume {run_dir.path}", err=True)
         raise SystemExit(128 + signum)
-    return comm
 
 
 class StopSignals:

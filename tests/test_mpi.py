@@ -50,6 +50,26 @@ def steps(run_dir: Path) -> list[dict]:
     return out
 
 
+def start_long_run(out: Path, *extra) -> subprocess.Popen:
+    """A 2-rank run that would take hours, returned once it has logged 3 steps."""
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", *crystal(*TINY, "--spheres", "1", "--steps", "100000",
+                                                          "--out", str(out), *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or len(steps(out)) < 3:  # training is under way
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(proc.communicate())
+        time.sleep(0.1)
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The one-process reference run."""
@@ -104,14 +124,8 @@ def rank_pids(marker: str) -> dict[int, int]:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find a rank's pid")
 def test_a_killed_rank_ends_the_run_within_60_seconds(tmp_path):
     out = tmp_path / "killed-run"
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", *crystal(*TINY, "--spheres", "1", "--steps", "100000",
-                                                          "--out", str(out))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    proc = start_long_run(out)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.jsonl").exists() or len(steps(out)) < 3:  # training is under way
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
         pids = rank_pids(str(out))
         assert set(pids) == {0, 1}
         os.kill(pids[1], signal.SIGKILL)
@@ -121,9 +135,7 @@ def test_a_killed_rank_ends_the_run_within_60_seconds(tmp_path):
         assert time.monotonic() - t0 < 60
         assert "BAD TERMINATION" in stdout + stderr or "no answer from the other ranks" in stderr
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        finish(proc)
 
 
 def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
@@ -139,41 +151,25 @@ def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find a rank's pid")
 def test_a_hung_rank_is_caught_by_the_watchdog_of_the_others(tmp_path):
     out = tmp_path / "hung-run"
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", *crystal(*TINY, "--spheres", "1", "--steps", "100000",
-                                                          "--comm-timeout", "3", "--out", str(out))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    proc = start_long_run(out, "--comm-timeout", "3")
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.jsonl").exists() or len(steps(out)) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
         os.kill(rank_pids(str(out))[1], signal.SIGSTOP)  # alive, but never answers again
         t0 = time.monotonic()
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode != 0 and time.monotonic() - t0 < 60
         assert "error: rank 0: no answer from the other ranks for 3 s" in stderr
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        finish(proc)
 
 
 def test_sigint_to_mpiexec_stops_every_rank_after_one_step_with_a_checkpoint(tmp_path):
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", *crystal(*TINY, "--spheres", "1", "--steps", "100000",
-                                                          "--out", str(out))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    proc = start_long_run(out)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.jsonl").exists() or len(steps(out)) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
         proc.send_signal(signal.SIGINT)  # mpiexec passes it on to every rank
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 130, stderr
         assert "continue with: crystal train --resume" in stderr
         assert len(list((out / "checkpoints").glob("step-*"))) == 1
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        finish(proc)
