@@ -119,14 +119,16 @@ class ThreadComm(Comm):
         return np.stack(self._exchange("values", np.asarray(values, dtype=np.float64)))
 
 
-def run_ranks(m: int, r: int, grads: np.ndarray, losses: list[float]):
-    """Reduce per-micro-batch grads[m] and losses on r thread-ranks; each rank's (grad, norm, loss)."""
+def run_ranks(m: int, r: int, grads: np.ndarray, losses: list[float], make_comm=None):
+    """Reduce per-micro-batch grads[m] and losses on r thread-ranks; each rank's (grad, norm, loss).
+    make_comm(rank, shared) builds a rank's transport (default: ThreadComm)."""
     be = CpuBackend()
     shared = {"barrier": threading.Barrier(r)}
+    make_comm = make_comm or (lambda i, shared: ThreadComm(i, r, shared))
     out = [None] * r
 
     def rank(i):
-        red = GradientReducer(be, grads.shape[1], m, ThreadComm(i, r, shared))
+        red = GradientReducer(be, grads.shape[1], m, make_comm(i, shared))
         for j, mb in enumerate(red.owned):
             red.slot(j)[...] = grads[mb]
         loss = red.reduce_losses([losses[mb] for mb in red.owned])
@@ -210,9 +212,11 @@ class FakeNcclBackend:
         barrier.wait()
 
 
-def fake_cupy_modules(shared, calls):
+def fake_cupy_modules(calls, ranks: int):
+    """cupy and cupyx.distributed stand-ins for `ranks` thread-ranks; init calls go to calls."""
     import types
 
+    shared = {"barrier": threading.Barrier(ranks)}
     cupy = types.ModuleType("cupy")
     cupy.asarray, cupy.asnumpy, cupy.empty, cupy.float64 = np.asarray, np.asarray, np.empty, np.float64
     cupy.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
@@ -233,28 +237,14 @@ def test_nccl_transport_reduces_bitwise_like_one_process(monkeypatch):
     from crystal.world import NcclComm
 
     m, r = 12, 2
-    shared, calls = {"barrier": threading.Barrier(r)}, []
-    for name, mod in fake_cupy_modules(shared, calls).items():
+    calls = []
+    for name, mod in fake_cupy_modules(calls, r).items():
         monkeypatch.setitem(sys.modules, name, mod)
     rng = np.random.default_rng(7)
     grads, losses = rng.standard_normal((m, 3000)).astype(np.float32), list(rng.uniform(1, 5, m))
     (g1, n1, l1), = run_ranks(m, 1, grads, losses)
-    be, out = CpuBackend(), [None] * r
-
-    def rank(i):
-        comm = NcclComm(World(i, r, i, "torchrun", "127.0.0.1", 29500), timeout=30)
-        red = GradientReducer(be, grads.shape[1], m, comm)
-        for j, mb in enumerate(red.owned):
-            red.slot(j)[...] = grads[mb]
-        loss = red.reduce_losses([losses[mb] for mb in red.owned])
-        norm = red.reduce()
-        out[i] = (red.grad.copy(), norm, loss)
-
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(r)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = run_ranks(m, r, grads, losses,
+                    lambda i, _: NcclComm(World(i, r, i, "torchrun", "127.0.0.1", 29500), timeout=30))
     assert sorted(c["rank"] for c in calls) == [0, 1]
     assert all(c["host"] == "127.0.0.1" and c["port"] == 29500 and c["backend"] == "nccl" for c in calls)
     for g, n, loss in out:
