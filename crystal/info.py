@@ -24,7 +24,7 @@ def describe() -> dict[str, str]:
     out = {"crystal": crystal.__version__, "python": platform.python_version(),
            "platform": f"{platform.system()} {platform.machine()}", "cores": str(os.cpu_count())}
     for pkg in ("numpy", "numba", "click", "safetensors", "rich", "tokenizers", "torch", "cupy-cuda13x",
-                "cupy-cuda12x", "matplotlib"):
+                "cupy-cuda12x", "matplotlib", "mpi4py", "mpich"):
         out[pkg] = _version(pkg)
     blas = [f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, "
             f"{p.get('num_threads')} threads)" for p in threadpool_info() if p.get("user_api") == "blas"]
@@ -42,6 +42,11 @@ def describe() -> dict[str, str]:
         out["gpu"] = f"{props['name'].decode()} ({cupy.cuda.runtime.getDeviceCount()} device(s))"
     else:
         out["gpu"] = f"none ({reason})"
+    from crystal.world import discover
+
+    world = discover()
+    out["ranks"] = (f"rank {world.rank} of {world.size} ({world.launcher}, local rank {world.local_rank})"
+                    if world.size > 1 else "1 (no launcher variables)")
     nvcc = shutil.which("nvcc")
     if nvcc:
         try:
