@@ -173,3 +173,13 @@ def test_sigint_to_mpiexec_stops_every_rank_after_one_step_with_a_checkpoint(tmp
         assert len(list((out / "checkpoints").glob("step-*"))) == 1
     finally:
         finish(proc)
+
+
+def test_ranks_started_with_different_configs_refuse_to_train(tmp_path):
+    out = tmp_path / "mixed"
+    one = crystal(*TINY, "--steps", "4", "--out", str(out))
+    done = subprocess.run([MPIEXEC, "-n", "1", *one, "--seed", "1", ":", "-n", "1", *one, "--seed", "2"],
+                          capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert done.returncode != 0
+    assert "ranks disagree on the run" in done.stderr
+    assert not (out / "model.safetensors").exists()

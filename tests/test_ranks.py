@@ -261,3 +261,13 @@ def test_nccl_calls_fit_the_installed_cupyx_distributed_api():
     inspect.signature(dist.init_process_group).bind(2, 0, backend="nccl", use_mpi=False,
                                                     host="127.0.0.1", port=29500)
     inspect.signature(NCCLBackend.all_gather).bind(None, "in", "out", 10)
+
+
+def test_torchrun_variables_on_the_cpu_without_mpiexec_are_a_one_line_error(tmp_path):
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-m", "crystal.cli", "train", "--preset", "tiny", "--device", "cpu",
+                           "--steps", "2", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "mpi" in lines[0].lower()
