@@ -159,7 +159,8 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         click.echo(to_toml(model_cfg, cfg), nl=False)
         return
     if dry_run:
-        click.echo(format_dry_run(model_cfg, cfg))
+        if world.is_root:
+            click.echo(format_dry_run(model_cfg, cfg, world.size))
         return
     root = world.is_root  # rank 0 alone writes the run directory and prints
     if root and cfg.device == "auto" and (reason := cuda_unavailable_reason()) and not quiet:
@@ -229,11 +230,11 @@ def make_view(out_dir: Path, log_every: int, quiet: bool):
     return PlainView(out_dir, log_every)
 
 
-def format_dry_run(model_cfg, cfg) -> str:
+def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     from crystal.model import ParamLayout, flops_per_token, memory_estimate
 
     n = ParamLayout(model_cfg).size
-    mem = memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len)
+    mem = memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len, ranks)
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     mib = {k: f"{v / 2**20:,.1f} MiB" for k, v in mem.items()}
     return "\n".join([
@@ -243,7 +244,8 @@ def format_dry_run(model_cfg, cfg) -> str:
         f"tokens per step: {cfg.tokens_per_step:,} ({cfg.micro_batches} micro-batches x "
         f"{cfg.batch_size} x {cfg.seq_len})",
         f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",
-        f"memory: params {mib['params']} | grads ({cfg.micro_batches} slots) {mib['grads']} | "
+        f"memory{f' per rank ({ranks} ranks)' if ranks > 1 else ''}: params {mib['params']} | "
+        f"grads ({mem['grads'] // mem['params']} slots) {mib['grads']} | "
         f"AdamW moments {mib['adamw_moments']} | activations {mib['activations_per_sphere']} per "
         f"sphere x {cfg.spheres} = {mib['activations']} | total {mib['total']}",
     ])

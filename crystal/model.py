@@ -207,12 +207,20 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     return total + 4 * (B * cfg.n_head * T * T + B * T * 4 * cfg.n_embd)
 
 
-def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int) -> dict:
-    """Bytes of the training state by part: parameters, the reducer's gradient slots (one per
-    micro-batch), AdamW moments, activations of every sphere."""
+def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int,
+                    ranks: int = 1) -> dict:
+    """Bytes of one process's training state by part: parameters, the reducer's gradient slots
+    (one per micro-batch of its range, plus the exchanged roots of every rank when there are
+    several), AdamW moments, activations of every sphere. With ranks, the largest rank's."""
+    from crystal.reducer import split_tree
+
     P = ParamLayout(cfg).size * 4
     acts = activation_bytes(cfg, B, T)
-    parts = {"params": P, "grads": micro_batches * P, "adamw_moments": 2 * P,
+    split = split_tree(micro_batches, ranks)
+    slots = max(len(r) for r in split.ranges)
+    if ranks > 1:
+        slots += ranks * max(len(r) for r in split.roots)
+    parts = {"params": P, "grads": slots * P, "adamw_moments": 2 * P,
              "activations_per_sphere": acts, "activations": spheres * acts}
     parts["total"] = parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["activations"]
     return parts

@@ -271,3 +271,14 @@ def test_torchrun_variables_on_the_cpu_without_mpiexec_are_a_one_line_error(tmp_
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "mpi" in lines[0].lower()
+
+
+def test_memory_estimate_counts_a_ranks_own_slots_and_every_ranks_roots():
+    from crystal.config import resolve
+    from crystal.model import memory_estimate
+
+    model, cfg = resolve("tiny")
+    one = memory_estimate(model, 12, 1, cfg.batch_size, cfg.seq_len)
+    two = memory_estimate(model, 12, 1, cfg.batch_size, cfg.seq_len, ranks=2)
+    assert one["grads"] == 12 * one["params"]
+    assert two["grads"] == (6 + 2 * 2) * two["params"]  # 6 micro-batches + 2 roots of each rank
