@@ -146,22 +146,31 @@ class Comm:
     # what the trainer calls
     def allgather_rows(self, buf) -> None:
         """buf[R * k, n]: rank r's rows k*r ... k*r+k-1 are filled; afterwards all are, everywhere."""
+        self._collective("the gradient exchange", lambda: self._gather_rows(buf))
 
-    def allgather_values(self, values: np.ndarray) -> np.ndarray:
+    def allgather_values(self, values, what: str = "the exchange of losses",
+                         timeout: float | None = None) -> np.ndarray:
         """float64 values[k] of every rank -> [R, k], in rank order."""
-        return np.asarray(values, dtype=np.float64).reshape(1, -1)
+        v = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        return self._collective(what, lambda: self._gather_values(v), timeout)
 
     def meet(self, fingerprint: int) -> None:
         """The first meeting of all ranks: fails when their configs or parameters differ."""
-        fps = self._collective("startup", lambda: self.allgather_values(np.array([float(fingerprint)])),
-                               STARTUP_TIMEOUT_S)
+        fps = self.allgather_values(np.array([float(fingerprint)]), "the first meeting", STARTUP_TIMEOUT_S)
         if np.any(fps != fps[0]):
             raise CrystalError("ranks disagree on the run (config, data or initial parameters differ: "
                                f"fingerprints {[int(f) for f in fps[:, 0]]})")
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank."""
-        return bool(np.any(self.allgather_values(np.array([1.0 if flag else 0.0]))))
+        return bool(np.any(self.allgather_values(np.array([1.0 if flag else 0.0]), "the stop decision")))
+
+    # what a transport implements
+    def _gather_rows(self, buf) -> None:
+        pass
+
+    def _gather_values(self, v: np.ndarray) -> np.ndarray:
+        return v.reshape(1, -1)
 
 
 class MpiComm(Comm):
@@ -182,22 +191,18 @@ class MpiComm(Comm):
                 "or srun --mpi=pmi2 (torchrun-style variables alone start no MPI)")
         super().__init__(world, timeout)
 
-    def allgather_rows(self, buf) -> None:
-        def run():
-            if isinstance(buf, np.ndarray):
-                self.comm.Allgather(self.MPI.IN_PLACE, buf)
-            else:  # a cupy array without NCCL: through the host
-                host = buf.get()
-                self.comm.Allgather(self.MPI.IN_PLACE, host)
-                buf.set(host)
-        self._collective("the gradient exchange", run)
+    def _gather_rows(self, buf) -> None:
+        if isinstance(buf, np.ndarray):
+            self.comm.Allgather(self.MPI.IN_PLACE, buf)
+        else:  # a cupy array without NCCL: through the host
+            host = buf.get()
+            self.comm.Allgather(self.MPI.IN_PLACE, host)
+            buf.set(host)
 
-    def allgather_values(self, values: np.ndarray) -> np.ndarray:
-        v = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+    def _gather_values(self, v: np.ndarray) -> np.ndarray:
         out = np.empty((self.size, v.size), dtype=np.float64)
-        self._collective("an exchange of losses", lambda: self.comm.Allgather(v, out))
+        self.comm.Allgather(v, out)
         return out
-
 
 
 class NcclComm(Comm):
@@ -217,23 +222,17 @@ class NcclComm(Comm):
         self.nccl = self._collective("the NCCL rendezvous", lambda: cupyx.distributed.init_process_group(
             world.size, world.rank, backend="nccl", use_mpi=use_mpi, **where), STARTUP_TIMEOUT_S)
 
-    def allgather_rows(self, buf) -> None:
+    def _gather_rows(self, buf) -> None:
         k = buf.size // self.size
         mine = buf.reshape(-1)[self.rank * k:(self.rank + 1) * k]  # in place: NCCL allows it
+        self.nccl.all_gather(mine, buf.reshape(-1), k)
+        self.cp.cuda.get_current_stream().synchronize()
 
-        def run():
-            self.nccl.all_gather(mine, buf.reshape(-1), k)
-            self.cp.cuda.get_current_stream().synchronize()
-        self._collective("the gradient exchange", run)
-
-    def allgather_values(self, values: np.ndarray) -> np.ndarray:
-        v = self.cp.asarray(np.asarray(values, dtype=np.float64).reshape(-1))
+    def _gather_values(self, v: np.ndarray) -> np.ndarray:
+        dv = self.cp.asarray(v)
         out = self.cp.empty(self.size * v.size, dtype=self.cp.float64)
-
-        def run():
-            self.nccl.all_gather(v, out, v.size)
-            return self.cp.asnumpy(out).reshape(self.size, -1)
-        return self._collective("an exchange of losses", run)
+        self.nccl.all_gather(dv, out, v.size)
+        return self.cp.asnumpy(out).reshape(self.size, -1)
 
 
 def connect(world: World, device: str, timeout: float = DEFAULT_TIMEOUT_S) -> Comm:
@@ -253,7 +252,8 @@ def connect(world: World, device: str, timeout: float = DEFAULT_TIMEOUT_S) -> Co
                                f"per rank (LOCAL_RANK {world.local_rank}, {gpu_count()} GPUs)")
         return NcclComm(world, timeout)
     mpi = MpiComm(world, timeout)
-    if device == "cuda" and bool(np.all(mpi.allgather_values(np.array([float(own_gpu)])))):
+    every_own_gpu = mpi.allgather_values(np.array([float(own_gpu)]), "the choice of transport", STARTUP_TIMEOUT_S)
+    if device == "cuda" and bool(np.all(every_own_gpu)):
         return NcclComm(world, timeout, use_mpi=world.master_addr is None)
     return mpi
 

@@ -109,14 +109,14 @@ class ThreadComm(Comm):
         barrier.wait()
         return out
 
-    def allgather_rows(self, buf) -> None:
+    def _gather_rows(self, buf) -> None:
         k = buf.shape[0] // self.size
         rows = self._exchange("rows", buf[self.rank * k:(self.rank + 1) * k].copy())
         for r, x in enumerate(rows):
             buf[r * k:(r + 1) * k] = x
 
-    def allgather_values(self, values):
-        return np.stack(self._exchange("values", np.asarray(values, dtype=np.float64)))
+    def _gather_values(self, v):
+        return np.stack(self._exchange("values", v))
 
 
 def run_ranks(m: int, r: int, grads: np.ndarray, losses: list[float], make_comm=None):
@@ -172,6 +172,19 @@ def test_a_collective_with_no_answer_ends_the_rank_with_a_clear_message():
     assert done.stderr.strip().splitlines() == [
         "error: rank 0: no answer from the other ranks for 0.5 s during the gradient exchange; "
         "a rank failed or hangs"]
+
+
+def test_the_first_meeting_waits_longer_than_a_step():
+    code = ("import time, numpy as np\n"
+            "from crystal.world import Comm, World\n"
+            "class Slow(Comm):\n"
+            "    def _gather_values(self, v):\n"
+            "        time.sleep(1.5)\n"
+            "        return np.stack([v, v])\n"
+            "Slow(World(0, 2), timeout=0.5).meet(123)\n"
+            "print('met')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0 and done.stdout.strip() == "met", done.stderr
 
 
 def test_a_world_of_one_imports_no_mpi(tmp_path):
