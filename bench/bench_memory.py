@@ -10,7 +10,6 @@ activations of every sphere), the numbers `crystal train --dry-run` prints.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time

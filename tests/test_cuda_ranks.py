@@ -2,10 +2,8 @@
 its own GPU (mpiexec, or torchrun-style variables), MPI through host memory when ranks share
 one. Each must give bitwise the single-process cuda run."""
 
-import os
 import socket
 import subprocess
-import sys
 
 import pytest
 

@@ -1,7 +1,6 @@
 """No crash loses work: signals, kill -9, non-finite steps, failing spheres."""
 
 import json
-import os
 import random
 import signal
 import subprocess

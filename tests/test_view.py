@@ -1,7 +1,6 @@
 """The training view: the sphere ring, plain and quiet output, TOML configs, dry runs, plots."""
 
 import io
-import json
 import re
 import subprocess
 import sys
