@@ -219,7 +219,7 @@ def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, 
     split = split_tree(micro_batches, ranks)
     slots = max(len(r) for r in split.ranges)
     if ranks > 1:
-        slots += ranks * max(len(r) for r in split.roots)
+        slots += ranks * split.roots_per_rank  # the exchange buffer
     parts = {"params": P, "grads": slots * P, "adamw_moments": 2 * P,
              "activations_per_sphere": acts, "activations": spheres * acts}
     parts["total"] = parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["activations"]

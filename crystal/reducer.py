@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crystal.errors import CrystalError
+from crystal.world import Comm, rank_ranges
+
 CHUNKS = 48  # divides evenly among 1, 2, 3, 4, 6, 8, 12, 16, 24 or 48 spheres
 
 
@@ -38,11 +41,6 @@ def tree_pairs(n: int) -> list[tuple[int, int]]:
     return pairs
 
 
-def rank_ranges(n: int, ranks: int) -> list[range]:
-    """The contiguous share of n items (micro-batches, eval batches) of each rank."""
-    return [range(r * n // ranks, (r + 1) * n // ranks) for r in range(ranks)]
-
-
 @dataclass(frozen=True)
 class TreeSplit:
     """The fixed tree over M slots cut along rank ranges (slot indices are global)."""
@@ -51,6 +49,11 @@ class TreeSplit:
     local: list[list[tuple[int, int]]]  # per rank: additions inside its range, in tree order
     roots: list[list[int]]  # per rank: slots whose partial sums it sends, ascending
     top: list[tuple[int, int]]  # additions across ranges, in tree order (done by every rank)
+
+    @property
+    def roots_per_rank(self) -> int:
+        """Rows each rank contributes to the exchange: the most roots any rank sends."""
+        return max(len(r) for r in self.roots)
 
 
 def split_tree(n: int, ranks: int) -> TreeSplit:
@@ -95,12 +98,9 @@ class GradientReducer:
         self.be = be
         self.M = micro_batches
         self.size = size
-        self.comm = comm
-        ranks = comm.size if comm is not None else 1
-        rank = comm.rank if comm is not None else 0
+        self.comm = comm if comm is not None else Comm()
+        ranks, rank = self.comm.size, self.comm.rank
         if micro_batches < ranks:
-            from crystal.errors import CrystalError
-
             raise CrystalError(f"--micro-batches {micro_batches} is fewer than the {ranks} ranks; "
                                "every rank needs at least one micro-batch")
         self.split = split_tree(micro_batches, ranks)
@@ -113,7 +113,7 @@ class GradientReducer:
         if ranks > 1:
             # every rank's roots in a [R * k, size] buffer, rank r's at rows k r ...; the tree's
             # remaining additions are remapped onto those rows (slot 0 is row 0)
-            k = max(len(r) for r in self.split.roots)
+            k = self.split.roots_per_rank
             row = {i: r * k + j for r, rs in enumerate(self.split.roots) for j, i in enumerate(rs)}
             self.top = be.empty((ranks * k, size))
             self.top_pairs = _pair_array([(row[d], row[s]) for d, s in self.split.top])
@@ -164,20 +164,9 @@ class GradientReducer:
         self.comm.allgather_rows(self.top)
         return norm_of(map_chunks(n, lambda i, c: self._top_chunk(c)))  # phase B: the rest
 
-    def gather(self, local: list[float], n: int) -> list[float]:
-        """Per-item values (losses) of every rank's range of n items, in item order."""
-        if self.comm is None or self.comm.size == 1:
-            return list(local)
-        ranges = rank_ranges(n, self.comm.size)
-        width = max(len(r) for r in ranges)
-        padded = np.full(width, np.nan)
-        padded[:len(local)] = local
-        rows = self.comm.allgather_values(padded)
-        return [float(v) for r, rg in enumerate(ranges) for v in rows[r, :len(rg)]]
-
     def reduce_losses(self, losses: list[float]) -> float:
         """Mean micro-batch loss of the whole step, summed over the same tree."""
-        return tree_mean(self.gather(losses, self.M))
+        return tree_mean(self.comm.gather(losses, self.M))
 
 
 def _pair_array(pairs: list[tuple[int, int]]) -> np.ndarray:

@@ -24,7 +24,7 @@ from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, NonFiniteError
 from crystal.model import ParamLayout, init_params
 from crystal.optim import AdamW, clip_scale, lr_at
-from crystal.reducer import GradientReducer, rank_ranges, tree_mean
+from crystal.reducer import GradientReducer, tree_mean
 from crystal.spheres import SphereSystem
 from crystal.world import Comm
 
@@ -172,8 +172,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             if on_step is not None:
                 on_step(rec, spheres)
             if val and (done % cfg.eval_every == 0 or done == cfg.steps):
-                share = rank_ranges(len(val), comm.size)[comm.rank]
-                val_loss = tree_mean(reducer.gather(spheres.evaluate(val[share.start:share.stop]), len(val)))
+                share = comm.share(len(val))
+                val_loss = tree_mean(comm.gather(spheres.evaluate(val[share.start:share.stop]), len(val)))
                 val_losses.append((done, val_loss))
                 if run_dir is not None:
                     run_dir.log({"step": done, "val_loss": val_loss, "eval_batches": len(val)})

@@ -81,6 +81,11 @@ def discover(env: Mapping[str, str] | None = None) -> World:
     return World()
 
 
+def rank_ranges(n: int, ranks: int) -> list[range]:
+    """The contiguous share of n items (micro-batches, eval batches) of each rank."""
+    return [range(r * n // ranks, (r + 1) * n // ranks) for r in range(ranks)]
+
+
 # --- the watchdog ----------------------------------------------------------------------------
 
 class Watchdog:
@@ -160,6 +165,20 @@ class Comm:
         if np.any(fps != fps[0]):
             raise CrystalError("ranks disagree on the run (config, data or initial parameters differ: "
                                f"fingerprints {[int(f) for f in fps[:, 0]]})")
+
+    def share(self, n: int) -> range:
+        """This rank's items of n (its range of the step's micro-batches, of the eval batches)."""
+        return rank_ranges(n, self.size)[self.rank]
+
+    def gather(self, local: list[float], n: int) -> list[float]:
+        """Per-item values (losses) of every rank's share of n items, in item order."""
+        if self.size == 1:
+            return list(local)
+        ranges = rank_ranges(n, self.size)
+        padded = np.full(max(len(r) for r in ranges), np.nan)
+        padded[:len(local)] = local
+        rows = self.allgather_values(padded)
+        return [float(v) for r, rg in enumerate(ranges) for v in rows[r, :len(rg)]]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank."""

@@ -11,8 +11,8 @@ import pytest
 
 from crystal.backends.cpu import CpuBackend
 from crystal.errors import CrystalError
-from crystal.reducer import GradientReducer, rank_ranges, split_tree, tree_pairs
-from crystal.world import EXIT_RANK_FAILURE, Comm, World, discover
+from crystal.reducer import GradientReducer, split_tree, tree_pairs
+from crystal.world import EXIT_RANK_FAILURE, Comm, World, discover, rank_ranges
 
 
 # --- discovery ---------------------------------------------------------------------------------
