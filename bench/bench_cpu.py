@@ -12,12 +12,13 @@ process with torch.set_num_threads(--threads) and does the whole step's batch in
 forward/backward (its fastest way; attention through scaled_dot_product_attention, as
 nanoGPT). `--crystal-batch B` adds a third side: crystal with the same step batch cut into
 micro-batches of B sequences (M = step sequences / B): fewer, larger matmuls per sphere, the
-same model, data, optimizer and step. Each measurement is a fresh subprocess (so each side's peak RSS is its own), the two
-sides alternate for --rounds rounds, and the first --warmup-steps steps of each are not timed.
+same model, data, optimizer and step. Each measurement is a fresh subprocess (so each side's
+peak RSS is its own), the two sides alternate for --rounds rounds, and the first --warmup-steps
+steps of each are not timed.
 
-Model FLOPs per token: 6 * (parameters - position embeddings) + 12 * n_layer * T * C (the
-PaLM convention; the tied LM head counts once). The sgemm peak is NumPy's float32 matmul of
-large matrices with the same thread count, measured by this script.
+Model FLOPs per token: 6 * (parameters - position embeddings) + 12 * n_layer * T * C (the PaLM
+convention; the tied LM head counts once). The sgemm peak is NumPy's float32 matmul of large
+matrices with the same thread count, measured by this script.
 """
 
 from __future__ import annotations
