@@ -2,6 +2,7 @@
 
 Usage (on a machine with an NVIDIA GPU, from the repository root):
     PYTHONPATH=. python3 bench/bench_gpu.py [--preset shakespeare-char] [--steps 30] [--json OUT]
+                                            [--batch-size B --micro-batches M]
 
 Both sides train the same GPT-2 config from the same initial parameters with the same batch
 (M micro-batches of B x T tokens a step), AdamW and gradient clipping, in one process,
@@ -96,17 +97,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup-steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch [preset's]")
+    ap.add_argument("--micro-batches", type=int, default=None, help="micro-batches per step [preset's]")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import cupy as cp
 
     device = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    model_cfg, _ = resolve(args.preset)
+    model_cfg, cfg = resolve(args.preset, train_overrides={"batch_size": args.batch_size,
+                                                           "micro_batches": args.micro_batches})
     fpt = flops_per_token(model_cfg)
     rows = []
     for precision in ("fp32", "tf32"):
         peak = matmul_peak(precision)
-        ov = {"spheres": args.spheres, "precision": precision}
+        ov = {"spheres": args.spheres, "precision": precision, "batch_size": args.batch_size,
+              "micro_batches": args.micro_batches}
         c_rates, t_rates = [], []
         for _ in range(args.rounds):
             c_rates.append(crystal_rate(args.preset, ov, args.steps, args.warmup_steps))
@@ -117,6 +122,7 @@ def main() -> None:
                      "torch_mfu": round(t * fpt / peak, 4), "matmul_peak_tflops": round(peak / 1e12, 1)})
         print(json.dumps(rows[-1]))
     out = {"device": device, "preset": args.preset, "spheres": args.spheres, "steps": args.steps,
+           "batch_size": cfg.batch_size, "micro_batches": cfg.micro_batches,
            "date": time.strftime("%Y-%m-%d"), "rows": rows}
     print(json.dumps(out, indent=2))
     if args.json:

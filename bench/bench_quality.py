@@ -2,10 +2,14 @@
 
 Usage: python bench/bench_quality.py [--preset small] [--spheres 2] [--steps 5000]
                                      [--eval-every 250] [--target 1.88] [--json OUT]
+                                     [--device cpu|cuda] [--precision fp32|tf32]
+                                     [--batch-size B --micro-batches M] [--max-seconds S]
 
 Trains the preset on the embedded corpus (last 10% held out, as nanoGPT) and prints one row per
 evaluation: step, tokens seen, seconds, train loss, val loss; then the first time the val loss
 reached --target (nanoGPT's CPU baseline for the small config is 1.88 nats per byte).
+--max-seconds stops training after the first step past that wall time (the rows so far stay);
+the JSON file is rewritten after every evaluation, so a run that is cut off still leaves it.
 """
 
 import argparse
@@ -24,13 +28,29 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--target", type=float, default=1.88)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--micro-batches", type=int, default=None)
+    ap.add_argument("--max-seconds", type=float, default=None)
     args = ap.parse_args()
-    over = dict(spheres=args.spheres, eval_every=args.eval_every, device="cpu")
-    if args.steps:
-        over["steps"] = args.steps
+    over = dict(spheres=args.spheres, eval_every=args.eval_every, device=args.device, precision=args.precision,
+                steps=args.steps, batch_size=args.batch_size, micro_batches=args.micro_batches)
     model_cfg, cfg = resolve(args.preset, train_overrides=over)
     t0 = time.perf_counter()
     losses, rows = [], []
+
+    def report(stopped_at=None) -> dict:
+        hit = next((r for r in rows if r["val_loss"] <= args.target), None)
+        out = {"preset": args.preset, "device": args.device, "precision": args.precision, "spheres": args.spheres,
+               "batch_size": cfg.batch_size, "micro_batches": cfg.micro_batches, "steps": cfg.steps,
+               "stopped_at": stopped_at, "target": args.target, "reached": hit,
+               "best": min(rows, key=lambda r: r["val_loss"]) if rows else None,
+               "final": rows[-1] if rows else None, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+        return out
 
     def on_step(rec, spheres):
         losses.append(rec.loss)
@@ -40,15 +60,14 @@ def main() -> None:
                "train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "val_loss": round(val, 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        report()
 
-    train(model_cfg, cfg, on_step=on_step, on_eval=on_eval)
-    hit = next((r for r in rows if r["val_loss"] <= args.target), None)
-    out = {"preset": args.preset, "spheres": args.spheres, "steps": cfg.steps, "target": args.target,
-           "reached": hit, "final": rows[-1] if rows else None, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    def out_of_time() -> bool:
+        return bool(args.max_seconds) and time.perf_counter() - t0 > args.max_seconds
+
+    result = train(model_cfg, cfg, on_step=on_step, on_eval=on_eval, should_stop=out_of_time)
+    out = report(None if result.finished else len(result.losses))
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":
