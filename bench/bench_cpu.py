@@ -79,8 +79,9 @@ def run_crystal(preset: str, spheres: int, steps: int, warmup: int, batch: int |
     from crystal.config import resolve
     from crystal.trainer import train
 
+    # dropout off: the PyTorch side has none
     model_cfg, cfg = resolve(preset, train_overrides=dict(spheres=spheres, steps=steps, device="cpu",
-                                                          eval_every=0, **crystal_split(preset, batch)))
+                                                          eval_every=0, dropout=0.0, **crystal_split(preset, batch)))
     marks = []
     train(model_cfg, cfg, on_step=lambda rec, s: marks.append(time.perf_counter()))
     timed = marks[warmup:]

@@ -34,9 +34,10 @@ def flops_per_token(m) -> float:
 
 def matmul_peak(precision: str, n: int = 8192, reps: int = 10) -> float:
     import cupy as cp
-    from cupy._core import _routines_linalg as linalg
 
-    linalg.set_compute_type(linalg.COMPUTE_TYPE_TF32 if precision == "tf32" else linalg.COMPUTE_TYPE_PEDANTIC)
+    from crystal.backends.cuda import set_matmul_precision
+
+    set_matmul_precision(precision)
     a = cp.random.standard_normal((n, n), dtype=cp.float32)
     b = cp.random.standard_normal((n, n), dtype=cp.float32)
     c = cp.empty((n, n), dtype=cp.float32)
@@ -50,7 +51,8 @@ def matmul_peak(precision: str, n: int = 8192, reps: int = 10) -> float:
 
 
 def crystal_rate(preset, overrides, steps, warmup) -> float:
-    model_cfg, cfg = resolve(preset, train_overrides={**overrides, "device": "cuda", "steps": steps})
+    # dropout off: the PyTorch side has none
+    model_cfg, cfg = resolve(preset, train_overrides={**overrides, "device": "cuda", "steps": steps, "dropout": 0.0})
     marks = []
     train(model_cfg, cfg, on_step=lambda rec, s: marks.append(time.perf_counter()))
     timed = marks[warmup:]

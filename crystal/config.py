@@ -98,6 +98,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    dropout: float = 0.0  # residual dropout probability (crystal.dropout); training only
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 0  # 0: no evaluation; else every N steps and at the last step
@@ -139,7 +140,7 @@ PRESETS: dict[str, Preset] = {
     "shakespeare-char": Preset(
         ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),
         dict(batch_size=4, seq_len=256, micro_batches=16, steps=5000, lr=1e-3, warmup=100,
-             eval_every=250),
+             eval_every=250, dropout=0.2, beta2=0.99),
         "6 layers, 6 heads, 384 wide, T=256, 64 sequences a step (nanoGPT's shakespeare_char)",
     ),
 }
@@ -230,6 +231,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError(f"AdamW eps must be positive, got {t.eps}")
     if not (t.grad_clip >= 0) or t.grad_clip == float("inf"):
         raise CrystalError(f"--grad-clip must be >= 0 (0 disables), got {t.grad_clip}")
+    if not (0 <= t.dropout < 1):
+        raise CrystalError(f"--dropout must be in [0, 1), got {t.dropout}")
 
 
 # --- TOML files ---------------------------------------------------------------------------------

@@ -336,7 +336,13 @@ class BatchIterator:
                  vocab_size: int | None = None, what: str = "data"):
         tokens = np.asarray(tokens)
         self.B, self.T, self.seed = batch_size, seq_len, seed
-        self.n_windows = max(0, (len(tokens) - 1) // seq_len)
+        # Epoch e cuts the stream into windows at its own seeded phase in [0, T): window k starts
+        # at phase + k*T. Successive epochs then see differently aligned windows, not the same
+        # sequences again (which a model soon memorizes). Shifting costs the last window; a
+        # stream with no window to spare keeps phase 0.
+        whole = max(0, (len(tokens) - 1) // seq_len)
+        self.shifted = whole - 1 >= batch_size
+        self.n_windows = whole - 1 if self.shifted else whole
         self.batches_per_epoch = self.n_windows // batch_size
         if self.batches_per_epoch == 0:
             need = batch_size * seq_len + 1
@@ -351,16 +357,19 @@ class BatchIterator:
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
-    def _window_order(self, epoch: int) -> np.ndarray:
+    def _window_starts(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s window start offsets, in its shuffled order."""
         if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            rng = np.random.default_rng([self.seed, epoch])
+            phase = int(rng.integers(self.T)) if self.shifted else 0
+            self._order = phase + rng.permutation(self.n_windows) * self.T
             self._order_epoch = epoch
         return self._order
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         epoch, cursor = self.position.epoch, self.position.cursor
-        windows = self._window_order(epoch)[cursor * self.B:(cursor + 1) * self.B]
-        rows = self.tokens[(windows * self.T)[:, None] + self._offsets].astype(np.int32)
+        starts = self._window_starts(epoch)[cursor * self.B:(cursor + 1) * self.B]
+        rows = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
         cursor += 1
         if cursor == self.batches_per_epoch:
             epoch, cursor = epoch + 1, 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from crystal.config import ModelConfig
+from crystal.dropout import ATTENTION_PROJ, EMBEDDING, MLP_PROJ, Dropout
 
 
 # --- parameter layout ------------------------------------------------------------------------
@@ -228,22 +229,31 @@ def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, 
 
 # --- forward and backward ----------------------------------------------------------------------
 
-def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None):
-    """Logits into a.logits; with targets, also the mean cross-entropy (returned as a float)."""
+def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
+            drop: Dropout | None = None):
+    """Logits into a.logits; with targets, also the mean cross-entropy (returned as a float).
+    drop: this micro-batch's dropout (training only), applied in place to the embedding sum and
+    to each projection's output before it joins the residual stream."""
     B, T = idx.shape
     NH, eps = cfg.n_head, cfg.layer_norm_epsilon
     be.encoder_forward(a.encoded, idx, w.wte, w.wpe[:T])
+    if drop:
+        drop.apply(be, a.encoded, a.encoded, 0, EMBEDDING)
     x = a.encoded
     for l, p in enumerate(w.layers):
         be.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], x, p.ln1_w, p.ln1_b, eps)
         be.matmul_forward(a.qkv[l], a.ln1[l], p.qkv_w, p.qkv_b)
         be.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
         be.matmul_forward(a.attproj[l], a.atty[l], p.attproj_w, p.attproj_b)
+        if drop:  # attproj is not read by the backward, so it is dropped in place
+            drop.apply(be, a.attproj[l], a.attproj[l], l, ATTENTION_PROJ)
         be.residual_forward(a.res2[l], x, a.attproj[l])
         be.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.res2[l], p.ln2_w, p.ln2_b, eps)
         be.matmul_forward(a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
         be.gelu_forward(a.fch_gelu[l], a.fch[l])
         be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcproj_w, p.fcproj_b)
+        if drop:
+            drop.apply(be, a.fcproj[l], a.fcproj[l], l, MLP_PROJ)
         be.residual_forward(a.res3[l], a.res2[l], a.fcproj[l])
         x = a.res3[l]
     be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, w.lnf_w, w.lnf_b, eps)
@@ -254,8 +264,10 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None)
     return be.sum_losses(a.losses) / (B * T)
 
 
-def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, targets):
-    """Gradient of the mean loss of the last `forward(..., targets)` into every tensor of g.
+def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, targets,
+             drop: Dropout | None = None):
+    """Gradient of the mean loss of the last `forward(..., targets, drop)` into every tensor of
+    g (drop: the same as the forward's).
 
     Every gradient tensor is written (not accumulated), so g needs no zeroing beforehand."""
     B, T = idx.shape
@@ -268,16 +280,26 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
     for l in reversed(range(cfg.n_layer)):
         p, q = w.layers[l], g.layers[l]
         x = a.res3[l - 1] if l > 0 else a.encoded
-        # a.dres holds d res3[l]; res3 = res2 + fcproj
-        be.matmul_backward(a.dfch, q.fcproj_w, q.fcproj_b, a.dres, a.fch_gelu[l], p.fcproj_w)
+        # a.dres holds d res3[l]; res3 = res2 + drop(fcproj), so d fcproj = drop(d res3)
+        dproj = a.dres
+        if drop:  # a.dln is free until the c_fc backward writes it
+            dproj = a.dln
+            drop.apply(be, dproj, a.dres, l, MLP_PROJ)
+        be.matmul_backward(a.dfch, q.fcproj_w, q.fcproj_b, dproj, a.fch_gelu[l], p.fcproj_w)
         be.gelu_backward(a.dfch, a.fch[l], a.dfch)
         be.matmul_backward(a.dln, q.fc_w, q.fc_b, a.dfch, a.ln2[l], p.fc_w)
         be.layernorm_backward(a.dres, q.ln2_w, q.ln2_b, a.dln, a.res2[l], p.ln2_w, a.ln2_mean[l], a.ln2_rstd[l])
-        # a.dres holds d res2[l]; res2 = x + attproj
-        be.matmul_backward(a.datty, q.attproj_w, q.attproj_b, a.dres, a.atty[l], p.attproj_w)
+        # a.dres holds d res2[l]; res2 = x + drop(attproj)
+        dproj = a.dres
+        if drop:  # a.dln is free until the c_attn backward writes it
+            dproj = a.dln
+            drop.apply(be, dproj, a.dres, l, ATTENTION_PROJ)
+        be.matmul_backward(a.datty, q.attproj_w, q.attproj_b, dproj, a.atty[l], p.attproj_w)
         be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH)
         be.matmul_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
         be.layernorm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
+    if drop:  # encoded = drop(wte[idx] + wpe)
+        drop.apply(be, a.dres, a.dres, 0, EMBEDDING)
     be.encoder_backward(g.wte, g.wpe, a.dres, idx)
 
 
@@ -341,15 +363,17 @@ class GPT:
             raise ValueError(f"targets {targets.shape} must match idx {idx.shape}")
         return idx, targets
 
-    def loss_and_grads(self, idx, targets) -> tuple[float, dict]:
+    def loss_and_grads(self, idx, targets, drop: Dropout | None = None) -> tuple[float, dict]:
+        """Mean cross-entropy and its gradient per parameter name (with drop: under that
+        micro-batch's dropout masks)."""
         idx, targets = self._check_pair(idx, targets)
         be = self.backend
         a = self._activations(*idx.shape)
         gflat = be.empty(self.layout.size)
         grads = Tensors(self.layout, gflat)
         didx, dtgt = be.to_device(idx), be.to_device(targets)
-        loss = forward(be, self.config, self._tensors, a, didx, dtgt)
-        backward(be, self.config, self._tensors, grads, a, didx, dtgt)
+        loss = forward(be, self.config, self._tensors, a, didx, dtgt, drop)
+        backward(be, self.config, self._tensors, grads, a, didx, dtgt, drop)
         host = np.array(be.to_host(gflat), dtype=np.float32)
         return loss, {k: v.copy() for k, v in self.layout.views(host).items()}
 

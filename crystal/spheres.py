@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from crystal.config import ModelConfig
+from crystal.dropout import Dropout
 from crystal.errors import SphereFailure
 from crystal.model import Activations, ParamLayout, Tensors, backward, forward
 
@@ -107,12 +108,12 @@ class SphereSystem:
                     self.stats[i].active = False
                     self._done.put((i, e, None))
 
-    def _train_micro_batch(self, i: int, x, y, m: int) -> float:
+    def _train_micro_batch(self, i: int, x, y, m: int, drop: Dropout | None) -> float:
         be, stats, acts = self.be, self.stats[i], self._acts[i]
         stats.active = True
         x, y = be.to_device(x), be.to_device(y)
-        loss = forward(be, self.cfg, self.weights, acts, x, y)
-        backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y)
+        loss = forward(be, self.cfg, self.weights, acts, x, y, drop)
+        backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y, drop)
         stats.active = False
         stats.batches += 1
         stats.loss_sum += loss
@@ -124,12 +125,13 @@ class SphereSystem:
         return forward(be, self.cfg, self.weights, self._acts[i], be.to_device(x), be.to_device(y))
 
     # --- the root side ---
-    def step(self, batches: list) -> list[float]:
-        """Forward/backward of every micro-batch; gradients land in the reducer's slots.
-        Returns the per-micro-batch losses, in micro-batch order."""
+    def step(self, batches: list, drops: list[Dropout] | None = None) -> list[float]:
+        """Forward/backward of every micro-batch (with drops[m], its dropout, when given);
+        gradients land in the reducer's slots. Returns the per-micro-batch losses, in order."""
         if len(batches) != len(self.slot_grads):
             raise ValueError(f"{len(batches)} micro-batches for {len(self.slot_grads)} gradient slots")
-        return self.map(len(batches), lambda i, m: self._train_micro_batch(i, *batches[m], m))
+        return self.map(len(batches), lambda i, m: self._train_micro_batch(
+            i, *batches[m], m, drops[m] if drops else None))
 
     def evaluate(self, batches: list) -> list[float]:
         """Forward-only losses of any number of batches, spread over the spheres likewise."""

@@ -20,6 +20,7 @@ import numpy as np
 from crystal.backends import get_backend
 from crystal.checkpoint import RunDir, TrainState
 from crystal.config import ModelConfig, TrainConfig
+from crystal import dropout
 from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, NonFiniteError
 from crystal.model import ParamLayout, init_params
@@ -147,7 +148,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         for step in range(first, last):
             t0 = time.perf_counter()
             micro = [batches.next_batch() for _ in range(cfg.micro_batches)]  # all, on every rank
-            loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop]))
+            drops = dropout.for_step(cfg.dropout, cfg.seed, step, reducer.owned)
+            loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop], drops))
             norm = reducer.reduce(spheres.map)
             n_chunks = len(reducer.chunks)
             done = step + 1

@@ -80,6 +80,7 @@ CASES = {
     "negative lr": (None, [*TRAIN, "--lr", "-1"]),
     "nan lr": (None, [*TRAIN, "--lr", "nan"]),
     "inf grad clip": (None, [*TRAIN, "--grad-clip", "inf"]),
+    "dropout of one": (None, [*TRAIN, "--dropout", "1"]),
     "n_embd not divisible": (None, [*TRAIN, "--n-embd", "30", "--n-head", "4"]),
     "seq_len above block": (None, [*TRAIN, "--seq-len", "64", "--block-size", "32"]),
     "negative warmup": (None, [*TRAIN, "--warmup", "-5"]),

@@ -68,6 +68,16 @@ def test_cuda_stream_count_does_not_change_the_result():
     assert runs[0].params.tobytes() == runs[1].params.tobytes() == runs[2].params.tobytes()
 
 
+def test_cuda_dropout_drops_what_the_cpu_drops_for_any_stream_count():
+    over = dict(steps=5, dropout=0.2)
+    model_cfg, cfg_cpu = resolve("tiny", train_overrides=dict(device="cpu", spheres=2, **over))
+    cpu = train(model_cfg, cfg_cpu)
+    runs = [train(model_cfg, resolve("tiny", train_overrides=dict(device="cuda", spheres=s, **over))[1])
+            for s in (1, 3)]
+    assert runs[0].losses == runs[1].losses and runs[0].params.tobytes() == runs[1].params.tobytes()
+    assert max(abs(x - y) / abs(x) for x, y in zip(cpu.losses, runs[0].losses)) <= 1e-4
+
+
 def test_tf32_precision_trains_close_to_fp32():
     model_cfg, cfg = resolve("tiny", train_overrides=dict(device="cuda", steps=5, precision="tf32"))
     _, cfg32 = resolve("tiny", train_overrides=dict(device="cuda", steps=5))

@@ -77,12 +77,27 @@ def test_emulated_cuda_backend_gradients_match_cpu(pair):
     assert err <= 1e-4, (worst, err)
 
 
-def test_emulated_cuda_training_follows_the_cpu_trajectory_for_any_sphere_count():
+def test_emulated_cuda_training_with_dropout_follows_the_cpu_trajectory_for_any_sphere_count():
     small = dict(n_layer=1, n_head=2, n_embd=16, block_size=8)  # emulation is slow: keep it tiny
-    model_cfg, cfg = resolve("tiny", small, dict(steps=2, spheres=3, micro_batches=3, batch_size=1))
+    model_cfg, cfg = resolve("tiny", small, dict(steps=2, spheres=3, micro_batches=3, batch_size=1,
+                                                 dropout=0.2))
     cpu_run = train(model_cfg, cfg)
     backend = EmulatedCudaBackend()
     one = train(model_cfg, dataclasses.replace(cfg, spheres=1), backend=backend)
     three = train(model_cfg, cfg, backend=backend)
     assert max(abs(x - y) / x for x, y in zip(cpu_run.losses, three.losses)) <= 1e-4
     assert one.losses == three.losses and one.params.tobytes() == three.params.tobytes()
+
+
+def test_matmul_precision_call_fits_the_installed_cupy_api(monkeypatch):
+    """cupy's set_compute_type is Cython, without a signature: its docstring names the arguments."""
+    linalg = pytest.importorskip("cupy._core._routines_linalg")
+    from crystal.backends.cuda import set_matmul_precision
+
+    n_params = len(linalg.set_compute_type.__doc__.split("(", 1)[1].split(")", 1)[0].split(","))
+    calls = []
+    monkeypatch.setattr(linalg, "set_compute_type", lambda *args: calls.append(args))
+    set_matmul_precision("tf32")
+    set_matmul_precision("fp32")
+    assert [len(c) for c in calls] == [n_params, n_params]
+    assert [c[-1] for c in calls] == [linalg.COMPUTE_TYPE_TF32, linalg.COMPUTE_TYPE_PEDANTIC]

@@ -37,12 +37,34 @@ def test_targets_are_inputs_shifted_by_one():
 
 
 def test_an_epoch_visits_every_full_batch_of_windows_once():
-    tokens = np.arange(10 * 4 + 3)  # 10 windows of T=4 (+1); batches of 3 -> 3 batches, 1 dropped
-    it = BatchIterator(tokens, batch_size=3, seq_len=4, seed=5)
+    tokens = np.arange(11 * 4 + 3)  # 11 windows of T=4 (+1), one spent on the phase shift;
+    it = BatchIterator(tokens, batch_size=3, seq_len=4, seed=5)  # batches of 3: 3, 1 dropped
     assert it.n_windows == 10 and it.batches_per_epoch == 3
     starts = [int(s) for _ in range(3) for s in it.next_batch()[0][:, 0]]
-    assert len(set(starts)) == 9 and all(s % 4 == 0 for s in starts)
+    assert len(set(starts)) == 9 and len({s % 4 for s in starts}) == 1
     assert it.state() == {"epoch": 1, "cursor": 0}
+
+
+def test_epochs_cut_the_stream_at_different_phases():
+    tokens = np.arange(64 * 16 + 1)
+    it = BatchIterator(tokens, batch_size=4, seq_len=16, seed=0)
+    phases = {int(it.next_batch()[0][0, 0]) % 16 for _ in range(20 * it.batches_per_epoch)}
+    assert len(phases) > 5
+
+
+def test_every_window_lies_inside_the_stream_whatever_the_phase():
+    for n in range(33, 120, 7):
+        tokens = np.arange(n)
+        it = BatchIterator(tokens, batch_size=2, seq_len=8, seed=n)
+        for _ in range(6 * it.batches_per_epoch):
+            x, y = it.next_batch()
+            assert int(y.max()) < n and np.array_equal(x[:, 1:], y[:, :-1])
+
+
+def test_a_stream_of_exactly_one_batch_keeps_phase_zero():
+    it = BatchIterator(np.arange(2 * 8 + 1), batch_size=2, seq_len=8, seed=0)
+    assert it.batches_per_epoch == 1
+    assert sorted(int(s) for s in it.next_batch()[0][:, 0]) == [0, 8]
 
 
 def test_each_epoch_has_its_own_seeded_order():

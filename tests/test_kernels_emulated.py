@@ -295,6 +295,23 @@ def test_residual_forward_emulated_matches_cpu(rng, block):
     assert rel_err(out, expected) <= TOL
 
 
+@pytest.mark.parametrize("block, in_place", [(32, True), (64, False)])
+@covers("dropout")
+def test_dropout_emulated_drops_the_elements_the_cpu_drops(rng, block, in_place):
+    from crystal.dropout import Dropout
+
+    n = N * C + 7
+    d = Dropout(0.3, 11, 4, 2)
+    key = d.key(1, 2)
+    inp = randn(rng, n)
+    out = inp.copy() if in_place else np.full(n, np.nan, np.float32)
+    gpu().launch("dropout", grid_1d(n, block), block, out, out if in_place else inp, key, d.threshold,
+                 d.scale, n)
+    expected = np.empty_like(inp)
+    be.dropout(expected, inp, key, d.threshold, d.scale)
+    assert out.tobytes() == expected.tobytes()
+
+
 # --- cross-entropy ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("block, in_place", [(32, True), (64, False)])

@@ -13,15 +13,29 @@ def torch_params(params: dict[str, np.ndarray], dtype=torch.float64) -> dict[str
     return {k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=True) for k, v in params.items()}
 
 
-def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray, sdpa: bool = False) -> torch.Tensor:
+def dropped(x: torch.Tensor, drop, layer: int, site: int) -> torch.Tensor:
+    """x times crystal's dropout multiplier (mask / (1 - p)) for that site, or x itself."""
+    if drop is None:
+        return x
+    from crystal.dropout import keep_mask
+
+    keep = keep_mask(drop.key(layer, site), drop.threshold, x.numel()).reshape(x.shape)
+    scale = torch.tensor(np.float32(drop.scale), dtype=x.dtype)
+    return torch.where(torch.as_tensor(keep, device=x.device), x * scale, torch.zeros((), dtype=x.dtype))
+
+
+def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray, sdpa: bool = False, drop=None) -> torch.Tensor:
     """Logits [B,T,V] of GPT-2 (pre-LN, tanh GELU, tied head) for token ids idx [B,T].
-    sdpa: attention through F.scaled_dot_product_attention (fused; what nanoGPT uses)."""
+    sdpa: attention through F.scaled_dot_product_attention (fused; what nanoGPT uses).
+    drop: a crystal.dropout.Dropout, applied where crystal applies it, with its masks."""
+    from crystal.dropout import ATTENTION_PROJ, EMBEDDING, MLP_PROJ
+
     dev = p["transformer.wte.weight"].device
     idx = idx.to(dev) if torch.is_tensor(idx) else torch.as_tensor(np.asarray(idx), dtype=torch.long, device=dev)
     B, T = idx.shape
     C, NH, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
     hs = C // NH
-    x = p["transformer.wte.weight"][idx] + p["transformer.wpe.weight"][:T]
+    x = dropped(p["transformer.wte.weight"][idx] + p["transformer.wpe.weight"][:T], drop, 0, EMBEDDING)
     mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     for l in range(cfg.n_layer):
         h = f"transformer.h.{l}."
@@ -35,17 +49,17 @@ def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray, sdpa: bool =
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
             y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
         y = y.transpose(1, 2).reshape(B, T, C)
-        x = x + y @ p[h + "attn.c_proj.weight"] + p[h + "attn.c_proj.bias"]
+        x = x + dropped(y @ p[h + "attn.c_proj.weight"] + p[h + "attn.c_proj.bias"], drop, l, ATTENTION_PROJ)
         y = F.layer_norm(x, (C,), p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps)
         y = F.gelu(y @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"], approximate="tanh")
-        x = x + y @ p[h + "mlp.c_proj.weight"] + p[h + "mlp.c_proj.bias"]
+        x = x + dropped(y @ p[h + "mlp.c_proj.weight"] + p[h + "mlp.c_proj.bias"], drop, l, MLP_PROJ)
     x = F.layer_norm(x, (C,), p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
     return x @ p["transformer.wte.weight"].T
 
 
-def torch_loss_and_grads(params, cfg, idx, targets, dtype=torch.float64):
+def torch_loss_and_grads(params, cfg, idx, targets, dtype=torch.float64, drop=None):
     p = torch_params(params, dtype)
-    logits = torch_forward(p, cfg, idx)
+    logits = torch_forward(p, cfg, idx, drop=drop)
     tg = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tg.reshape(-1))
     loss.backward()

@@ -207,6 +207,27 @@ def residual_forward(out, a, b):
         out[i] = a[i] + b[i]
 
 
+# --- dropout: out = inp * keep(key, i) * scale, the mask hash of crystal.dropout --------------
+
+U30, U27, U31, U32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
+GOLDEN_U64, MIX1_U64, MIX2_U64 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+@kernel
+def dropout(out, inp, key, threshold, scale):
+    # one op for both passes: the backward applies the forward's mask to the gradient
+    k, thr = np.uint64(key), np.uint64(threshold)
+    for i in range(out.size):
+        z = k + np.uint64(i + 1) * GOLDEN_U64
+        z = (z ^ (z >> U30)) * MIX1_U64
+        z = (z ^ (z >> U27)) * MIX2_U64
+        z ^= z >> U31
+        if (z >> U32) >= thr:
+            out[i] = inp[i] * scale
+        else:
+            out[i] = 0
+
+
 # --- fused softmax + cross-entropy over logits[N,V] --------------------------------------------
 
 @kernel
@@ -448,6 +469,9 @@ class CpuBackend:
 
     def residual_forward(self, out, a, b):
         residual_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1))
+
+    def dropout(self, out, inp, key, threshold, scale):
+        dropout(out.reshape(-1), inp.reshape(-1), key, threshold, inp.dtype.type(scale))
 
     def crossentropy_forward(self, losses, probs, logits, targets):
         crossentropy_forward(losses.reshape(-1), _rows(probs), _rows(logits), targets.reshape(-1))

@@ -55,7 +55,7 @@ class CudaBackend:
             self._device = cupy.cuda.Device(gpu % cupy.cuda.runtime.getDeviceCount())
             self._device.use()  # the root thread's device; spheres enter it in sphere_context
             array_module = cupy
-            _set_tf32(precision == "tf32")
+            set_matmul_precision(precision)
             fns = {name: _module(k.file).get_function(name) for name, k in KERNELS.items()}
 
             def launcher(name, grid, block, *args):
@@ -241,6 +241,9 @@ class CudaBackend:
     def residual_forward(self, out, a, b):
         self._launch("residual_forward", grid_1d(out.size, self.block), out, a, b, out.size)
 
+    def dropout(self, out, inp, key, threshold, scale):
+        self._launch("dropout", grid_1d(inp.size, self.block), out, inp, key, threshold, scale, inp.size)
+
     # --- loss ---
     def crossentropy_forward(self, losses, probs, logits, targets):
         V = logits.shape[-1]
@@ -302,11 +305,13 @@ class CudaBackend:
         return store[key][1]
 
 
-def _set_tf32(enabled: bool) -> None:
-    """cuBLAS compute type for float32 products: TF32 tensor cores, or pedantic fp32."""
+def set_matmul_precision(precision: str) -> None:
+    """cuBLAS compute type of cupy's float32 products, for the whole process: "tf32" (tensor
+    cores, 10-bit mantissa inputs) or "fp32" (CUBLAS_COMPUTE_32F_PEDANTIC: full fp32 throughout)."""
     from cupy._core import _routines_linalg as linalg
 
-    linalg.set_compute_type(linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_PEDANTIC)
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if precision == "tf32"
+                            else linalg.COMPUTE_TYPE_PEDANTIC)
 
 
 def unavailable_reason() -> str | None:

@@ -59,6 +59,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("gelu_forward", "gelu.cu", ("ptr", "ptr", "i32")),
     Kernel("gelu_backward", "gelu.cu", ("ptr", "ptr", "ptr", "i32")),
     Kernel("residual_forward", "residual.cu", ("ptr", "ptr", "ptr", "i32")),
+    # dropout.cu
+    Kernel("dropout", "dropout.cu", ("ptr", "ptr", "i64", "i64", "f32", "i32")),
     # crossentropy.cu
     Kernel("crossentropy_forward", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
     Kernel("crossentropy_backward", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),

@@ -18,7 +18,7 @@ FAMILIES = {
     "lm_head_forward": "matmul", "lm_head_backward": "matmul",
     "attention_forward": "attention", "attention_backward": "attention",
     "gelu_forward": "gelu", "gelu_backward": "gelu",
-    "residual_forward": "residual",
+    "residual_forward": "residual", "dropout": "dropout",
     "crossentropy_forward": "loss", "crossentropy_backward": "loss", "sum_losses": "loss",
     "add_inplace": "reducer", "scale_inplace": "reducer", "reduce_slots": "reducer",
     "sum_squares": "optimizer", "adamw_update": "optimizer",
