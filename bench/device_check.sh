@@ -4,16 +4,18 @@
 #   -> bench_quality.py on shakespeare-char with whatever wall time is left.
 # Usage (repository root, on the GPU machine): [SKIP_BENCH=1] bash bench/device_check.sh TOTAL_SECONDS
 # Logs and JSON land in $OUT (default /tmp/device-out). Wheels in .whl/ (mpi4py + mpich, for
-# mpiexec) are installed into /tmp/site first when present.
+# mpiexec) are installed under the prefix /tmp/site first when present (a prefix, not --target:
+# --target drops mpich's lib/libmpi.so.12), and mpi4py is pointed at that mpich, not at a
+# system Open MPI.
 set -u
 TOTAL=${1:-480}
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH LD_LIBRARY_PATH=/tmp/site/lib:${LD_LIBRARY_PATH:-} \
-                  MPI4PY_LIBMPI=/tmp/site/lib/libmpi.so.12  # mpich's, not a system Open MPI
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PWD:$(ls -d /tmp/site/lib/python3*/site-packages) PATH=/tmp/site/bin:$PATH \
+                  MPI4PY_LIBMPI=/tmp/site/lib/libmpi.so.12
 fi
 left() { echo $((TOTAL - SECONDS)); }
 step() { echo "=== $* (t=${SECONDS}s)"; }
