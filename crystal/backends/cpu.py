@@ -17,6 +17,9 @@ import numpy as np
 from numba import njit
 
 kernel = njit(nogil=True, cache=True, error_model="numpy")
+# For row reductions: lets LLVM reassociate sums so they vectorize (the order is still fixed by
+# the compiled code, so results stay bitwise reproducible on a machine; NaN/inf semantics kept).
+reduce_kernel = njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 # float32 constants keep the pointwise kernels in float32, so LLVM vectorizes them
@@ -57,7 +60,7 @@ def encoder_backward(dwte, dwpe, dout, idx):
 
 # --- layernorm over the last axis of inp[N,C] ------------------------------------------------
 
-@kernel
+@reduce_kernel
 def layernorm_forward(out, mean, rstd, inp, w, b, eps):
     N, C = inp.shape
     for i in range(N):
@@ -77,7 +80,7 @@ def layernorm_forward(out, mean, rstd, inp, w, b, eps):
         rstd[i] = s
 
 
-@kernel
+@reduce_kernel
 def layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd):
     # dnorm = w * dout;  dinp += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
     N, C = inp.shape
@@ -129,32 +132,50 @@ def bias_backward(dbias, dout):
 # The kernels below are the softmax and its backward over att[B,NH,T,T] rows, causal: row t
 # covers positions t2 <= t, the rest is zero.
 
+# The forward is three sweeps, like GELU's: numba has no SIMD exp, NumPy's float32 exp is one.
+
 @kernel
-def softmax_causal_forward(att, scale):
-    # att[..., t, :] <- softmax(scale * att[..., t, :t+1]) in place, zeros after t
+def softmax_causal_shift(att, scale):
+    # att[..., t, :] <- scale * (att[..., t, :] - max over t2 <= t) for t2 <= t, -inf after t
     B, NH, T, _ = att.shape
     for b in range(B):
         for h in range(NH):
             for t in range(T):
                 row = att[b, h, t]
-                maxv = -np.inf
+                maxv = row[0]
+                for t2 in range(1, t + 1):
+                    if row[t2] > maxv:
+                        maxv = row[t2]
                 for t2 in range(t + 1):
-                    v = row[t2] * scale
-                    if v > maxv:
-                        maxv = v
+                    row[t2] = (row[t2] - maxv) * scale
+                for t2 in range(t + 1, T):
+                    row[t2] = -np.inf
+
+
+@reduce_kernel
+def softmax_causal_normalize(att):
+    # att[..., t, :] <- att / sum over t2 <= t (a float64 sum in order); after t it is exp(-inf) = 0
+    B, NH, T, _ = att.shape
+    for b in range(B):
+        for h in range(NH):
+            for t in range(T):
+                row = att[b, h, t]
                 total = 0.0
                 for t2 in range(t + 1):
-                    e = math.exp(row[t2] * scale - maxv)
-                    row[t2] = e
-                    total += e
-                inv = 1.0 / total
+                    total += row[t2]
+                inv = row.dtype.type(1.0 / total)
                 for t2 in range(t + 1):
                     row[t2] *= inv
-                for t2 in range(t + 1, T):
-                    row[t2] = 0.0
 
 
-@kernel
+def softmax_causal_forward(att, scale):
+    """att[..., t, :] <- softmax(scale * att[..., t, :t+1]) in place, zeros after t."""
+    softmax_causal_shift(att, att.dtype.type(scale))
+    np.exp(att, out=att)
+    softmax_causal_normalize(att)
+
+
+@reduce_kernel
 def softmax_causal_backward(datt, att, scale):
     # datt <- scale * att * (datt - sum_t2 att * datt) in place (the gradient of the scores)
     B, NH, T, _ = att.shape
@@ -230,22 +251,41 @@ def dropout(out, inp, key, threshold, scale):
 
 # --- fused softmax + cross-entropy over logits[N,V] --------------------------------------------
 
+# Like the softmax: shift by the row max (numba), exp (NumPy's SIMD float32 exp), normalize.
+
 @kernel
-def crossentropy_forward(losses, probs, logits, targets):
-    # loss_i = logsumexp(logits_i) - logits_i[target_i]; probs may alias logits
+def crossentropy_shift(losses, probs, logits, targets):
+    # probs_i <- logits_i - max(logits_i);  losses_i <- -(shifted logit of the target)
     N, V = logits.shape
     for i in range(N):
-        maxv = -np.inf
-        for v in range(V):
+        maxv = logits[i, 0]
+        for v in range(1, V):
             if logits[i, v] > maxv:
                 maxv = logits[i, v]
+        losses[i] = maxv - logits[i, targets[i]]
+        for v in range(V):
+            probs[i, v] = logits[i, v] - maxv
+
+
+@reduce_kernel
+def crossentropy_normalize(losses, probs):
+    # probs_i = exp(shifted) / total;  loss_i = log(total) - shifted target = lse - logit target
+    N, V = probs.shape
+    for i in range(N):
         total = 0.0
         for v in range(V):
-            total += math.exp(logits[i, v] - maxv)
-        lse = maxv + math.log(total)
-        losses[i] = lse - logits[i, targets[i]]
+            total += probs[i, v]
+        losses[i] += math.log(total)
+        inv = probs.dtype.type(1.0 / total)
         for v in range(V):
-            probs[i, v] = math.exp(logits[i, v] - lse)
+            probs[i, v] *= inv
+
+
+def crossentropy_forward(losses, probs, logits, targets):
+    """loss_i = logsumexp(logits_i) - logits_i[target_i], probs = softmax(logits) (may alias)."""
+    crossentropy_shift(losses, probs, logits, targets)
+    np.exp(probs, out=probs)
+    crossentropy_normalize(losses, probs)
 
 
 @kernel
