@@ -9,10 +9,9 @@ masks it would have drawn. Both backends hash the same way, in 64-bit integer ar
     out[i] = inp[i] * (1 / (1 - p)) if kept else 0
 
 The same op serves forward and backward: the backward applies the forward's mask to the
-gradient. Sites follow nanoGPT's residual dropout: the embedding sum (layer 0, site 0), and the
-outputs of each layer's attention projection (site 1) and MLP projection (site 2). Attention
-probabilities are not dropped (a design choice: it keeps the fused attention kernels as they
-are); evaluation and sampling never drop.
+gradient. Sites follow nanoGPT: the embedding sum (layer 0, site 0), each layer's attention
+probabilities [B,NH,T,T] (site 3), and the outputs of its attention projection (site 1) and MLP
+projection (site 2) before they join the residual stream. Evaluation and sampling never drop.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import numpy as np
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
-EMBEDDING, ATTENTION_PROJ, MLP_PROJ = 0, 1, 2
+EMBEDDING, ATTENTION_PROJ, MLP_PROJ, ATTENTION_PROBS = 0, 1, 2, 3
 
 
 def splitmix64(z: int) -> int:
@@ -58,9 +57,13 @@ class Dropout:
             z = splitmix64(z ^ (part + GOLDEN))
         return z >> 1
 
+    def site(self, layer: int, site: int) -> tuple[int, int, float]:
+        """(key, threshold, scale): the arguments of a backend's dropout op at one site."""
+        return self.key(layer, site), self.threshold, self.scale
+
     def apply(self, be, out, inp, layer: int, site: int) -> None:
         """out = inp * mask * scale on backend be (out may be inp)."""
-        be.dropout(out, inp, self.key(layer, site), self.threshold, self.scale)
+        be.dropout(out, inp, *self.site(layer, site))
 
 
 def keep_mask(key: int, threshold: int, n: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from crystal.config import ModelConfig
-from crystal.dropout import ATTENTION_PROJ, EMBEDDING, MLP_PROJ, Dropout
+from crystal.dropout import ATTENTION_PROBS, ATTENTION_PROJ, EMBEDDING, MLP_PROJ, Dropout
 
 
 # --- parameter layout ------------------------------------------------------------------------
@@ -196,27 +196,28 @@ class _ShapeOnly:
         return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
 
-def activation_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+def activation_bytes(cfg: ModelConfig, B: int, T: int, dropout: bool = False) -> int:
     """Bytes of one sphere's Activations for [B, T] batches, plus the cpu backend's per-sphere
-    scratch (attention score gradients [B,NH,T,T], the GELU tanh buffer [B,T,4C])."""
+    scratch (attention score gradients [B,NH,T,T], the GELU tanh buffer [B,T,4C], and with
+    dropout the dropped attention probabilities [B,NH,T,T])."""
     acts = Activations(_ShapeOnly(), cfg, B, T)
     total = 0
     for v in vars(acts).values():
         for x in (v if isinstance(v, list) else [v]):
             if hasattr(x, "shape"):
                 total += math.prod(x.shape) * x.dtype.itemsize
-    return total + 4 * (B * cfg.n_head * T * T + B * T * 4 * cfg.n_embd)
+    return total + 4 * ((1 + dropout) * B * cfg.n_head * T * T + B * T * 4 * cfg.n_embd)
 
 
 def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int,
-                    ranks: int = 1) -> dict:
+                    ranks: int = 1, dropout: bool = False) -> dict:
     """Bytes of one process's training state by part: parameters, the reducer's gradient slots
     (one per micro-batch of its range, plus the exchanged roots of every rank when there are
     several), AdamW moments, activations of every sphere. With ranks, the largest rank's."""
     from crystal.reducer import split_tree
 
     P = ParamLayout(cfg).size * 4
-    acts = activation_bytes(cfg, B, T)
+    acts = activation_bytes(cfg, B, T, dropout)
     split = split_tree(micro_batches, ranks)
     slots = max(len(r) for r in split.ranges)
     if ranks > 1:
@@ -233,7 +234,8 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
             drop: Dropout | None = None):
     """Logits into a.logits; with targets, also the mean cross-entropy (returned as a float).
     drop: this micro-batch's dropout (training only), applied in place to the embedding sum and
-    to each projection's output before it joins the residual stream."""
+    to each projection's output before it joins the residual stream, and to the attention
+    probabilities inside the attention op (a.att keeps them undropped for the backward)."""
     B, T = idx.shape
     NH, eps = cfg.n_head, cfg.layer_norm_epsilon
     be.encoder_forward(a.encoded, idx, w.wte, w.wpe[:T])
@@ -243,7 +245,7 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     for l, p in enumerate(w.layers):
         be.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], x, p.ln1_w, p.ln1_b, eps)
         be.matmul_forward(a.qkv[l], a.ln1[l], p.qkv_w, p.qkv_b)
-        be.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH)
+        be.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, drop and drop.site(l, ATTENTION_PROBS))
         be.matmul_forward(a.attproj[l], a.atty[l], p.attproj_w, p.attproj_b)
         if drop:  # attproj is not read by the backward, so it is dropped in place
             drop.apply(be, a.attproj[l], a.attproj[l], l, ATTENTION_PROJ)
@@ -295,7 +297,7 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
             dproj = a.dln
             drop.apply(be, dproj, a.dres, l, ATTENTION_PROJ)
         be.matmul_backward(a.datty, q.attproj_w, q.attproj_b, dproj, a.atty[l], p.attproj_w)
-        be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH)
+        be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, drop and drop.site(l, ATTENTION_PROBS))
         be.matmul_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
         be.layernorm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
     if drop:  # encoded = drop(wte[idx] + wpe)

@@ -129,6 +129,26 @@ def test_attention_backward_matches_finite_differences(rng):
     assert_close(dqkv, numeric_grad(loss, qkv))
 
 
+def test_attention_backward_with_dropout_on_the_probabilities_matches_finite_differences(rng):
+    from crystal.dropout import Dropout
+
+    drop = Dropout(0.3, 1, 2, 0).site(0, 3)
+    qkv = rng.standard_normal((B, T, 3 * C))
+    R = rng.standard_normal((B, T, C))
+    out, att = np.empty((B, T, C)), np.empty((B, NH, T, T))
+
+    def loss():
+        be.attention_forward(out, att, qkv, NH, drop)
+        return float((out * R).sum())
+
+    plain = np.empty((B, T, C))
+    be.attention_forward(plain, np.empty((B, NH, T, T)), qkv, NH)
+    assert not np.allclose(plain, (loss(), out)[1])  # the mask changes the output
+    dqkv = np.full_like(qkv, np.nan)
+    be.attention_backward(dqkv, R, qkv, att, NH, drop)
+    assert_close(dqkv, numeric_grad(loss, qkv))
+
+
 def test_attention_is_causal(rng):
     qkv = rng.standard_normal((B, T, 3 * C))
     out1, out2, att = np.empty((B, T, C)), np.empty((B, T, C)), np.empty((B, NH, T, T))

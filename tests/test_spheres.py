@@ -80,10 +80,10 @@ class FailingBackend(CpuBackend):
         super().__init__()
         self.sphere = sphere
 
-    def attention_forward(self, out, att, qkv, n_head):
+    def attention_forward(self, out, att, qkv, n_head, drop=None):
         if threading.current_thread().name == f"sphere-{self.sphere}":
             raise ValueError("injected failure")
-        super().attention_forward(out, att, qkv, n_head)
+        super().attention_forward(out, att, qkv, n_head, drop)
 
 
 def test_an_exception_in_one_sphere_stops_the_run_with_that_error():

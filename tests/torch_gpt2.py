@@ -28,7 +28,9 @@ def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray, sdpa: bool =
     """Logits [B,T,V] of GPT-2 (pre-LN, tanh GELU, tied head) for token ids idx [B,T].
     sdpa: attention through F.scaled_dot_product_attention (fused; what nanoGPT uses).
     drop: a crystal.dropout.Dropout, applied where crystal applies it, with its masks."""
-    from crystal.dropout import ATTENTION_PROJ, EMBEDDING, MLP_PROJ
+    from crystal.dropout import ATTENTION_PROBS, ATTENTION_PROJ, EMBEDDING, MLP_PROJ
+
+    assert not (sdpa and drop), "dropout on the attention probabilities needs the explicit path"
 
     dev = p["transformer.wte.weight"].device
     idx = idx.to(dev) if torch.is_tensor(idx) else torch.as_tensor(np.asarray(idx), dtype=torch.long, device=dev)
@@ -47,7 +49,8 @@ def torch_forward(p: dict[str, torch.Tensor], cfg, idx: np.ndarray, sdpa: bool =
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
-            y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = dropped(att, drop, l, ATTENTION_PROBS) @ v
         y = y.transpose(1, 2).reshape(B, T, C)
         x = x + dropped(y @ p[h + "attn.c_proj.weight"] + p[h + "attn.c_proj.bias"], drop, l, ATTENTION_PROJ)
         y = F.layer_norm(x, (C,), p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps)

@@ -468,22 +468,32 @@ class CpuBackend:
         np.matmul(dl, wte, out=_rows(dinp))
         np.matmul(dl.T, _rows(inp), out=dwte)
 
-    def attention_forward(self, out, att, qkv, n_head):
+    def attention_forward(self, out, att, qkv, n_head, drop=None):
         q, k, v = _heads(qkv, n_head)  # [B,NH,T,hs] views of qkv, no copies
         np.matmul(q, k.transpose(0, 1, 3, 2), out=att)  # all T x T scores; the softmax masks
         softmax_causal_forward(att, 1.0 / math.sqrt(q.shape[-1]))
-        np.matmul(att, v, out=_merge_view(out, n_head))  # y = att v, heads written in place
+        np.matmul(self._dropped(att, drop), v, out=_merge_view(out, n_head))  # y = att v, in place
 
-    def attention_backward(self, dqkv, dout, qkv, att, n_head):
+    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None):
         q, k, v = _heads(qkv, n_head)
         dq, dk, dv = _heads(dqkv, n_head)
         dy = _merge_view(dout, n_head)
         datt = self._scratch("datt", att.shape, att.dtype)
         np.matmul(dy, v.transpose(0, 1, 3, 2), out=datt)  # d att = dy v^T
-        np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # d v = att^T dy
+        np.matmul(self._dropped(att, drop).transpose(0, 1, 3, 2), dy, out=dv)  # d v = att^T dy
+        if drop:
+            self.dropout(datt, datt, *drop)  # through the dropout: the same mask
         softmax_causal_backward(datt, att, 1.0 / math.sqrt(q.shape[-1]))  # -> d scores
         np.matmul(datt, k, out=dq)  # d q = d scores k
         np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # d k = d scores^T q
+
+    def _dropped(self, att, drop):
+        """att, or dropout(att) in a per-thread scratch buffer (recomputed by the backward)."""
+        if not drop:
+            return att
+        out = self._scratch("att_dropped", att.shape, att.dtype)
+        self.dropout(out, att, *drop)
+        return out
 
     def _scratch(self, key: str, shape, dtype=np.float32):
         """A per-thread buffer, allocated on first use for each (key, shape) and then reused."""

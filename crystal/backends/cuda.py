@@ -206,30 +206,40 @@ class CudaBackend:
         self._launch("attention_permute", grid_1d(q.size, self.block), q, k, v, qkv, B, T, n_head, hs)
         return q, k, v, B, T, hs
 
-    def attention_forward(self, out, att, qkv, n_head):
+    def attention_forward(self, out, att, qkv, n_head, drop=None):
         cp = self.cp
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
         y = self._scratch("y", q.shape)
         cp.matmul(q, k.transpose(0, 1, 3, 2), out=att)  # scores, scaled inside the softmax
         self._launch("softmax_causal_forward", grid_rows(B * n_head * T), att, att, B * n_head, T,
                      1.0 / math.sqrt(hs))
-        cp.matmul(att, v, out=y)
+        cp.matmul(self._dropped(att, drop), v, out=y)
         self._launch("attention_unpermute", grid_1d(y.size, self.block), out, y, B, T, n_head, hs)
 
-    def attention_backward(self, dqkv, dout, qkv, att, n_head):
+    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None):
         cp = self.cp
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
         dy, dq, dk, dv = (self._scratch(name, q.shape) for name in ("dy", "dq", "dk", "dv"))
         datt = self._scratch("datt", att.shape)
         self._launch("attention_unpermute_backward", grid_1d(dy.size, self.block), dy, dout, B, T, n_head, hs)
         cp.matmul(dy, v.transpose(0, 1, 3, 2), out=datt)
-        cp.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)
+        cp.matmul(self._dropped(att, drop).transpose(0, 1, 3, 2), dy, out=dv)
+        if drop:
+            self.dropout(datt, datt, *drop)  # through the dropout: the same mask
         self._launch("softmax_causal_backward", grid_rows(B * n_head * T), datt, datt, att,
                      B * n_head, T, 1.0 / math.sqrt(hs))
         cp.matmul(datt, k, out=dq)
         cp.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)
         self._launch("attention_permute_backward", grid_1d(dq.size, self.block), dqkv, dq, dk, dv, B, T,
                      n_head, hs)
+
+    def _dropped(self, att, drop):
+        """att, or dropout(att) in a per-thread scratch buffer (recomputed by the backward)."""
+        if not drop:
+            return att
+        out = self._scratch("att_dropped", att.shape)
+        self.dropout(out, att, *drop)
+        return out
 
     # --- pointwise ---
     def gelu_forward(self, out, inp):
