@@ -98,7 +98,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    dropout: float = 0.0  # residual dropout probability (crystal.dropout); training only
+    dropout: float = 0.0  # dropout probability at nanoGPT's four sites (crystal.dropout); training only
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 0  # 0: no evaluation; else every N steps and at the last step
