@@ -63,7 +63,8 @@ def _preset_help() -> str:
 @click.option("--eps", type=float, default=None, help="AdamW epsilon  [default: 1e-8]")
 @click.option("--grad-clip", type=float, default=None, help="global gradient-norm clip (0 disables)")
 @click.option("--dropout", type=float, default=None,
-              help="dropout probability while training: embeddings, attention probabilities, residual branches (0 disables)")
+              help="dropout probability while training: embeddings, attention probabilities and "
+                   "residual branches (0 disables)")
 @click.option("--seed", type=int, default=None, help="seed for initialization and data order")
 @click.option("--log-every", type=int, default=None, help="print a progress line every N steps")
 @click.option("--eval-every", type=int, default=None, help="validation loss every N steps (0: never)")
