@@ -1,14 +1,15 @@
-// AdamW (PyTorch's decoupled weight decay) over a flat float32 parameter buffer, in double.
+// AdamW (PyTorch's decoupled weight decay) over a flat float32 parameter buffer, in float32 as
+// PyTorch computes it, from per-step scalars rounded once on the host (crystal.backends.base.AdamWScalars).
 
-// For i < n, (start, end, decay) the row of ranges[n_ranges,3] with start <= i < end:
-// g = grads[i]*grad_scale; m = beta1 m + (1-beta1) g; v = beta2 v + (1-beta2) g^2;
-// params[i] = params[i]*(decay ? 1 - lr*weight_decay : 1) - (lr/bc1) m / (sqrt(v)/bc2_sqrt + eps),
-// bc1 = 1 - beta1^t and bc2_sqrt = sqrt(1 - beta2^t) from the host. grid_1d(n).
+// For i < n, (start, end, decay?) the row of ranges[n_ranges,3] with start <= i < end:
+// g = grads[i]*grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+// params[i] = params[i]*(decay? ? decay : 1) - step_size m / (sqrt(v) inv_bc2_sqrt + eps).
+// Products and sums are rounded one at a time (__fmul_rn/__fadd_rn: no fused multiply-add), so
+// the result is the cpu backend's bit for bit. grid_1d(n).
 extern "C" __global__ void adamw_update(float* params, const float* grads, float* m, float* v,
                                         const long long* ranges, int n_ranges, long long n,
-                                        double lr, double beta1, double beta2, double eps,
-                                        double weight_decay, double bc1, double bc2_sqrt,
-                                        double grad_scale) {
+                                        float b1, float b2, float ob1, float ob2, float step_size,
+                                        float inv_bc2_sqrt, float eps, float decay, float grad_scale) {
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   int lo = 0, hi = n_ranges - 1;  // the last row whose start is <= i (rows are in order)
@@ -16,11 +17,12 @@ extern "C" __global__ void adamw_update(float* params, const float* grads, float
     int mid = (lo + hi + 1) / 2;
     if (ranges[3 * mid] <= i) lo = mid; else hi = mid - 1;
   }
-  double decay = ranges[3 * lo + 2] != 0 ? 1.0 - lr * weight_decay : 1.0;
-  double g = grads[i] * grad_scale;
-  double mi = beta1 * m[i] + (1.0 - beta1) * g;
-  double vi = beta2 * v[i] + (1.0 - beta2) * g * g;
-  m[i] = (float)mi;
-  v[i] = (float)vi;
-  params[i] = (float)(params[i] * decay - (lr / bc1) * mi / (sqrt(vi) / bc2_sqrt + eps));
+  float d = ranges[3 * lo + 2] != 0 ? decay : 1.0f;
+  float g = __fmul_rn(grads[i], grad_scale);
+  float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(ob1, g));
+  float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(ob2, g), g));
+  m[i] = mi;
+  v[i] = vi;
+  float denom = __fadd_rn(__fmul_rn(sqrtf(vi), inv_bc2_sqrt), eps);
+  params[i] = __fsub_rn(__fmul_rn(params[i], d), __fdiv_rn(__fmul_rn(step_size, mi), denom));
 }

@@ -14,9 +14,33 @@ cheap and deterministic:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import math
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
 
 Array = Any
+
+
+class AdamWScalars(NamedTuple):
+    """One AdamW step's scalars, made in float64 and rounded once to float32: every backend's
+    kernel then runs the update in float32 (as PyTorch does) from these same values."""
+
+    beta1: np.float32
+    beta2: np.float32
+    one_minus_beta1: np.float32
+    one_minus_beta2: np.float32
+    step_size: np.float32  # lr / (1 - beta1^t)
+    inv_bc2_sqrt: np.float32  # 1 / sqrt(1 - beta2^t)
+    eps: np.float32
+    decay: np.float32  # 1 - lr * weight_decay (on 2-D tensors; 1 elsewhere)
+    grad_scale: np.float32
+
+    @classmethod
+    def of(cls, lr, beta1, beta2, eps, weight_decay, step, grad_scale) -> "AdamWScalars":
+        f = np.float32
+        return cls(f(beta1), f(beta2), f(1.0 - beta1), f(1.0 - beta2), f(lr / (1.0 - beta1 ** step)),
+                   f(1.0 / math.sqrt(1.0 - beta2 ** step)), f(eps), f(1.0 - lr * weight_decay), f(grad_scale))
 
 
 class Backend(Protocol):

@@ -16,6 +16,8 @@ import threading
 import numpy as np
 from numba import njit
 
+from crystal.backends.base import AdamWScalars
+
 kernel = njit(nogil=True, cache=True, error_model="numpy")
 # For row reductions: lets LLVM reassociate sums so they vectorize (the order is still fixed by
 # the compiled code, so results stay bitwise reproducible on a machine; NaN/inf semantics kept).
@@ -351,21 +353,21 @@ def sum_squares(x):
 
 
 @kernel
-def adamw_update(params, grads, m, v, ranges, lr, beta1, beta2, eps, weight_decay, step,
-                 grad_scale):
-    # PyTorch AdamW: p *= 1 - lr wd;  p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-    bc1 = 1.0 - beta1 ** step
-    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    step_size = lr / bc1
+def adamw_update(params, grads, m, v, ranges, b1, b2, ob1, ob2, step_size, inv_bc2_sqrt, eps,
+                 decay, grad_scale):
+    # PyTorch AdamW in float32 (the scalars: base.AdamWScalars): g = grad_scale grads;
+    # m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p = p decay - step_size m / (sqrt(v)/sqrt(bc2) + eps)
+    # with decay only on the rows of ranges marked 1 (2-D tensors)
+    one = params.dtype.type(1.0)
     for r in range(ranges.shape[0]):
-        decay = 1.0 - lr * weight_decay if ranges[r, 2] != 0 else 1.0
+        d = decay if ranges[r, 2] != 0 else one
         for i in range(ranges[r, 0], ranges[r, 1]):
             g = grads[i] * grad_scale
-            mi = beta1 * m[i] + (1.0 - beta1) * g
-            vi = beta2 * v[i] + (1.0 - beta2) * g * g
+            mi = b1 * m[i] + ob1 * g
+            vi = b2 * v[i] + ob2 * g * g
             m[i] = mi
             v[i] = vi
-            params[i] = params[i] * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
+            params[i] = params[i] * d - step_size * mi / (np.sqrt(vi) * inv_bc2_sqrt + eps)
 
 
 # --- the backend object --------------------------------------------------------------------------
@@ -546,8 +548,8 @@ class CpuBackend:
 
     def adamw_update(self, params, grads, m, v, ranges, lr, beta1, beta2, eps, weight_decay,
                      step, grad_scale):
-        adamw_update(params, grads, m, v, ranges, float(lr), float(beta1), float(beta2),
-                     float(eps), float(weight_decay), int(step), float(grad_scale))
+        adamw_update(params, grads, m, v, ranges,
+                     *AdamWScalars.of(lr, beta1, beta2, eps, weight_decay, step, grad_scale))
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import threading
 
 import numpy as np
 
+from crystal.backends.base import AdamWScalars
 from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows, kernels_dir
 
 BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
@@ -297,12 +298,10 @@ class CudaBackend:
         # slice with the rows shifted to start at 0
         start, end = int(ranges[0, 0]), int(ranges[-1, 1])
         dev = self._device_ranges(ranges, start)
-        bc1 = 1.0 - beta1 ** step
-        bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
         n = end - start
         self._launch("adamw_update", grid_1d(n, self.block), params[start:end], grads[start:end],
-                     m[start:end], v[start:end], dev, dev.shape[0], n, lr, beta1, beta2, eps,
-                     weight_decay, bc1, bc2_sqrt, grad_scale)
+                     m[start:end], v[start:end], dev, dev.shape[0], n,
+                     *AdamWScalars.of(lr, beta1, beta2, eps, weight_decay, step, grad_scale))
 
     def _device_ranges(self, ranges, start: int):
         """A per-thread device copy of host ranges, shifted by -start (made once per array)."""

@@ -65,7 +65,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("crossentropy_forward", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
     Kernel("crossentropy_backward", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),
     # adamw.cu
-    Kernel("adamw_update", "adamw.cu", ("ptr",) * 5 + ("i32", "i64") + ("f64",) * 8),
+    Kernel("adamw_update", "adamw.cu", ("ptr",) * 5 + ("i32", "i64") + ("f32",) * 9),
     # norm.cu
     Kernel("sum_squares_partial", "norm.cu", ("ptr", "ptr", "i64")),
     Kernel("sum_partial", "norm.cu", ("ptr", "ptr", "i64")),

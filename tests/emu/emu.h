@@ -34,6 +34,12 @@ inline thread_local unsigned emu_shuffles;     // shuffles done: the same count 
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// round-to-nearest float arithmetic without contraction (host float ops already are: no FMA
+// without -mfma)
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
 
 // Value of `v` held by lane `src` of the caller's warp (every thread of the block must call).
