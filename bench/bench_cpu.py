@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -201,6 +202,10 @@ def main() -> None:
         "crystal_peak_rss_mb": round(best["crystal"]["peak_rss_mb"]),
         "torch_peak_rss_mb": round(best["torch"]["peak_rss_mb"]),
         "all_rounds": {k: [round(x["tokens_per_s"]) for x in v] for k, v in runs.items()},
+        # the machine is shared and noisy: each round's crystal/torch ratio, and the medians'
+        "round_ratios": [round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+                         for a, b in zip(runs["crystal"], runs["torch"])],
+        "median_ratio": round(median(runs["crystal"]) / median(runs["torch"]), 3),
     }
     if args.crystal_batch:
         split = crystal_split(args.preset, args.crystal_batch)
@@ -209,10 +214,15 @@ def main() -> None:
             **split, "tokens_per_s": round(s), "ratio": round(s / t, 3),
             "gflops": round(s * fpt / 1e9, 1), "peak_fraction": round(s * fpt / peak, 3),
             "peak_rss_mb": round(best["crystal-split"]["peak_rss_mb"]),
+            "median_ratio": round(median(runs["crystal-split"]) / median(runs["torch"]), 3),
         }
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def median(rounds: list[dict]) -> float:
+    return statistics.median(x["tokens_per_s"] for x in rounds)
 
 
 if __name__ == "__main__":
