@@ -3,8 +3,10 @@
 Each op is a forward/backward pair of `@kernel` functions, side by side, in llm.c's style.
 The kernels are dtype-generic (the tests run them in float64 for finite differences) and
 single-threaded: parallelism comes from the spheres, one thread each, with BLAS limited to
-one thread per caller (see `blas_single_thread`). Reductions run in a fixed order with
-float64 accumulators, so every op is bitwise reproducible for the same inputs.
+one thread per caller (see `blas_single_thread`). Reductions accumulate in float64 in an
+order fixed by the compiled code (row sums are `@reduce_kernel`s, vectorized by reassociation),
+so every op is bitwise reproducible for the same inputs on a machine. exp and tanh, which numba
+does not vectorize, go to NumPy's SIMD float32 loops between numba sweeps.
 """
 
 from __future__ import annotations
