@@ -17,19 +17,20 @@ projection (site 2) before they join the residual stream. Evaluation and samplin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 MASK64 = (1 << 64) - 1
-GOLDEN = 0x9E3779B97F4A7C15
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's
 EMBEDDING, ATTENTION_PROJ, MLP_PROJ, ATTENTION_PROBS = 0, 1, 2, 3
 
 
 def splitmix64(z: int) -> int:
     """splitmix64's output function on a 64-bit integer (Python ints, wrapped to 64 bits)."""
     z &= MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
     return z ^ (z >> 31)
 
 
@@ -50,10 +51,18 @@ class Dropout:
     def scale(self) -> float:
         return 1.0 / (1.0 - self.p)
 
+    @cached_property
+    def _micro_key(self) -> int:
+        """The hash chain over (seed, step, micro-batch), shared by every site of the micro-batch."""
+        z = splitmix64(self.seed + GOLDEN)
+        for part in (self.step, self.micro):
+            z = splitmix64(z ^ (part + GOLDEN))
+        return z
+
     def key(self, layer: int, site: int) -> int:
         """A 63-bit key per (seed, step, micro-batch, layer, site): it travels as a signed int64."""
-        z = splitmix64(self.seed + GOLDEN)
-        for part in (self.step, self.micro, layer, site):
+        z = self._micro_key
+        for part in (layer, site):
             z = splitmix64(z ^ (part + GOLDEN))
         return z >> 1
 
@@ -70,8 +79,8 @@ def keep_mask(key: int, threshold: int, n: int) -> np.ndarray:
     """The reference mask (numpy, vectorized): True where element i of n is kept."""
     with np.errstate(over="ignore"):
         z = np.uint64(key) + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(GOLDEN))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
         z ^= z >> np.uint64(31)
     return (z >> np.uint64(32)) >= np.uint64(threshold)
 

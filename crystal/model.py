@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crystal.backends.base import AdamWScalars
 from crystal.config import ModelConfig
 from crystal.dropout import ATTENTION_PROBS, ATTENTION_PROJ, EMBEDDING, MLP_PROJ, Dropout
 
@@ -282,20 +283,14 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
     for l in reversed(range(cfg.n_layer)):
         p, q = w.layers[l], g.layers[l]
         x = a.res3[l - 1] if l > 0 else a.encoded
-        # a.dres holds d res3[l]; res3 = res2 + drop(fcproj), so d fcproj = drop(d res3)
-        dproj = a.dres
-        if drop:  # a.dln is free until the c_fc backward writes it
-            dproj = a.dln
-            drop.apply(be, dproj, a.dres, l, MLP_PROJ)
+        # a.dres holds d res3[l]; res3 = res2 + drop(fcproj)
+        dproj = _through_dropout(be, drop, a, l, MLP_PROJ)
         be.matmul_backward(a.dfch, q.fcproj_w, q.fcproj_b, dproj, a.fch_gelu[l], p.fcproj_w)
         be.gelu_backward(a.dfch, a.fch[l], a.dfch)
         be.matmul_backward(a.dln, q.fc_w, q.fc_b, a.dfch, a.ln2[l], p.fc_w)
         be.layernorm_backward(a.dres, q.ln2_w, q.ln2_b, a.dln, a.res2[l], p.ln2_w, a.ln2_mean[l], a.ln2_rstd[l])
         # a.dres holds d res2[l]; res2 = x + drop(attproj)
-        dproj = a.dres
-        if drop:  # a.dln is free until the c_attn backward writes it
-            dproj = a.dln
-            drop.apply(be, dproj, a.dres, l, ATTENTION_PROJ)
+        dproj = _through_dropout(be, drop, a, l, ATTENTION_PROJ)
         be.matmul_backward(a.datty, q.attproj_w, q.attproj_b, dproj, a.atty[l], p.attproj_w)
         be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, drop and drop.site(l, ATTENTION_PROBS))
         be.matmul_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
@@ -303,6 +298,15 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
     if drop:  # encoded = drop(wte[idx] + wpe)
         drop.apply(be, a.dres, a.dres, 0, EMBEDDING)
     be.encoder_backward(g.wte, g.wpe, a.dres, idx)
+
+
+def _through_dropout(be, drop: Dropout | None, a: Activations, layer: int, site: int):
+    """d proj for res = x + drop(proj): drop(d res) in a.dln (free until the projection's own
+    backward writes it), or a.dres itself without dropout."""
+    if not drop:
+        return a.dres
+    drop.apply(be, a.dln, a.dres, layer, site)
+    return a.dln
 
 
 # --- a model you can hold: parameters + config, for the Python API ------------------------------
@@ -395,4 +399,5 @@ def warmup_backend(be) -> None:
     be.add_inplace(gflat, gflat)
     be.scale_inplace(gflat, 0.5)
     be.sum_squares(gflat)
-    be.adamw_update(flat, gflat, m, v, layout.decay_ranges(), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 1.0)
+    be.adamw_update(flat, gflat, m, v, layout.decay_ranges(),
+                    AdamWScalars.of(1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 1.0))

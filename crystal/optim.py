@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from crystal.backends.base import AdamWScalars
 from crystal.config import TrainConfig
 from crystal.model import ParamLayout
 
@@ -32,8 +33,9 @@ def clip_scale(grad_norm: float, max_norm: float) -> float:
 class AdamW:
     """AdamW as in PyTorch (decoupled decay), weight decay on 2-D tensors only.
 
-    The update is elementwise, so it can run on any partition of the buffer: `update_chunk`
-    updates one of the reducer's chunks (spheres share a step's chunks); `step` does all."""
+    The update is elementwise, so it can run on any partition of the buffer: `begin_step` makes
+    the step's scalars once, then `update_chunk` updates one of the reducer's chunks (spheres
+    share a step's chunks); `step` does all."""
 
     def __init__(self, be, layout: ParamLayout, cfg: TrainConfig, chunks: list[tuple[int, int]] | None = None):
         self.be, self.cfg = be, cfg
@@ -42,21 +44,22 @@ class AdamW:
         ranges = layout.decay_ranges()
         self.chunk_ranges = [clip_ranges(ranges, s, e) for s, e in (chunks or [(0, layout.size)])]
         self.t = 0
+        self.scalars: AdamWScalars | None = None  # the current step's, from begin_step
 
-    def begin_step(self) -> None:
+    def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
         self.t += 1
+        k = self.cfg
+        self.scalars = AdamWScalars.of(lr, k.beta1, k.beta2, k.eps, k.weight_decay, self.t, grad_scale)
 
-    def update_chunk(self, c: int, params, grads, lr: float, grad_scale: float) -> None:
+    def update_chunk(self, c: int, params, grads) -> None:
         ranges = self.chunk_ranges[c]
         if ranges.shape[0]:
-            k = self.cfg
-            self.be.adamw_update(params, grads, self.m, self.v, ranges, lr, k.beta1, k.beta2,
-                                 k.eps, k.weight_decay, self.t, grad_scale)
+            self.be.adamw_update(params, grads, self.m, self.v, ranges, self.scalars)
 
     def step(self, params, grads, lr: float, grad_scale: float = 1.0) -> None:
-        self.begin_step()
+        self.begin_step(lr, grad_scale)
         for c in range(len(self.chunk_ranges)):
-            self.update_chunk(c, params, grads, lr, grad_scale)
+            self.update_chunk(c, params, grads)
 
 
 def clip_ranges(ranges, start: int, end: int):

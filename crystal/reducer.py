@@ -131,24 +131,16 @@ class GradientReducer:
         """The mean gradient, once reduced."""
         return self.slots[0] if self.top is None else self.top[0]
 
+    def _tree_chunk(self, rows, pairs, c: int, scale: float) -> float:
+        """Chunk c of rows: the pairs' additions into row 0, then x scale; its sum of squares."""
+        start, end = self.chunks[c]
+        if start == end:
+            return 0.0
+        return self.be.reduce_slots(rows, pairs, start, end, scale)
+
     def reduce_chunk(self, c: int) -> float:
         """One process: tree-sum chunk c of the slots into slot 0, scaled by 1/M; its sum of squares."""
-        start, end = self.chunks[c]
-        if start == end:
-            return 0.0
-        return self.be.reduce_slots(self.slots, self.pairs, start, end, 1.0 / self.M)
-
-    def _local_chunk(self, c: int) -> float:
-        start, end = self.chunks[c]
-        if start < end and len(self.pairs):
-            self.be.reduce_slots(self.slots, self.pairs, start, end, 1.0)  # x 1.0 is exact
-        return 0.0
-
-    def _top_chunk(self, c: int) -> float:
-        start, end = self.chunks[c]
-        if start == end:
-            return 0.0
-        return self.be.reduce_slots(self.top, self.top_pairs, start, end, 1.0 / self.M)
+        return self._tree_chunk(self.slots, self.pairs, c, 1.0 / self.M)
 
     def reduce(self, map_chunks=None) -> float:
         """Sum the tree (and across ranks); returns the gradient norm. map_chunks(n, work) runs
@@ -158,11 +150,13 @@ class GradientReducer:
         n = len(self.chunks)
         if self.top is None:
             return norm_of(map_chunks(n, lambda i, c: self.reduce_chunk(c)))
-        map_chunks(n, lambda i, c: self._local_chunk(c))  # phase A: this rank's subtrees
+        if len(self.pairs):  # phase A: this rank's subtrees (x 1.0 is exact)
+            map_chunks(n, lambda i, c: self._tree_chunk(self.slots, self.pairs, c, 1.0))
         for row, j in self._pack:
             self.top[row] = self.slots[j]
         self.comm.allgather_rows(self.top)
-        return norm_of(map_chunks(n, lambda i, c: self._top_chunk(c)))  # phase B: the rest
+        top = lambda i, c: self._tree_chunk(self.top, self.top_pairs, c, 1.0 / self.M)  # noqa: E731
+        return norm_of(map_chunks(n, top))  # phase B: the rest of the tree
 
     def reduce_losses(self, losses: list[float]) -> float:
         """Mean micro-batch loss of the whole step, summed over the same tree."""

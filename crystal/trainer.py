@@ -19,8 +19,8 @@ import numpy as np
 
 from crystal.backends import get_backend
 from crystal.checkpoint import RunDir, TrainState
-from crystal.config import ModelConfig, TrainConfig
 from crystal import dropout
+from crystal.config import ModelConfig, TrainConfig
 from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, NonFiniteError
 from crystal.model import ParamLayout, init_params
@@ -161,8 +161,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                     run_dir.log({"step": done, "skipped": "non-finite loss or gradient norm"})
                 continue
             lr, scale = lr_at(step, cfg), clip_scale(norm, cfg.grad_clip)
-            optimizer.begin_step()
-            spheres.map(n_chunks, lambda i, c: optimizer.update_chunk(c, params, reducer.grad, lr, scale))
+            optimizer.begin_step(lr, scale)
+            spheres.map(n_chunks, lambda i, c: optimizer.update_chunk(c, params, reducer.grad))
             dt = time.perf_counter() - t0
             losses.append(loss)
             norms.append(norm)

@@ -349,9 +349,8 @@ def test_adamw_update_emulated_matches_cpu(rng, block):
     m, v = randn(rng, n, scale=0.1), np.abs(randn(rng, n, scale=0.01))
     lr, beta1, beta2, eps, wd, step, grad_scale = 3e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.7
     expected = [a.copy() for a in (params, m, v)]
-    be.adamw_update(expected[0], grads, expected[1], expected[2], ranges, lr, beta1, beta2, eps,
-                    wd, step, grad_scale)
     scalars = AdamWScalars.of(lr, beta1, beta2, eps, wd, step, grad_scale)
+    be.adamw_update(expected[0], grads, expected[1], expected[2], ranges, scalars)
     gpu().launch("adamw_update", grid_1d(n, block), block, params, grads, m, v, ranges,
                  len(ranges), n, *scalars)
     for actual, e in zip((params, m, v), expected):  # float32 without FMA on both: bit for bit

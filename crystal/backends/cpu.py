@@ -18,7 +18,7 @@ import threading
 import numpy as np
 from numba import njit
 
-from crystal.backends.base import AdamWScalars
+from crystal.dropout import GOLDEN, MIX1, MIX2
 
 kernel = njit(nogil=True, cache=True, error_model="numpy")
 # For row reductions: lets LLVM reassociate sums so they vectorize (the order is still fixed by
@@ -235,7 +235,7 @@ def residual_forward(out, a, b):
 # --- dropout: out = inp * keep(key, i) * scale, the mask hash of crystal.dropout --------------
 
 U30, U27, U31, U32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
-GOLDEN_U64, MIX1_U64, MIX2_U64 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+GOLDEN_U64, MIX1_U64, MIX2_U64 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 
 
 @kernel
@@ -548,10 +548,8 @@ class CpuBackend:
     def reduce_slots(self, slots, pairs, start, end, inv_m):
         return float(reduce_slots(slots, pairs, int(start), int(end), float(inv_m)))
 
-    def adamw_update(self, params, grads, m, v, ranges, lr, beta1, beta2, eps, weight_decay,
-                     step, grad_scale):
-        adamw_update(params, grads, m, v, ranges,
-                     *AdamWScalars.of(lr, beta1, beta2, eps, weight_decay, step, grad_scale))
+    def adamw_update(self, params, grads, m, v, ranges, scalars):
+        adamw_update(params, grads, m, v, ranges, *scalars)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ import threading
 
 import numpy as np
 
-from crystal.backends.base import AdamWScalars
 from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows, kernels_dir
 
 BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
@@ -292,16 +291,14 @@ class CudaBackend:
         self.scale_inplace(slots[0, start:end], inv_m)
         return self.sum_squares(slots[0, start:end])
 
-    def adamw_update(self, params, grads, m, v, ranges, lr, beta1, beta2, eps, weight_decay,
-                     step, grad_scale):
+    def adamw_update(self, params, grads, m, v, ranges, scalars):
         # ranges: host [K,3] rows covering [start, end) contiguously; the kernel runs on that
         # slice with the rows shifted to start at 0
         start, end = int(ranges[0, 0]), int(ranges[-1, 1])
         dev = self._device_ranges(ranges, start)
         n = end - start
         self._launch("adamw_update", grid_1d(n, self.block), params[start:end], grads[start:end],
-                     m[start:end], v[start:end], dev, dev.shape[0], n,
-                     *AdamWScalars.of(lr, beta1, beta2, eps, weight_decay, step, grad_scale))
+                     m[start:end], v[start:end], dev, dev.shape[0], n, *scalars)
 
     def _device_ranges(self, ranges, start: int):
         """A per-thread device copy of host ranges, shifted by -start (made once per array)."""
