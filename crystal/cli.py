@@ -94,8 +94,7 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm
 
     world = discover()
     try:
-        _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet,
-                      comm_timeout, flags)
+        _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags)
     except SystemExit:  # an interrupted run: every rank agreed to stop after the same step
         raise
     except BaseException as e:
