@@ -33,7 +33,7 @@ def rss_mb():
 base = rss_mb()
 train(m, c, dataset=ds, backend=be)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-est = memory_estimate(m, c.micro_batches, spheres, c.batch_size, c.seq_len, dropout=c.dropout > 0)
+est = memory_estimate(m, c.micro_batches, spheres, c.batch_size, c.seq_len)
 print(json.dumps({"baseline_mb": base, "peak_mb": peak, "growth_mb": peak - base,
                   "estimate_mb": est["total"] / 2**20,
                   "parts_mb": {k: round(v / 2**20, 1) for k, v in est.items()}}))

@@ -236,8 +236,7 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     from crystal.model import ParamLayout, flops_per_token, memory_estimate
 
     n = ParamLayout(model_cfg).size
-    mem = memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len, ranks,
-                          cfg.dropout > 0)
+    mem = memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len, ranks)
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     mib = {k: f"{v / 2**20:,.1f} MiB" for k, v in mem.items()}
     return "\n".join([

@@ -197,28 +197,27 @@ class _ShapeOnly:
         return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
 
-def activation_bytes(cfg: ModelConfig, B: int, T: int, dropout: bool = False) -> int:
+def activation_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     """Bytes of one sphere's Activations for [B, T] batches, plus the cpu backend's per-sphere
-    scratch (attention score gradients [B,NH,T,T], the GELU tanh buffer [B,T,4C], and with
-    dropout the dropped attention probabilities [B,NH,T,T])."""
+    scratch (one head's attention score gradients and dropped probabilities, [T,T] each)."""
     acts = Activations(_ShapeOnly(), cfg, B, T)
     total = 0
     for v in vars(acts).values():
         for x in (v if isinstance(v, list) else [v]):
             if hasattr(x, "shape"):
                 total += math.prod(x.shape) * x.dtype.itemsize
-    return total + 4 * ((1 + dropout) * B * cfg.n_head * T * T + B * T * 4 * cfg.n_embd)
+    return total + 4 * 2 * T * T
 
 
 def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int,
-                    ranks: int = 1, dropout: bool = False) -> dict:
+                    ranks: int = 1) -> dict:
     """Bytes of one process's training state by part: parameters, the reducer's gradient slots
     (one per micro-batch of its range, plus the exchanged roots of every rank when there are
     several), AdamW moments, activations of every sphere. With ranks, the largest rank's."""
     from crystal.reducer import split_tree
 
     P = ParamLayout(cfg).size * 4
-    acts = activation_bytes(cfg, B, T, dropout)
+    acts = activation_bytes(cfg, B, T)
     split = split_tree(micro_batches, ranks)
     slots = max(len(r) for r in split.ranges)
     if ranks > 1:

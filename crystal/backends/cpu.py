@@ -1,12 +1,15 @@
-"""CPU backend: numba kernels (nogil, so sphere threads run them in parallel) + NumPy's BLAS.
+"""CPU backend: numba kernels (nogil, so sphere threads run them in parallel) calling BLAS.
 
-Each op is a forward/backward pair of `@kernel` functions, side by side, in llm.c's style.
-The kernels are dtype-generic (the tests run them in float64 for finite differences) and
-single-threaded: parallelism comes from the spheres, one thread each, with BLAS limited to
-one thread per caller (see `blas_single_thread`). Reductions accumulate in float64 in an
-order fixed by the compiled code (row sums are `@reduce_kernel`s, vectorized by reassociation),
-so every op is bitwise reproducible for the same inputs on a machine. exp and tanh, which numba
-does not vectorize, go to NumPy's SIMD float32 loops between numba sweeps.
+Each op is a forward/backward pair of `@kernel` functions, side by side, in llm.c's style, and
+each backend op is one kernel call: its matrix products call NumPy's BLAS from inside the
+kernel (`cpu_blas.gemm`), so a sphere takes the GIL once per op, not once per product, and the
+threads rarely wait on each other. The kernels are dtype-generic (the tests run them in
+float64 for finite differences) and single-threaded: parallelism comes from the spheres, one
+thread each, with BLAS limited to one thread per caller (see `blas_single_thread`). Reductions
+accumulate in float64 in an order fixed by the compiled code (row sums are `@reduce_kernel`s,
+vectorized by reassociation), so every op is bitwise reproducible for the same inputs on a
+machine. exp and tanh are `cpu_math`'s float32 versions, which vectorize inside the loops.
+Buffers are C-contiguous (the backend allocates them so): kernels index them by offsets.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import threading
 import numpy as np
 from numba import njit
 
+from crystal.backends.cpu_blas import gemm
+from crystal.backends.cpu_math import fexp, ftanh
 from crystal.dropout import GOLDEN, MIX1, MIX2
 
 kernel = njit(nogil=True, cache=True, error_model="numpy")
@@ -111,7 +116,7 @@ def layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd):
             dinp[i, c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
 
 
-# --- bias of a matmul (the product itself goes to BLAS) --------------------------------------
+# --- matmul: out[N,OC] = inp[N,C] @ w[C,OC] + bias, the product by BLAS inside the kernel ------
 
 @kernel
 def bias_forward(out, bias):
@@ -132,96 +137,176 @@ def bias_backward(dbias, dout):
             dbias[o] += dout[i, o]
 
 
-# --- causal self-attention: score and value products go to BLAS, per (batch, head) ----------
-# The kernels below are the softmax and its backward over att[B,NH,T,T] rows, causal: row t
-# covers positions t2 <= t, the rest is zero.
+@kernel
+def matmul_forward(out, inp, w, bias):
+    N, C = inp.shape
+    OC = w.shape[1]
+    gemm(False, False, N, OC, C, inp, 0, C, w, 0, OC, 0.0, out, 0, OC)
+    if bias is not None:
+        bias_forward(out, bias)
 
-# The forward is three sweeps, like GELU's: numba has no SIMD exp, NumPy's float32 exp is one.
 
 @kernel
-def softmax_causal_shift(att, scale):
-    # att[..., t, :] <- scale * (att[..., t, :] - max over t2 <= t) for t2 <= t, -inf after t
-    B, NH, T, _ = att.shape
-    for b in range(B):
-        for h in range(NH):
-            for t in range(T):
-                row = att[b, h, t]
-                maxv = row[0]
-                for t2 in range(1, t + 1):
-                    if row[t2] > maxv:
-                        maxv = row[t2]
-                for t2 in range(t + 1):
-                    row[t2] = (row[t2] - maxv) * scale
-                for t2 in range(t + 1, T):
-                    row[t2] = -np.inf
+def matmul_backward(dinp, dw, dbias, dout, inp, w):
+    # dinp = dout w^T;  dw = inp^T dout;  dbias = column sums of dout
+    N, C = inp.shape
+    OC = w.shape[1]
+    gemm(False, True, N, C, OC, dout, 0, OC, w, 0, OC, 0.0, dinp, 0, C)
+    gemm(True, False, C, OC, N, inp, 0, C, dout, 0, OC, 0.0, dw, 0, OC)
+    if dbias is not None:
+        bias_backward(dbias, dout)
+
+
+# --- the LM head, tied to wte[V,C]: logits = inp wte^T ---------------------------------------
+
+@kernel
+def lm_head_forward(logits, inp, wte):
+    N, C = inp.shape
+    V = wte.shape[0]
+    gemm(False, True, N, V, C, inp, 0, C, wte, 0, C, 0.0, logits, 0, V)
+
+
+@kernel
+def lm_head_backward(dinp, dwte, dlogits, inp, wte):
+    # dinp = dlogits wte;  dwte = dlogits^T inp (written)
+    N, C = inp.shape
+    V = wte.shape[0]
+    gemm(False, False, N, C, V, dlogits, 0, V, wte, 0, C, 0.0, dinp, 0, C)
+    gemm(True, False, V, C, N, dlogits, 0, V, inp, 0, C, 0.0, dwte, 0, C)
+
+
+# --- dropout: out = inp * keep(key, i) * scale, the mask hash of crystal.dropout --------------
+
+U30, U27, U31, U32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
+GOLDEN_U64, MIX1_U64, MIX2_U64 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
+
+
+@kernel
+def kept(key, i, threshold):
+    # splitmix64 of (key, element i): kept when its high 32 bits reach the threshold
+    z = key + np.uint64(i + 1) * GOLDEN_U64
+    z = (z ^ (z >> U30)) * MIX1_U64
+    z = (z ^ (z >> U27)) * MIX2_U64
+    z ^= z >> U31
+    return (z >> U32) >= threshold
+
+
+@kernel
+def dropout_range(out, inp, first, key, threshold, scale):
+    # out[j] = inp[j] * scale if element first + j is kept, else 0 (out may be inp)
+    for j in range(out.size):
+        if kept(key, first + j, threshold):
+            out[j] = inp[j] * scale
+        else:
+            out[j] = 0
+
+
+@kernel
+def dropout(out, inp, key, threshold, scale):
+    # one op for both passes: the backward applies the forward's mask to the gradient
+    dropout_range(out, inp, 0, key, threshold, scale)
+
+
+# --- causal self-attention, one kernel per pass, per (batch, head) ---------------------------
+# Flat buffers: qkv[B,T,3C] (q | k | v; head h at channels h*hs of each), out[B,T,C] (head h at
+# channels h*hs), att[B,NH,T,T] (the softmax probabilities: row t covers t2 <= t, zeros after).
+# The products go to BLAS on the heads' strided rows (leading dimension 3C or C); a dropout
+# threshold of 0 keeps everything, else `dropped` ([T,T] scratch) holds drop(att) of one head.
+
+# Kernels index slices (views from 0), not offsets into a buffer: numba's negative-index
+# wraparound on offset indices would keep LLVM from vectorizing the loops.
+
+@reduce_kernel
+def softmax_causal_rows(att, T, scale):
+    # rows of att[T*T] in place: p = exp(scale (s - max)) / sum over t2 <= t, zeros after t
+    for t in range(T):
+        row = att[t * T:(t + 1) * T]
+        maxv = row[0]
+        for t2 in range(1, t + 1):
+            maxv = max(maxv, row[t2])
+        total = 0.0
+        for t2 in range(t + 1):
+            e = fexp((row[t2] - maxv) * scale)
+            row[t2] = e
+            total += e
+        inv = att.dtype.type(1.0 / total)
+        for t2 in range(t + 1):
+            row[t2] *= inv
+        for t2 in range(t + 1, T):
+            row[t2] = 0.0
 
 
 @reduce_kernel
-def softmax_causal_normalize(att):
-    # att[..., t, :] <- att / sum over t2 <= t (a float64 sum in order); after t it is exp(-inf) = 0
-    B, NH, T, _ = att.shape
+def softmax_causal_rows_backward(datt, att, T, scale):
+    # datt[T*T] <- scale * p * (datt - sum_t2 p * datt) in place (d scores), p = att rows
+    for t in range(T):
+        p, d = att[t * T:(t + 1) * T], datt[t * T:(t + 1) * T]
+        dot = 0.0
+        for t2 in range(t + 1):
+            dot += p[t2] * d[t2]
+        for t2 in range(t + 1):
+            d[t2] = scale * p[t2] * (d[t2] - dot)
+        for t2 in range(t + 1, T):
+            d[t2] = 0.0
+
+
+@kernel
+def attention_forward(out, att, qkv, B, T, C, NH, dropped, key, threshold, drop_scale):
+    # att = softmax(q k^T / sqrt(hs)) causal; y = drop(att) v
+    hs = C // NH
+    scale = att.dtype.type(1.0 / math.sqrt(hs))
     for b in range(B):
         for h in range(NH):
-            for t in range(T):
-                row = att[b, h, t]
-                total = 0.0
-                for t2 in range(t + 1):
-                    total += row[t2]
-                inv = row.dtype.type(1.0 / total)
-                for t2 in range(t + 1):
-                    row[t2] *= inv
+            q, y, a = b * T * 3 * C + h * hs, b * T * C + h * hs, (b * NH + h) * T * T
+            gemm(False, True, T, T, hs, qkv, q, 3 * C, qkv, q + C, 3 * C, 0.0, att, a, T)
+            softmax_causal_rows(att[a:a + T * T], T, scale)
+            if threshold > 0:
+                dropout_range(dropped, att[a:a + T * T], a, key, threshold, drop_scale)
+                gemm(False, False, T, hs, T, dropped, 0, T, qkv, q + 2 * C, 3 * C, 0.0, out, y, C)
+            else:
+                gemm(False, False, T, hs, T, att, a, T, qkv, q + 2 * C, 3 * C, 0.0, out, y, C)
 
 
-def softmax_causal_forward(att, scale):
-    """att[..., t, :] <- softmax(scale * att[..., t, :t+1]) in place, zeros after t."""
-    softmax_causal_shift(att, att.dtype.type(scale))
-    np.exp(att, out=att)
-    softmax_causal_normalize(att)
-
-
-@reduce_kernel
-def softmax_causal_backward(datt, att, scale):
-    # datt <- scale * att * (datt - sum_t2 att * datt) in place (the gradient of the scores)
-    B, NH, T, _ = att.shape
+@kernel
+def attention_backward(dqkv, dout, qkv, att, B, T, C, NH, datt, dropped, key, threshold, drop_scale):
+    # d p = dy v^T (through the dropout mask); dv = drop(p)^T dy; d scores by the softmax
+    # backward; dq = d scores k, dk = d scores^T q. datt: [T,T] scratch. Writes all of dqkv.
+    hs = C // NH
+    scale = att.dtype.type(1.0 / math.sqrt(hs))
     for b in range(B):
         for h in range(NH):
-            for t in range(T):
-                a = att[b, h, t]
-                d = datt[b, h, t]
-                dot = 0.0
-                for t2 in range(t + 1):
-                    dot += a[t2] * d[t2]
-                for t2 in range(t + 1):
-                    d[t2] = scale * a[t2] * (d[t2] - dot)
-                for t2 in range(t + 1, T):
-                    d[t2] = 0.0
+            q, y, a = b * T * 3 * C + h * hs, b * T * C + h * hs, (b * NH + h) * T * T
+            k, v = q + C, q + 2 * C
+            gemm(False, True, T, T, hs, dout, y, C, qkv, v, 3 * C, 0.0, datt, 0, T)
+            if threshold > 0:
+                dropout_range(dropped, att[a:a + T * T], a, key, threshold, drop_scale)
+                gemm(True, False, T, hs, T, dropped, 0, T, dout, y, C, 0.0, dqkv, v, 3 * C)
+                dropout_range(datt, datt, a, key, threshold, drop_scale)
+            else:
+                gemm(True, False, T, hs, T, att, a, T, dout, y, C, 0.0, dqkv, v, 3 * C)
+            softmax_causal_rows_backward(datt, att[a:a + T * T], T, scale)
+            gemm(False, False, T, hs, T, datt, 0, T, qkv, k, 3 * C, 0.0, dqkv, q, 3 * C)
+            gemm(True, False, T, hs, T, datt, 0, T, qkv, q, 3 * C, 0.0, dqkv, k, 3 * C)
 
 
 # --- GELU, tanh approximation: gelu(x) = 0.5 x (1 + tanh(u)), u = s (x + 0.044715 x^3) ---------
-# numba has no SIMD tanh here, NumPy's float32 tanh is; so each pass is three vectorized sweeps:
-# u (numba) -> tanh(u) in place (NumPy) -> the output or the local derivative (numba).
 
 @kernel
-def gelu_tanh_arg(u, x):
-    for i in range(x.size):
-        v = x[i]
-        u[i] = GELU_S32 * (v + GELU_A32 * v * v * v)
+def gelu_forward(out, inp):
+    for i in range(inp.size):
+        x = inp[i]
+        out[i] = HALF32 * x * (ONE32 + ftanh(GELU_S32 * (x + GELU_A32 * x * x * x)))
 
 
 @kernel
-def gelu_forward_finish(out, x, th):
-    for i in range(x.size):
-        out[i] = HALF32 * x[i] * (ONE32 + th[i])
-
-
-@kernel
-def gelu_backward_finish(dinp, x, th, dout):
-    # d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 * 0.044715 x^2)
-    for i in range(x.size):
-        v = x[i]
-        t = th[i]
-        du = GELU_S32 * (ONE32 + GELU_3A32 * v * v)
-        dinp[i] = (HALF32 * (ONE32 + t) + HALF32 * v * (ONE32 - t * t) * du) * dout[i]
+def gelu_backward(d, inp):
+    # d <- d * gelu'(inp) in place (an in-place loop vectorizes; aliased in/out ones do not):
+    # gelu'(x) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 * 0.044715 x^2)
+    for i in range(inp.size):
+        x = inp[i]
+        t = ftanh(GELU_S32 * (x + GELU_A32 * x * x * x))
+        du = GELU_S32 * (ONE32 + GELU_3A32 * x * x)
+        d[i] = (HALF32 * (ONE32 + t) + HALF32 * x * (ONE32 - t * t) * du) * d[i]
 
 
 # --- residual ----------------------------------------------------------------------------------
@@ -232,64 +317,26 @@ def residual_forward(out, a, b):
         out[i] = a[i] + b[i]
 
 
-# --- dropout: out = inp * keep(key, i) * scale, the mask hash of crystal.dropout --------------
-
-U30, U27, U31, U32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
-GOLDEN_U64, MIX1_U64, MIX2_U64 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
-
-
-@kernel
-def dropout(out, inp, key, threshold, scale):
-    # one op for both passes: the backward applies the forward's mask to the gradient
-    k, thr = np.uint64(key), np.uint64(threshold)
-    for i in range(out.size):
-        z = k + np.uint64(i + 1) * GOLDEN_U64
-        z = (z ^ (z >> U30)) * MIX1_U64
-        z = (z ^ (z >> U27)) * MIX2_U64
-        z ^= z >> U31
-        if (z >> U32) >= thr:
-            out[i] = inp[i] * scale
-        else:
-            out[i] = 0
-
-
 # --- fused softmax + cross-entropy over logits[N,V] --------------------------------------------
 
-# Like the softmax: shift by the row max (numba), exp (NumPy's SIMD float32 exp), normalize.
-
-@kernel
-def crossentropy_shift(losses, probs, logits, targets):
-    # probs_i <- logits_i - max(logits_i);  losses_i <- -(shifted logit of the target)
+@reduce_kernel
+def crossentropy_forward(losses, logits, targets):
+    # loss_i = logsumexp(logits_i) - logits_i[target_i]; logits <- softmax(logits) in place
     N, V = logits.shape
     for i in range(N):
         maxv = logits[i, 0]
         for v in range(1, V):
-            if logits[i, v] > maxv:
-                maxv = logits[i, v]
+            maxv = max(maxv, logits[i, v])
         losses[i] = maxv - logits[i, targets[i]]
-        for v in range(V):
-            probs[i, v] = logits[i, v] - maxv
-
-
-@reduce_kernel
-def crossentropy_normalize(losses, probs):
-    # probs_i = exp(shifted) / total;  loss_i = log(total) - shifted target = lse - logit target
-    N, V = probs.shape
-    for i in range(N):
         total = 0.0
         for v in range(V):
-            total += probs[i, v]
+            e = fexp(logits[i, v] - maxv)
+            logits[i, v] = e
+            total += e
         losses[i] += math.log(total)
-        inv = probs.dtype.type(1.0 / total)
+        inv = logits.dtype.type(1.0 / total)
         for v in range(V):
-            probs[i, v] *= inv
-
-
-def crossentropy_forward(losses, probs, logits, targets):
-    """loss_i = logsumexp(logits_i) - logits_i[target_i], probs = softmax(logits) (may alias)."""
-    crossentropy_shift(losses, probs, logits, targets)
-    np.exp(probs, out=probs)
-    crossentropy_normalize(losses, probs)
+            logits[i, v] *= inv
 
 
 @kernel
@@ -374,20 +421,6 @@ def adamw_update(params, grads, m, v, ranges, b1, b2, ob1, ob2, step_size, inv_b
 
 # --- the backend object --------------------------------------------------------------------------
 
-def _heads(qkv, n_head):
-    """q, k, v of qkv[B,T,3C] as [B,NH,T,hs] strided views (each head's rows stride 3C)."""
-    B, T, C3 = qkv.shape
-    hs = C3 // 3 // n_head
-    x = qkv.reshape(B, T, 3, n_head, hs)
-    return tuple(x[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-
-
-def _merge_view(y, n_head):
-    """y[B,T,C] as a [B,NH,T,hs] strided view (head h at channels h*hs ...)."""
-    B, T, C = y.shape
-    return y.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
-
-
 def _rows(a):
     """View [..., K] as [N, K] (no copy; the arrays are contiguous)."""
     return a.reshape(-1, a.shape[-1])
@@ -452,52 +485,34 @@ class CpuBackend:
                            rstd.reshape(-1))
 
     def matmul_forward(self, out, inp, w, bias):
-        out2 = _rows(out)
-        np.matmul(_rows(inp), w, out=out2)
-        if bias is not None:
-            bias_forward(out2, bias)
+        matmul_forward(_rows(out), _rows(inp), w, bias)
 
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
-        dout2 = _rows(dout)
-        np.matmul(dout2, w.T, out=_rows(dinp))
-        np.matmul(_rows(inp).T, dout2, out=dw)
-        if dbias is not None:
-            bias_backward(dbias, dout2)
+        matmul_backward(_rows(dinp), dw, dbias, _rows(dout), _rows(inp), w)
 
     def lm_head_forward(self, logits, inp, wte):
-        np.matmul(_rows(inp), wte.T, out=_rows(logits))
+        lm_head_forward(_rows(logits), _rows(inp), wte)
 
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
-        dl = _rows(dlogits)
-        np.matmul(dl, wte, out=_rows(dinp))
-        np.matmul(dl.T, _rows(inp), out=dwte)
+        lm_head_backward(_rows(dinp), dwte, _rows(dlogits), _rows(inp), wte)
 
     def attention_forward(self, out, att, qkv, n_head, drop=None):
-        q, k, v = _heads(qkv, n_head)  # [B,NH,T,hs] views of qkv, no copies
-        np.matmul(q, k.transpose(0, 1, 3, 2), out=att)  # all T x T scores; the softmax masks
-        softmax_causal_forward(att, 1.0 / math.sqrt(q.shape[-1]))
-        np.matmul(self._dropped(att, drop), v, out=_merge_view(out, n_head))  # y = att v, in place
+        B, T, C3 = qkv.shape
+        attention_forward(out.reshape(-1), att.reshape(-1), qkv.reshape(-1), B, T, C3 // 3, n_head,
+                          *self._drop_args(drop, T, att.dtype))
 
     def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None):
-        q, k, v = _heads(qkv, n_head)
-        dq, dk, dv = _heads(dqkv, n_head)
-        dy = _merge_view(dout, n_head)
-        datt = self._scratch("datt", att.shape, att.dtype)
-        np.matmul(dy, v.transpose(0, 1, 3, 2), out=datt)  # d att = dy v^T
-        np.matmul(self._dropped(att, drop).transpose(0, 1, 3, 2), dy, out=dv)  # d v = att^T dy
-        if drop:
-            self.dropout(datt, datt, *drop)  # through the dropout: the same mask
-        softmax_causal_backward(datt, att, 1.0 / math.sqrt(q.shape[-1]))  # -> d scores
-        np.matmul(datt, k, out=dq)  # d q = d scores k
-        np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # d k = d scores^T q
+        B, T, C3 = qkv.shape
+        datt = self._scratch("datt", (T * T,), att.dtype)
+        attention_backward(dqkv.reshape(-1), dout.reshape(-1), qkv.reshape(-1), att.reshape(-1),
+                           B, T, C3 // 3, n_head, datt, *self._drop_args(drop, T, att.dtype))
 
-    def _dropped(self, att, drop):
-        """att, or dropout(att) in a per-thread scratch buffer (recomputed by the backward)."""
-        if not drop:
-            return att
-        out = self._scratch("att_dropped", att.shape, att.dtype)
-        self.dropout(out, att, *drop)
-        return out
+    def _drop_args(self, drop, T, dtype):
+        """(dropped scratch [T*T], key, threshold, scale) for the attention kernels; threshold 0
+        (no drop) keeps every probability."""
+        key, threshold, scale = drop or (0, 0, 1.0)
+        return (self._scratch("att_dropped", (T * T,), dtype), np.uint64(key), np.uint64(threshold),
+                dtype.type(scale))
 
     def _scratch(self, key: str, shape, dtype=np.float32):
         """A per-thread buffer, allocated on first use for each (key, shape) and then reused."""
@@ -508,27 +523,24 @@ class CpuBackend:
         return store[k]
 
     def gelu_forward(self, out, inp):
-        x = inp.reshape(-1)
-        th = self._scratch("gelu", x.shape, x.dtype)
-        gelu_tanh_arg(th, x)
-        np.tanh(th, out=th)
-        gelu_forward_finish(out.reshape(-1), x, th)
+        gelu_forward(out.reshape(-1), inp.reshape(-1))
 
     def gelu_backward(self, dinp, inp, dout):
-        x = inp.reshape(-1)
-        th = self._scratch("gelu", x.shape, x.dtype)
-        gelu_tanh_arg(th, x)
-        np.tanh(th, out=th)
-        gelu_backward_finish(dinp.reshape(-1), x, th, dout.reshape(-1))
+        if dinp is not dout:
+            np.copyto(dinp, dout)
+        gelu_backward(dinp.reshape(-1), inp.reshape(-1))
 
     def residual_forward(self, out, a, b):
         residual_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1))
 
     def dropout(self, out, inp, key, threshold, scale):
-        dropout(out.reshape(-1), inp.reshape(-1), key, threshold, inp.dtype.type(scale))
+        dropout(out.reshape(-1), inp.reshape(-1), np.uint64(key), np.uint64(threshold),
+                inp.dtype.type(scale))
 
     def crossentropy_forward(self, losses, probs, logits, targets):
-        crossentropy_forward(losses.reshape(-1), _rows(probs), _rows(logits), targets.reshape(-1))
+        if probs is not logits:
+            np.copyto(probs, logits)
+        crossentropy_forward(losses.reshape(-1), _rows(probs), targets.reshape(-1))
 
     def crossentropy_backward(self, dlogits, probs, targets, dloss):
         crossentropy_backward(_rows(dlogits), _rows(probs), targets.reshape(-1), float(dloss))
