@@ -21,6 +21,8 @@ import numpy as np
 from numba import cfunc, types
 from numba.extending import overload
 
+from crystal.errors import CrystalError
+
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 # (symbol, 64-bit integers?) in the order tried; {} is s or d.
@@ -111,8 +113,8 @@ class _Binding:
         for letter, dtype in (("s", np.float32), ("d", np.float64)):
             found = _find_gemm(letter)
             if found is None:
-                raise RuntimeError("crystal's cpu backend needs a CBLAS gemm in NumPy's BLAS "
-                                   "(OpenBLAS, MKL or BLIS); none was found")
+                raise CrystalError("the cpu backend needs NumPy linked to a CBLAS (OpenBLAS, MKL or "
+                                   f"BLIS; PyPI's NumPy wheels are); no {letter}gemm was found in its BLAS")
             address, ilp64 = found
             if not ilp64:
                 adapter = lp64_adapter(address, dtype)
