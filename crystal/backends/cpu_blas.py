@@ -90,9 +90,9 @@ def _find_gemm(letter: str):
     from threadpoolctl import threadpool_info
 
     np.ones((2, 2)) @ np.ones((2, 2))  # NumPy loads its BLAS lazily on some builds
-    for lib in threadpool_info():
-        if lib.get("user_api") != "blas" or not lib.get("filepath"):
-            continue
+    libs = [lib for lib in threadpool_info() if lib.get("user_api") == "blas" and lib.get("filepath")]
+    libs.sort(key=lambda lib: "numpy" not in lib["filepath"])  # NumPy's own first
+    for lib in libs:
         try:
             handle = ctypes.CDLL(lib["filepath"])
         except OSError:
