@@ -10,6 +10,8 @@ not baked into the code, so numba's on-disk cache stays valid across processes.
 
 The symbols take 64-bit integers (ILP64, as NumPy's scipy-openblas64 does). For a 32-bit
 integer BLAS (LP64) they point at a small numba cfunc that narrows the integers and calls it.
+Where threadpoolctl sees no BLAS in the process (NumPy on Apple's Accelerate), a system CBLAS
+found by name is used instead.
 """
 
 from __future__ import annotations
@@ -85,16 +87,27 @@ def lp64_adapter(address: int, dtype):
     return adapter
 
 
-def _find_gemm(letter: str):
-    """(address, ilp64) of ?gemm in a BLAS NumPy has loaded, or None."""
+def _blas_paths():
+    """Loaded BLAS libraries (NumPy's own first), then system CBLAS libraries by name (looked
+    up only when the loaded ones lack a gemm: find_library runs ldconfig)."""
+    import ctypes.util
+
     from threadpoolctl import threadpool_info
 
     np.ones((2, 2)) @ np.ones((2, 2))  # NumPy loads its BLAS lazily on some builds
-    libs = [lib for lib in threadpool_info() if lib.get("user_api") == "blas" and lib.get("filepath")]
-    libs.sort(key=lambda lib: "numpy" not in lib["filepath"])  # NumPy's own first
-    for lib in libs:
+    libs = [lib["filepath"] for lib in threadpool_info() if lib.get("user_api") == "blas" and lib.get("filepath")]
+    yield from sorted(libs, key=lambda path: "numpy" not in path)
+    for name in ("Accelerate", "openblas", "cblas", "blas", "mkl_rt"):
+        path = ctypes.util.find_library(name)
+        if path:
+            yield path
+
+
+def _find_gemm(letter: str):
+    """(address, ilp64) of ?gemm in the first library of _blas_paths() that has it, or None."""
+    for path in _blas_paths():
         try:
-            handle = ctypes.CDLL(lib["filepath"])
+            handle = ctypes.CDLL(path)
         except OSError:
             continue
         for name, ilp64 in _NAMES:
