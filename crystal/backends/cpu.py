@@ -9,7 +9,8 @@ thread each, with BLAS limited to one thread per caller (see `blas_single_thread
 accumulate in float64 in an order fixed by the compiled code (row sums are `@reduce_kernel`s,
 vectorized by reassociation), so every op is bitwise reproducible for the same inputs on a
 machine. exp and tanh are `cpu_math`'s float32 versions, which vectorize inside the loops.
-Buffers are C-contiguous (the backend allocates them so): kernels index them by offsets.
+Buffers are C-contiguous (the backend allocates them so): BLAS calls address them by element
+offsets and leading dimensions, loops by slices.
 """
 
 from __future__ import annotations
