@@ -38,7 +38,8 @@ def _preset_help() -> str:
 @click.option("--device", type=click.Choice(DEVICES), default=None,
               help="cpu, cuda, or auto (cuda when a usable GPU is present)  [default: auto]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="cuda matmul precision: fp32, or tf32 tensor cores; cpu is always fp32  [default: fp32]")
+              help="cuda precision: fp32, tf32 tensor cores for the matmuls, or bf16 mixed precision "
+                   "(fp32 master weights; compute capability 8.0+); cpu is always fp32  [default: fp32]")
 @click.option("--spheres", type=int, default=None, help="worker spheres around the root, 1-64  [default: 12]")
 @click.option("--data", type=str, default=None,
               help="text file (bytes) or a directory from `crystal prepare`  [default: embedded Tiny Shakespeare]")
@@ -236,21 +237,39 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     from crystal.model import ParamLayout, flops_per_token, memory_estimate
 
     n = ParamLayout(model_cfg).size
-    mem = memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len, ranks)
+    bf16 = cfg.precision == "bf16"
+    flash = bf16 and _cudnn_reason() is None
+    mem = memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len, ranks,
+                          cfg.precision, flash)
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     mib = {k: f"{v / 2**20:,.1f} MiB" for k, v in mem.items()}
-    return "\n".join([
+    lines = [
         f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
         f"vocab {model_cfg.vocab_size}, block {model_cfg.block_size}",
         f"parameters: {n:,}",
         f"tokens per step: {cfg.tokens_per_step:,} ({cfg.micro_batches} micro-batches x "
         f"{cfg.batch_size} x {cfg.seq_len})",
         f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",
+    ]
+    if bf16:
+        lines.append("precision: bf16 activations and weight copy, fp32 master weights, gradients and moments; "
+                     + ("attention: cuDNN flash ([B,NH,T] statistics)" if flash else
+                        f"attention: cuBLAS + softmax ([B,NH,T,T] in bf16; no cuDNN: {_cudnn_reason()})"))
+    lines.append(
         f"memory{f' per rank ({ranks} ranks)' if ranks > 1 else ''}: params {mib['params']} | "
         f"grads ({mem['grads'] // mem['params']} slots) {mib['grads']} | "
-        f"AdamW moments {mib['adamw_moments']} | activations {mib['activations_per_sphere']} per "
-        f"sphere x {cfg.spheres} = {mib['activations']} | total {mib['total']}",
-    ])
+        f"AdamW moments {mib['adamw_moments']} | "
+        + (f"bf16 weights {mib['weights_bf16']} | " if bf16 else "")
+        + f"activations {mib['activations_per_sphere']} per "
+        f"sphere x {cfg.spheres} = {mib['activations']} | total {mib['total']}")
+    return "\n".join(lines)
+
+
+def _cudnn_reason() -> str | None:
+    """Why cuDNN flash attention is not available here (None when it is)."""
+    from crystal.backends.cudnn_attention import unavailable_reason
+
+    return unavailable_reason()
 
 
 def format_summary(result) -> str:

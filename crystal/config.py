@@ -14,7 +14,7 @@ from crystal.errors import CrystalError
 
 MAX_SPHERES = 64
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "tf32")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class TrainConfig:
 
     preset: str = "small"
     device: str = "auto"
-    precision: str = "fp32"  # cuda matmuls: fp32 or tf32 (cpu is always fp32)
+    precision: str = "fp32"  # cuda: fp32, tf32 (matmul inputs) or bf16 (mixed); cpu is always fp32
     spheres: int = 12
     data: str | None = None  # text file, prepared directory, or None: the embedded corpus
     val_fraction: float = 0.1  # held-out tail of a text file / the embedded corpus
@@ -143,6 +143,14 @@ PRESETS: dict[str, Preset] = {
              eval_every=250, dropout=0.2, beta2=0.99),
         "6 layers, 6 heads, 384 wide, T=256, 64 sequences a step (nanoGPT's shakespeare_char)",
     ),
+    # GPT-2 124M (the vocabulary is the data's). 0.5M tokens a step as GPT-2 and nanoGPT; on one
+    # 80-140 GB GPU: 4 spheres (streams) x micro-batches of 16 x 1024, 32 micro-batches a step.
+    "gpt2": Preset(
+        ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        dict(batch_size=16, seq_len=1024, micro_batches=32, spheres=4, steps=5000, lr=6e-4, warmup=700,
+             eval_every=250, eval_batches=10, beta2=0.95),
+        "GPT-2 124M shapes (12 layers, 12 heads, 768 wide, T=1024), 0.5M tokens a step: for a GPU",
+    ),
 }
 
 
@@ -197,6 +205,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError(f"--device must be one of {', '.join(DEVICES)}, got {t.device!r}")
     if t.precision not in PRECISIONS:
         raise CrystalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if t.precision == "bf16" and t.device == "cpu":
+        raise CrystalError("--precision bf16 needs --device cuda (the cpu backend computes in fp32)")
     if not isinstance(t.seed, int) or t.seed < 0:
         raise CrystalError(f"--seed must be a non-negative integer, got {t.seed!r}")
     if not isinstance(t.spheres, int) or not (1 <= t.spheres <= MAX_SPHERES):

@@ -150,36 +150,42 @@ class Tensors:
 # --- activations -----------------------------------------------------------------------------
 
 class Activations:
-    """Every buffer one forward/backward of a [B,T] batch needs, allocated once."""
+    """Every buffer one forward/backward of a [B,T] batch needs, allocated once. Activations and
+    their gradients are in the backend's act_dtype (float32, or bf16 under --precision bf16);
+    layernorm statistics and the per-token losses are always float32."""
 
     def __init__(self, be, cfg: ModelConfig, B: int, T: int):
         C, L, NH, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
         self.B, self.T = B, T
+        act, f32 = be.act_dtype, np.float32
+        att_shape, att_dtype = be.attention_saved(B, NH, T)
 
-        def per_layer(shape):
-            return [be.empty(shape) for _ in range(L)]
+        def per_layer(shape, dtype=act):
+            return [be.empty(shape, dtype) for _ in range(L)]
 
-        self.encoded = be.empty((B, T, C))
-        self.ln1, self.ln1_mean, self.ln1_rstd = per_layer((B, T, C)), per_layer((B, T)), per_layer((B, T))
+        self.encoded = be.empty((B, T, C), act)
+        self.ln1 = per_layer((B, T, C))
+        self.ln1_mean, self.ln1_rstd = per_layer((B, T), f32), per_layer((B, T), f32)
         self.qkv = per_layer((B, T, 3 * C))
-        self.att = per_layer((B, NH, T, T))
+        self.att = per_layer(att_shape, att_dtype)
         self.atty = per_layer((B, T, C))
         self.attproj = per_layer((B, T, C))
         self.res2 = per_layer((B, T, C))
-        self.ln2, self.ln2_mean, self.ln2_rstd = per_layer((B, T, C)), per_layer((B, T)), per_layer((B, T))
+        self.ln2 = per_layer((B, T, C))
+        self.ln2_mean, self.ln2_rstd = per_layer((B, T), f32), per_layer((B, T), f32)
         self.fch = per_layer((B, T, 4 * C))
         self.fch_gelu = per_layer((B, T, 4 * C))
         self.fcproj = per_layer((B, T, C))
         self.res3 = per_layer((B, T, C))
-        self.lnf, self.lnf_mean, self.lnf_rstd = be.empty((B, T, C)), be.empty((B, T)), be.empty((B, T))
-        self.logits = be.empty((B, T, V))  # softmax probs after a forward with targets, then dlogits
-        self.losses = be.empty((B, T))
+        self.lnf, self.lnf_mean, self.lnf_rstd = be.empty((B, T, C), act), be.empty((B, T), f32), be.empty((B, T), f32)
+        self.logits = be.empty((B, T, V), act)  # softmax probs after a forward with targets, then dlogits
+        self.losses = be.empty((B, T), f32)
         # backward scratch, reused by every layer
-        self.dres = be.empty((B, T, C))  # gradient of the residual stream
-        self.dln = be.empty((B, T, C))
-        self.datty = be.empty((B, T, C))
-        self.dqkv = be.empty((B, T, 3 * C))
-        self.dfch = be.empty((B, T, 4 * C))
+        self.dres = be.empty((B, T, C), act)  # gradient of the residual stream
+        self.dln = be.empty((B, T, C), act)
+        self.datty = be.empty((B, T, C), act)
+        self.dqkv = be.empty((B, T, 3 * C), act)
+        self.dfch = be.empty((B, T, 4 * C), act)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -189,42 +195,58 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 class _ShapeOnly:
-    """A backend stand-in whose buffers take no memory: for counting Activations' bytes."""
+    """A backend stand-in whose buffers take no memory: for counting Activations' bytes.
+    bf16: 2-byte activations; flash: attention saves [B,NH,T] statistics, not [B,NH,T,T]."""
 
     name = "shape-only"
 
-    def empty(self, shape, dtype="float32"):
+    def __init__(self, bf16: bool = False, flash: bool = False):
+        self.act_dtype = np.float16 if bf16 else np.float32  # float16: any 2-byte type counts alike
+        self.flash = flash
+
+    def empty(self, shape, dtype=np.float32):
         return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
+    def attention_saved(self, B, n_head, T):
+        return ((B, n_head, T), np.float32) if self.flash else ((B, n_head, T, T), self.act_dtype)
 
-def activation_bytes(cfg: ModelConfig, B: int, T: int) -> int:
-    """Bytes of one sphere's Activations for [B, T] batches, plus the cpu backend's per-sphere
-    scratch (one head's attention score gradients and dropped probabilities, [T,T] each)."""
-    acts = Activations(_ShapeOnly(), cfg, B, T)
+
+def activation_bytes(cfg: ModelConfig, B: int, T: int, precision: str = "fp32", flash: bool = False) -> int:
+    """Bytes of one sphere's Activations for [B, T] batches, plus per-sphere attention scratch:
+    one head's [T,T] score gradients and dropped probabilities on the cpu (fp32/tf32), the
+    [B,NH,T,T] score gradients of the cuBLAS attention path in bf16, nothing with flash attention."""
+    bf16 = precision == "bf16"
+    acts = Activations(_ShapeOnly(bf16, flash and bf16), cfg, B, T)
     total = 0
     for v in vars(acts).values():
         for x in (v if isinstance(v, list) else [v]):
             if hasattr(x, "shape"):
                 total += math.prod(x.shape) * x.dtype.itemsize
-    return total + 4 * 2 * T * T
+    if not bf16:
+        return total + 4 * 2 * T * T
+    return total + (0 if flash else 2 * B * cfg.n_head * T * T)
 
 
 def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int,
-                    ranks: int = 1) -> dict:
+                    ranks: int = 1, precision: str = "fp32", flash: bool = False) -> dict:
     """Bytes of one process's training state by part: parameters, the reducer's gradient slots
     (one per micro-batch of its range, plus the exchanged roots of every rank when there are
-    several), AdamW moments, activations of every sphere. With ranks, the largest rank's."""
+    several), AdamW moments, the bf16 weight copy (bf16 only), activations of every sphere.
+    With ranks, the largest rank's."""
     from crystal.reducer import split_tree
 
-    P = ParamLayout(cfg).size * 4
-    acts = activation_bytes(cfg, B, T)
+    n = ParamLayout(cfg).size
+    P = n * 4
+    acts = activation_bytes(cfg, B, T, precision, flash)
     split = split_tree(micro_batches, ranks)
     slots = max(len(r) for r in split.ranges)
     if ranks > 1:
         slots += ranks * split.roots_per_rank  # the exchange buffer
     parts = {"params": P, "grads": slots * P, "adamw_moments": 2 * P,
+             "weights_bf16": 2 * n if precision == "bf16" else 0,
              "activations_per_sphere": acts, "activations": spheres * acts}
-    parts["total"] = parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["activations"]
+    parts["total"] = (parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["weights_bf16"]
+                      + parts["activations"])
     return parts
 
 
@@ -251,8 +273,7 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
             drop.apply(be, a.attproj[l], a.attproj[l], l, ATTENTION_PROJ)
         be.residual_forward(a.res2[l], x, a.attproj[l])
         be.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.res2[l], p.ln2_w, p.ln2_b, eps)
-        be.matmul_forward(a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
-        be.gelu_forward(a.fch_gelu[l], a.fch[l])
+        be.matmul_gelu_forward(a.fch_gelu[l], a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
         be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcproj_w, p.fcproj_b)
         if drop:
             drop.apply(be, a.fcproj[l], a.fcproj[l], l, MLP_PROJ)
@@ -291,7 +312,8 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
         # a.dres holds d res2[l]; res2 = x + drop(attproj)
         dproj = _through_dropout(be, drop, a, l, ATTENTION_PROJ)
         be.matmul_backward(a.datty, q.attproj_w, q.attproj_b, dproj, a.atty[l], p.attproj_w)
-        be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, drop and drop.site(l, ATTENTION_PROBS))
+        be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, drop and drop.site(l, ATTENTION_PROBS),
+                              out=a.atty[l])
         be.matmul_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
         be.layernorm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
     if drop:  # encoded = drop(wte[idx] + wpe)
@@ -324,7 +346,7 @@ class GPT:
         self.backend = backend or get_backend("cpu")
         self.flat = self.backend.to_device(np.ascontiguousarray(flat, dtype=np.float32))
         self.params = self.layout.views(self.flat)
-        self._tensors = Tensors(self.layout, self.flat)
+        self._tensors = Tensors(self.layout, self.backend.compute_weights(self.flat))
         self._acts: dict[tuple[int, int], Activations] = {}
 
     @classmethod
@@ -388,7 +410,7 @@ def warmup_backend(be) -> None:
     cfg = ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8)
     layout = ParamLayout(cfg)
     flat = be.to_device(init_params(cfg, 0))
-    w, gflat = Tensors(layout, flat), be.empty(layout.size)
+    w, gflat = Tensors(layout, be.compute_weights(flat)), be.empty(layout.size)
     g = Tensors(layout, gflat)
     a = Activations(be, cfg, 1, 3)
     idx = be.to_device(np.array([[1, 2, 3]], dtype=np.int32))

@@ -71,7 +71,8 @@ class SphereSystem:
                  n_spheres: int, batch_size: int, seq_len: int):
         self.be, self.cfg = be, cfg
         self.n = n_spheres
-        self.weights = Tensors(layout, params)
+        self.params = params  # the root's float32 master parameters
+        self.weights = Tensors(layout, be.compute_weights(params))  # what forward/backward read
         self.slot_grads = [Tensors(layout, reducer.slot(j)) for j in range(reducer.local_count)]
         self.stats = [SphereStats(i) for i in range(n_spheres)]
         self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
@@ -158,6 +159,11 @@ class SphereSystem:
             self.be.wait_event(done)  # the root reads results only after the sphere's work
         self.wall_s += time.perf_counter() - t0
         return results
+
+    def refresh_weights(self) -> None:
+        """After an optimizer step: the weights the spheres read take the new parameters' values
+        (one cast kernel under bf16; nothing when they read the parameters themselves)."""
+        self.be.refresh_weights(self.weights.flat, self.params)
 
     def summary(self) -> list[dict]:
         return [s.summary(self.wall_s) for s in self.stats]

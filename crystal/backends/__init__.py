@@ -23,12 +23,16 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def get_backend(device: str = "auto", precision: str = "fp32", gpu: int = 0):
-    """The backend for 'cpu', 'cuda' or 'auto'. precision fp32|tf32 applies to cuda matmuls
-    (the cpu backend always computes in fp32); gpu is a rank's LOCAL_RANK (its CUDA device,
-    modulo the devices present)."""
+    """The backend for 'cpu', 'cuda' or 'auto'. precision fp32|tf32|bf16 applies to cuda (the
+    cpu backend always computes in fp32, and refuses bf16); gpu is a rank's LOCAL_RANK (its
+    CUDA device, modulo the devices present)."""
     if precision not in PRECISIONS:
         raise CrystalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    requested = device
     device = resolve_device(device)
+    if device == "cpu" and precision == "bf16":
+        why = f" ({cuda_unavailable_reason()})" if requested == "auto" else ""
+        raise CrystalError(f"--precision bf16 needs a CUDA GPU; the device is cpu{why}")
     if device == "cpu":
         from crystal.backends.cpu import CpuBackend
 

@@ -431,6 +431,7 @@ class CpuBackend:
     """Numba + NumPy implementation of `crystal.backends.base.Backend`."""
 
     name = "cpu"
+    act_dtype = np.float32  # the cpu backend always computes in fp32
 
     def __init__(self):
         self._warm = False
@@ -459,6 +460,12 @@ class CpuBackend:
         return None  # cpu work is complete when the call returns
 
     def wait_event(self, event):
+        pass
+
+    def compute_weights(self, flat):
+        return flat
+
+    def refresh_weights(self, compute, flat):
         pass
 
     def warmup(self) -> None:
@@ -491,18 +498,25 @@ class CpuBackend:
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
         matmul_backward(_rows(dinp), dw, dbias, _rows(dout), _rows(inp), w)
 
+    def matmul_gelu_forward(self, out, pre, inp, w, bias):
+        self.matmul_forward(pre, inp, w, bias)
+        self.gelu_forward(out, pre)
+
     def lm_head_forward(self, logits, inp, wte):
         lm_head_forward(_rows(logits), _rows(inp), wte)
 
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
         lm_head_backward(_rows(dinp), dwte, _rows(dlogits), _rows(inp), wte)
 
+    def attention_saved(self, B, n_head, T):
+        return (B, n_head, T, T), np.float32
+
     def attention_forward(self, out, att, qkv, n_head, drop=None):
         B, T, C3 = qkv.shape
         attention_forward(out.reshape(-1), att.reshape(-1), qkv.reshape(-1), B, T, C3 // 3, n_head,
                           *self._drop_args(drop, T, att.dtype))
 
-    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None):
+    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
         B, T, C3 = qkv.shape
         datt = self._scratch("datt", (T * T,), att.dtype)
         attention_backward(dqkv.reshape(-1), dout.reshape(-1), qkv.reshape(-1), att.reshape(-1),

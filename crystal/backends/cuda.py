@@ -10,6 +10,17 @@ shape; cupy's memory pool is stream-aware, so nothing is handed from one stream 
 Determinism: every kernel has a fixed reduction order (see kernels/README.md); each sphere
 thread has its own cuBLAS handle and stream, so a product's result never depends on which
 sphere computed it. TF32 is off unless `precision="tf32"`.
+
+bf16 (`precision="bf16"`, compute capability 8.0+): master parameters, gradients, AdamW moments,
+the reducer and the loss stay float32; the spheres read a bf16 copy of the weights (one cast
+kernel after each optimizer step) and keep activations and their gradients in bf16 (the
+`_bf16` kernels: bf16 in memory, float32 arithmetic, one rounding per stored value). Products
+go through cuBLASLt (crystal.backends.cublaslt, fp32 accumulation, bias and bias+GELU fused
+into the forward's epilogue, the bias gradient into the weight-gradient product's) and write the
+weight gradients in float32 straight into the reducer's slots. Attention is cuDNN's fused flash
+attention when cuDNN is installed (crystal.backends.cudnn_attention: [B,NH,T] softmax
+statistics saved, the backward recomputes), else the cuBLAS + softmax path in bf16. On cupy,
+bf16 arrays are uint16 storage (cupy has no bfloat16 dtype).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import numpy as np
 from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows, kernels_dir
 
 BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
+LT_WORKSPACE_BYTES = 32 << 20  # cuBLASLt workspace per sphere thread (llm.c's size)
 _ARG = {"i32": np.int32, "i64": np.int64, "f32": np.float32, "f64": np.float64}
 
 
@@ -43,11 +55,15 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, precision: str = "fp32", block: int = BLOCK, *, gpu: int = 0, array_module=None,
-                 launcher=None):
+                 launcher=None, lt=None, cudnn=None):
         """gpu: the device index (every thread of this backend uses it). array_module and
         launcher replace cupy and the RawKernels: the tests run this backend's host code with
-        numpy arrays and the CPU-emulated kernels."""
+        numpy arrays and the CPU-emulated kernels. lt and cudnn (bf16 only) replace nvmath's
+        cuBLASLt bindings and the cuDNN frontend (the tests pass numpy stand-ins; cudnn=None
+        there means no cuDNN)."""
         self._device = None
+        self.bf16 = precision == "bf16"
+        self._stream_ptr = lambda: 0
         if array_module is None:
             import cupy
 
@@ -55,15 +71,25 @@ class CudaBackend:
             self._device = cupy.cuda.Device(gpu % cupy.cuda.runtime.getDeviceCount())
             self._device.use()  # the root thread's device; spheres enter it in sphere_context
             array_module = cupy
+            if self.bf16:
+                lt, cudnn = _bf16_libraries(self._device)
             set_matmul_precision(precision)
             fns = {name: _module(k.file).get_function(name) for name, k in KERNELS.items()}
 
             def launcher(name, grid, block, *args):
                 fns[name](grid, (block, 1, 1), args)
+
+            self._stream_ptr = lambda: cupy.cuda.get_current_stream().ptr
+            self.act_dtype = np.dtype(np.uint16) if self.bf16 else np.dtype(np.float32)
+        else:
+            self.act_dtype = np.dtype(_ml_bfloat16() if self.bf16 else np.float32)
         self.cp = array_module
         self.precision = precision
         self.block = block
         self._launcher = launcher
+        self._lt_bindings = lt
+        self._cudnn = cudnn if self.bf16 else None
+        self.flash = self._cudnn is not None  # cuDNN fused attention (bf16 only)
         self._streams: dict[int, object] = {}
         self._local = threading.local()
         self._warm = False
@@ -82,7 +108,22 @@ class CudaBackend:
         return self.cp.asarray(host_array)
 
     def to_host(self, array):
-        return self.cp.asnumpy(array)
+        host = self.cp.asnumpy(array)
+        if self.bf16 and host.dtype == np.uint16:  # bf16 storage: the float32 it stands for
+            return (host.astype(np.uint32) << 16).view(np.float32)
+        return host
+
+    def compute_weights(self, flat):
+        """flat itself (fp32, tf32), or its bf16 copy, made once and refreshed after each step."""
+        if not self.bf16:
+            return flat
+        copy = self.empty(flat.shape, self.act_dtype)
+        self.refresh_weights(copy, flat)
+        return copy
+
+    def refresh_weights(self, compute, flat):
+        if compute is not flat:
+            self._launch("cast_to_bf16", grid_1d(flat.size, self.block), compute, flat, flat.size)
 
     @contextlib.contextmanager
     def sphere_context(self, index: int):
@@ -121,6 +162,30 @@ class CudaBackend:
         self._launcher(name, grid, self.block,
                        *(a if k == "ptr" else _ARG[k](a) for k, a in zip(kinds, args)))
 
+    def _k(self, name: str) -> str:
+        """The kernel for this precision: `name`, or its `name_bf16` twin (bf16 activations)."""
+        return name + "_bf16" if self.bf16 else name
+
+    def _lt(self):
+        """This thread's cuBLASLt products (its own handle and workspace, made on first use)."""
+        lt = getattr(self._local, "lt", None)
+        if lt is None:
+            from crystal.backends.cublaslt import LtMatmul
+
+            workspace = self.cp.empty(LT_WORKSPACE_BYTES, dtype=np.uint8)
+            lt = self._local.lt = LtMatmul(self._lt_bindings, workspace, self._stream_ptr)
+        return lt
+
+    def _fa(self):
+        """This thread's cuDNN flash attention (its own handle and graphs, made on first use)."""
+        fa = getattr(self._local, "fa", None)
+        if fa is None:
+            from crystal.backends.cudnn_attention import FlashAttention
+
+            fa = self._local.fa = FlashAttention(
+                self._cudnn, lambda n: self.cp.empty(n, dtype=np.uint8), self._stream_ptr)
+        return fa
+
     def _scratch(self, key: str, shape, dtype="float32"):
         """A per-thread buffer, allocated on first use for each (key, shape) and then reused."""
         store = self._local.__dict__.setdefault("buffers", {})
@@ -133,14 +198,14 @@ class CudaBackend:
     def encoder_forward(self, out, idx, wte, wpe):
         B, T = idx.shape
         C = wte.shape[1]
-        self._launch("encoder_forward", grid_1d(B * T * C, self.block), out, idx, wte, wpe, B * T, T, C)
+        self._launch(self._k("encoder_forward"), grid_1d(B * T * C, self.block), out, idx, wte, wpe, B * T, T, C)
 
     def encoder_backward(self, dwte, dwpe, dout, idx):
         cp = self.cp
         B, T = idx.shape
         V, C = dwte.shape
         BT = B * T
-        self._launch("encoder_backward_wpe", grid_1d(dwpe.shape[0] * C, self.block), dwpe, dout, B, T,
+        self._launch(self._k("encoder_backward_wpe"), grid_1d(dwpe.shape[0] * C, self.block), dwpe, dout, B, T,
                      dwpe.shape[0], C)
         # Buckets of positions per token without atomics: keys token*BT + position are unique,
         # so their sort is deterministic; bucket v is positions[start[v]:start[v+1]], ascending.
@@ -151,7 +216,7 @@ class CudaBackend:
         vocab = self._vocab_ids(V)
         starts = cp.searchsorted(tokens, cp.arange(V + 1, dtype=cp.int64)).astype(cp.int32)
         # one bucket per vocabulary id; the kernel strides over buckets by gridDim.y (<= 65535)
-        self._launch("encoder_backward_wte", (cdiv(C, self.block), min(V, 65535), 1), dwte, dout, vocab,
+        self._launch(self._k("encoder_backward_wte"), (cdiv(C, self.block), min(V, 65535), 1), dwte, dout, vocab,
                      starts, positions, V, C)
 
     def _vocab_ids(self, V: int):
@@ -164,106 +229,151 @@ class CudaBackend:
     def layernorm_forward(self, out, mean, rstd, inp, w, b, eps):
         C = inp.shape[-1]
         N = inp.size // C
-        self._launch("layernorm_forward", grid_rows(N), out, mean, rstd, inp, w, b, N, C, eps)
+        self._launch(self._k("layernorm_forward"), grid_rows(N), out, mean, rstd, inp, w, b, N, C, eps)
 
     def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
         C = inp.shape[-1]
         N = inp.size // C
-        self._launch("layernorm_backward_dinp", grid_rows(N), dinp, dout, inp, w, mean, rstd, N, C)
-        self._launch("layernorm_backward_dwdb", grid_1d(C, self.block), dw, db, dout, inp, mean, rstd, N, C)
+        self._launch(self._k("layernorm_backward_dinp"), grid_rows(N), dinp, dout, inp, w, mean, rstd, N, C)
+        self._launch(self._k("layernorm_backward_dwdb"), grid_1d(C, self.block), dw, db, dout, inp, mean, rstd, N, C)
 
-    # --- matmul (cuBLAS) + bias ---
+    # --- matmul (cuBLAS; cuBLASLt with fused epilogues under bf16) + bias ---
     def matmul_forward(self, out, inp, w, bias):
-        out2 = out.reshape(-1, out.shape[-1])
-        self.cp.matmul(inp.reshape(-1, inp.shape[-1]), w, out=out2)
+        out2 = _rows(out)
+        if self.bf16:
+            self._lt().gemm(out2, _rows(inp), w, bias=bias)
+            return
+        self.cp.matmul(_rows(inp), w, out=out2)
         if bias is not None:
             N, OC = out2.shape
             self._launch("bias_forward", grid_1d(N * OC, self.block), out2, bias, N, OC)
 
+    def matmul_gelu_forward(self, out, pre, inp, w, bias):
+        if self.bf16 and bias is not None:  # cuBLASLt GELU_AUX_BIAS: pre saved as the epilogue's aux
+            self._lt().gemm(_rows(out), _rows(inp), w, bias=bias, gelu_pre=_rows(pre))
+            return
+        self.matmul_forward(pre, inp, w, bias)
+        self.gelu_forward(out, pre)
+
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
+        dout2 = _rows(dout)
+        if self.bf16:  # dw (float32, a gradient slot) and dbias from one product's epilogue
+            lt = self._lt()
+            lt.gemm(_rows(dinp), dout2, w, trans_b=True)
+            lt.gemm(dw, _rows(inp), dout2, trans_a=True, dbias=dbias)
+            return
         cp = self.cp
-        dout2 = dout.reshape(-1, dout.shape[-1])
-        cp.matmul(dout2, w.T, out=dinp.reshape(-1, dinp.shape[-1]))
-        cp.matmul(inp.reshape(-1, inp.shape[-1]).T, dout2, out=dw)
+        cp.matmul(dout2, w.T, out=_rows(dinp))
+        cp.matmul(_rows(inp).T, dout2, out=dw)
         if dbias is not None:
             N, OC = dout2.shape
             self._launch("bias_backward", grid_1d(OC, self.block), dbias, dout2, N, OC)
 
     def lm_head_forward(self, logits, inp, wte):
-        self.cp.matmul(inp.reshape(-1, inp.shape[-1]), wte.T, out=logits.reshape(-1, logits.shape[-1]))
+        if self.bf16:
+            self._lt().gemm(_rows(logits), _rows(inp), wte, trans_b=True)
+            return
+        self.cp.matmul(_rows(inp), wte.T, out=_rows(logits))
 
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
-        dl = dlogits.reshape(-1, dlogits.shape[-1])
-        self.cp.matmul(dl, wte, out=dinp.reshape(-1, dinp.shape[-1]))
-        self.cp.matmul(dl.T, inp.reshape(-1, inp.shape[-1]), out=dwte)
+        dl = _rows(dlogits)
+        if self.bf16:
+            lt = self._lt()
+            lt.gemm(_rows(dinp), dl, wte)
+            lt.gemm(dwte, dl, _rows(inp), trans_a=True)
+            return
+        self.cp.matmul(dl, wte, out=_rows(dinp))
+        self.cp.matmul(dl.T, _rows(inp), out=dwte)
 
-    # --- attention: layout kernels + batched cuBLAS products + causal softmax kernels ---
+    def _bmm(self, out, a, b, trans_a=False, trans_b=False):
+        """out[B,NH,X,Y] = op(a) @ op(b) per (batch, head): cupy's batched cuBLAS product, or
+        cuBLASLt's strided-batched one on [B*NH, ., .] views under bf16."""
+        if self.bf16:
+            def flat3(x):
+                return x.reshape(-1, *x.shape[2:])
+
+            self._lt().gemm(flat3(out), flat3(a), flat3(b), trans_a=trans_a, trans_b=trans_b)
+            return
+        t = (0, 1, 3, 2)
+        self.cp.matmul(a.transpose(t) if trans_a else a, b.transpose(t) if trans_b else b, out=out)
+
+    # --- attention: cuDNN flash attention, or layout kernels + batched products + softmax ---
+    def attention_saved(self, B, n_head, T):
+        if self.flash:  # the softmax statistics (logsumexp per row); the backward recomputes
+            return (B, n_head, T), np.dtype(np.float32)
+        return (B, n_head, T, T), self.act_dtype
+
     def _qkv_heads(self, qkv, n_head):
         B, T, C3 = qkv.shape
         hs = C3 // 3 // n_head
         shape = (B, n_head, T, hs)
-        q, k, v = (self._scratch(name, shape) for name in ("q", "k", "v"))
-        self._launch("attention_permute", grid_1d(q.size, self.block), q, k, v, qkv, B, T, n_head, hs)
+        q, k, v = (self._scratch(name, shape, self.act_dtype) for name in ("q", "k", "v"))
+        self._launch(self._k("attention_permute"), grid_1d(q.size, self.block), q, k, v, qkv, B, T, n_head, hs)
         return q, k, v, B, T, hs
 
     def attention_forward(self, out, att, qkv, n_head, drop=None):
-        cp = self.cp
+        if self.flash:
+            self._fa().forward(out, att, qkv, n_head, dropout=_cudnn_dropout(drop))
+            return
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
-        y = self._scratch("y", q.shape)
-        cp.matmul(q, k.transpose(0, 1, 3, 2), out=att)  # scores, scaled inside the softmax
-        self._launch("softmax_causal_forward", grid_rows(B * n_head * T), att, att, B * n_head, T,
+        y = self._scratch("y", q.shape, self.act_dtype)
+        self._bmm(att, q, k, trans_b=True)  # scores, scaled inside the softmax
+        self._launch(self._k("softmax_causal_forward"), grid_rows(B * n_head * T), att, att, B * n_head, T,
                      1.0 / math.sqrt(hs))
-        cp.matmul(self._dropped(att, drop), v, out=y)
-        self._launch("attention_unpermute", grid_1d(y.size, self.block), out, y, B, T, n_head, hs)
+        self._bmm(y, self._dropped(att, drop), v)
+        self._launch(self._k("attention_unpermute"), grid_1d(y.size, self.block), out, y, B, T, n_head, hs)
 
-    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None):
-        cp = self.cp
+    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
+        if self.flash:
+            self._fa().backward(dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop))
+            return
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
-        dy, dq, dk, dv = (self._scratch(name, q.shape) for name in ("dy", "dq", "dk", "dv"))
-        datt = self._scratch("datt", att.shape)
-        self._launch("attention_unpermute_backward", grid_1d(dy.size, self.block), dy, dout, B, T, n_head, hs)
-        cp.matmul(dy, v.transpose(0, 1, 3, 2), out=datt)
-        cp.matmul(self._dropped(att, drop).transpose(0, 1, 3, 2), dy, out=dv)
+        dy, dq, dk, dv = (self._scratch(name, q.shape, self.act_dtype) for name in ("dy", "dq", "dk", "dv"))
+        datt = self._scratch("datt", att.shape, self.act_dtype)
+        self._launch(self._k("attention_unpermute_backward"), grid_1d(dy.size, self.block), dy, dout, B, T,
+                     n_head, hs)
+        self._bmm(datt, dy, v, trans_b=True)
+        self._bmm(dv, self._dropped(att, drop), dy, trans_a=True)
         if drop:
             self.dropout(datt, datt, *drop)  # through the dropout: the same mask
-        self._launch("softmax_causal_backward", grid_rows(B * n_head * T), datt, datt, att,
+        self._launch(self._k("softmax_causal_backward"), grid_rows(B * n_head * T), datt, datt, att,
                      B * n_head, T, 1.0 / math.sqrt(hs))
-        cp.matmul(datt, k, out=dq)
-        cp.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)
-        self._launch("attention_permute_backward", grid_1d(dq.size, self.block), dqkv, dq, dk, dv, B, T,
+        self._bmm(dq, datt, k)
+        self._bmm(dk, datt, q, trans_a=True)
+        self._launch(self._k("attention_permute_backward"), grid_1d(dq.size, self.block), dqkv, dq, dk, dv, B, T,
                      n_head, hs)
 
     def _dropped(self, att, drop):
         """att, or dropout(att) in a per-thread scratch buffer (recomputed by the backward)."""
         if not drop:
             return att
-        out = self._scratch("att_dropped", att.shape)
+        out = self._scratch("att_dropped", att.shape, att.dtype)
         self.dropout(out, att, *drop)
         return out
 
     # --- pointwise ---
     def gelu_forward(self, out, inp):
-        self._launch("gelu_forward", grid_1d(inp.size, self.block), out, inp, inp.size)
+        self._launch(self._k("gelu_forward"), grid_1d(inp.size, self.block), out, inp, inp.size)
 
     def gelu_backward(self, dinp, inp, dout):
-        self._launch("gelu_backward", grid_1d(inp.size, self.block), dinp, inp, dout, inp.size)
+        self._launch(self._k("gelu_backward"), grid_1d(inp.size, self.block), dinp, inp, dout, inp.size)
 
     def residual_forward(self, out, a, b):
-        self._launch("residual_forward", grid_1d(out.size, self.block), out, a, b, out.size)
+        self._launch(self._k("residual_forward"), grid_1d(out.size, self.block), out, a, b, out.size)
 
     def dropout(self, out, inp, key, threshold, scale):
-        self._launch("dropout", grid_1d(inp.size, self.block), out, inp, key, threshold, scale, inp.size)
+        self._launch(self._k("dropout"), grid_1d(inp.size, self.block), out, inp, key, threshold, scale, inp.size)
 
     # --- loss ---
     def crossentropy_forward(self, losses, probs, logits, targets):
         V = logits.shape[-1]
         N = logits.size // V
-        self._launch("crossentropy_forward", grid_rows(N), losses, probs, logits, targets, N, V)
+        self._launch(self._k("crossentropy_forward"), grid_rows(N), losses, probs, logits, targets, N, V)
 
     def crossentropy_backward(self, dlogits, probs, targets, dloss):
         V = probs.shape[-1]
         N = probs.size // V
-        self._launch("crossentropy_backward", grid_1d(N * V, self.block), dlogits, probs, targets, N, V, dloss)
+        self._launch(self._k("crossentropy_backward"), grid_1d(N * V, self.block), dlogits, probs, targets, N, V, dloss)
 
     def _reduce(self, kernel: str, x) -> float:
         partial = self._scratch("partial", (REDUCE_BLOCKS,), "float64")
@@ -309,6 +419,49 @@ class CudaBackend:
             shifted[:, :2] -= start
             store[key] = (ranges, self.cp.asarray(shifted))  # keep `ranges` alive: id stays unique
         return store[key][1]
+
+
+def _rows(a):
+    """View [..., K] as [N, K] (no copy; the arrays are contiguous)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _cudnn_dropout(drop):
+    """crystal's (key, threshold, scale) as cuDNN's (p, seed, offset): the Philox seed is the
+    site's key, a function of (seed, step, micro-batch, layer), so every sphere and resume
+    draws the same mask (cuDNN's own, not crystal's hash)."""
+    if not drop:
+        return None
+    key, threshold, _ = drop
+    return threshold / 2 ** 32, key, 0
+
+
+def _ml_bfloat16():
+    import ml_dtypes  # the numpy bf16 type of the emulated backend's arrays (tests)
+
+    return ml_dtypes.bfloat16
+
+
+def _bf16_libraries(device):
+    """(cuBLASLt bindings, cuDNN frontend or None) for bf16 on `device`, or a one-line
+    CrystalError saying what is missing."""
+    from crystal.errors import CrystalError
+
+    cc = int(device.compute_capability)
+    if cc < 80:
+        raise CrystalError(f"--precision bf16 needs a GPU of compute capability 8.0 or newer; "
+                           f"this one is {cc // 10}.{cc % 10} (use fp32 or tf32)")
+    try:
+        from nvmath.bindings import cublasLt
+    except Exception as e:
+        raise CrystalError(f"--precision bf16 needs nvmath-python for cuBLASLt (pip install 'crystal[cuda]'): "
+                           f"{type(e).__name__}") from None
+    from crystal.backends.cudnn_attention import unavailable_reason
+
+    cudnn = None
+    if unavailable_reason() is None:
+        import cudnn
+    return cublasLt, cudnn
 
 
 def set_matmul_precision(precision: str) -> None:

@@ -14,7 +14,7 @@ from collections import defaultdict
 FAMILIES = {
     "encoder_forward": "encoder", "encoder_backward": "encoder",
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
-    "matmul_forward": "matmul", "matmul_backward": "matmul",
+    "matmul_forward": "matmul", "matmul_backward": "matmul", "matmul_gelu_forward": "matmul",
     "lm_head_forward": "matmul", "lm_head_backward": "matmul",
     "attention_forward": "attention", "attention_backward": "attention",
     "gelu_forward": "gelu", "gelu_backward": "gelu",
