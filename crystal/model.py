@@ -158,7 +158,7 @@ class Activations:
         C, L, NH, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
         self.B, self.T = B, T
         act, f32 = be.act_dtype, np.float32
-        att_shape, att_dtype = be.attention_saved(B, NH, T)
+        att_shape, att_dtype = be.attention_saved(B, NH, T, cfg.head_size)
 
         def per_layer(shape, dtype=act):
             return [be.empty(shape, dtype) for _ in range(L)]
@@ -207,7 +207,7 @@ class _ShapeOnly:
     def empty(self, shape, dtype=np.float32):
         return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
-    def attention_saved(self, B, n_head, T):
+    def attention_saved(self, B, n_head, T, head_size):
         return ((B, n_head, T), np.float32) if self.flash else ((B, n_head, T, T), self.act_dtype)
 
 

@@ -163,3 +163,28 @@ def test_device_auto_without_a_gpu_trains_on_the_cpu_and_says_so(tmp_path, capsy
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "device auto: training on cpu (" in out and " on cpu with " in out
+
+
+def test_bf16_with_device_auto_and_no_gpu_exits_2_naming_the_reason(tmp_path, capsys):
+    from crystal.backends import cuda_unavailable_reason
+
+    if cuda_unavailable_reason() is None:
+        pytest.skip("a GPU is present: auto picks cuda")
+    assert main(["train", "--preset", "tiny", "--precision", "bf16", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bf16" in err[0] and "GPU" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_of_the_gpt2_preset_in_bf16_counts_the_weight_copy_and_bf16_activations(capsys):
+    assert main(["train", "--preset", "gpt2", "--precision", "bf16", "--device", "cuda", "--dry-run"]) == 0
+    bf16 = capsys.readouterr().out
+    assert main(["train", "--preset", "gpt2", "--device", "cuda", "--dry-run"]) == 0
+    fp32 = capsys.readouterr().out
+    assert "bf16 weights" in bf16 and "bf16 weights" not in fp32
+    assert "parameters: 86,039,040" in bf16  # GPT-2 124M shapes with the byte vocabulary (256)
+
+    def total(text):
+        return float(text.rsplit("total ", 1)[1].split(" MiB")[0].replace(",", ""))
+
+    assert total(bf16) < 0.7 * total(fp32)

@@ -12,40 +12,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from crystal.backends.cuda import CudaBackend
 from crystal.config import ModelConfig, resolve
 from crystal.model import GPT, init_params
 from crystal.trainer import train
-from emu.build import build
+from emu.backend import EmulatedCudaBackend
 from compare import rel_err, worst_rel_err
 
 CFG = ModelConfig(vocab_size=259, block_size=40, n_layer=2, n_head=3, n_embd=48)
-
-
-class EmulatedCudaBackend(CudaBackend):
-    """CudaBackend with numpy arrays and emulated kernels; streams and events are no-ops."""
-
-    def __init__(self):
-        kernels = build()
-        super().__init__("fp32", block=64, array_module=np, launcher=kernels.launch)
-        self.name = "cuda-emulated"
-
-    def to_host(self, array):
-        return np.asarray(array)
-
-    def sphere_context(self, index):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def record_event(self):
-        return None
-
-    def wait_event(self, event):
-        pass
-
-    def synchronize(self):
-        pass
 
 
 @pytest.fixture(scope="module")

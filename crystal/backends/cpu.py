@@ -508,7 +508,7 @@ class CpuBackend:
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
         lm_head_backward(_rows(dinp), dwte, _rows(dlogits), _rows(inp), wte)
 
-    def attention_saved(self, B, n_head, T):
+    def attention_saved(self, B, n_head, T, head_size):
         return (B, n_head, T, T), np.float32
 
     def attention_forward(self, out, att, qkv, n_head, drop=None):

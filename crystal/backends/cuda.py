@@ -298,8 +298,13 @@ class CudaBackend:
         self.cp.matmul(a.transpose(t) if trans_a else a, b.transpose(t) if trans_b else b, out=out)
 
     # --- attention: cuDNN flash attention, or layout kernels + batched products + softmax ---
-    def attention_saved(self, B, n_head, T):
-        if self.flash:  # the softmax statistics (logsumexp per row); the backward recomputes
+    def _flash(self, head_size: int) -> bool:
+        """cuDNN fused attention here: bf16 with cuDNN, head sizes it supports (multiples of 8
+        up to 256); other shapes take the cuBLAS + softmax path."""
+        return self.flash and head_size % 8 == 0 and head_size <= 256
+
+    def attention_saved(self, B, n_head, T, head_size):
+        if self._flash(head_size):  # the softmax statistics (logsumexp per row); the backward recomputes
             return (B, n_head, T), np.dtype(np.float32)
         return (B, n_head, T, T), self.act_dtype
 
@@ -312,7 +317,7 @@ class CudaBackend:
         return q, k, v, B, T, hs
 
     def attention_forward(self, out, att, qkv, n_head, drop=None):
-        if self.flash:
+        if self._flash(qkv.shape[-1] // 3 // n_head):
             self._fa().forward(out, att, qkv, n_head, dropout=_cudnn_dropout(drop))
             return
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
@@ -324,7 +329,7 @@ class CudaBackend:
         self._launch(self._k("attention_unpermute"), grid_1d(y.size, self.block), out, y, B, T, n_head, hs)
 
     def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
-        if self.flash:
+        if self._flash(qkv.shape[-1] // 3 // n_head):
             self._fa().backward(dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop))
             return
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
