@@ -249,7 +249,7 @@ class CudaBackend:
             self._launch("bias_forward", grid_1d(N * OC, self.block), out2, bias, N, OC)
 
     def matmul_gelu_forward(self, out, pre, inp, w, bias):
-        if self.bf16 and bias is not None:  # cuBLASLt GELU_AUX_BIAS: pre saved as the epilogue's aux
+        if self.bf16 and bias is not None and pre.shape[-1] % 8 == 0:  # cuBLASLt GELU_AUX_BIAS (aux ld: 8k)
             self._lt().gemm(_rows(out), _rows(inp), w, bias=bias, gelu_pre=_rows(pre))
             return
         self.matmul_forward(pre, inp, w, bias)
