@@ -2,14 +2,16 @@
 
 Usage: python bench/bench_quality.py [--preset small] [--spheres 2] [--steps 5000]
                                      [--eval-every 250] [--target 1.88] [--json OUT]
-                                     [--device cpu|cuda] [--precision fp32|tf32]
+                                     [--device cpu|cuda] [--precision fp32|tf32|bf16]
                                      [--batch-size B --micro-batches M] [--max-seconds S]
+                                     [--stop-at-target]
 
 Trains the preset on the embedded corpus (last 10% held out, as nanoGPT) and prints one row per
 evaluation: step, tokens seen, seconds, train loss, val loss; then the first time the val loss
 reached --target (nanoGPT's CPU baseline for the small config is 1.88 nats per byte).
 --max-seconds stops training after the first step past that wall time (the rows so far stay);
 the JSON file is rewritten after every evaluation, so a run that is cut off still leaves it.
+--stop-at-target stops after the first evaluation at or below --target (saves a lent GPU's time).
 """
 
 import argparse
@@ -29,10 +31,11 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.88)
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--micro-batches", type=int, default=None)
     ap.add_argument("--max-seconds", type=float, default=None)
+    ap.add_argument("--stop-at-target", action="store_true")
     args = ap.parse_args()
     over = dict(spheres=args.spheres, eval_every=args.eval_every, device=args.device, precision=args.precision,
                 steps=args.steps, batch_size=args.batch_size, micro_batches=args.micro_batches)
@@ -63,6 +66,8 @@ def main() -> None:
         report()
 
     def out_of_time() -> bool:
+        if args.stop_at_target and any(r["val_loss"] <= args.target for r in rows):
+            return True
         return bool(args.max_seconds) and time.perf_counter() - t0 > args.max_seconds
 
     result = train(model_cfg, cfg, on_step=on_step, on_eval=on_eval, should_stop=out_of_time)

@@ -1,44 +1,187 @@
 #!/usr/bin/env bash
-# Every GPU check of one lent-device session, in one command, cheapest first:
-#   environment -> a 20-step smoke run -> `pytest -m cuda` -> bench_gpu.py (two batch splits)
-#   -> bench_quality.py on shakespeare-char with whatever wall time is left.
-# Usage (repository root, on the GPU machine): [SKIP_BENCH=1] bash bench/device_check.sh TOTAL_SECONDS
-# Logs and JSON land in $OUT (default /tmp/device-out). Wheels in .whl/ (mpi4py + mpich, for
-# mpiexec) are installed under the prefix /tmp/site first when present (a prefix, not --target:
-# --target drops mpich's lib/libmpi.so.12), and mpi4py is pointed at that mpich, not at a
-# system Open MPI.
+# Every GPU check of one lent-device session, in one command, cheapest first, each under its own
+# timeout so that a crash or a hang in one never blocks the later ones:
+#   env (+ the bf16 libraries) -> smoke runs (tiny, fp32 and bf16) -> `pytest -m cuda`
+#   -> bench_bf16_check.py (bf16 vs fp32, 1 vs 4 spheres bitwise) -> bench_gpu.py shakespeare-char bf16
+#   (+ torch.compile) -> CPU sphere scaling (bench_scaling.py, all cores) -> bench_gpu.py gpt2 bf16
+#   -> bench_quality.py shakespeare-char bf16 to val <= 1.47 with whatever time is left.
+# Usage (repository root, on the GPU machine): [SKIP_BENCH=1] [NO_LIBPATH=1] bash bench/device_check.sh TOTAL_SECONDS
+#
+# Time plan for TOTAL=540 (the caps; a step gets min(cap, max(its minimum, time left - the
+# minimums of the steps after it - 5 s)), and is skipped when less than its minimum is left):
+#   install+env 45 | smoke fp32 60 | smoke bf16 60 | pytest 120 | bf16 check 75 | bench shakespeare 100
+#   | CPU scaling 60 | bench gpt2 90 | quality: the rest (at least 40)
+# Expected (not capped) about 20+25+20+70+45+70+45+60 = 355 s, leaving ~180 s for the quality run.
+#
+# $OUT (default /tmp/device-out) gets at most 8 files (the device tool brings back 8):
+#   env.txt log.txt summary.txt bf16_check.json bench_gpu_shakespeare.json bench_gpu_gpt2.json
+#   scaling_cpu.json quality.json
+# Wheels in .whl/ (nvmath-python, cuda-bindings/-core/-pathfinder, nvidia-cudnn-frontend; mpi4py +
+# mpich for mpiexec) are installed under the prefix /tmp/site first when present (a prefix, not
+# --target: --target drops mpich's lib/libmpi.so.12; --ignore-installed: never uninstall the image's
+# own copies, /tmp/site comes first on PYTHONPATH), and mpi4py is pointed at that mpich.
 set -u
-TOTAL=${1:-480}
+TOTAL=${1:-540}
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
+LOG=$OUT/log.txt
+: >"$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix /tmp/site .whl/*.whl \
-        && export PYTHONPATH=$PWD:$(ls -d /tmp/site/lib/python3*/site-packages) PATH=/tmp/site/bin:$PATH \
-                  MPI4PY_LIBMPI=/tmp/site/lib/libmpi.so.12
-fi
 left() { echo $((TOTAL - SECONDS)); }
-step() { echo "=== $* (t=${SECONDS}s)"; }
+SUMMARY=()
 
-{ step env; date -u; nvidia-smi -L; nproc
-  python3 -c "import cupy, numba, numpy, torch; print('cupy', cupy.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"
-  echo "mpiexec: $(command -v mpiexec)"
-  timeout 60 python3 -m crystal.cli info; } 2>&1 | tee "$OUT/env.txt"
+# run_step NAME CAP MIN AFTER -- command...: runs under timeout min(CAP, max(MIN, left - AFTER - 5)),
+# where AFTER is the sum of the minimums of the steps after it (so a hang leaves them their
+# minimums); skipped when less than MIN is left at all. Output goes to
+# log.txt (all of it) and to stdout (the device tool keeps the last 12,000 characters).
+run_step() {
+    local name=$1 cap=$2 min=$3 after=$4
+    shift 5
+    local total=$(( $(left) - 5 ))
+    if [ "$total" -lt "$min" ]; then
+        echo "=== $name: skipped (only ${total}s left, needs ${min}s)" | tee -a "$LOG"
+        SUMMARY+=("$(printf '%-22s skipped (%ss left)' "$name" "$total")")
+        return
+    fi
+    local avail=$(( total - after ))
+    [ "$avail" -lt "$min" ] && avail=$min  # at least its own minimum, even from the later steps' share
+    local t=$(( cap < avail ? cap : avail ))
+    echo "=== $name (t=${SECONDS}s, limit ${t}s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOG" | tail -n "${TAIL_LINES:-25}"
+    local rc=${PIPESTATUS[0]}
+    local why=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && why=" (timed out)"
+    echo "=== $name: rc=$rc$why in $((SECONDS - t0))s" | tee -a "$LOG"
+    SUMMARY+=("$(printf '%-22s rc=%-3s %4ss%s' "$name" "$rc" "$((SECONDS - t0))" "$why")")
+}
 
-{ step smoke; timeout 120 python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \
-      --out /tmp/run-smoke --overwrite; echo "rc=$?"; } 2>&1 | tail -25 | tee "$OUT/smoke.txt"
+# --- wheels and library paths (a brace group with a redirection, not a pipe: its exports stay) ---
+{
+    echo "=== install (t=${SECONDS}s)"
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        ls -l .whl/
+        if timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-installed \
+                --prefix /tmp/site .whl/*.whl; then
+            SITE=$(ls -d /tmp/site/lib/python3*/site-packages)
+            export PYTHONPATH=$PWD:$SITE PATH=/tmp/site/bin:$PATH MPI4PY_LIBMPI=/tmp/site/lib/libmpi.so.12
+            echo "installed under $SITE"
+        else
+            echo "wheel install FAILED: going on with the image's packages"
+        fi
+    else
+        echo "no .whl/ wheels: the image's packages only"
+    fi
+    # cuDNN and cuBLASLt from the nvidia-* wheels that torch brings: their lib folders first on
+    # LD_LIBRARY_PATH (the cuDNN frontend dlopens libcudnn.so.9 from there first; nvmath finds
+    # cuBLASLt through cuda-pathfinder). NO_LIBPATH=1 leaves LD_LIBRARY_PATH alone.
+    if [ -z "${NO_LIBPATH:-}" ]; then
+        LIBDIRS=$(timeout 30 python3 -c '
+import glob, os, sys
+dirs = []
+for base in sys.path:
+    nv = os.path.join(base or ".", "nvidia")
+    if os.path.isdir(nv):
+        for pat in ("libcudnn.so.[0-9]*", "libcublasLt.so.[0-9]*"):
+            for f in sorted(glob.glob(os.path.join(nv, "**", pat), recursive=True)):
+                d = os.path.dirname(os.path.realpath(f))
+                if d not in dirs:
+                    dirs.append(d)
+print(":".join(dirs))')
+        [ -n "$LIBDIRS" ] && export LD_LIBRARY_PATH=$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    fi
+    echo "=== install done (t=${SECONDS}s)"
+} >>"$LOG" 2>&1
+tail -n 4 "$LOG"
 
-{ step pytest; timeout 240 python3 -m pytest -m cuda -p no:cacheprovider -q; echo "rc=$?"; } 2>&1 \
-    | tee "$OUT/pytest_cuda.txt" | tail -40
+env_report() {
+    date -u
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    echo "cores: $(nproc)"
+    echo "PYTHONPATH=$PYTHONPATH"
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    echo "mpiexec: $(command -v mpiexec)"
+    python3 - <<'EOF'
+import importlib, importlib.metadata as md, sys
+print("python", sys.version.split()[0])
+for d in ("cupy-cuda13x", "numba", "numpy", "torch", "nvmath-python", "cuda-bindings", "cuda-core", "cuda-pathfinder",
+          "nvidia-cudnn-frontend", "nvidia-cudnn-cu13", "nvidia-cublas", "nvidia-cuda-nvrtc", "ml_dtypes",
+          "mpi4py", "mpich", "pytest"):
+    try:
+        dist = md.distribution(d)
+        print(f"  {d:24} {dist.version:14} {dist.locate_file('')}")
+    except md.PackageNotFoundError:
+        print(f"  {d:24} not installed")
+def line(what, fn):
+    try:
+        print(f"{what}: {fn()}")
+    except BaseException as e:
+        print(f"{what}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+def cupy_info():
+    import cupy
+    return (f"{cupy.__version__}, driver {cupy.cuda.runtime.driverGetVersion()}, runtime "
+            f"{cupy.cuda.runtime.runtimeGetVersion()}, nvrtc {cupy.cuda.nvrtc.getVersion()}, "
+            f"cc {cupy.cuda.Device(0).compute_capability}")
+line("cupy", cupy_info)
+def torch_info():
+    import torch
+    return (f"{torch.__version__}, cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, "
+            f"{torch.cuda.get_device_name(0)}")
+line("torch", torch_info)
+line("nvmath import", lambda: __import__("nvmath").__version__ + " from " + __import__("nvmath").__file__)
+line("nvmath cuBLASLt version", lambda: __import__("nvmath.bindings.cublasLt", fromlist=["x"]).get_version())
+line("cuda.bindings", lambda: importlib.import_module("cuda.bindings").__file__)
+def cudnn_fe():
+    import cudnn
+    return f"frontend {cudnn.__version__}, backend {cudnn.backend_version()} from {cudnn.__file__}"
+line("cudnn frontend", cudnn_fe)
+def reason():
+    from crystal.backends.cudnn_attention import unavailable_reason
+    r = unavailable_reason()
+    return f"None (cuDNN flash attention available)" if r is None else f"{r!r}"
+line("crystal.backends.cudnn_attention.unavailable_reason()", reason)
+def be():
+    from crystal.backends.cuda import CudaBackend
+    b = CudaBackend("bf16")
+    return f"constructed, flash={b.flash}"
+line("CudaBackend('bf16')", be)
+EOF
+    timeout 60 python3 -m crystal.cli info
+    timeout 30 python3 -m crystal.cli train --preset gpt2 --device cuda --precision bf16 --dry-run
+}
+export -f env_report
+export OUT
+TAIL_LINES=60
+run_step env 45 10 260 -- bash -c 'env_report 2>&1 | tee "$OUT/env.txt"' 
 
-[ -z "${SKIP_BENCH:-}" ] && { step bench_gpu preset split; timeout 150 python3 bench/bench_gpu.py --steps 20 --rounds 2 --json "$OUT/bench_gpu.json"
-  step bench_gpu 16x4 split; timeout 150 python3 bench/bench_gpu.py --steps 20 --rounds 2 --batch-size 16 --micro-batches 4 \
-      --json "$OUT/bench_gpu_16x4.json"; } 2>&1 | tee "$OUT/bench_gpu.txt" | tail -60
+TAIL_LINES=12
+run_step smoke_fp32 60 20 240 -- python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \
+    --out /tmp/run-smoke --overwrite
+run_step smoke_bf16 60 20 220 -- python3 -m crystal.cli train --preset tiny --device cuda --precision bf16 --steps 20 \
+    --spheres 4 --out /tmp/run-smoke-bf16 --overwrite
 
-Q=$(( $(left) - 25 ))
-if [ "$Q" -gt 30 ]; then
-    { step quality "$Q"s; timeout "$Q" python3 bench/bench_quality.py --preset shakespeare-char --device cuda \
-          --precision tf32 --spheres 2 --batch-size 32 --micro-batches 2 --target 1.47 --max-seconds $((Q - 20)) \
-          --json "$OUT/quality.json"; echo "rc=$?"; } 2>&1 | tee "$OUT/quality.txt" | tail -30
+TAIL_LINES=40
+run_step pytest_cuda 120 40 180 -- python3 -m pytest -m cuda -p no:cacheprovider -q
+
+TAIL_LINES=30
+run_step bf16_check 75 30 150 -- python3 bench/bench_bf16_check.py --json "$OUT/bf16_check.json"
+
+if [ -z "${SKIP_BENCH:-}" ]; then
+    run_step bench_shakespeare 100 40 110 -- python3 bench/bench_gpu.py --preset shakespeare-char --precision bf16 \
+        --torch-compile --steps 20 --warmup-steps 5 --rounds 2 --json "$OUT/bench_gpu_shakespeare.json"
+    run_step scaling_cpu 60 25 85 -- python3 bench/bench_scaling.py --preset small --micro-batches 48 \
+        --spheres 1 2 4 8 12 16 --steps 30 --warmup-steps 5 --rounds 2 --breakdown-spheres 0 \
+        --json "$OUT/scaling_cpu.json"
+    run_step bench_gpt2 90 45 40 -- python3 bench/bench_gpu.py --preset gpt2 --precision bf16 --steps 6 \
+        --warmup-steps 2 --rounds 1 --json "$OUT/bench_gpu_gpt2.json"
 fi
-step done
+
+# quality: the rest; training stops at the first evaluation at or below 1.47, or 15 s before the cap
+Q=$(( $(left) - 8 ))
+run_step quality "$Q" 40 0 -- python3 bench/bench_quality.py --preset shakespeare-char --device cuda --precision bf16 \
+    --spheres 2 --batch-size 32 --micro-batches 2 --target 1.47 --stop-at-target --max-seconds $((Q > 45 ? Q - 15 : 30)) \
+    --json "$OUT/quality.json"
+
+{ echo "=== summary (t=${SECONDS}s of ${TOTAL}s)"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG" | tee "$OUT/summary.txt"

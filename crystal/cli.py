@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from crystal.config import DEVICES, PRECISIONS, PRESETS, resolve
-from crystal.errors import CrystalError, NonFiniteError
+from crystal.errors import CrystalError, NonFiniteError, SphereFailure
 
 EXIT_USAGE = 2
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
@@ -269,7 +269,7 @@ def _cudnn_reason() -> str | None:
     """Why cuDNN flash attention is not available here (None when it is)."""
     from crystal.backends.cudnn_attention import unavailable_reason
 
-    return unavailable_reason()
+    return "CRYSTAL_CUDNN=0" if os.environ.get("CRYSTAL_CUDNN", "1") == "0" else unavailable_reason()
 
 
 def format_summary(result) -> str:
@@ -402,6 +402,8 @@ def error_exit(e: BaseException) -> tuple[str | None, int]:
         return None, 0
     if isinstance(e, CrystalError):
         return str(e), EXIT_USAGE
+    if isinstance(e, SphereFailure) and isinstance(e.error, CrystalError):  # e.g. cuDNN refusing a shape
+        return str(e.error), EXIT_USAGE
     if isinstance(e, NonFiniteError):
         return str(e), EXIT_NONFINITE
     if isinstance(e, click.exceptions.ClickException):

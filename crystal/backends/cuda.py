@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import threading
 
 import numpy as np
@@ -318,7 +319,8 @@ class CudaBackend:
 
     def attention_forward(self, out, att, qkv, n_head, drop=None):
         if self._flash(qkv.shape[-1] // 3 // n_head):
-            self._fa().forward(out, att, qkv, n_head, dropout=_cudnn_dropout(drop))
+            with _cudnn_errors():
+                self._fa().forward(out, att, qkv, n_head, dropout=_cudnn_dropout(drop))
             return
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
         y = self._scratch("y", q.shape, self.act_dtype)
@@ -330,7 +332,8 @@ class CudaBackend:
 
     def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
         if self._flash(qkv.shape[-1] // 3 // n_head):
-            self._fa().backward(dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop))
+            with _cudnn_errors():
+                self._fa().backward(dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop))
             return
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
         dy, dq, dk, dv = (self._scratch(name, q.shape, self.act_dtype) for name in ("dy", "dq", "dk", "dv"))
@@ -441,6 +444,18 @@ def _cudnn_dropout(drop):
     return threshold / 2 ** 32, key, 0
 
 
+@contextlib.contextmanager
+def _cudnn_errors():
+    """A graph this cuDNN cannot run is the environment's limit, said in one line with the way out."""
+    from crystal.backends.cudnn_attention import FlashAttentionError
+    from crystal.errors import CrystalError
+
+    try:
+        yield
+    except FlashAttentionError as e:
+        raise CrystalError(f"{e}; set CRYSTAL_CUDNN=0 to run attention through cuBLAS") from None
+
+
 def _ml_bfloat16():
     import ml_dtypes  # the numpy bf16 type of the emulated backend's arrays (tests)
 
@@ -464,7 +479,7 @@ def _bf16_libraries(device):
     from crystal.backends.cudnn_attention import unavailable_reason
 
     cudnn = None
-    if unavailable_reason() is None:
+    if os.environ.get("CRYSTAL_CUDNN", "1") != "0" and unavailable_reason() is None:
         import cudnn
     return cublasLt, cudnn
 
