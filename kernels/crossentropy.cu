@@ -1,34 +1,62 @@
 // Fused softmax + cross-entropy over logits[N,V]. The forward runs one block per row; any
 // blockDim.x that is a multiple of 32 (up to 1024) works, and the reduction order is fixed by it.
+// Bodies are templates over the activation type A of logits, probs and dlogits (float, or bf16
+// through load/store: softmax and loss in float, probs rounded once); losses are float32 in both.
 
+#include "bf16.cuh"
 #include "block_reduce.cuh"
 
 // lse = max + log(sum_v exp(logits[i,v] - max)); losses[i] = lse - logits[i,targets[i]];
 // probs[i,v] = exp(logits[i,v] - lse). grid_rows(N): one block per row. probs may alias logits:
-// every read of a logit happens before the block's first write (block_sum synchronizes).
-extern "C" __global__ void crossentropy_forward(float* losses, float* probs, const float* logits,
-                                                const int* targets, int N, int V) {
+// every read of a logit happens before the block's first write (block_sum synchronizes), except
+// in the last loop, where each thread reads a logit and then writes that same element.
+template <class A>
+__device__ void crossentropy_forward_impl(float* losses, A* probs, const A* logits,
+                                          const int* targets, int N, int V) {
   int i = blockIdx.x;
   if (i >= N) return;  // uniform: the whole block leaves
-  const float* x = logits + (long long)i * V;
-  float target_logit = x[targets[i]];
+  const A* x = logits + (long long)i * V;
+  float target_logit = load(x + targets[i]);
   float m = -3.402823466e+38f;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, x[v]);
+  for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, load(x + v));
   m = block_max(m);
   float s = 0.0f;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(x[v] - m);
+  for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(load(x + v) - m);
   float lse = m + logf(block_sum(s));
   if (threadIdx.x == 0) losses[i] = lse - target_logit;
-  float* p = probs + (long long)i * V;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) p[v] = expf(x[v] - lse);
+  A* p = probs + (long long)i * V;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) store(p + v, expf(load(x + v) - lse));
+}
+
+extern "C" __global__ void crossentropy_forward(float* losses, float* probs, const float* logits,
+                                                const int* targets, int N, int V) {
+  crossentropy_forward_impl(losses, probs, logits, targets, N, V);
+}
+
+extern "C" __global__ void crossentropy_forward_bf16(float* losses, bf16* probs,
+                                                     const bf16* logits, const int* targets,
+                                                     int N, int V) {
+  crossentropy_forward_impl(losses, probs, logits, targets, N, V);
 }
 
 // dlogits[i,v] = probs[i,v]*dloss - (v == targets[i] ? dloss : 0); grid_1d(N*V).
 // dlogits may alias probs.
-extern "C" __global__ void crossentropy_backward(float* dlogits, const float* probs,
-                                                 const int* targets, int N, int V, float dloss) {
+template <class A>
+__device__ void crossentropy_backward_impl(A* dlogits, const A* probs, const int* targets, int N,
+                                           int V, float dloss) {
   long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= (long long)N * V) return;
-  float d = probs[j] * dloss;
-  dlogits[j] = j % V == targets[j / V] ? d - dloss : d;
+  float d = load(probs + j) * dloss;
+  store(dlogits + j, j % V == targets[j / V] ? d - dloss : d);
+}
+
+extern "C" __global__ void crossentropy_backward(float* dlogits, const float* probs,
+                                                 const int* targets, int N, int V, float dloss) {
+  crossentropy_backward_impl(dlogits, probs, targets, N, V, dloss);
+}
+
+extern "C" __global__ void crossentropy_backward_bf16(bf16* dlogits, const bf16* probs,
+                                                      const int* targets, int N, int V,
+                                                      float dloss) {
+  crossentropy_backward_impl(dlogits, probs, targets, N, V, dloss);
 }

@@ -37,33 +37,60 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in [
+    # Each activation kernel has a `_bf16` twin (same file, argument kinds and launch shape) for
+    # --precision bf16: its activation/weight arrays are bf16, math is float32, and parameter
+    # gradients, mean/rstd and losses stay float32 (kernels/bf16.cuh).
     # encoder.cu
     Kernel("encoder_forward", "encoder.cu", ("ptr", "ptr", "ptr", "ptr", "i32", "i32", "i32")),
+    Kernel("encoder_forward_bf16", "encoder.cu", ("ptr", "ptr", "ptr", "ptr", "i32", "i32", "i32")),
     Kernel("encoder_backward_wpe", "encoder.cu", ("ptr", "ptr", "i32", "i32", "i32", "i32")),
+    Kernel("encoder_backward_wpe_bf16", "encoder.cu", ("ptr", "ptr", "i32", "i32", "i32", "i32")),
     Kernel("encoder_backward_wte", "encoder.cu", ("ptr", "ptr", "ptr", "ptr", "ptr", "i32", "i32")),
+    Kernel("encoder_backward_wte_bf16", "encoder.cu",
+           ("ptr", "ptr", "ptr", "ptr", "ptr", "i32", "i32")),
     # layernorm.cu
     Kernel("layernorm_forward", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32", "f32")),
+    Kernel("layernorm_forward_bf16", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32", "f32")),
     Kernel("layernorm_backward_dinp", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
+    Kernel("layernorm_backward_dinp_bf16", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
     Kernel("layernorm_backward_dwdb", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
+    Kernel("layernorm_backward_dwdb_bf16", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
     # matmul.cu (the products themselves are cuBLAS)
     Kernel("bias_forward", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
+    Kernel("bias_forward_bf16", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
     Kernel("bias_backward", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
+    Kernel("bias_backward_bf16", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
     # attention.cu (score and value products are cuBLAS batched matmuls)
     Kernel("attention_permute", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
+    Kernel("attention_permute_bf16", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
     Kernel("attention_unpermute", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
+    Kernel("attention_unpermute_bf16", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
     Kernel("attention_unpermute_backward", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
+    Kernel("attention_unpermute_backward_bf16", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
     Kernel("attention_permute_backward", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
+    Kernel("attention_permute_backward_bf16", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
     Kernel("softmax_causal_forward", "attention.cu", ("ptr", "ptr", "i32", "i32", "f32")),
+    Kernel("softmax_causal_forward_bf16", "attention.cu", ("ptr", "ptr", "i32", "i32", "f32")),
     Kernel("softmax_causal_backward", "attention.cu", ("ptr", "ptr", "ptr", "i32", "i32", "f32")),
+    Kernel("softmax_causal_backward_bf16", "attention.cu",
+           ("ptr", "ptr", "ptr", "i32", "i32", "f32")),
     # gelu.cu, residual.cu
     Kernel("gelu_forward", "gelu.cu", ("ptr", "ptr", "i32")),
+    Kernel("gelu_forward_bf16", "gelu.cu", ("ptr", "ptr", "i32")),
     Kernel("gelu_backward", "gelu.cu", ("ptr", "ptr", "ptr", "i32")),
+    Kernel("gelu_backward_bf16", "gelu.cu", ("ptr", "ptr", "ptr", "i32")),
     Kernel("residual_forward", "residual.cu", ("ptr", "ptr", "ptr", "i32")),
+    Kernel("residual_forward_bf16", "residual.cu", ("ptr", "ptr", "ptr", "i32")),
     # dropout.cu
     Kernel("dropout", "dropout.cu", ("ptr", "ptr", "i64", "i64", "f32", "i32")),
+    Kernel("dropout_bf16", "dropout.cu", ("ptr", "ptr", "i64", "i64", "f32", "i32")),
     # crossentropy.cu
     Kernel("crossentropy_forward", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
+    Kernel("crossentropy_forward_bf16", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
     Kernel("crossentropy_backward", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),
+    Kernel("crossentropy_backward_bf16", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),
+    # cast.cu (the bf16 copy of the float32 weights, after every optimizer step)
+    Kernel("cast_to_bf16", "cast.cu", ("ptr", "ptr", "i64")),
     # adamw.cu
     Kernel("adamw_update", "adamw.cu", ("ptr",) * 5 + ("i32", "i64") + ("f32",) * 9),
     # norm.cu

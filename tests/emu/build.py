@@ -4,7 +4,8 @@ Each `foo.cu` is compiled once into `foo-<hash>.so` (the hash covers the source,
 launchers, so an edit rebuilds and an unchanged file is reused across sessions). The .so holds
 one `extern "C" launch_<name>(gx, gy, gz, bx, by, bz, args...)` per kernel, generated from the
 `KERNELS` table of crystal/backends/kernels.py; `emu_launch` static_asserts that the table's
-argument kinds match the kernel's C++ signature, so a mismatch fails the build.
+argument kinds match the kernel's C++ signature, so a mismatch fails the build. `build_source`
+compiles a small host wrapper the same way, for testing the headers' device functions.
 """
 
 from __future__ import annotations
@@ -55,22 +56,34 @@ def launchers_source(cu: Path) -> str:
 
 
 def _compile(cu: Path, cache: Path) -> Path:
-    source = launchers_source(cu)
-    headers = [h.read_text() for h in sorted(cu.parent.glob("*.cuh"))]  # what the .cu includes
+    return _compile_source(launchers_source(cu), cu.stem, cu.parent, cache, cu.read_text())
+
+
+def _compile_source(source: str, stem: str, include: Path, cache: Path, extra: str = "") -> Path:
+    """`source` compiled with emu.h into cache/<stem>-<hash>.so (reused while nothing changed)."""
+    headers = [h.read_text() for h in sorted(include.glob("*.cuh"))]  # what the .cu includes
     digest = hashlib.sha256("\0".join(
-        [source, cu.read_text(), *headers, EMU_HEADER.read_text(), " ".join(CXX)]).encode()).hexdigest()
-    lib = cache / f"{cu.stem}-{digest[:16]}.so"
+        [source, extra, *headers, EMU_HEADER.read_text(), " ".join(CXX)]).encode()).hexdigest()
+    lib = cache / f"{stem}-{digest[:16]}.so"
     if lib.exists():
         return lib
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src, out = Path(tmp) / f"{cu.stem}_emu.cpp", Path(tmp) / "lib.so"
+        src, out = Path(tmp) / f"{stem}_emu.cpp", Path(tmp) / "lib.so"
         src.write_text(source)
-        done = subprocess.run([*CXX, "-include", str(EMU_HEADER), "-o", str(out), str(src)],
-                              capture_output=True, text=True)
+        done = subprocess.run([*CXX, "-include", str(EMU_HEADER), f"-I{include}", "-o", str(out),
+                               str(src)], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"emulated build of {cu.name} failed:\n{done.stderr}")
+            raise RuntimeError(f"emulated build of {stem} failed:\n{done.stderr}")
         os.replace(out, lib)  # atomic: a concurrent session sees the whole file or none
     return lib
+
+
+def build_source(source: str, stem: str, cache: Path | None = None) -> ctypes.CDLL:
+    """Host C++ `source` (extern "C" functions, free to #include kernels/*.cuh) compiled with
+    emu.h and loaded: for testing the headers' device functions directly."""
+    cache = Path(cache or Path(tempfile.gettempdir()) / "crystal-emu-kernels")
+    cache.mkdir(parents=True, exist_ok=True)
+    return ctypes.CDLL(str(_compile_source(source, stem, kernels_dir(), cache)))
 
 
 class EmulatedKernels:

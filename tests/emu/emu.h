@@ -41,6 +41,24 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, sizeof f); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, sizeof u); return u; }
+
+// bfloat16 for kernels/bf16.cuh, which leaves these to the emulator (the device converts with
+// the sm_80 instruction cvt.rn.bf16.f32; here the same rounding is done in integers).
+#define CRYSTAL_EMU 1
+struct bf16 {
+  unsigned short bits;  // the high 16 bits of a float
+};
+inline float bf16_to_f32(bf16 h) { return __uint_as_float((unsigned)h.bits << 16); }
+// Round to nearest even on the low 16 bits: adding 0x7FFF (+1 when the kept lsb is odd) carries
+// into the kept bits exactly when the dropped half is above the tie (or at it, toward even); a
+// carry out of the largest finite values lands on inf, and inf stays inf. Any NaN -> 0x7FFF.
+inline bf16 f32_to_bf16(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{0x7fffu};
+  return bf16{(unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
 
 // Value of `v` held by lane `src` of the caller's warp (every thread of the block must call).
 // Successive shuffles alternate slot generations: no thread can write generation g again before
