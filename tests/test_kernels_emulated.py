@@ -86,8 +86,10 @@ def test_emulated_every_kernel_in_the_sources_is_in_the_kernels_table():
     assert parse_global_kernels() == {k.name: k.file for k in KERNELS.values()}
 
 
-def test_emulated_every_kernel_is_exercised_by_a_test():
-    assert set(COVERED) == set(parse_global_kernels())
+def test_emulated_every_fp32_kernel_is_exercised_by_a_test():
+    """(the `_bf16` twins and cast_to_bf16: tests/test_kernels_bf16_emulated.py)"""
+    fp32 = {n for n in parse_global_kernels() if not n.endswith("_bf16") and n != "cast_to_bf16"}
+    assert set(COVERED) == fp32
 
 
 # --- encoder ---------------------------------------------------------------------------------
