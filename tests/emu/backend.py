@@ -17,7 +17,7 @@ class EmulatedCudaBackend(CudaBackend):
     or None for the cuBLAS + softmax attention path)."""
 
     def __init__(self, precision: str = "fp32", lt=None, cudnn=None):
-        super().__init__(precision, block=64, array_module=np, launcher=build().launch, lt=lt, cudnn=cudnn)
+        super().__init__(precision, block=32, array_module=np, launcher=build().launch, lt=lt, cudnn=cudnn)
         self.name = "cuda-emulated"
 
     def to_host(self, array):
