@@ -123,3 +123,53 @@ def test_bf16_run_resumed_from_a_checkpoint_is_bitwise_the_straight_run(tmp_path
     resumed = train(model_cfg, cfg, run, resume=run.load_state(model_cfg), backend=bf16_backend("flash"))
     assert straight.losses[1:] == resumed.losses
     assert straight.params.tobytes() == resumed.params.tobytes()
+
+
+class _Device:
+    def __init__(self, cc: str):
+        self.compute_capability = cc
+
+
+def test_bf16_on_a_gpu_below_compute_capability_8_is_a_one_line_error():
+    from crystal.backends.cuda import _bf16_libraries
+    from crystal.errors import CrystalError
+
+    with pytest.raises(CrystalError, match=r"compute capability 8\.0 or newer; this one is 7\.5") as e:
+        _bf16_libraries(_Device("75"))
+    assert "\n" not in str(e.value)
+
+
+def test_bf16_without_nvmath_is_a_one_line_error(monkeypatch):
+    import sys
+
+    from crystal.backends.cuda import _bf16_libraries
+    from crystal.errors import CrystalError
+
+    monkeypatch.setitem(sys.modules, "nvmath.bindings", None)  # as if not installed
+    with pytest.raises(CrystalError, match="needs nvmath-python") as e:
+        _bf16_libraries(_Device("90"))
+    assert "\n" not in str(e.value)
+
+
+def test_bf16_with_nvmath_on_an_sm90_gpu_finds_cublaslt_and_says_whether_cudnn_runs(monkeypatch):
+    from crystal.backends.cuda import _bf16_libraries
+    from nvmath.bindings import cublasLt
+
+    lt, cudnn = _bf16_libraries(_Device("90"))
+    assert lt is cublasLt and cudnn is None  # no libcudnn on this machine
+    monkeypatch.setenv("CRYSTAL_CUDNN", "0")
+    assert _bf16_libraries(_Device("90"))[1] is None
+
+
+def test_memory_estimate_of_bf16_flash_attention_drops_the_t_squared_activations():
+    from crystal.model import activation_bytes, memory_estimate
+
+    cfg = ModelConfig(vocab_size=256, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    fp32 = activation_bytes(cfg, 4, 1024)
+    cublas = activation_bytes(cfg, 4, 1024, "bf16")
+    flash = activation_bytes(cfg, 4, 1024, "bf16", flash=True)
+    t2 = 4 * 12 * 1024 * 1024  # one layer's [B,NH,T,T]
+    assert flash < cublas < fp32
+    assert cublas - flash == 2 * t2 * (12 + 1) - 4 * 4 * 12 * 1024 * 12  # bf16 probs per layer + scores grad, less the stats
+    est = memory_estimate(cfg, 8, 2, 4, 1024, precision="bf16", flash=True)
+    assert est["weights_bf16"] * 2 == est["params"]
