@@ -283,6 +283,9 @@ def format_summary(result) -> str:
     lines.append(f"{'root':>6} active spheres {r['active_spheres']}/{r['spheres']} | total grad norm "
                  f"{r['grad_norm']:.4f} (mean {r['mean_grad_norm']:.4f}) | {r['tokens_per_s']:,.0f} tok/s | "
                  f"{r['ms_per_step']:.1f} ms/step")
+    if r.get("launches_per_step") is not None:
+        lines.append(f"launches from Python (kernels, library calls, cupy ops): "
+                     f"{r['launches_per_micro_batch']} per micro-batch, {r['launches_per_step']:,.0f} per step")
     if result.losses:
         tail = result.losses[-20:]
         lines.append(f"trained {r['steps']} steps in {r['wall_s']:.1f} s; final loss {result.losses[-1]:.4f} "

@@ -76,6 +76,8 @@ class SphereSystem:
         self.slot_grads = [Tensors(layout, reducer.slot(j)) for j in range(reducer.local_count)]
         self.stats = [SphereStats(i) for i in range(n_spheres)]
         self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
+        self.counts_launches = hasattr(be, "thread_launches")  # cuda: kernel and library launches
+        self.launches_per_micro_batch: int | None = None
         self._acts = [Activations(be, cfg, batch_size, seq_len) for _ in range(n_spheres)]
         self._inbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n_spheres)]
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -113,8 +115,11 @@ class SphereSystem:
         be, stats, acts = self.be, self.stats[i], self._acts[i]
         stats.active = True
         x, y = be.to_device(x), be.to_device(y)
+        issued = be.thread_launches() if self.counts_launches else 0
         loss = forward(be, self.cfg, self.weights, acts, x, y, drop)
         backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y, drop)
+        if self.counts_launches:  # the same for every micro-batch of a run
+            self.launches_per_micro_batch = be.thread_launches() - issued
         stats.active = False
         stats.batches += 1
         stats.loss_sum += loss

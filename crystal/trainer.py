@@ -143,6 +143,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     skipped = 0
     interrupted = False
     t_start = time.perf_counter()
+    launches_at_start = be.launches() if hasattr(be, "launches") else None
     with _blas_limits(be), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
                                         cfg.batch_size, cfg.seq_len) as spheres:
         for step in range(first, last):
@@ -196,6 +197,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                 break
         sphere_summary = spheres.summary()
         active = spheres.active_spheres()
+        per_micro_batch = spheres.launches_per_micro_batch
     wall = time.perf_counter() - t_start
     host_params = np.array(be.to_host(params), dtype=np.float32)
     n = max(1, len(losses))
@@ -209,6 +211,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         "tokens_per_s": cfg.tokens_per_step * len(losses) / wall if wall > 0 else 0.0,
         "ms_per_step": 1e3 * wall / n,
     }
+    if launches_at_start is not None and losses:  # cuda: what Python issued (evaluation included)
+        root.update(launches_per_micro_batch=per_micro_batch,
+                    launches_per_step=round((be.launches() - launches_at_start) / len(losses), 1))
     if comm.size > 1:
         root.update(ranks=comm.size, comm_s=comm.seconds, comm_ms_per_step=1e3 * comm.seconds / n)
     finished = last == cfg.steps

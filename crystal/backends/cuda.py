@@ -37,6 +37,7 @@ from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid
 
 BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
 LT_WORKSPACE_BYTES = 32 << 20  # cuBLASLt workspace per sphere thread (llm.c's size)
+ENCODER_BUCKET_OPS = 12  # cupy array operations that bucket the positions by token (encoder_backward)
 _ARG = {"i32": np.int32, "i64": np.int64, "f32": np.float32, "f64": np.float64}
 
 
@@ -93,6 +94,8 @@ class CudaBackend:
         self.flash = self._cudnn is not None  # cuDNN fused attention (bf16 only)
         self._streams: dict[int, object] = {}
         self._local = threading.local()
+        self._counters: list[list[int]] = []  # every thread's launch counter
+        self._counters_lock = threading.Lock()
         self._warm = False
 
     # --- memory, streams, events ---
@@ -103,6 +106,7 @@ class CudaBackend:
         return self.cp.zeros(shape, dtype=dtype)
 
     def zero(self, x):
+        self._count()
         x.fill(0)
 
     def to_device(self, host_array):
@@ -157,7 +161,28 @@ class CudaBackend:
         self._warm = True
 
     # --- launching ---
+    def _count(self, n: int = 1) -> None:
+        """Counts what this thread issues from Python: each kernel launch, library call (a cuBLAS
+        or cuBLASLt product, a cuDNN graph) and cupy array operation is one."""
+        c = self._local.__dict__.get("launches")
+        if c is None:
+            c = self._local.launches = [0]
+            with self._counters_lock:
+                self._counters.append(c)
+        c[0] += n
+
+    def thread_launches(self) -> int:
+        """Launches the calling thread has issued so far."""
+        c = self._local.__dict__.get("launches")
+        return c[0] if c else 0
+
+    def launches(self) -> int:
+        """Launches every thread has issued so far."""
+        with self._counters_lock:
+            return sum(c[0] for c in self._counters)
+
     def _launch(self, name: str, grid, *args) -> None:
+        self._count()
         kinds = KERNELS[name].args
         assert len(kinds) == len(args), name
         self._launcher(name, grid, self.block,
@@ -210,6 +235,7 @@ class CudaBackend:
                      dwpe.shape[0], C)
         # Buckets of positions per token without atomics: keys token*BT + position are unique,
         # so their sort is deterministic; bucket v is positions[start[v]:start[v+1]], ascending.
+        self._count(ENCODER_BUCKET_OPS)
         keys = idx.reshape(-1).astype(cp.int64) * BT + cp.arange(BT, dtype=cp.int64)
         keys.sort()
         tokens = keys // BT
@@ -241,6 +267,7 @@ class CudaBackend:
     # --- matmul (cuBLAS; cuBLASLt with fused epilogues under bf16) + bias ---
     def matmul_forward(self, out, inp, w, bias):
         out2 = _rows(out)
+        self._count()
         if self.bf16:
             self._lt().gemm(out2, _rows(inp), w, bias=bias)
             return
@@ -251,6 +278,7 @@ class CudaBackend:
 
     def matmul_gelu_forward(self, out, pre, inp, w, bias):
         if self.bf16 and bias is not None and pre.shape[-1] % 8 == 0:  # cuBLASLt GELU_AUX_BIAS (aux ld: 8k)
+            self._count()
             self._lt().gemm(_rows(out), _rows(inp), w, bias=bias, gelu_pre=_rows(pre))
             return
         self.matmul_forward(pre, inp, w, bias)
@@ -258,6 +286,7 @@ class CudaBackend:
 
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
         dout2 = _rows(dout)
+        self._count(2)
         if self.bf16:  # dw (float32, a gradient slot) and dbias from one product's epilogue
             lt = self._lt()
             lt.gemm(_rows(dinp), dout2, w, trans_b=True)
@@ -271,6 +300,7 @@ class CudaBackend:
             self._launch("bias_backward", grid_1d(OC, self.block), dbias, dout2, N, OC)
 
     def lm_head_forward(self, logits, inp, wte):
+        self._count()
         if self.bf16:
             self._lt().gemm(_rows(logits), _rows(inp), wte, trans_b=True)
             return
@@ -278,6 +308,7 @@ class CudaBackend:
 
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
         dl = _rows(dlogits)
+        self._count(2)
         if self.bf16:
             lt = self._lt()
             lt.gemm(_rows(dinp), dl, wte)
@@ -289,6 +320,7 @@ class CudaBackend:
     def _bmm(self, out, a, b, trans_a=False, trans_b=False):
         """out[B,NH,X,Y] = op(a) @ op(b) per (batch, head): cupy's batched cuBLAS product, or
         cuBLASLt's strided-batched one on [B*NH, ., .] views under bf16."""
+        self._count()
         if self.bf16:
             def flat3(x):
                 return x.reshape(-1, *x.shape[2:])
@@ -319,6 +351,7 @@ class CudaBackend:
 
     def attention_forward(self, out, att, qkv, n_head, drop=None):
         if self._flash(qkv.shape[-1] // 3 // n_head):
+            self._count()
             with _cudnn_errors():
                 self._fa().forward(out, att, qkv, n_head, dropout=_cudnn_dropout(drop))
             return
@@ -332,6 +365,7 @@ class CudaBackend:
 
     def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
         if self._flash(qkv.shape[-1] // 3 // n_head):
+            self._count()
             with _cudnn_errors():
                 self._fa().backward(dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop))
             return
