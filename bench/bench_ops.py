@@ -38,7 +38,7 @@ class MicroBatch:
     def run(self, n: int, be=None) -> None:
         be = be or self.be
         for _ in range(n):
-            forward(be, self.cfg, self.w, self.a, self.idx, self.tgt)
+            forward(be, self.cfg, self.w, self.a, self.idx, self.tgt, grad=True)
             backward(be, self.cfg, self.w, self.g, self.a, self.idx, self.tgt)
 
 

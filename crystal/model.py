@@ -253,49 +253,64 @@ def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, 
 # --- forward and backward ----------------------------------------------------------------------
 
 def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
-            drop: Dropout | None = None):
+            drop: Dropout | None = None, grad: bool = False):
     """Logits into a.logits; with targets, also the mean cross-entropy (returned as a float).
+    grad (training, with targets): a.logits ends as d loss / d logits instead, computed in the
+    same pass as the loss, which is what `backward` starts from.
     drop: this micro-batch's dropout (training only), applied in place to the embedding sum and
     to each projection's output before it joins the residual stream, and to the attention
-    probabilities inside the attention op (a.att keeps them undropped for the backward)."""
+    probabilities inside the attention op (a.att keeps them undropped for the backward).
+    Each residual addition is fused with the layernorm that reads its sum (the next layer's
+    ln_1, or ln_f after the last layer)."""
     B, T = idx.shape
     NH, eps = cfg.n_head, cfg.layer_norm_epsilon
     be.encoder_forward(a.encoded, idx, w.wte, w.wpe[:T])
     if drop:
         drop.apply(be, a.encoded, a.encoded, 0, EMBEDDING)
     x = a.encoded
+    if w.layers:
+        p = w.layers[0]
+        be.layernorm_forward(a.ln1[0], a.ln1_mean[0], a.ln1_rstd[0], x, p.ln1_w, p.ln1_b, eps)
+    else:
+        be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, w.lnf_w, w.lnf_b, eps)
     for l, p in enumerate(w.layers):
-        be.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], x, p.ln1_w, p.ln1_b, eps)
         be.matmul_forward(a.qkv[l], a.ln1[l], p.qkv_w, p.qkv_b)
         be.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, drop and drop.site(l, ATTENTION_PROBS))
         be.matmul_forward(a.attproj[l], a.atty[l], p.attproj_w, p.attproj_b)
         if drop:  # attproj is not read by the backward, so it is dropped in place
             drop.apply(be, a.attproj[l], a.attproj[l], l, ATTENTION_PROJ)
-        be.residual_forward(a.res2[l], x, a.attproj[l])
-        be.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.res2[l], p.ln2_w, p.ln2_b, eps)
+        be.residual_layernorm_forward(a.res2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], x, a.attproj[l],
+                                      p.ln2_w, p.ln2_b, eps)
         be.matmul_gelu_forward(a.fch_gelu[l], a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
         be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcproj_w, p.fcproj_b)
         if drop:
             drop.apply(be, a.fcproj[l], a.fcproj[l], l, MLP_PROJ)
-        be.residual_forward(a.res3[l], a.res2[l], a.fcproj[l])
+        if l + 1 < len(w.layers):  # res3 = res2 + fcproj, then the next layer's ln_1 of it
+            q = w.layers[l + 1]
+            be.residual_layernorm_forward(a.res3[l], a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1],
+                                          a.res2[l], a.fcproj[l], q.ln1_w, q.ln1_b, eps)
+        else:  # ... or ln_f after the last layer
+            be.residual_layernorm_forward(a.res3[l], a.lnf, a.lnf_mean, a.lnf_rstd, a.res2[l], a.fcproj[l],
+                                          w.lnf_w, w.lnf_b, eps)
         x = a.res3[l]
-    be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, w.lnf_w, w.lnf_b, eps)
     be.lm_head_forward(a.logits, a.lnf, w.wte)
     if targets is None:
         return None
-    be.crossentropy_forward(a.losses, a.logits, a.logits, targets)
+    if grad:  # losses and dlogits = (softmax - onehot) / (B T) in one pass, in place of the logits
+        be.crossentropy_forward_backward(a.losses, a.logits, a.logits, targets, 1.0 / (B * T))
+    else:
+        be.crossentropy_forward(a.losses, a.logits, a.logits, targets)
     return be.sum_losses(a.losses) / (B * T)
 
 
 def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, targets,
              drop: Dropout | None = None):
-    """Gradient of the mean loss of the last `forward(..., targets, drop)` into every tensor of
-    g (drop: the same as the forward's).
+    """Gradient of the mean loss of the last `forward(..., targets, drop, grad=True)` into every
+    tensor of g (drop: the same as the forward's).
 
     Every gradient tensor is written (not accumulated), so g needs no zeroing beforehand."""
     B, T = idx.shape
     NH = cfg.n_head
-    be.crossentropy_backward(a.logits, a.logits, targets, 1.0 / (B * T))
     be.lm_head_backward(a.dln, g.wte, a.logits, a.lnf, w.wte)
     last = a.res3[-1] if a.res3 else a.encoded
     be.zero(a.dres)
@@ -399,7 +414,7 @@ class GPT:
         gflat = be.empty(self.layout.size)
         grads = Tensors(self.layout, gflat)
         didx, dtgt = be.to_device(idx), be.to_device(targets)
-        loss = forward(be, self.config, self._tensors, a, didx, dtgt, drop)
+        loss = forward(be, self.config, self._tensors, a, didx, dtgt, drop, grad=True)
         backward(be, self.config, self._tensors, grads, a, didx, dtgt, drop)
         host = np.array(be.to_host(gflat), dtype=np.float32)
         return loss, {k: v.copy() for k, v in self.layout.views(host).items()}
@@ -414,7 +429,8 @@ def warmup_backend(be) -> None:
     g = Tensors(layout, gflat)
     a = Activations(be, cfg, 1, 3)
     idx = be.to_device(np.array([[1, 2, 3]], dtype=np.int32))
-    forward(be, cfg, w, a, idx, idx)
+    forward(be, cfg, w, a, idx, idx)  # evaluation's loss
+    forward(be, cfg, w, a, idx, idx, grad=True)  # training's loss and dlogits
     backward(be, cfg, w, g, a, idx, idx)
     m, v = be.zeros(layout.size), be.zeros(layout.size)
     be.add_inplace(gflat, gflat)

@@ -51,10 +51,11 @@ class AdamW:
         k = self.cfg
         self.scalars = AdamWScalars.of(lr, k.beta1, k.beta2, k.eps, k.weight_decay, self.t, grad_scale)
 
-    def update_chunk(self, c: int, params, grads) -> None:
+    def update_chunk(self, c: int, params, grads, compute=None) -> None:
+        """AdamW on chunk c; compute (a bf16 copy of params the spheres read) is refreshed with it."""
         ranges = self.chunk_ranges[c]
         if ranges.shape[0]:
-            self.be.adamw_update(params, grads, self.m, self.v, ranges, self.scalars)
+            self.be.adamw_update(params, grads, self.m, self.v, ranges, self.scalars, compute)
 
     def step(self, params, grads, lr: float, grad_scale: float = 1.0) -> None:
         self.begin_step(lr, grad_scale)

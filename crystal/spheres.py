@@ -71,8 +71,8 @@ class SphereSystem:
                  n_spheres: int, batch_size: int, seq_len: int):
         self.be, self.cfg = be, cfg
         self.n = n_spheres
-        self.params = params  # the root's float32 master parameters
-        self.weights = Tensors(layout, be.compute_weights(params))  # what forward/backward read
+        # what forward/backward read: params, or their bf16 copy (AdamW refreshes it as it updates)
+        self.weights = Tensors(layout, be.compute_weights(params))
         self.slot_grads = [Tensors(layout, reducer.slot(j)) for j in range(reducer.local_count)]
         self.stats = [SphereStats(i) for i in range(n_spheres)]
         self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
@@ -116,7 +116,7 @@ class SphereSystem:
         stats.active = True
         x, y = be.to_device(x), be.to_device(y)
         issued = be.thread_launches() if self.counts_launches else 0
-        loss = forward(be, self.cfg, self.weights, acts, x, y, drop)
+        loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True)
         backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y, drop)
         if self.counts_launches:  # the same for every micro-batch of a run
             self.launches_per_micro_batch = be.thread_launches() - issued
@@ -164,11 +164,6 @@ class SphereSystem:
             self.be.wait_event(done)  # the root reads results only after the sphere's work
         self.wall_s += time.perf_counter() - t0
         return results
-
-    def refresh_weights(self) -> None:
-        """After an optimizer step: the weights the spheres read take the new parameters' values
-        (one cast kernel under bf16; nothing when they read the parameters themselves)."""
-        self.be.refresh_weights(self.weights.flat, self.params)
 
     def summary(self) -> list[dict]:
         return [s.summary(self.wall_s) for s in self.stats]

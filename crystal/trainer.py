@@ -163,8 +163,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                 continue
             lr, scale = lr_at(step, cfg), clip_scale(norm, cfg.grad_clip)
             optimizer.begin_step(lr, scale)
-            spheres.map(n_chunks, lambda i, c: optimizer.update_chunk(c, params, reducer.grad))
-            spheres.refresh_weights()
+            compute = spheres.weights.flat  # params, or their bf16 copy: AdamW refreshes it in the same pass
+            spheres.map(n_chunks, lambda i, c: optimizer.update_chunk(c, params, reducer.grad, compute))
             dt = time.perf_counter() - t0
             losses.append(loss)
             norms.append(norm)

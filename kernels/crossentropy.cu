@@ -60,3 +60,54 @@ extern "C" __global__ void crossentropy_backward_bf16(bf16* dlogits, const bf16*
                                                       float dloss) {
   crossentropy_backward_impl(dlogits, probs, targets, N, V, dloss);
 }
+
+// Forward and backward in one launch, two passes over the row (crossentropy_forward reads it
+// three times and crossentropy_backward once more): losses[i] = lse - logits[i,targets[i]] and
+// dlogits[i,v] = (softmax(logits)[i,v] - (v == targets[i])) * dloss, with lse = m + log(s) from
+// the online statistics (m, s): each thread keeps the running max m of its logits and
+// s = sum exp(x - m), rescaling s when the max grows (one expf per element), then block_max_sum
+// combines the threads' (m, s) in a fixed order. The probabilities are never stored (in bf16
+// they are not rounded before the gradient). dlogits may alias logits: the target logit is read
+// before the block's first write (block_max_sum synchronizes), and in the last loop each thread
+// reads a logit and then writes that same element. grid_rows(N): one block per row.
+template <class A>
+__device__ void crossentropy_forward_backward_impl(float* losses, A* dlogits, const A* logits,
+                                                   const int* targets, int N, int V,
+                                                   float dloss) {
+  int i = blockIdx.x;
+  if (i >= N) return;  // uniform: the whole block leaves
+  const A* x = logits + (long long)i * V;
+  int target = targets[i];
+  float target_logit = load(x + target);
+  float m = -3.402823466e+38f, s = 0.0f;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    float xv = load(x + v);
+    if (xv > m) {
+      s = s * expf(m - xv) + 1.0f;
+      m = xv;
+    } else {
+      s += expf(xv - m);
+    }
+  }
+  block_max_sum(m, s);
+  float lse = m + logf(s);
+  if (threadIdx.x == 0) losses[i] = lse - target_logit;
+  A* d = dlogits + (long long)i * V;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    float g = expf(load(x + v) - lse) * dloss;
+    store(d + v, v == target ? g - dloss : g);
+  }
+}
+
+extern "C" __global__ void crossentropy_forward_backward(float* losses, float* dlogits,
+                                                         const float* logits, const int* targets,
+                                                         int N, int V, float dloss) {
+  crossentropy_forward_backward_impl(losses, dlogits, logits, targets, N, V, dloss);
+}
+
+extern "C" __global__ void crossentropy_forward_backward_bf16(float* losses, bf16* dlogits,
+                                                              const bf16* logits,
+                                                              const int* targets, int N, int V,
+                                                              float dloss) {
+  crossentropy_forward_backward_impl(losses, dlogits, logits, targets, N, V, dloss);
+}

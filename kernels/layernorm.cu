@@ -111,3 +111,38 @@ extern "C" __global__ void layernorm_backward_dwdb_bf16(float* dw, float* db, co
                                                         const float* rstd, int N, int C) {
   layernorm_backward_dwdb_impl(dw, db, dout, inp, mean, rstd, N, C);
 }
+
+// Fused residual + LayerNorm (the pre-norm block's `x = x + f(x); h = ln(x)`): res_out = a + b
+// (stored in the activation type, rounded once), then ln_out, mean, rstd = layernorm_forward of
+// the stored res_out row. Bit for bit residual_forward followed by layernorm_forward, in one
+// launch that reads a, b once: every thread writes the res_out elements c = threadIdx.x +
+// k*blockDim.x and the layernorm body reads exactly those same elements back (its loops stride
+// the same way), so no thread reads what another wrote and no barrier is needed between the
+// phases; the read-back sees the rounded value. res_out may alias a or b (each element is read
+// before it is written, by the same thread). grid_rows(N): one block per row.
+template <class A>
+__device__ void residual_layernorm_forward_impl(A* res_out, A* ln_out, float* mean, float* rstd,
+                                                const A* a, const A* b, const A* w,
+                                                const A* bias, int N, int C, float eps) {
+  int i = blockIdx.x;
+  if (i >= N) return;  // uniform: the whole block leaves
+  long long row = (long long)i * C;
+  for (int c = threadIdx.x; c < C; c += blockDim.x)
+    store(res_out + row + c, load(a + row + c) + load(b + row + c));
+  layernorm_forward_impl(ln_out, mean, rstd, res_out, w, bias, N, C, eps);
+}
+
+extern "C" __global__ void residual_layernorm_forward(float* res_out, float* ln_out, float* mean,
+                                                      float* rstd, const float* a, const float* b,
+                                                      const float* w, const float* bias, int N,
+                                                      int C, float eps) {
+  residual_layernorm_forward_impl(res_out, ln_out, mean, rstd, a, b, w, bias, N, C, eps);
+}
+
+extern "C" __global__ void residual_layernorm_forward_bf16(bf16* res_out, bf16* ln_out,
+                                                           float* mean, float* rstd, const bf16* a,
+                                                           const bf16* b, const bf16* w,
+                                                           const bf16* bias, int N, int C,
+                                                           float eps) {
+  residual_layernorm_forward_impl(res_out, ln_out, mean, rstd, a, b, w, bias, N, C, eps);
+}

@@ -35,3 +35,23 @@ extern "C" __global__ void sum_doubles(double* out, const double* partial, int n
   acc = block_sum(acc);
   if (threadIdx.x == 0) out[0] = acc;
 }
+
+// The reducer's last step on a chunk in one pass: acc[i] = (float)((double)(acc[i] + x[i]) * s)
+// (bit for bit add_inplace then scale_inplace: a float add, then the double product rounded to
+// float), and partial[blockIdx.x] = sum of the new acc[i]^2 (double) over the grid-strided i of
+// sum_squares_partial, in its order, so that sum_doubles over the partials is bit for bit the
+// sum of squares of the three-kernel composition. Launched with exactly REDUCE_BLOCKS blocks.
+extern "C" __global__ void add_scale_sum_squares_partial(float* acc, const float* x, double s,
+                                                         double* partial, long long n) {
+  double sq = 0.0;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    float a = acc[i] + x[i];
+    float scaled = (float)((double)a * s);
+    acc[i] = scaled;
+    double xi = scaled;
+    sq += xi * xi;
+  }
+  sq = block_sum(sq);
+  if (threadIdx.x == 0) partial[blockIdx.x] = sq;
+}

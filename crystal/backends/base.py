@@ -55,7 +55,7 @@ class Backend(Protocol):
     act_dtype: Any  # dtype of activations and their gradients: float32, or bf16 storage
     # the buffer the forward and backward read the weights from: flat itself, or a bf16 copy
     def compute_weights(self, flat) -> Array: ...
-    def refresh_weights(self, compute, flat) -> None: ...  # compute = flat's values (after a step)
+    def refresh_weights(self, compute, flat) -> None: ...  # compute = flat's values
     def sphere_context(self, index: int): ...  # context manager a sphere thread runs inside
     def zero(self, x) -> None: ...  # x[...] = 0
     def record_event(self): ...  # marks the calling thread's work so far (None on cpu)
@@ -98,11 +98,16 @@ class Backend(Protocol):
 
     # out = a + b
     def residual_forward(self, out, a, b) -> None: ...
+    # res = a + b, then out = layernorm(res) saving mean, rstd (one pass where the backend fuses it)
+    def residual_layernorm_forward(self, res, out, mean, rstd, a, b, w, bias, eps: float) -> None: ...
     # out = inp * keep * scale, keep from crystal.dropout's hash of (key, i); out may be inp
     def dropout(self, out, inp, key: int, threshold: int, scale: float) -> None: ...
 
     # probs[N,V] = softmax(logits) (may alias logits); losses[N] = -log probs[target]
     def crossentropy_forward(self, losses, probs, logits, targets) -> None: ...
+    # losses as crossentropy_forward and dlogits = (softmax - onehot(target)) * dloss, in one op
+    # (dlogits may alias logits)
+    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss: float) -> None: ...
     # dlogits = (probs - onehot(target)) * dloss (may alias probs)
     def crossentropy_backward(self, dlogits, probs, targets, dloss: float) -> None: ...
     # sum of losses in index order, as a Python float
@@ -116,5 +121,6 @@ class Backend(Protocol):
     # pairs [K,2] (a host int64 array) in order, then slots[0] *= inv_m; returns the sum of squares of slots[0] there
     def reduce_slots(self, slots, pairs, start: int, end: int, inv_m: float) -> float: ...
     # AdamW on params[start:end]; ranges: host int64 [K,3] rows (start, end, decay 0/1) that
-    # cover [start, end) contiguously (the optimizer passes one chunk at a time)
-    def adamw_update(self, params, grads, m, v, ranges, scalars: AdamWScalars) -> None: ...
+    # cover [start, end) contiguously (the optimizer passes one chunk at a time); compute: the
+    # weights the spheres read (compute_weights(params)), refreshed on the same range in the same pass
+    def adamw_update(self, params, grads, m, v, ranges, scalars: AdamWScalars, compute=None) -> None: ...

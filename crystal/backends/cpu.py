@@ -545,6 +545,10 @@ class CpuBackend:
             np.copyto(dinp, dout)
         gelu_backward(dinp.reshape(-1), inp.reshape(-1))
 
+    def residual_layernorm_forward(self, res, out, mean, rstd, a, b, w, bias, eps):
+        self.residual_forward(res, a, b)
+        self.layernorm_forward(out, mean, rstd, res, w, bias, eps)
+
     def residual_forward(self, out, a, b):
         residual_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1))
 
@@ -556,6 +560,10 @@ class CpuBackend:
         if probs is not logits:
             np.copyto(probs, logits)
         crossentropy_forward(losses.reshape(-1), _rows(probs), targets.reshape(-1))
+
+    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss):
+        self.crossentropy_forward(losses, dlogits, logits, targets)
+        self.crossentropy_backward(dlogits, dlogits, targets, dloss)
 
     def crossentropy_backward(self, dlogits, probs, targets, dloss):
         crossentropy_backward(_rows(dlogits), _rows(probs), targets.reshape(-1), float(dloss))
@@ -575,7 +583,7 @@ class CpuBackend:
     def reduce_slots(self, slots, pairs, start, end, inv_m):
         return float(reduce_slots(slots, pairs, int(start), int(end), float(inv_m)))
 
-    def adamw_update(self, params, grads, m, v, ranges, scalars):
+    def adamw_update(self, params, grads, m, v, ranges, scalars, compute=None):  # compute: params itself
         adamw_update(params, grads, m, v, ranges, *scalars)
 
 

@@ -258,6 +258,13 @@ class CudaBackend:
         N = inp.size // C
         self._launch(self._k("layernorm_forward"), grid_rows(N), out, mean, rstd, inp, w, b, N, C, eps)
 
+    def residual_layernorm_forward(self, res, out, mean, rstd, a, b, w, bias, eps):
+        """res = a + b and out = layernorm(res) in one kernel (one block per row)."""
+        C = a.shape[-1]
+        N = a.size // C
+        self._launch(self._k("residual_layernorm_forward"), grid_rows(N), res, out, mean, rstd, a, b, w, bias,
+                     N, C, eps)
+
     def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
         C = inp.shape[-1]
         N = inp.size // C
@@ -412,6 +419,13 @@ class CudaBackend:
         N = logits.size // V
         self._launch(self._k("crossentropy_forward"), grid_rows(N), losses, probs, logits, targets, N, V)
 
+    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss):
+        """Losses and dlogits in two passes over each row (online max and sum, then the write)."""
+        V = logits.shape[-1]
+        N = logits.size // V
+        self._launch(self._k("crossentropy_forward_backward"), grid_rows(N), losses, dlogits, logits, targets,
+                     N, V, dloss)
+
     def crossentropy_backward(self, dlogits, probs, targets, dloss):
         V = probs.shape[-1]
         N = probs.size // V
@@ -419,8 +433,12 @@ class CudaBackend:
 
     def _reduce(self, kernel: str, x) -> float:
         partial = self._scratch("partial", (REDUCE_BLOCKS,), "float64")
-        total = self._scratch("total", (1,), "float64")
         self._launch(kernel, (REDUCE_BLOCKS, 1, 1), partial, x, x.size)
+        return self._sum_partials(partial)
+
+    def _sum_partials(self, partial) -> float:
+        """The REDUCE_BLOCKS partial sums added in a fixed order, as a host float."""
+        total = self._scratch("total", (1,), "float64")
         self._launch("sum_doubles", (1, 1, 1), total, partial, REDUCE_BLOCKS)
         return float(self.to_host(total)[0])  # synchronizes this thread's stream only
 
@@ -438,17 +456,32 @@ class CudaBackend:
         return self._reduce("sum_squares_partial", x)
 
     def reduce_slots(self, slots, pairs, start, end, inv_m):
-        for dst, src in pairs.tolist():  # pairs: a host array
+        rows = pairs.tolist()  # pairs: a host array
+        if not rows or rows[-1][0] != 0:
+            for dst, src in rows:
+                self.add_inplace(slots[dst, start:end], slots[src, start:end])
+            self.scale_inplace(slots[0, start:end], inv_m)
+            return self.sum_squares(slots[0, start:end])
+        for dst, src in rows[:-1]:
             self.add_inplace(slots[dst, start:end], slots[src, start:end])
-        self.scale_inplace(slots[0, start:end], inv_m)
-        return self.sum_squares(slots[0, start:end])
+        # the tree's last addition (into slot 0), the 1/M scale and the norm's partial sums in one
+        # kernel: bitwise add_inplace, scale_inplace, then sum_squares_partial
+        acc, x = slots[0, start:end], slots[rows[-1][1], start:end]
+        partial = self._scratch("partial", (REDUCE_BLOCKS,), "float64")
+        self._launch("add_scale_sum_squares_partial", (REDUCE_BLOCKS, 1, 1), acc, x, inv_m, partial, acc.size)
+        return self._sum_partials(partial)
 
-    def adamw_update(self, params, grads, m, v, ranges, scalars):
+    def adamw_update(self, params, grads, m, v, ranges, scalars, compute=None):
         # ranges: host [K,3] rows covering [start, end) contiguously; the kernel runs on that
-        # slice with the rows shifted to start at 0
+        # slice with the rows shifted to start at 0. compute: the bf16 weight copy, written in the
+        # same pass (None, or params itself: nothing to copy)
         start, end = int(ranges[0, 0]), int(ranges[-1, 1])
         dev = self._device_ranges(ranges, start)
         n = end - start
+        if compute is not None and compute is not params:
+            self._launch("adamw_update_copy_bf16", grid_1d(n, self.block), params[start:end], compute[start:end],
+                         grads[start:end], m[start:end], v[start:end], dev, dev.shape[0], n, *scalars)
+            return
         self._launch("adamw_update", grid_1d(n, self.block), params[start:end], grads[start:end],
                      m[start:end], v[start:end], dev, dev.shape[0], n, *scalars)
 

@@ -55,6 +55,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("layernorm_backward_dinp_bf16", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
     Kernel("layernorm_backward_dwdb", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
     Kernel("layernorm_backward_dwdb_bf16", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
+    # fused: residual_forward + layernorm_forward in one launch (bitwise the two kernels)
+    Kernel("residual_layernorm_forward", "layernorm.cu", ("ptr",) * 8 + ("i32", "i32", "f32")),
+    Kernel("residual_layernorm_forward_bf16", "layernorm.cu",
+           ("ptr",) * 8 + ("i32", "i32", "f32")),
     # matmul.cu (the products themselves are cuBLAS)
     Kernel("bias_forward", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
     Kernel("bias_forward_bf16", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
@@ -89,14 +93,23 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("crossentropy_forward_bf16", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
     Kernel("crossentropy_backward", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),
     Kernel("crossentropy_backward_bf16", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),
+    # fused: losses and dlogits in two passes over the logits (online softmax statistics)
+    Kernel("crossentropy_forward_backward", "crossentropy.cu",
+           ("ptr",) * 4 + ("i32", "i32", "f32")),
+    Kernel("crossentropy_forward_backward_bf16", "crossentropy.cu",
+           ("ptr",) * 4 + ("i32", "i32", "f32")),
     # cast.cu (the bf16 copy of the float32 weights, after every optimizer step)
     Kernel("cast_to_bf16", "cast.cu", ("ptr", "ptr", "i64")),
     # adamw.cu
     Kernel("adamw_update", "adamw.cu", ("ptr",) * 5 + ("i32", "i64") + ("f32",) * 9),
+    # fused: adamw_update + cast_to_bf16 of the new params (params_bf16 right after params)
+    Kernel("adamw_update_copy_bf16", "adamw.cu", ("ptr",) * 6 + ("i32", "i64") + ("f32",) * 9),
     # norm.cu
     Kernel("sum_squares_partial", "norm.cu", ("ptr", "ptr", "i64")),
     Kernel("sum_partial", "norm.cu", ("ptr", "ptr", "i64")),
     Kernel("sum_doubles", "norm.cu", ("ptr", "ptr", "i32")),
+    # fused: add_inplace + scale_inplace + sum_squares_partial (REDUCE_BLOCKS blocks, bitwise)
+    Kernel("add_scale_sum_squares_partial", "norm.cu", ("ptr", "ptr", "f64", "ptr", "i64")),
     # reduce.cu
     Kernel("add_inplace", "reduce.cu", ("ptr", "ptr", "i64")),
     Kernel("scale_inplace", "reduce.cu", ("ptr", "f64", "i64")),
