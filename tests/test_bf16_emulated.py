@@ -173,3 +173,23 @@ def test_memory_estimate_of_bf16_flash_attention_drops_the_t_squared_activations
     assert cublas - flash == 2 * t2 * (12 + 1) - 4 * 4 * 12 * 1024 * 12  # bf16 probs per layer + scores grad, less the stats
     est = memory_estimate(cfg, 8, 2, 4, 1024, precision="bf16", flash=True)
     assert est["weights_bf16"] * 2 == est["params"]
+
+
+def test_adamw_refreshes_the_bf16_weight_copy_in_the_same_pass():
+    import ml_dtypes
+
+    from crystal.model import ParamLayout
+    from crystal.optim import AdamW
+
+    be = bf16_backend("cublas")
+    layout = ParamLayout(CFG)
+    params = be.to_device(init_params(CFG, 1))
+    copy = be.compute_weights(params)
+    grads = np.random.default_rng(0).standard_normal(layout.size).astype(np.float32)
+    _, cfg = resolve("tiny")
+    opt = AdamW(be, layout, cfg, [(0, layout.size // 2), (layout.size // 2, layout.size)])
+    opt.begin_step(1e-2)
+    for c in range(2):
+        opt.update_chunk(c, params, grads, copy)
+    assert copy.tobytes() == params.astype(ml_dtypes.bfloat16).tobytes()
+    assert copy.tobytes() != init_params(CFG, 1).astype(ml_dtypes.bfloat16).tobytes()
