@@ -4,7 +4,9 @@
 #   env (+ the bf16 libraries) -> smoke runs (tiny, fp32 and bf16) -> `pytest -m cuda`
 #   -> bench_bf16_check.py (bf16 vs fp32, 1 vs 4 spheres bitwise) -> bench_gpu.py shakespeare-char bf16
 #   (+ torch.compile) -> CPU sphere scaling (bench_scaling.py, all cores) -> bench_gpu.py gpt2 bf16
-#   -> bench_quality.py shakespeare-char bf16 to val <= 1.47 with whatever time is left.
+#   -> bench_quality.py shakespeare-char bf16 to val <= 1.47 with whatever time is left
+#   -> only when .llmc/ was carried (bench/bench_llmc.sh prepare): llm.c's train_gpt2cu at the gpt2 preset's
+#   shapes (bench/bench_llmc.sh), LLMC_SECONDS (120) taken from the quality run; SKIP_LLMC=1 skips it.
 # Usage (repository root, on the GPU machine): [SKIP_BENCH=1] [NO_LIBPATH=1] bash bench/device_check.sh TOTAL_SECONDS
 #
 # Time plan for TOTAL=540 (the caps; a step gets min(cap, max(its minimum, time left - the
@@ -178,10 +180,30 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         --warmup-steps 2 --rounds 1 --json "$OUT/bench_gpu_gpt2.json"
 fi
 
+# llm.c (bench/bench_llmc.sh) runs last, only when .llmc/ travelled (carry) and something can run it:
+# a prebuilt binary there or an nvcc here; it keeps LLMC_SECONDS (default 120) back from the quality run.
+LLMC_RESERVE=0
+if [ -z "${SKIP_LLMC:-}" ] && [ -d .llmc/src ] && { ls .llmc/bin/train_gpt2cu_* >/dev/null 2>&1 \
+        || command -v nvcc >/dev/null 2>&1 || ls /usr/local/cuda*/bin/nvcc >/dev/null 2>&1; }; then
+    LLMC_RESERVE=${LLMC_SECONDS:-120}
+fi
+
 # quality: the rest; training stops at the first evaluation at or below 1.47, or 15 s before the cap
-Q=$(( $(left) - 8 ))
+Q=$(( $(left) - 8 - LLMC_RESERVE ))
 run_step quality "$Q" 40 0 -- python3 bench/bench_quality.py --preset shakespeare-char --device cuda --precision bf16 \
     --spheres 2 --batch-size 32 --micro-batches 2 --target 1.47 --stop-at-target --max-seconds $((Q > 45 ? Q - 15 : 30)) \
     --json "$OUT/quality.json"
+
+# llm.c's train_gpt2cu at the gpt2 preset's shapes: its output and JSON line go to log.txt, one line to
+# summary.txt; no file of its own in $OUT
+if [ "$LLMC_RESERVE" -gt 0 ]; then
+    TAIL_LINES=6
+    LB=$(( $(left) - 15 )); [ "$LB" -gt $((LLMC_RESERVE - 10)) ] && LB=$((LLMC_RESERVE - 10))
+    run_step llmc "$LLMC_RESERVE" 60 0 -- bash bench/bench_llmc.sh run "$LB"
+    LJ=$(grep '^{"bench": "llmc"' "$LOG" | tail -n 1)
+    [ -n "$LJ" ] && SUMMARY+=("$(python3 -c 'import json, sys; d = json.loads(sys.argv[1])
+print("llmc result            " + (("error: " + d["error"])[:90] if "error" in d else "%s tok/s, %s ms/step, MFU %s (%s)"
+      % (d.get("tokens_per_s"), d.get("ms_per_step"), d.get("mfu"), d.get("variant"))))' "$LJ" 2>&1)")
+fi
 
 { echo "=== summary (t=${SECONDS}s of ${TOTAL}s)"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG" | tee "$OUT/summary.txt"
