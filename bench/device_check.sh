@@ -18,6 +18,12 @@
 # $OUT (default /tmp/device-out) gets at most 8 files (the device tool brings back 8):
 #   env.txt log.txt summary.txt bf16_check.json bench_gpu_shakespeare.json bench_gpu_gpt2.json
 #   scaling_cpu.json quality.json
+# Making .whl/ again (it is ignored), on the development machine, before the device call:
+#   for w in nvmath-python==1.0.0 cuda-bindings==13.5.0 cuda-core==1.2.2 cuda-pathfinder==1.9.1 \
+#            nvidia-cudnn-frontend==1.32.0 mpi4py==4.1.2 mpich==5.0.2; do
+#     pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .whl \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#       --platform manylinux_2_24_x86_64 --platform manylinux1_x86_64 "$w"; done
 # Wheels in .whl/ (nvmath-python, cuda-bindings/-core/-pathfinder, nvidia-cudnn-frontend; mpi4py +
 # mpich for mpiexec) are installed under the prefix /tmp/site first when present (a prefix, not
 # --target: --target drops mpich's lib/libmpi.so.12; --ignore-installed: never uninstall the image's
