@@ -4,7 +4,7 @@ Usage: python bench/bench_memory.py [--preset shakespeare-char] [--spheres 2] [-
 
 In a fresh process: import crystal, compile the kernels, load the data, read RSS (the
 baseline: interpreter, numpy, numba, the corpus); then train and read the peak RSS. The growth
-is compared with crystal.model.memory_estimate (params, gradient slots, AdamW moments,
+is compared with crystal.model.memory_estimate (params, the gradient pool, AdamW moments,
 activations of every sphere), the numbers `crystal train --dry-run` prints.
 """
 

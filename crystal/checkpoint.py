@@ -293,8 +293,15 @@ def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:
 
 
 def load_checkpoint(path: str | Path, backend=None) -> GPT:
-    """A trained model from a run directory, or a .safetensors file with config.json beside it."""
+    """A trained model from a run directory, a Hugging Face GPT-2 directory (crystal.pretrained:
+    shards, names with or without `transformer.`, float16/bfloat16 widened exactly), or a
+    .safetensors file with config.json beside it."""
     path = Path(path)
+    if path.is_dir() and not (path / TRAIN_FILE).exists():
+        from crystal.pretrained import load_params, open_pretrained
+
+        pre = open_pretrained(path)
+        return GPT(pre.config, load_params(pre), backend)
     if path.is_dir():
         model_file, config_file = path / MODEL_FILE, path / CONFIG_FILE
         if not model_file.exists() and (latest := latest_checkpoint(path)) is not None:
@@ -312,26 +319,32 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     run, out = Path(run), Path(out)
     model = load_checkpoint(run)
     cfg = model.config
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
-    atomic_write_json(out / CONFIG_FILE, cfg.to_hf())
-    save_model(out / MODEL_FILE, model.layout, model.flat)
     tok_file = run / TOKENIZER_FILE
-    if tok_file.exists():
+    if tok_file.exists():  # a fine-tuned GPT-2's is the released model's, verbatim
         tokenizer_json = tok_file.read_text(encoding="utf-8")
     else:  # runs trained on bytes before tokenizer.json was written
         from crystal.data import ByteTokenizer
 
         tokenizer_json = ByteTokenizer().to_json()
+    # The end-of-text token (GPT-2's <|endoftext|>, 50256; 0 in crystal's bpe) is the first special one.
+    try:
+        specials = [(int(t["id"]), str(t["content"])) for t in json.loads(tokenizer_json).get("added_tokens", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CrystalError(f"{tok_file}: not a valid tokenizer.json ({e})") from None
+    eot = specials[0][0] if specials else 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
+    atomic_write_json(out / CONFIG_FILE, {**cfg.to_hf(), "bos_token_id": eot, "eos_token_id": eot})
+    save_model(out / MODEL_FILE, model.layout, model.flat)
     atomic_write_text(out / TOKENIZER_FILE, tokenizer_json)
-    specials = [t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])]
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
                "clean_up_tokenization_spaces": False}
     if specials:
-        tok_cfg.update(bos_token=specials[0], eos_token=specials[0], unk_token=specials[0])
+        name = specials[0][1]
+        tok_cfg.update(bos_token=name, eos_token=name, unk_token=name)
     atomic_write_json(out / "tokenizer_config.json", tok_cfg)
     atomic_write_json(out / "generation_config.json",
-                      {"bos_token_id": 0, "eos_token_id": 0, "max_length": cfg.block_size})
+                      {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size})
     return out

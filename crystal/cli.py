@@ -79,6 +79,10 @@ def _preset_help() -> str:
 @click.option("--overwrite", is_flag=True, help="allow --out to replace an existing run")
 @click.option("--resume", "resume_dir", type=click.Path(), default=None,
               help="continue the run in this directory from its newest checkpoint")
+@click.option("--init-from", type=click.Path(), default=None,
+              help="start from this model's parameters, with a fresh optimizer: a Hugging Face GPT-2 "
+                   "directory (config.json, model.safetensors or shards, tokenizer.json) or a crystal run; "
+                   "the model's shape and tokenizer are its own  [default preset: finetune]")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="TOML file: preset = ..., [model] and [train] tables; flags override it")
 @click.option("--print-config", is_flag=True, help="print the resolved config as TOML and exit")
@@ -128,10 +132,12 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
     from crystal.checkpoint import RunDir
     from crystal.config import read_toml, to_toml
     from crystal.data import load_dataset
+    from crystal.pretrained import check_data_tokenizer, load_params, open_pretrained, require_tokenizer
     from crystal.trainer import train as run_training
     from crystal.world import DEFAULT_TIMEOUT_S, connect
 
     given = {k: v for k, v in flags.items() if v is not None}
+    pretrained = None  # --init-from's checkpoint
     if resume_dir is not None:
         fixed = sorted(set(given) - set(RESUME_FLAGS))
         if fixed or config_file:
@@ -144,8 +150,15 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         state = run_dir.load_state(model_cfg)
     else:
         file_preset, file_model, file_train = read_toml(config_file) if config_file else (None, {}, {})
-        preset = given.pop("preset", None) or file_preset or "small"
-        model_over = {**file_model, **{k: given.pop(k) for k in MODEL_FLAGS if k in given}}
+        init_from = given.get("init_from", file_train.get("init_from"))
+        preset = given.pop("preset", None) or file_preset or ("finetune" if init_from is not None else "small")
+        flag_model = {k: given.pop(k) for k in MODEL_FLAGS if k in given}
+        if init_from is not None:  # the model, its shape and its tokenizer are the checkpoint's
+            pretrained = open_pretrained(init_from)
+            model_over = _init_model(pretrained, flag_model, file_model, {**file_train, **given})
+            model_tok = require_tokenizer(pretrained)
+        else:
+            model_over = {**file_model, **flag_model}
         model_cfg, cfg = resolve(preset, model_over, {**file_train, **given})
         state = None
     # built before the data is read: --device cuda without a GPU fails fast
@@ -155,7 +168,10 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         comm = connect(world, resolve_device(cfg.device),
                        DEFAULT_TIMEOUT_S if comm_timeout is None else comm_timeout)
     dataset = load_dataset(cfg.data, cfg.val_fraction)
-    if resume_dir is None:  # the model's vocabulary is the data's
+    if pretrained is not None:  # the data must be in the model's tokens; the run keeps its tokenizer.json
+        check_data_tokenizer(dataset, pretrained, model_tok)
+        dataset.tokenizer = model_tok
+    elif resume_dir is None:  # the model's vocabulary is the data's
         model_cfg, cfg = resolve(cfg.preset, {**model_over, "vocab_size": dataset.vocab_size},
                                  dataclasses.asdict(cfg))
     if print_config:
@@ -168,6 +184,11 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
     root = world.is_root  # rank 0 alone writes the run directory and prints
     if root and cfg.device == "auto" and (reason := cuda_unavailable_reason()) and not quiet:
         click.echo(f"device auto: training on cpu ({reason})")
+    init = None
+    if pretrained is not None:  # read (and checked) before the run directory exists
+        init = load_params(pretrained)
+        if root and not quiet:
+            click.echo(describe_init(pretrained, model_cfg))
     if resume_dir is None and root:
         out_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir(out_dir, overwrite=overwrite)
@@ -178,7 +199,7 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         try:
             result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state, backend=backend,
                                   on_start=view.start, on_step=view.step, on_eval=view.eval,
-                                  should_stop=stop.requested, comm=comm)
+                                  should_stop=stop.requested, comm=comm, init=init)
         finally:
             view.close()
     if root:
@@ -190,6 +211,35 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
                        f"{result.history[-1].step if result.history else '?'}; checkpoint {result.checkpoint}; "
                        f"continue with: crystal train --resume {run_dir.path}", err=True)
         raise SystemExit(128 + signum)
+
+
+def _init_model(pre, flag_model: dict, file_model: dict, train: dict) -> dict:
+    """The model settings of a run that starts from `pre`: its own. Flags cannot change them, a
+    config file may only repeat them (as --print-config writes it), and --seq-len must fit."""
+    if flag_model:
+        name = next(iter(flag_model)).replace("_", "-")
+        raise CrystalError(f"--init-from takes the model's shape from {pre.path}; it cannot take --{name}")
+    model = dataclasses.asdict(pre.config)
+    for k, v in file_model.items():
+        if model.get(k) != v:
+            raise CrystalError(f"[model] {k} = {v!r} is not the model of --init-from {pre.path} "
+                               f"({k} = {model.get(k)!r}); leave it out")
+    seq_len = train.get("seq_len")
+    if isinstance(seq_len, int) and seq_len > pre.config.block_size:
+        raise CrystalError(f"--seq-len {seq_len} is above n_positions {pre.config.block_size} of the model "
+                           f"in {pre.path}")
+    return model
+
+
+def describe_init(pre, model_cfg) -> str:
+    """One line: what the run starts from."""
+    from crystal.model import ParamLayout
+
+    files = ", ".join(str(f.relative_to(pre.path)) for f in pre.weights)
+    notes = "".join(f"; {n}" for n in pre.notes)
+    return (f"init from {pre.path}: {ParamLayout(model_cfg).size:,} parameters ({model_cfg.n_layer} layers, "
+            f"{model_cfg.n_head} heads, {model_cfg.n_embd} wide, vocab {model_cfg.vocab_size}, n_positions "
+            f"{model_cfg.block_size}) from {files}{notes}; fresh optimizer state")
 
 
 class StopSignals:
@@ -257,7 +307,7 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
                         f"attention: cuBLAS + softmax ([B,NH,T,T] in bf16; no cuDNN: {_cudnn_reason()})"))
     lines.append(
         f"memory{f' per rank ({ranks} ranks)' if ranks > 1 else ''}: params {mib['params']} | "
-        f"grads ({mem['grads'] // mem['params']} slots) {mib['grads']} | "
+        f"grads ({mem['grads'] // mem['params']} buffers) {mib['grads']} | "
         f"AdamW moments {mib['adamw_moments']} | "
         + (f"bf16 weights {mib['weights_bf16']} | " if bf16 else "")
         + f"activations {mib['activations_per_sphere']} per "
@@ -303,16 +353,21 @@ def format_summary(result) -> str:
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="directory for train.bin, val.bin, tokenizer.json")
-@click.option("--tokenizer", type=click.Choice(("bytes", "bpe")), default="bytes", show_default=True)
-@click.option("--vocab-size", type=int, default=1024, show_default=True, help="BPE vocabulary size")
+@click.option("--tokenizer", default="bytes", show_default=True,
+              help="bytes, bpe (trained on the inputs), or a tokenizer.json file or a directory holding one "
+                   "(e.g. a Hugging Face GPT-2 directory: the tokenizer of the model to fine-tune)")
+@click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size  [default: 1024]")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="tail held out for validation")
 def prepare(inputs, out, tokenizer, vocab_size, val_fraction) -> None:
     """Tokenize text files into a data directory for `crystal train --data`."""
     from crystal.data import prepare as run_prepare
 
+    if vocab_size is not None and tokenizer not in ("bytes", "bpe"):
+        raise CrystalError(f"--vocab-size trains a bpe tokenizer; --tokenizer {tokenizer} has its own vocabulary")
     t0 = time.perf_counter()
-    meta = run_prepare(list(inputs), out, tokenizer, vocab_size, val_fraction)
-    click.echo(f"prepared {out}: {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, "
+    meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction)
+    kind = f"tokenizer {meta['tokenizer_from']}" if "tokenizer_from" in meta else f"{meta['tokenizer']} tokenizer"
+    click.echo(f"prepared {out}: {kind}, vocab {meta['vocab_size']}, "
                f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
                f"in {time.perf_counter() - t0:.1f} s")
 

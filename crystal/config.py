@@ -59,6 +59,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
+        """The shape of a Hugging Face GPT2Config (a config.json), after checking that crystal's
+        GPT-2 computes exactly that model; anything else is a CrystalError naming the field."""
         try:
             if d.get("model_type", "gpt2") != "gpt2":
                 raise CrystalError(f"config.json: model_type {d.get('model_type')!r} is not gpt2")
@@ -72,7 +74,35 @@ class ModelConfig:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CrystalError(f"config.json: missing or invalid field: {e}") from None
         validate_model(cfg)
+        _check_representable(d, cfg)
         return cfg
+
+
+# GPT2Config fields that change the computation, with the one value crystal computes (GPT2Config's
+# defaults: a field that is absent has it).
+_GPT2_FIXED = {
+    "tie_word_embeddings": (True, "an untied LM head; crystal's head is tied to wte"),
+    "scale_attn_weights": (True, "attention scores not scaled by 1/sqrt(head size)"),
+    "scale_attn_by_inverse_layer_idx": (False, "attention scores scaled by 1/(layer + 1)"),
+    "reorder_and_upcast_attn": (False, "the reordered, upcast attention of GPT2Config"),
+    "add_cross_attention": (False, "cross-attention layers"),
+}
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's GELU, tanh approximation: crystal's
+
+
+def _check_representable(d: dict, cfg: ModelConfig) -> None:
+    """Refuse a GPT2Config whose model crystal's GPT-2 is not (one line naming the field)."""
+    act = d.get("activation_function", "gelu_new")
+    if act not in GELU_TANH:
+        raise CrystalError(f"config.json: activation_function {act!r} cannot be represented: crystal's "
+                           f"MLP uses GPT-2's tanh GELU ({' or '.join(GELU_TANH)})")
+    n_inner = d.get("n_inner")
+    if n_inner is not None and n_inner != 4 * cfg.n_embd:
+        raise CrystalError(f"config.json: n_inner {n_inner!r} cannot be represented: crystal's MLP is "
+                           f"4 x n_embd = {4 * cfg.n_embd} wide")
+    for key, (value, what) in _GPT2_FIXED.items():
+        if d.get(key, value) != value:
+            raise CrystalError(f"config.json: {key} {d[key]!r} cannot be represented ({what})")
 
 
 @dataclass(frozen=True)
@@ -108,6 +138,7 @@ class TrainConfig:
     stop_at: int | None = None  # stop after this step with a checkpoint, as if interrupted
     on_nonfinite: str = "stop"  # a step with a non-finite loss or gradient: stop (exit 3) or skip it
     out: str | None = None
+    init_from: str | None = None  # start from this checkpoint's parameters (crystal.pretrained), not a seeded init
 
     @property
     def final_lr(self) -> float:
@@ -150,6 +181,41 @@ PRESETS: dict[str, Preset] = {
         dict(batch_size=16, seq_len=1024, micro_batches=32, spheres=4, steps=5000, lr=6e-4, warmup=700,
              eval_every=250, eval_batches=10, beta2=0.95),
         "GPT-2 124M shapes (12 layers, 12 heads, 768 wide, T=1024), 0.5M tokens a step: for a GPU",
+    ),
+    # The larger released GPT-2 shapes, with GPT-3's learning rates for those sizes and 0.5M tokens a
+    # step in more, smaller micro-batches as the model grows, so that one 140 GB GPU holds each in
+    # bf16: at vocabulary 50257 the memory estimate (--dry-run) is 50, 72 and 101 GiB with cuDNN
+    # flash attention, 75, 95 and 120 GiB without.
+    "gpt2-medium": Preset(
+        ModelConfig(block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+        dict(batch_size=8, seq_len=1024, micro_batches=64, spheres=4, steps=5000, lr=3e-4, warmup=700,
+             eval_every=250, eval_batches=10),
+        "GPT-2 medium 350M shapes (24 layers, 16 heads, 1024 wide, T=1024), 0.5M tokens a step: a GPU, bf16",
+    ),
+    "gpt2-large": Preset(
+        ModelConfig(block_size=1024, n_layer=36, n_head=20, n_embd=1280),
+        dict(batch_size=4, seq_len=1024, micro_batches=128, spheres=4, steps=5000, lr=2.5e-4, warmup=700,
+             eval_every=250, eval_batches=10),
+        "GPT-2 large 774M shapes (36 layers, 20 heads, 1280 wide, T=1024), 0.5M tokens a step: a GPU, bf16",
+    ),
+    "gpt2-xl": Preset(
+        ModelConfig(block_size=1024, n_layer=48, n_head=25, n_embd=1600),
+        dict(batch_size=4, seq_len=1024, micro_batches=128, spheres=2, steps=5000, lr=2e-4, warmup=700,
+             eval_every=250, eval_batches=10),
+        "GPT-2 XL 1.5B shapes (48 layers, 25 heads, 1600 wide, T=1024), 0.5M tokens a step: a GPU, bf16",
+    ),
+    # Fine-tuning a trained model (--init-from DIR gives the model's shape and tokenizer; the shape
+    # below only stands in for it). As nanoGPT's finetune_shakespeare: 32 micro-batches of one
+    # sequence a step, a small constant lr (min_lr = lr: no decay), here after a 20-step warmup,
+    # dropout 0.1; weight decay on 2-D tensors only, as always. gpt2-xl: 89 GiB in bf16 with flash
+    # attention, 116 GiB in fp32. 100 steps are 3.3M tokens, about 10 epochs of Tiny Shakespeare
+    # in GPT-2 tokens: set --steps or --epochs for your data and watch the val loss (every 20 steps).
+    "finetune": Preset(
+        ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        dict(batch_size=1, seq_len=1024, micro_batches=32, spheres=4, steps=100, lr=3e-5, min_lr=3e-5,
+             warmup=20, dropout=0.1, eval_every=20, eval_batches=20),
+        "fine-tune the model of --init-from DIR: lr 3e-5 constant after 20 warmup steps, dropout 0.1, "
+        "32 x 1024 tokens a step, 100 steps",
     ),
 }
 
@@ -243,6 +309,11 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError(f"--grad-clip must be >= 0 (0 disables), got {t.grad_clip}")
     if not (0 <= t.dropout < 1):
         raise CrystalError(f"--dropout must be in [0, 1), got {t.dropout}")
+    if t.init_from is not None and not isinstance(t.init_from, str):
+        raise CrystalError(f"--init-from must be a directory, got {t.init_from!r}")
+    if t.preset == "finetune" and t.init_from is None:
+        raise CrystalError("the finetune preset fine-tunes a trained model: give it with --init-from DIR "
+                           "(a Hugging Face GPT-2 directory or a crystal run)")
 
 
 # --- TOML files ---------------------------------------------------------------------------------

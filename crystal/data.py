@@ -2,8 +2,9 @@
 
 Data flows text -> tokens -> token files (`crystal prepare`) -> DataSet -> BatchIterator.
 
-Tokenizers: `bytes` (UTF-8 bytes, vocabulary 256, the default) or `bpe` (byte-level BPE trained
-offline with the `tokenizers` library). Both are written as a Hugging Face `tokenizer.json`.
+Tokenizers: `bytes` (UTF-8 bytes, vocabulary 256, the default), `bpe` (byte-level BPE trained
+offline with the `tokenizers` library), or a given Hugging Face `tokenizer.json` (`hf`: e.g. a
+released GPT-2's, to fine-tune it). All are written as a `tokenizer.json`; a given one verbatim.
 
 Token file: a 32-byte little-endian header, then the ids:
     magic b"CRYSTOK1" | version u32 = 1 | itemsize u32 (2: uint16, 4: uint32) |
@@ -44,6 +45,7 @@ TOKEN_HEADER = struct.Struct("<8sIIQI4x")  # 32 bytes
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 EOT = "<|endoftext|>"
+MAX_VOCAB = 1 << 24  # crystal.config.MODEL_LIMITS["vocab_size"]
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -86,12 +88,11 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE (GPT-2 style) from the `tokenizers` library."""
+    """A `tokenizers` library tokenizer: a byte-level BPE (GPT-2 style) trained here (kind "bpe"),
+    or one read from a tokenizer.json (kind "hf"), whose text `to_json` gives back verbatim."""
 
-    kind = "bpe"
-
-    def __init__(self, tok):
-        self.tok = tok
+    def __init__(self, tok, kind: str = "bpe", source: str | None = None):
+        self.tok, self.kind, self.source = tok, kind, source
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
@@ -107,22 +108,37 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def from_json(cls, text: str) -> "BPETokenizer":
+    def from_json(cls, text: str, kind: str = "bpe", where: str = "tokenizer.json") -> "BPETokenizer":
         from tokenizers import Tokenizer
 
         try:
-            return cls(Tokenizer.from_str(text))
+            return cls(Tokenizer.from_str(text), kind, text)
         except Exception as e:  # the library raises its own exception types
-            raise CrystalError(f"invalid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+            raise CrystalError(f"invalid {where} ({str(e).splitlines()[0][:200]})") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BPETokenizer":
+        """A tokenizer.json file, or the one in a directory (a Hugging Face model directory)."""
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.exists():
+            raise CrystalError(f"--tokenizer {path}: the directory has no {TOKENIZER_FILE}" if path.is_dir() else
+                               f"--tokenizer {path}: not bytes, bpe, a tokenizer.json file or a directory holding one")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CrystalError(f"cannot read {file}: {e}") from None
+        return cls.from_json(text, "hf", str(file))
 
     def encode(self, text: str | bytes) -> np.ndarray:
         if isinstance(text, bytes):
             text = _utf8(text, "input")
-        ids = self.tok.encode(text).ids
+        ids = self.tok.encode(text, add_special_tokens=False).ids  # the text's tokens, no template
         return np.asarray(ids, dtype=np.uint16 if self.vocab_size <= 65536 else np.uint32)
 
     def encode_many(self, texts: list[str]) -> np.ndarray:
-        out = [np.asarray(e.ids, dtype=np.uint32) for e in self.tok.encode_batch(list(_chunks(texts)))]
+        pieces = self.tok.encode_batch(list(_chunks(texts)), add_special_tokens=False)
+        out = [np.asarray(e.ids, dtype=np.uint32) for e in pieces]
         ids = np.concatenate(out) if out else np.empty(0, np.uint32)
         return ids.astype(np.uint16) if self.vocab_size <= 65536 else ids
 
@@ -130,19 +146,29 @@ class BPETokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def to_json(self) -> str:
-        return self.tok.to_str()
+        return self.source if self.source is not None else self.tok.to_str()
 
 
 def _chunks(texts: list[str], size: int = 1 << 16):
-    """Texts cut at line ends into pieces of about `size` characters (fast batch encoding;
-    byte-level pre-tokenization never merges across a newline, so cuts there are lossless)."""
+    """Texts cut into pieces of about `size` characters for fast batch encoding, each cut just
+    after a newline that has non-space characters on both sides: GPT-2's pre-tokenizer splits
+    there whatever surrounds it (a lone newline between words is a piece of its own), so the
+    pieces encode to exactly the ids of the whole text."""
     for text in texts:
         start = 0
         while start < len(text):
-            end = text.find("\n", start + size)
-            end = len(text) if end < 0 else end + 1
+            end = _cut_after(text, start + size)
             yield text[start:end]
             start = end
+
+
+def _cut_after(text: str, at: int) -> int:
+    """The end of the first "x\ny" newline (x, y not spaces) at or after `at`, else len(text)."""
+    while (i := text.find("\n", at)) >= 0:
+        if 0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        at = i + 1
+    return len(text)
 
 
 def _utf8(data: bytes, name: str) -> str:
@@ -160,7 +186,7 @@ def load_tokenizer(directory: Path, kind: str):
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CrystalError(f"cannot read {path}: {e}") from None
-    return BPETokenizer.from_json(text)
+    return BPETokenizer.from_json(text, kind, str(path))
 
 
 # --- token files ---------------------------------------------------------------------------------
@@ -271,7 +297,7 @@ def load_prepared(directory: Path) -> DataSet:
         val_bytes = int(meta["val_bytes"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CrystalError(f"{directory / META_FILE}: not a valid data set description ({e})") from None
-    if kind not in ("bytes", "bpe"):
+    if kind not in ("bytes", "bpe", "hf"):
         raise CrystalError(f"{directory / META_FILE}: unknown tokenizer {kind!r}")
     train, v1 = read_tokens(directory / "train.bin")
     val, v2 = read_tokens(directory / "val.bin")
@@ -285,20 +311,23 @@ def load_prepared(directory: Path) -> DataSet:
 
 def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: int = 1024,
             val_fraction: float = 0.1) -> dict:
-    """Tokenize text files into a prepared directory; returns its meta.json contents."""
-    if tokenizer not in ("bytes", "bpe"):
-        raise CrystalError(f"--tokenizer must be bytes or bpe, got {tokenizer!r}")
+    """Tokenize text files into a prepared directory; returns its meta.json contents.
+    tokenizer: "bytes", "bpe" (trained here, vocab_size tokens), or the path of a tokenizer.json
+    or of a directory holding one (its own vocabulary; written to `out` verbatim)."""
     if not inputs:
         raise CrystalError("give at least one input file")
+    given = None if tokenizer in ("bytes", "bpe") else BPETokenizer.from_file(tokenizer)
+    if given is not None and given.vocab_size > MAX_VOCAB:
+        raise CrystalError(f"{tokenizer}: {given.vocab_size} tokens, above crystal's limit of {MAX_VOCAB}")
     raw = [_read_input(Path(p)) for p in inputs]
     if tokenizer == "bytes":
         tok = ByteTokenizer()
         ids = tok.encode(b"".join(raw))
     else:
-        if not (256 < vocab_size <= 1 << 24):
-            raise CrystalError(f"--vocab-size for bpe must be in (256, 16777216], got {vocab_size}")
+        if given is None and not (256 < vocab_size <= MAX_VOCAB):
+            raise CrystalError(f"--vocab-size for bpe must be in (256, {MAX_VOCAB}], got {vocab_size}")
         texts = [_utf8(d, p) for d, p in zip(raw, inputs)]
-        tok = BPETokenizer.train(texts, vocab_size)
+        tok = given or BPETokenizer.train(texts, vocab_size)
         ids = tok.encode_many(texts)
     train, val = split(ids, val_fraction)
     out_dir = Path(out)
@@ -315,6 +344,8 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
         "val_bytes": len(tok.decode(val).encode("utf-8")) if val.size else 0,
         "sources": [str(p) for p in inputs], "val_fraction": val_fraction,
     }
+    if given is not None:
+        meta["tokenizer_from"] = str(tokenizer)
     atomic_write_json(out_dir / META_FILE, meta)
     return meta
 

@@ -229,20 +229,17 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, precision: str = "fp32", 
 
 def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int,
                     ranks: int = 1, precision: str = "fp32", flash: bool = False) -> dict:
-    """Bytes of one process's training state by part: parameters, the reducer's gradient slots
-    (one per micro-batch of its range, plus the exchanged roots of every rank when there are
-    several), AdamW moments, the bf16 weight copy (bf16 only), activations of every sphere.
-    With ranks, the largest rank's."""
-    from crystal.reducer import split_tree
+    """Bytes of one process's training state by part: parameters, the reducer's gradient pool
+    (spheres + ceil(log2 m) + 1 buffers for its m micro-batches, at most m, plus the exchanged
+    roots of every rank when there are several), AdamW moments, the bf16 weight copy (bf16
+    only), activations of every sphere. With ranks, the largest rank's."""
+    from crystal.reducer import gradient_buffers
 
     n = ParamLayout(cfg).size
     P = n * 4
     acts = activation_bytes(cfg, B, T, precision, flash)
-    split = split_tree(micro_batches, ranks)
-    slots = max(len(r) for r in split.ranges)
-    if ranks > 1:
-        slots += ranks * split.roots_per_rank  # the exchange buffer
-    parts = {"params": P, "grads": slots * P, "adamw_moments": 2 * P,
+    buffers = gradient_buffers(micro_batches, spheres, ranks)
+    parts = {"params": P, "grads": buffers * P, "adamw_moments": 2 * P,
              "weights_bf16": 2 * n if precision == "bf16" else 0,
              "activations_per_sphere": acts, "activations": spheres * acts}
     parts["total"] = (parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["weights_bf16"]

@@ -1,27 +1,62 @@
-"""GradientReducer: one gradient slot per micro-batch, summed in a fixed binary tree.
+"""GradientReducer: the step's gradients summed in a fixed binary tree, in a pool of K buffers.
 
-Slot m holds the gradient of micro-batch m, whichever sphere computed it. The sum is folded
-over slot index (stride 1, 2, 4, ...: slot i += slot i+stride), an order that depends only on
-M, so the step gradient is bitwise the same for any number of spheres.
+The tree. Micro-batch m's gradient is leaf m; `tree_pairs(M)` folds them over leaf index
+(stride 1, 2, 4, ...: node i += node i+stride), an order that depends only on M, so the step
+gradient is bitwise the same for any number of spheres. Each addition is elementwise, so the bits
+of a node depend only on its two children's bits, never on when or by which thread it is added,
+nor on how the buffer is cut: node additions can run as soon as both children exist.
+
+The pool. A rank does not keep one buffer per micro-batch: it keeps a pool of
+K = min(n, spheres + ceil(log2 n) + 1) rows (n: its micro-batches), one 2-D array [K, size]
+allocated once. A sphere takes a free row for micro-batch j (`acquire`, just before the backward
+writes it), and when the gradient is written (`release`) the same thread runs every tree
+addition that has become ready: a node adds its next child (dst += src, the tree's own dst/src
+roles and per-node order) when both exist, the src's row goes back to the pool, and it walks up
+while the parent is ready too. Rows in use are micro-batches in flight (at most one per sphere)
+plus finished nodes waiting for a sibling, and never more than K.
+
+Who gets a row (flow control and why it cannot deadlock). Micro-batch 0 always gets row 0 (it is
+the first item of sphere 0; node 0, the tree's spine, keeps that row, so with one rank the final
+sum lands in row 0). Any other j gets a row only when the free rows outnumber the micro-batches
+below j that have none yet; otherwise its sphere waits until a row is freed. Invariant: free
+rows >= rows still owed to micro-batches below the highest one granted. Suppose every sphere
+with work left waits. The smallest ungranted micro-batch t is some sphere's next item (a sphere
+takes its items in increasing order). If a micro-batch above t has a row, the invariant leaves a
+free row for t. Otherwise the granted ones are exactly [0, t), all finished (no sphere
+computes), and the live nodes are the tree's decomposition of that prefix: popcount(t) <=
+ceil(log2 n) of them (with ranks, the finished roots have left for the exchange buffer, so only
+the nodes of one subtree of the range remain), so K >= ceil(log2 n) + 1 leaves a free row.
+Either way t can proceed: no deadlock, with any timing, for any K >= ceil(log2 n) + 1. The
+`spheres` rows above that minimum are what lets every sphere hold a micro-batch while the
+frontier is full, so spheres of even speed rarely wait. On cuda each node carries the event
+recorded after its last write, and each freed row the event after its last read: a thread adding
+another sphere's buffer, or writing into a row another sphere freed, waits on that event on its
+own stream.
 
 Across R ranks the tree is the same tree. Rank r computes the micro-batches
 [r M / R, (r+1) M / R) (integer division) and owns every subtree that lies inside that range:
-it sums them itself (phase A), sends the roots of its largest ones (one buffer per rank, all
-ranks' in one all-gather), and every rank then finishes the tree's remaining additions over
-those roots (phase B) in the tree's order. Each addition is the one a single process does, on
-the same operands, so the mean gradient is bitwise the single-process one for any R <= M.
-When M / R is a power of two each rank sends exactly one root (its whole subtree); otherwise a
-range's edges cut subtrees and a rank sends one root per whole subtree it holds (M = 12 on 2
-ranks: [0,4)+[4,6) and [6,8)+[8,12)); with R = M every slot is sent.
+it sums them itself (in its pool, as above), copies each finished subtree root into its rows of
+the exchange buffer, all ranks' rows travel in one all-gather, and every rank then finishes the
+tree's remaining additions over those roots (phase B) in the tree's order. Each addition is the
+one a single process does, on the same operands, so the mean gradient is bitwise the
+single-process one for any R <= M. When M / R is a power of two each rank sends exactly one root
+(its whole subtree); otherwise a range's edges cut subtrees and a rank sends one root per whole
+subtree it holds (M = 12 on 2 ranks: [0,4)+[4,6) and [6,8)+[8,12)); with R = M every leaf is
+sent. Memory per rank: K pool rows + R x (roots per rank) exchange rows.
 
-The flat buffer is cut into CHUNKS fixed pieces, a number independent of the sphere count;
-spheres reduce chunks in parallel, each returning its chunk's sum of squares, and the root adds
-those partial sums in chunk order: the gradient norm, too, is the same for any sphere count.
+The final pass. With one rank, the tree's last addition (node 0 += its last child) is left for
+the final pass; with ranks, phase B's additions are. That pass cuts the flat buffer into CHUNKS
+fixed pieces, a number independent of the sphere count: spheres reduce chunks in parallel
+through the backend's `reduce_slots` (the remaining pairs, then x 1/M; cuda fuses the last pair
+into row 0 with the scale and the norm's partial sums), each returning its chunk's sum of
+squares, and the root adds those partial sums in chunk order: the gradient norm, too, is the
+same for any sphere count.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +65,7 @@ from crystal.errors import CrystalError
 from crystal.world import Comm, rank_ranges
 
 CHUNKS = 48  # divides evenly among 1, 2, 3, 4, 6, 8, 12, 16, 24 or 48 spheres
+_WAIT_S = 1.0  # a waiting acquire re-checks for an abort at least this often
 
 
 def tree_pairs(n: int) -> list[tuple[int, int]]:
@@ -72,6 +108,20 @@ def split_tree(n: int, ranks: int) -> TreeSplit:
     return TreeSplit(ranges, local, roots, top)
 
 
+def pool_rows(n: int, spheres: int) -> int:
+    """Gradient buffers in a rank's pool for its n micro-batches: spheres + ceil(log2 n) + 1,
+    and never more than n."""
+    return min(n, max(1, spheres) + (n - 1).bit_length() + 1)
+
+
+def gradient_buffers(micro_batches: int, spheres: int, ranks: int = 1) -> int:
+    """Flat gradient buffers a rank allocates: its pool, plus every rank's roots (the exchange
+    buffer) when there are several ranks. With ranks, the largest rank's."""
+    split = split_tree(micro_batches, ranks)
+    rows = pool_rows(max(len(r) for r in split.ranges), spheres)
+    return rows + (ranks * split.roots_per_rank if ranks > 1 else 0)
+
+
 def tree_mean(values: list[float]) -> float:
     """Mean of values summed over the fixed tree (losses of micro-batches or eval batches)."""
     vals = list(values)
@@ -87,14 +137,22 @@ def chunk_bounds(size: int, chunks: int = CHUNKS) -> list[tuple[int, int]]:
     return [(min(c * step, size), min((c + 1) * step, size)) for c in range(chunks)]
 
 
+class ReducerAborted(RuntimeError):
+    """A sphere waiting for a gradient buffer was woken because the step is abandoned."""
+
+
 class GradientReducer:
-    """The step's gradient slots on this rank, and the tree that sums them (see the module doc).
+    """This rank's gradient pool and the tree that sums it (see the module doc).
 
-    `slot(j)` is the j-th micro-batch of this rank's range; `reduce(map)` sums everything and
-    returns the gradient norm, running the per-chunk work through `map(n_items, work)` (the
-    spheres); `grad` is then the mean gradient, the same buffer contents on every rank."""
+    Per step: for each local micro-batch j (0-based within `owned`), `acquire(j)` gives the pool
+    row to write its gradient into and `release(j)` says it is written (`put(j, values)` does
+    both from host values); then `reduce(map)` finishes the tree and returns the gradient norm,
+    running the per-chunk work through `map(n_items, work)` (the spheres); `grad` is then the
+    mean gradient, the same buffer contents on every rank. `high_water` is the most rows ever
+    in use at once. `rows` overrides the pool size (at least ceil(log2 n) + 1; tests)."""
 
-    def __init__(self, be, size: int, micro_batches: int, comm=None):
+    def __init__(self, be, size: int, micro_batches: int, comm=None, spheres: int = 1,
+                 rows: int | None = None):
         self.be = be
         self.M = micro_batches
         self.size = size
@@ -105,11 +163,30 @@ class GradientReducer:
                                "every rank needs at least one micro-batch")
         self.split = split_tree(micro_batches, ranks)
         self.owned = self.split.ranges[rank]
-        lo = self.owned.start
-        self.slots = be.empty((len(self.owned), size))  # allocated once, reused every step
-        self.pairs = _pair_array([(d - lo, s - lo) for d, s in self.split.local[rank]])  # host
+        n, lo = len(self.owned), self.owned.start
+        least = min(n, (n - 1).bit_length() + 1)
+        self.rows = pool_rows(n, spheres) if rows is None else min(n, rows)
+        if self.rows < least:
+            raise ValueError(f"a pool of {self.rows} rows can deadlock for {n} micro-batches "
+                             f"(at least {least})")
+        self.pool = be.empty((self.rows, size))  # allocated once, reused every step
         self.chunks = chunk_bounds(size)
+        # the additions done as soon as their operands exist, in local indices: each dst's srcs
+        # in tree order; the rest go to the final pass
+        self._last_src = None
+        if ranks > 1:
+            eager = [(d - lo, s - lo) for d, s in self.split.local[rank]]
+        else:
+            eager = tree_pairs(n)[:-1]  # the last one (into node 0) joins the final pass
+            self._last_src = tree_pairs(n)[-1][1] if n > 1 else None
+        self._absorbs: list[list[int]] = [[] for _ in range(n)]
+        self._parent = [-1] * n
+        self._pos = [0] * n
+        for d, s in eager:
+            self._parent[s], self._pos[s] = d, len(self._absorbs[d])
+            self._absorbs[d].append(s)
         self.top = None
+        self._send: dict[int, int] = {}  # local root -> its row of the exchange buffer
         if ranks > 1:
             # every rank's roots in a [R * k, size] buffer, rank r's at rows k r ...; the tree's
             # remaining additions are remapped onto those rows (slot 0 is row 0)
@@ -117,19 +194,150 @@ class GradientReducer:
             row = {i: r * k + j for r, rs in enumerate(self.split.roots) for j, i in enumerate(rs)}
             self.top = be.empty((ranks * k, size))
             self.top_pairs = _pair_array([(row[d], row[s]) for d, s in self.split.top])
-            self._pack = [(rank * k + j, i - lo) for j, i in enumerate(self.split.roots[rank])]
+            self._send = {i - lo: rank * k + j for j, i in enumerate(self.split.roots[rank])}
+        self._cond = threading.Condition(threading.Lock())
+        self._aborted = False
+        self.high_water = 0
+        self.waits = 0  # acquires that had to wait for a row (flow control)
+        self.begin_step()
 
     @property
     def local_count(self) -> int:
         return len(self.owned)
 
-    def slot(self, j: int):
-        return self.slots[j]
+    def row(self, r: int):
+        """Pool row r (a flat gradient buffer)."""
+        return self.pool[r]
 
     @property
     def grad(self):
         """The mean gradient, once reduced."""
-        return self.slots[0] if self.top is None else self.top[0]
+        return self.pool[0] if self.top is None else self.top[0]
+
+    # --- the step's bookkeeping (all under self._cond) ---
+    def begin_step(self) -> None:
+        """Forget the last step's nodes: every row free (a step's work is ordered after the
+        previous step's by the spheres' rounds)."""
+        n = len(self.owned)
+        with self._cond:
+            self._free = [(r, None) for r in range(self.rows - 1, 0, -1)]  # (row, event); 0 is leaf 0's
+            self._granted = [False] * n
+            self._row = [-1] * n
+            self._event: list = [None] * n
+            self._written = [False] * n  # leaf released
+            self._absorbed = [0] * n  # srcs added into this node so far
+            self._busy = [False] * n  # being added into right now
+            self._complete = [False] * n  # every eager addition into it done (a finished node)
+            self._in_use = 0
+            self._aborted = False
+
+    def abort(self) -> None:
+        """Wake every waiting `acquire` with ReducerAborted (a sphere failed; the step is lost)."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def _owed_below(self, j: int) -> int:
+        return sum(1 for i in range(j) if not self._granted[i])
+
+    def acquire(self, j: int) -> int:
+        """The pool row micro-batch j's gradient goes into; waits while the pool is short."""
+        with self._cond:
+            if self._granted[j]:
+                raise RuntimeError(f"micro-batch {j} already has a gradient row this step")
+            if j == 0:
+                r, ev = 0, None
+            else:
+                waited = False
+                while not (self._aborted or len(self._free) > self._owed_below(j)):
+                    waited = True
+                    self._cond.wait(_WAIT_S)
+                if self._aborted:
+                    raise ReducerAborted("the step was abandoned")
+                self.waits += waited
+                r, ev = self._free.pop()
+            self._granted[j], self._row[j] = True, r
+            self._in_use += 1
+            self.high_water = max(self.high_water, self._in_use)
+            self._cond.notify_all()  # one fewer owed below the waiting micro-batches above j
+        self.be.wait_event(ev)  # the row's last reader (an addition on another stream) is done
+        return r
+
+    def release(self, j: int) -> None:
+        """Micro-batch j's gradient is written (by this thread): run every addition this makes
+        ready, here, before the thread takes its next micro-batch."""
+        ev = self.be.record_event()
+        with self._cond:
+            if not self._granted[j] or self._written[j]:
+                raise RuntimeError(f"micro-batch {j} released without its row, or twice")
+            self._written[j], self._event[j] = True, ev
+            action = self._advance(j)
+        while action is not None:
+            action = self._run(*action)
+
+    def put(self, j: int, values) -> None:
+        """Micro-batch j's gradient from values (host or device): acquire, copy, release."""
+        r = self.acquire(j)
+        self.pool[r][...] = self.be.to_device(values)
+        self.release(j)
+
+    def _advance(self, i: int):
+        """Node i is idle (its leaf written, no addition into it running): the next action it
+        enables, claimed under the lock, or None."""
+        absorbs = self._absorbs[i]
+        if self._absorbed[i] < len(absorbs):
+            s = absorbs[self._absorbed[i]]
+            if self._complete[s]:  # both children exist: add now
+                self._busy[i] = True
+                return ("add", i, s)
+            return None  # s's completion will add it
+        self._complete[i] = True
+        p = self._parent[i]
+        if p >= 0:
+            if (self._written[p] and not self._busy[p] and not self._complete[p]
+                    and self._absorbed[p] == self._pos[i]):
+                self._busy[p] = True
+                return ("add", p, i)
+            return None  # p is not at i yet: p's own progress will add i
+        if i in self._send:
+            return ("send", i, None)
+        return None  # an operand of the final pass
+
+    def _run(self, what: str, d: int, s: int | None):
+        """One claimed action on this thread (outside the lock); returns the next one."""
+        be, pool = self.be, self.pool
+        if what == "add":
+            be.wait_event(self._event[d])
+            be.wait_event(self._event[s])
+            be.add_inplace(pool[self._row[d]], pool[self._row[s]])
+            ev = be.record_event()
+            with self._cond:
+                self._free_row(s, ev)
+                self._event[d] = ev
+                self._absorbed[d] += 1
+                self._busy[d] = False
+                return self._advance(d)
+        be.wait_event(self._event[d])  # "send": a finished root of this rank to the exchange rows
+        self.top[self._send[d]] = pool[self._row[d]]
+        ev = be.record_event()
+        with self._cond:
+            self._free_row(d, ev)
+        return None
+
+    def _free_row(self, i: int, event) -> None:
+        self._free.append((self._row[i], event))
+        self._row[i] = -1
+        self._in_use -= 1
+        self._cond.notify_all()
+
+    # --- the final pass ---
+    def _final_pairs(self) -> np.ndarray:
+        """One rank: the tree's last addition as pool rows (node 0 is row 0), or none (M = 1)."""
+        if not all(self._written):
+            raise RuntimeError("reduce before every micro-batch's gradient was released")
+        if self._last_src is None:
+            return _pair_array([])
+        return _pair_array([(0, self._row[self._last_src])])
 
     def _tree_chunk(self, rows, pairs, c: int, scale: float) -> float:
         """Chunk c of rows: the pairs' additions into row 0, then x scale; its sum of squares."""
@@ -139,24 +347,26 @@ class GradientReducer:
         return self.be.reduce_slots(rows, pairs, start, end, scale)
 
     def reduce_chunk(self, c: int) -> float:
-        """One process: tree-sum chunk c of the slots into slot 0, scaled by 1/M; its sum of squares."""
-        return self._tree_chunk(self.slots, self.pairs, c, 1.0 / self.M)
+        """One process: the last addition on chunk c into row 0, scaled by 1/M; its sum of squares."""
+        return self._tree_chunk(self.pool, self._final_pairs(), c, 1.0 / self.M)
 
     def reduce(self, map_chunks=None) -> float:
-        """Sum the tree (and across ranks); returns the gradient norm. map_chunks(n, work) runs
-        work(sphere, chunk) for every chunk (the spheres' map); default: this thread."""
+        """Finish the tree (and across ranks); returns the gradient norm. map_chunks(n, work)
+        runs work(sphere, chunk) for every chunk (the spheres' map); default: this thread."""
         if map_chunks is None:
             map_chunks = lambda n, work: [work(0, c) for c in range(n)]  # noqa: E731
         n = len(self.chunks)
         if self.top is None:
-            return norm_of(map_chunks(n, lambda i, c: self.reduce_chunk(c)))
-        if len(self.pairs):  # phase A: this rank's subtrees (x 1.0 is exact)
-            map_chunks(n, lambda i, c: self._tree_chunk(self.slots, self.pairs, c, 1.0))
-        for row, j in self._pack:
-            self.top[row] = self.slots[j]
-        self.comm.allgather_rows(self.top)
-        top = lambda i, c: self._tree_chunk(self.top, self.top_pairs, c, 1.0 / self.M)  # noqa: E731
-        return norm_of(map_chunks(n, top))  # phase B: the rest of the tree
+            pairs = self._final_pairs()
+            norm = norm_of(map_chunks(n, lambda i, c: self._tree_chunk(self.pool, pairs, c, 1.0 / self.M)))
+        else:
+            if not all(self._written):
+                raise RuntimeError("reduce before every micro-batch's gradient was released")
+            self.comm.allgather_rows(self.top)
+            top = lambda i, c: self._tree_chunk(self.top, self.top_pairs, c, 1.0 / self.M)  # noqa: E731
+            norm = norm_of(map_chunks(n, top))  # phase B: the rest of the tree
+        self.begin_step()
+        return norm
 
     def reduce_losses(self, losses: list[float]) -> float:
         """Mean micro-batch loss of the whole step, summed over the same tree."""

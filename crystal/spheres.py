@@ -4,8 +4,10 @@ The spheres are threads created once per run and kept for every step. Each owns 
 activation buffers (allocated once, before the first step) and, on cuda, its stream. The root
 hands out work by index, round-robin (sphere s takes items s, s+N, ...):
 
-- micro-batches: sphere s runs forward/backward of micro-batch m into the reducer's slot m, so
-  which sphere computed what never changes the result;
+- micro-batches: sphere s runs forward/backward of micro-batch m, the backward writing into a
+  row of the reducer's gradient pool (`reducer.acquire(m)`, which may wait while the pool is
+  short); `reducer.release(m)` then runs, on this sphere, the tree additions that became ready.
+  Which sphere computed what, or added what, never changes the result;
 - chunks of the flat parameter buffer: the reducer's tree sum and the optimizer update run on
   fixed chunks (their count does not depend on N), so the spheres share that work too and the
   root only combines per-chunk partial sums, in chunk order.
@@ -73,7 +75,8 @@ class SphereSystem:
         self.n = n_spheres
         # what forward/backward read: params, or their bf16 copy (AdamW refreshes it as it updates)
         self.weights = Tensors(layout, be.compute_weights(params))
-        self.slot_grads = [Tensors(layout, reducer.slot(j)) for j in range(reducer.local_count)]
+        self.reducer = reducer
+        self.row_grads = [Tensors(layout, reducer.row(r)) for r in range(reducer.rows)]  # the pool's rows
         self.stats = [SphereStats(i) for i in range(n_spheres)]
         self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
         self.counts_launches = hasattr(be, "thread_launches")  # cuda: kernel and library launches
@@ -117,13 +120,15 @@ class SphereSystem:
         x, y = be.to_device(x), be.to_device(y)
         issued = be.thread_launches() if self.counts_launches else 0
         loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True)
-        backward(be, self.cfg, self.weights, self.slot_grads[m], acts, x, y, drop)
+        row = self.reducer.acquire(m)
+        backward(be, self.cfg, self.weights, self.row_grads[row], acts, x, y, drop)
         if self.counts_launches:  # the same for every micro-batch of a run
             self.launches_per_micro_batch = be.thread_launches() - issued
         stats.active = False
         stats.batches += 1
         stats.loss_sum += loss
         stats.tokens += x.size
+        self.reducer.release(m)  # the tree additions it completes, on this sphere
         return loss
 
     def _eval_batch(self, i: int, x, y) -> float:
@@ -133,9 +138,10 @@ class SphereSystem:
     # --- the root side ---
     def step(self, batches: list, drops: list[Dropout] | None = None) -> list[float]:
         """Forward/backward of every micro-batch (with drops[m], its dropout, when given);
-        gradients land in the reducer's slots. Returns the per-micro-batch losses, in order."""
-        if len(batches) != len(self.slot_grads):
-            raise ValueError(f"{len(batches)} micro-batches for {len(self.slot_grads)} gradient slots")
+        gradients are summed in the reducer's pool. Returns the per-micro-batch losses, in order."""
+        if len(batches) != self.reducer.local_count:
+            raise ValueError(f"{len(batches)} micro-batches for the reducer's {self.reducer.local_count}")
+        self.reducer.begin_step()
         return self.map(len(batches), lambda i, m: self._train_micro_batch(
             i, *batches[m], m, drops[m] if drops else None))
 
@@ -160,6 +166,7 @@ class SphereSystem:
             i, err, done = self._done.get()
             if err is not None:
                 self._stop.set()
+                self.reducer.abort()  # spheres waiting for a gradient row give up
                 raise SphereFailure(i, err) from err
             self.be.wait_event(done)  # the root reads results only after the sphere's work
         self.wall_s += time.perf_counter() - t0
@@ -173,6 +180,7 @@ class SphereSystem:
 
     def close(self) -> None:
         self._stop.set()
+        self.reducer.abort()
         for q in self._inbox:
             q.put(None)
         for t in self._threads:

@@ -77,8 +77,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
           on_start: Callable[[dict], None] | None = None,
           on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
           on_eval: Callable[[int, float], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, comm: Comm | None = None) -> TrainResult:
-    """Train from scratch, or continue from `resume`. `dataset` overrides cfg.data; `backend`
+          should_stop: Callable[[], bool] | None = None, comm: Comm | None = None,
+          init: np.ndarray | None = None) -> TrainResult:
+    """Train from scratch, from `init` (flat float32 parameters to start from, e.g. a released
+    GPT-2's: fine-tuning), or continue from `resume`. `dataset` overrides cfg.data; `backend`
     overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one).
     `should_stop` is asked after every step (signals): when it says so, the run writes a
     resumable checkpoint and returns with `interrupted` set. A non-finite loss or gradient norm
@@ -108,9 +110,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     be.warmup()  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)
-    params = be.to_device(resume.params if resume else init_params(model_cfg, cfg.seed))
+    if resume is not None:
+        start = resume.params
+    elif init is not None:  # bitwise the given parameters (the cpu backend trains them in place); fresh AdamW
+        if init.shape != (layout.size,) or init.dtype != np.float32:
+            raise ValueError(f"init must be float32[{layout.size}], got {init.dtype}{list(init.shape)}")
+        start = init
+    else:
+        start = init_params(model_cfg, cfg.seed)
+    params = be.to_device(start)
     comm = comm if comm is not None else Comm()
-    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm)
+    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=cfg.spheres)
     optimizer = AdamW(be, layout, cfg, reducer.chunks)
     first = 0
     if resume is not None:

@@ -61,6 +61,49 @@ def set_json(path, key, value):
     Path(path).write_text(json.dumps(d))
 
 
+def hf_dir(root):
+    """The run as a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json)."""
+    d = root / "hf"
+    if not d.exists():
+        d.mkdir()
+        for f in ("config.json", "model.safetensors", "tokenizer.json"):
+            shutil.copy(root / "run" / f, d / f)
+    return d
+
+
+def resave_hf(root, change):
+    resave(hf_dir(root) / "model.safetensors", change)
+
+
+class Trap:
+    """Unpickling this creates a file, which the table's hashes would see: a pickle is never loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def pickle_only(root):
+    import pickle
+
+    d = hf_dir(root)
+    (d / "model.safetensors").unlink()
+    write(d / "pytorch_model.bin", pickle.dumps(Trap(root / "unpickled")))
+
+
+def shards_with_one_missing(root):
+    d = hf_dir(root)
+    t = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    names = sorted(t)
+    shard = {k: f"model-0000{1 + 2 * i // len(names)}-of-00002.safetensors" for i, k in enumerate(names)}
+    save_file({k: t[k] for k in names if shard[k].startswith("model-00001")},
+              str(d / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    write(d / "model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": shard}).encode())
+
+
 def token_file(root, ids, vocab=256, magic=b"CRYSTOK1"):
     d = root / "tok"
     shutil.copytree(root / "bytes", d)
@@ -71,6 +114,7 @@ def token_file(root, ids, vocab=256, magic=b"CRYSTOK1"):
 
 R = "{root}"
 TRAIN = ["train", "--preset", "tiny", "--quiet", "--out", f"{R}/new"]
+INIT = ["train", "--init-from", f"{R}/hf", "--data", f"{R}/bytes", "--quiet", "--out", f"{R}/new"]
 CASES = {
     # command-line values
     "zero spheres": (None, [*TRAIN, "--spheres", "0"]),
@@ -151,6 +195,35 @@ CASES = {
     "eval missing run": (None, ["eval", f"{R}/missing"]),
     "export to a file path": (lambda r: write(r / "afile", b"x"), ["export", f"{R}/run", "--out", f"{R}/afile/hf"]),
     "plot missing run": (None, ["plot", f"{R}/missing", "--out", f"{R}/x.png"]),
+    # fine-tuning: --init-from DIR (the run, as a Hugging Face directory) and prepare --tokenizer PATH
+    "init-from a pickle only": (pickle_only, INIT),
+    "init-from relu activation": (lambda r: set_json(hf_dir(r) / "config.json", "activation_function", "relu"), INIT),
+    "init-from untied head in config": (lambda r: set_json(hf_dir(r) / "config.json", "tie_word_embeddings", False),
+                                        INIT),
+    "init-from n_inner not 4x": (lambda r: set_json(hf_dir(r) / "config.json", "n_inner", 96), INIT),
+    "init-from attention scaled by layer": (lambda r: set_json(hf_dir(r) / "config.json",
+                                                               "scale_attn_by_inverse_layer_idx", True), INIT),
+    "init-from reordered upcast attention": (lambda r: set_json(hf_dir(r) / "config.json", "reorder_and_upcast_attn",
+                                                                True), INIT),
+    "init-from lm_head not wte": (lambda r: resave_hf(r, lambda t: t.update(
+        {"lm_head.weight": t["transformer.wte.weight"] + 1})), INIT),
+    "init-from data of another vocabulary": (hf_dir, [*INIT, "--data", f"{R}/bpe"]),
+    "init-from without tokenizer.json": (lambda r: (hf_dir(r) / "tokenizer.json").unlink(), INIT),
+    "init-from a listed shard absent": (shards_with_one_missing, INIT),
+    "init-from tensor of wrong shape": (lambda r: resave_hf(r, lambda t: t.update(
+        {"transformer.wpe.weight": np.zeros((16, 32), np.float32)})), INIT),
+    "init-from float64 tensor": (lambda r: resave_hf(r, lambda t: t.update(
+        {"transformer.ln_f.bias": t["transformer.ln_f.bias"].astype(np.float64)})), INIT),
+    "init-from seq-len above n_positions": (hf_dir, [*INIT, "--seq-len", "64"]),
+    "init-from with a model flag": (hf_dir, [*INIT, "--n-layer", "3"]),
+    "init-from with --resume": (hf_dir, ["train", "--resume", f"{R}/run", "--init-from", f"{R}/hf"]),
+    "init-from missing directory": (None, [*INIT[:2], f"{R}/missing", *INIT[3:]]),
+    "finetune preset without init-from": (None, [*TRAIN, "--preset", "finetune"]),
+    "prepare tokenizer not found": (None, ["prepare", f"{R}/input.txt", "--out", f"{R}/p", "--tokenizer",
+                                           f"{R}/missing.json"]),
+    "prepare tokenizer dir without one": (None, ["prepare", f"{R}/input.txt", "--out", f"{R}/p", "--tokenizer", R]),
+    "prepare tokenizer with --vocab-size": (None, ["prepare", f"{R}/input.txt", "--out", f"{R}/p", "--tokenizer",
+                                                   f"{R}/bpe", "--vocab-size", "500"]),
 }
 
 

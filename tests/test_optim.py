@@ -101,7 +101,8 @@ def test_reducer_tree_adds_every_slot_exactly_once(n):
 def test_reducer_returns_the_mean_gradient():
     red = GradientReducer(be, 1000, 5)
     vals = np.random.default_rng(2).standard_normal((5, 1000)).astype(np.float32)
-    red.slots[...] = vals
+    for j in range(5):
+        red.put(j, vals[j])
     norm = red.reduce()
     np.testing.assert_allclose(red.grad, vals.mean(0), rtol=1e-5, atol=1e-6)
     assert norm == pytest.approx(float(np.linalg.norm(vals.mean(0).astype(np.float64))), rel=1e-5)
@@ -110,7 +111,8 @@ def test_reducer_returns_the_mean_gradient():
 
 def test_reducer_sum_order_is_a_fixed_tree_not_sequential():
     red = GradientReducer(be, 1, 4)
-    red.slots[:, 0] = np.array([1e8, 1.0, -1e8, 1.0], dtype=np.float32)
+    for j, v in enumerate([1e8, 1.0, -1e8, 1.0]):
+        red.put(j, np.array([v], dtype=np.float32))
     # tree: (1e8 + 1) + (-1e8 + 1) in float32 = 1e8 + -1e8 = 0; sequential would give 1
     red.reduce()
     assert float(red.grad[0]) == 0.0
@@ -119,8 +121,9 @@ def test_reducer_sum_order_is_a_fixed_tree_not_sequential():
 def test_reducing_chunk_by_chunk_in_any_order_gives_the_same_gradient_and_norm():
     vals = np.random.default_rng(3).standard_normal((7, 5000)).astype(np.float32)
     a, b = GradientReducer(be, 5000, 7), GradientReducer(be, 5000, 7)
-    a.slots[...] = vals
-    b.slots[...] = vals
+    for j in range(7):
+        a.put(j, vals[j])
+        b.put(j, vals[j])
     norm_a = a.reduce()
     partial = {c: b.reduce_chunk(c) for c in reversed(range(len(b.chunks)))}
     assert norm_of([partial[c] for c in range(len(b.chunks))]) == norm_a

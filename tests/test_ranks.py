@@ -130,7 +130,7 @@ def run_ranks(m: int, r: int, grads: np.ndarray, losses: list[float], make_comm=
     def rank(i):
         red = GradientReducer(be, grads.shape[1], m, make_comm(i, shared))
         for j, mb in enumerate(red.owned):
-            red.slot(j)[...] = grads[mb]
+            red.put(j, grads[mb])
         loss = red.reduce_losses([losses[mb] for mb in red.owned])
         norm = red.reduce()
         out[i] = (red.grad.copy(), norm, loss)
@@ -286,12 +286,12 @@ def test_torchrun_variables_on_the_cpu_without_mpiexec_are_a_one_line_error(tmp_
     assert len(lines) == 1 and lines[0].startswith("error: ") and "mpi" in lines[0].lower()
 
 
-def test_memory_estimate_counts_a_ranks_own_slots_and_every_ranks_roots():
+def test_memory_estimate_counts_a_ranks_pool_and_every_ranks_roots():
     from crystal.config import resolve
     from crystal.model import memory_estimate
 
     model, cfg = resolve("tiny")
     one = memory_estimate(model, 12, 1, cfg.batch_size, cfg.seq_len)
     two = memory_estimate(model, 12, 1, cfg.batch_size, cfg.seq_len, ranks=2)
-    assert one["grads"] == 12 * one["params"]
-    assert two["grads"] == (6 + 2 * 2) * two["params"]  # 6 micro-batches + 2 roots of each rank
+    assert one["grads"] == (1 + 4 + 1) * one["params"]  # a pool of 1 sphere + ceil(log2 12) + 1 rows
+    assert two["grads"] == (1 + 3 + 1 + 2 * 2) * two["params"]  # 6 micro-batches: a pool of 5, + 2 roots of each rank

@@ -1,0 +1,280 @@
+"""Trained GPT-2 checkpoints to start from: `crystal train --init-from DIR`.
+
+DIR is a Hugging Face GPT-2 directory (a released model, or one saved with `save_pretrained`)
+or a crystal run. A Hugging Face directory holds
+    config.json                   GPT2Config fields (ModelConfig.from_hf refuses what crystal
+                                  cannot represent)
+    tokenizer.json                the model's tokenizer: the data must be tokenized with it
+    model.safetensors             the weights, or model.safetensors.index.json naming shards
+GPT-2's Conv1D weights are [in, out], crystal's layout, so every tensor is copied as it is: the
+parameters training starts from are bitwise the file's float32 values (float16 and bfloat16 are
+widened to float32, which is exact; other dtypes are refused). Names may carry the
+`transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model); the causal-mask buffers
+`attn.bias` / `attn.masked_bias` are skipped; an `lm_head.weight` must be bitwise wte (crystal's
+LM head is tied to it). Pickle files (pytorch_model.bin) are never loaded: the refusal says how
+to convert them. A crystal run gives its model.safetensors (or its newest checkpoint's), read
+as strictly as `crystal.load_checkpoint` reads it, and none of its optimizer state.
+
+Every check runs before any tensor is read, and every tensor is read straight into its place in
+the one flat float32 buffer (no second copy of the model in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from crystal.config import ModelConfig
+from crystal.errors import CrystalError
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+RUN_MARK = "train.json"  # what makes a directory a crystal run
+BUFFERS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers: not parameters
+LM_HEAD = "lm_head.weight"
+WTE = "transformer.wte.weight"
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+# safetensors dtype -> (its bytes as numpy reads them, its name)
+DTYPES = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", "bfloat16"),
+          "F64": ("<f8", "float64"), "I64": ("<i8", "int64"), "I32": ("<i4", "int32"), "I16": ("<i2", "int16"),
+          "I8": ("i1", "int8"), "U8": ("u1", "uint8"), "BOOL": ("?", "bool")}
+EXACT = ("F32", "F16", "BF16")  # what float32 holds exactly: the parameters' dtypes crystal reads
+
+
+@dataclass
+class Pretrained:
+    """A checkpoint to start from: its model shape and tokenizer, and where its tensors are.
+    `load_params` reads them."""
+
+    path: Path
+    config: ModelConfig
+    weights: list[Path]  # the safetensors files that hold the parameters
+    run: bool  # a crystal run (strict crystal names, float32), else a Hugging Face directory
+    tokenizer_json: str | None = None  # None: the directory has none (refused by require_tokenizer)
+    notes: list[str] = field(default_factory=list)  # what load_params did beyond copying
+
+
+def open_pretrained(directory: str | Path) -> Pretrained:
+    """config.json and the weight files of a Hugging Face GPT-2 directory or a crystal run,
+    checked; no tensor is read."""
+    from crystal.checkpoint import MODEL_FILE, latest_checkpoint, read_config
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise CrystalError(f"--init-from {path}: {'not a directory' if path.exists() else 'no such directory'} "
+                           "(give a Hugging Face GPT-2 directory or a crystal run)")
+    run = (path / RUN_MARK).exists()
+    if run:
+        weights = path / MODEL_FILE
+        if not weights.exists() and (latest := latest_checkpoint(path)) is not None:
+            weights = latest / MODEL_FILE  # a run stopped before its end
+        if not weights.exists():
+            raise CrystalError(f"{path}: a crystal run without a model.safetensors or a checkpoint")
+        files = [weights]
+    else:
+        files = _hf_weight_files(path)
+    config = read_config(path / CONFIG_FILE)
+    tokenizer = None
+    if (path / TOKENIZER_FILE).exists():
+        try:
+            tokenizer = (path / TOKENIZER_FILE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CrystalError(f"cannot read {path / TOKENIZER_FILE}: {e}") from None
+    return Pretrained(path, config, files, run, tokenizer)
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json names (each present)."""
+    if (path / WEIGHTS).exists():
+        return [path / WEIGHTS]
+    if (path / INDEX).exists():
+        try:
+            weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not shards or not all(isinstance(s, str) and Path(s).name == s for s in shards):
+                raise ValueError("weight_map must name shard files in the directory")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+                ValueError) as e:
+            raise CrystalError(f"{path / INDEX}: not a readable shard index ({e})") from None
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise CrystalError(f"{path}: shard {missing[0]} is listed in {INDEX} but absent "
+                               f"({len(missing)} of {len(shards)} missing)")
+        return [path / s for s in shards]
+    pickle = next((p for p in PICKLES if (path / p).exists()), None)
+    if pickle:
+        raise CrystalError(
+            f"{path} holds {pickle}, a pickle, which crystal never loads; convert it to safetensors with: "
+            f"python -c \"from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{path}')"
+            f".save_pretrained('{path}', safe_serialization=True)\"")
+    raise CrystalError(f"{path}: no {WEIGHTS} or {INDEX} (a Hugging Face GPT-2 directory or a crystal run)")
+
+
+def require_tokenizer(pre: Pretrained):
+    """The model's tokenizer (a BPETokenizer that writes its tokenizer.json verbatim); a model
+    without one is refused, since the data must be tokenized with it."""
+    from crystal.data import BPETokenizer
+
+    if pre.tokenizer_json is None:
+        raise CrystalError(f"{pre.path} has no tokenizer.json: the data must be tokenized with the model's "
+                           "tokenizer; save it there with AutoTokenizer.from_pretrained(...).save_pretrained(DIR)")
+    tok = BPETokenizer.from_json(pre.tokenizer_json, "hf", str(pre.path / TOKENIZER_FILE))
+    if tok.vocab_size != pre.config.vocab_size:
+        raise CrystalError(f"{pre.path}: tokenizer.json has {tok.vocab_size} tokens, config.json vocab_size "
+                           f"{pre.config.vocab_size}; crystal needs them equal")
+    return tok
+
+
+def check_data_tokenizer(dataset, pre: Pretrained, model_tok) -> None:
+    """The data must be tokenized with the model's tokenizer: the same vocabulary, token for
+    token (its size alone would let a different tokenizer's ids through)."""
+    from tokenizers import Tokenizer
+
+    fix = f"tokenize it with the model's tokenizer: crystal prepare INPUT --out DIR --tokenizer {pre.path}"
+    if dataset.vocab_size != pre.config.vocab_size:
+        raise CrystalError(f"the data's vocabulary ({dataset.vocab_size} tokens, {dataset.tokenizer.kind} "
+                           f"tokenizer) is not the model's ({pre.config.vocab_size} in {pre.path}); {fix}")
+    data_tok = getattr(dataset.tokenizer, "tok", None) or Tokenizer.from_str(dataset.tokenizer.to_json())
+    theirs = data_tok.get_vocab(with_added_tokens=True)
+    if theirs != model_tok.tok.get_vocab(with_added_tokens=True):
+        raise CrystalError(f"the data's tokenizer has the model's vocabulary size ({pre.config.vocab_size}) "
+                           f"but other tokens; {fix}")
+
+
+def load_params(pre: Pretrained) -> np.ndarray:
+    """The flat float32 parameters of `pre`, bitwise its tensors (float16/bfloat16 widened
+    exactly); pre.notes says what was widened and what was skipped."""
+    from crystal.checkpoint import read_params
+
+    if pre.run:
+        return read_params(pre.weights[0], pre.config)
+    return _read_hf(pre)
+
+
+# --- Hugging Face safetensors ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    name: str  # as stored
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # of the first byte in the file
+
+
+def crystal_name(name: str) -> str | None:
+    """The crystal (= GPT2LMHeadModel) name of a stored tensor; None for a mask buffer."""
+    if name.endswith(BUFFERS):
+        return None
+    if name == LM_HEAD or name.startswith("transformer."):
+        return name
+    return "transformer." + name  # GPT2Model saves without the prefix
+
+
+def read_header(path: Path) -> dict[str, _Entry]:
+    """The tensors a safetensors file holds, every entry checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not (0 <= n <= min(MAX_HEADER, size - 8)):
+                raise CrystalError(f"{path}: not a safetensors file (header length {n} in {size} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CrystalError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CrystalError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CrystalError(f"{path}: corrupt safetensors header (not a JSON object)")
+    entries = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+            if not all(type(x) is int and x >= 0 for x in (*shape, start, end)) or not isinstance(dtype, str):
+                raise TypeError("dtype, shape or offsets of the wrong type")
+        except (TypeError, KeyError, ValueError) as err:
+            raise CrystalError(f"{path}: corrupt safetensors entry {name!r} ({err})") from None
+        itemsize = np.dtype(DTYPES[dtype][0]).itemsize if dtype in DTYPES else None
+        if end > size - 8 - n or start > end or (itemsize and end - start != math.prod(shape) * itemsize):
+            raise CrystalError(f"{path}: tensor {name} ({dtype}{list(shape)}) does not fit its bytes "
+                               f"[{start}, {end}) of the file")
+        entries[name] = _Entry(path, name, dtype, shape, 8 + n + start)
+    return entries
+
+
+def _collect(pre: Pretrained) -> dict[str, _Entry]:
+    """Every parameter's entry under its crystal name, across the shards; buffers skipped."""
+    found: dict[str, _Entry] = {}
+    buffers = 0
+    for file in pre.weights:
+        for name, entry in read_header(file).items():
+            key = crystal_name(name)
+            if key is None:
+                buffers += 1
+                continue
+            if key in found:
+                raise CrystalError(f"{pre.path}: {key} is stored twice ({found[key].name} in {found[key].file.name}, "
+                                   f"{name} in {file.name})")
+            found[key] = entry
+    if buffers:
+        pre.notes.append(f"skipped {buffers} attention-mask buffers")
+    return found
+
+
+def _check(entry: _Entry, shape: tuple, what: str) -> None:
+    if entry.dtype not in EXACT:
+        name = DTYPES[entry.dtype][1] if entry.dtype in DTYPES else entry.dtype
+        raise CrystalError(f"{entry.file}: {entry.name} is {name}; crystal reads float32, and widens float16 "
+                           "and bfloat16 to it exactly")
+    if entry.shape != shape:
+        raise CrystalError(f"{entry.file}: {entry.name} has shape {list(entry.shape)}, {what} needs {list(shape)}")
+
+
+def _read_into(entry: _Entry, out: np.ndarray) -> None:
+    """Copy a tensor into `out` (float32), widening float16/bfloat16 exactly."""
+    raw = np.fromfile(entry.file, dtype=DTYPES[entry.dtype][0], count=out.size, offset=entry.offset)
+    if entry.dtype == "BF16":  # bfloat16 is the top half of a float32
+        out.reshape(-1).view(np.uint32)[...] = raw.astype(np.uint32) << 16
+    else:
+        out.reshape(-1)[...] = raw
+
+
+def _read_hf(pre: Pretrained) -> np.ndarray:
+    from crystal.model import ParamLayout
+
+    found = _collect(pre)
+    head = found.pop(LM_HEAD, None)
+    layout = ParamLayout(pre.config)
+    missing, extra = layout.by_name.keys() - found.keys(), found.keys() - layout.by_name.keys()
+    if missing or extra:
+        raise CrystalError(f"{pre.path}: tensors do not match config.json (missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(extra)[:3]})")
+    for s in layout.specs:  # every shape and dtype checked before allocating what config.json claims
+        _check(found[s.name], s.shape, "config.json")
+    if head is not None:
+        _check(head, layout.by_name[WTE].shape, "a head tied to wte")
+    flat = np.empty(layout.size, dtype=np.float32)
+    views = layout.views(flat)
+    for s in layout.specs:
+        _read_into(found[s.name], views[s.name])
+        if not np.isfinite(views[s.name]).all():
+            raise CrystalError(f"{found[s.name].file}: {found[s.name].name} holds non-finite values")
+    if head is not None:  # a saved copy of the tied head: it must be wte, bit for bit
+        copy = np.empty(head.shape, dtype=np.float32)
+        _read_into(head, copy)
+        if not np.array_equal(copy.view(np.uint32), views[WTE].view(np.uint32)):
+            raise CrystalError(f"{head.file}: lm_head.weight differs from the token embedding (an untied LM head); "
+                               "crystal's head is tied to wte")
+    widened = sorted({DTYPES[e.dtype][1] for e in found.values() if e.dtype != "F32"})
+    if widened:
+        pre.notes.append(f"widened {' and '.join(widened)} to float32 (exact)")
+    return flat
