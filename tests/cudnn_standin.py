@@ -39,6 +39,8 @@ import re
 import ml_dtypes
 import numpy as np
 
+from crystal.backends.cudnn_attention import split_parameters
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ALIGNMENT = 16  # bytes: the address alignment assumed of the flash kernels' bf16 operands (128-bit loads)
 
@@ -46,26 +48,6 @@ ALIGNMENT = 16  # bytes: the address alignment assumed of the flash kernels' bf1
 # --- binding calls against the real frontend's parameter lists ---
 
 _POS, _POS_KW, _KW, _VAR_POS, _VAR_KW = "positional-only", "positional-or-keyword", "keyword-only", "*args", "**kwargs"
-
-
-def _split(text: str) -> list[str]:
-    """Split at top-level commas (types nest [], (), {} and quoted defaults)."""
-    out, depth, quote, start = [], 0, None, 0
-    for i, ch in enumerate(text):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            out.append(text[start:i].strip())
-            start = i + 1
-    if text[start:].strip():
-        out.append(text[start:].strip())
-    return out
 
 
 def _has_top_level_equals(text: str) -> bool:
@@ -94,7 +76,7 @@ def doc_signatures(doc: str, name: str) -> list[list[tuple[str, str, bool]]]:
         if not m or m.group(1) == "*args, **kwargs":
             continue
         params, kind = [], _POS_KW
-        for p in _split(m.group(1)):
+        for p in split_parameters(m.group(1)):
             if p == "/":  # everything before is positional-only
                 params = [(n, _POS if k == _POS_KW else k, d) for n, k, d in params]
                 continue

@@ -15,7 +15,6 @@ Error measure of rel_err: max|actual - expected| / max|expected|.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import platform
@@ -27,7 +26,8 @@ import pytest
 from crystal.backends import cpu
 from crystal.backends.cpu import CpuBackend
 from crystal.backends.kernels import KERNELS, cdiv, grid_1d, grid_rows
-from emu.build import build, parse_global_kernels
+from emu.build import parse_global_kernels
+from emu.coverage import Coverage, gpu
 from compare import rel_err
 
 B, T, C, NH, V = 2, 19, 48, 3, 131
@@ -47,35 +47,8 @@ FUSED_BF16 = {"residual_layernorm_forward_bf16", "crossentropy_forward_backward_
 BF16_KERNELS = {n for n in KERNELS if n.endswith("_bf16")} - FUSED_BF16 | {"cast_to_bf16"}
 
 be = CpuBackend()
-_kernels = None
-
-
-def gpu():
-    """The emulated kernels, built once per session (and cached on disk across sessions)."""
-    global _kernels
-    if _kernels is None:
-        _kernels = build()
-    return _kernels
-
-
-# bf16 kernel name -> the first test that launches it; filled at import.
-COVERED: dict[str, str] = {}
-
-
-def covers(*names):
-    """Registers the bf16 kernels a test exercises; the test fails unless it launches them all."""
-    def register(test):
-        for name in names:
-            COVERED.setdefault(name, test.__name__)
-
-        @functools.wraps(test)
-        def run(*args, **kwargs):
-            gpu().launched.clear()
-            test(*args, **kwargs)
-            missing = set(names) - gpu().launched
-            assert not missing, f"{test.__name__} never launched {sorted(missing)}"
-        return run
-    return register
+COVERAGE = Coverage()
+COVERED, covers = COVERAGE.covered, COVERAGE.covers
 
 
 @pytest.fixture

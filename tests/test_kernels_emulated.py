@@ -9,7 +9,6 @@ pipeline exactly as the cuda backend does. Error measure: max|gpu - cpu| / max|c
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -19,7 +18,8 @@ from crystal.backends import cpu
 from crystal.backends.base import AdamWScalars
 from crystal.backends.cpu import CpuBackend
 from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows
-from emu.build import build, parse_global_kernels
+from emu.build import parse_global_kernels
+from emu.coverage import Coverage, gpu
 from compare import rel_err
 
 B, T, C, NH, V = 3, 37, 48, 3, 259
@@ -31,35 +31,8 @@ TOL_FLAT = 1e-6  # AdamW and the double-precision sums
 BLOCKS = [32, 64]  # 32 does not divide C=48, 3C or V; 64 leaves whole warps idle in some rows
 
 be = CpuBackend()
-_kernels = None
-
-
-def gpu():
-    """The emulated kernels, built once per session (and cached on disk across sessions)."""
-    global _kernels
-    if _kernels is None:
-        _kernels = build()
-    return _kernels
-
-
-# kernel name -> the first test that launches it; filled at import, so independent of test order.
-COVERED: dict[str, str] = {}
-
-
-def covers(*names):
-    """Registers the kernels a test exercises; the test fails if it does not launch them all."""
-    def register(test):
-        for name in names:
-            COVERED.setdefault(name, test.__name__)
-
-        @functools.wraps(test)
-        def run(*args, **kwargs):
-            gpu().launched.clear()
-            test(*args, **kwargs)
-            missing = set(names) - gpu().launched
-            assert not missing, f"{test.__name__} never launched {sorted(missing)}"
-        return run
-    return register
+COVERAGE = Coverage()
+COVERED, covers = COVERAGE.covered, COVERAGE.covers
 
 
 @pytest.fixture

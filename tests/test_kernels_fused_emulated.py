@@ -14,7 +14,6 @@ max|actual - expected| / max|expected|.
 
 from __future__ import annotations
 
-import functools
 
 import ml_dtypes
 import numpy as np
@@ -23,7 +22,8 @@ import pytest
 from crystal.backends.base import AdamWScalars
 from crystal.backends.cpu import CpuBackend
 from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, grid_1d, grid_rows
-from emu.build import build, parse_global_kernels
+from emu.build import parse_global_kernels
+from emu.coverage import Coverage, gpu
 from compare import rel_err
 
 BLOCKS = [32, 64]
@@ -43,35 +43,8 @@ FUSED = {
 }
 
 be = CpuBackend()
-_kernels = None
-
-
-def gpu():
-    """The emulated kernels, built once per session (and cached on disk across sessions)."""
-    global _kernels
-    if _kernels is None:
-        _kernels = build()
-    return _kernels
-
-
-# fused kernel name -> the first test that launches it; filled at import.
-COVERED: dict[str, str] = {}
-
-
-def covers(*names):
-    """Registers the kernels a test exercises; the test fails unless it launches them all."""
-    def register(test):
-        for name in names:
-            COVERED.setdefault(name, test.__name__)
-
-        @functools.wraps(test)
-        def run(*args, **kwargs):
-            gpu().launched.clear()
-            test(*args, **kwargs)
-            missing = set(names) - gpu().launched
-            assert not missing, f"{test.__name__} never launched {sorted(missing)}"
-        return run
-    return register
+COVERAGE = Coverage()
+COVERED, covers = COVERAGE.covered, COVERAGE.covers
 
 
 @pytest.fixture
