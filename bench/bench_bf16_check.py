@@ -33,24 +33,9 @@ from crystal.config import resolve  # noqa: E402
 
 def backend(precision: str, flash: bool | None):
     """A CudaBackend; flash False forces the cuBLAS attention path, None keeps the default."""
-    import os
-
     from crystal.backends.cuda import CudaBackend
 
-    saved = os.environ.get("CRYSTAL_CUDNN")
-    if flash is False:  # the cuBLAS + softmax attention path (CRYSTAL_CUDNN=0 is read at construction)
-        os.environ["CRYSTAL_CUDNN"] = "0"
-    try:
-        be = CudaBackend(precision)
-    finally:
-        if saved is None:
-            os.environ.pop("CRYSTAL_CUDNN", None)
-        else:
-            os.environ["CRYSTAL_CUDNN"] = saved
-    if flash is False and getattr(be, "flash", False):  # a backend that ignores the variable
-        be._cudnn = None
-        be.flash = False
-    return be
+    return CudaBackend(precision, flash=flash is not False)
 
 
 def run(preset: str, precision: str, spheres: int, steps: int, flash: bool | None, dropout: float | None):

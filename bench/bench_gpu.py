@@ -118,24 +118,9 @@ def bf16_unavailable() -> str | None:
 # --- crystal -------------------------------------------------------------------------------------
 
 def crystal_backend(precision: str, cudnn: bool = True):
-    import os
-
     from crystal.backends.cuda import CudaBackend
 
-    saved = os.environ.get("CRYSTAL_CUDNN")
-    if not cudnn:  # the cuBLAS + softmax attention path (CRYSTAL_CUDNN=0 is read at construction)
-        os.environ["CRYSTAL_CUDNN"] = "0"
-    try:
-        be = CudaBackend(precision)
-    finally:
-        if saved is None:
-            os.environ.pop("CRYSTAL_CUDNN", None)
-        else:
-            os.environ["CRYSTAL_CUDNN"] = saved
-    if not cudnn and getattr(be, "flash", False):  # a backend that ignores the variable
-        be._cudnn = None
-        be.flash = False
-    return be
+    return CudaBackend(precision, flash=cudnn)  # flash=False: the cuBLAS + softmax attention path
 
 
 def crystal_run(preset: str, overrides: dict, steps: int, warmup: int, cudnn: bool = True) -> dict:

@@ -51,19 +51,7 @@ _POS, _POS_KW, _KW, _VAR_POS, _VAR_KW = "positional-only", "positional-or-keywor
 
 
 def _has_top_level_equals(text: str) -> bool:
-    depth, quote = 0, None
-    for ch in text:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "=" and depth == 0:
-            return True
-    return False
+    return len(split_parameters(text, "=")) > 1
 
 
 def doc_signatures(doc: str, name: str) -> list[list[tuple[str, str, bool]]]:

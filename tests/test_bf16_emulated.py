@@ -193,3 +193,8 @@ def test_adamw_refreshes_the_bf16_weight_copy_in_the_same_pass():
         opt.update_chunk(c, params, grads, copy)
     assert copy.tobytes() == params.astype(ml_dtypes.bfloat16).tobytes()
     assert copy.tobytes() != init_params(CFG, 1).astype(ml_dtypes.bfloat16).tobytes()
+
+
+def test_flash_false_takes_the_cublas_attention_path_even_with_cudnn():
+    be = EmulatedCudaBackend("bf16", lt=LtStandIn(), cudnn=CudnnStandIn(), flash=False)
+    assert not be.flash and be.attention_saved(2, 3, 21, 16) == ((2, 3, 21, 21), be.act_dtype)

@@ -72,8 +72,7 @@ def test_bf16_stream_count_does_not_change_the_result(dropout):
 def test_bf16_runs_the_cublas_attention_path_without_cudnn():
     from crystal.backends.cuda import CudaBackend
 
-    be = CudaBackend("bf16")
-    be.flash, be._cudnn = False, None  # as on a machine without cuDNN
+    be = CudaBackend("bf16", flash=False)  # as on a machine without cuDNN
     model_cfg, cfg = resolve("tiny", train_overrides=dict(device="cuda", precision="bf16", steps=5))
     _, cfg32 = resolve("tiny", train_overrides=dict(device="cuda", steps=5))
     a, b = train(model_cfg, cfg32).losses, train(model_cfg, cfg, backend=be).losses

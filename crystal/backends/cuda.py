@@ -57,12 +57,13 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, precision: str = "fp32", block: int = BLOCK, *, gpu: int = 0, array_module=None,
-                 launcher=None, lt=None, cudnn=None):
+                 launcher=None, lt=None, cudnn=None, flash: bool = True):
         """gpu: the device index (every thread of this backend uses it). array_module and
         launcher replace cupy and the RawKernels: the tests run this backend's host code with
         numpy arrays and the CPU-emulated kernels. lt and cudnn (bf16 only) replace nvmath's
         cuBLASLt bindings and the cuDNN frontend (the tests pass numpy stand-ins; cudnn=None
-        there means no cuDNN)."""
+        there means no cuDNN). flash=False: attention through cuBLAS + softmax even where cuDNN
+        is installed."""
         self._device = None
         self.bf16 = precision == "bf16"
         self._stream_ptr = lambda: 0
@@ -90,7 +91,7 @@ class CudaBackend:
         self.block = block
         self._launcher = launcher
         self._lt_bindings = lt
-        self._cudnn = cudnn if self.bf16 else None
+        self._cudnn = cudnn if self.bf16 and flash else None
         self.flash = self._cudnn is not None  # cuDNN fused attention (bf16 only)
         self._streams: dict[int, object] = {}
         self._local = threading.local()

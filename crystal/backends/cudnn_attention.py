@@ -93,8 +93,8 @@ def _signature_lines(doc: str, op: str) -> list[str]:
     return [m.group(1) for line in doc.splitlines() if (m := pattern.match(line)) and m.group(1) != "*args, **kwargs"]
 
 
-def split_parameters(text: str) -> list[str]:
-    """Split a signature's parameter list at top-level commas (types nest [], (), {} and quotes)."""
+def split_parameters(text: str, sep: str = ",") -> list[str]:
+    """Split a signature's parameter list at top-level `sep` (types nest [], (), {} and quotes)."""
     out, depth, quote, start = [], 0, None, 0
     for i, ch in enumerate(text):
         if quote:
@@ -105,7 +105,7 @@ def split_parameters(text: str) -> list[str]:
             depth += 1
         elif ch in ")]}":
             depth -= 1
-        elif ch == "," and depth == 0:
+        elif ch == sep and depth == 0:
             out.append(text[start:i].strip())
             start = i + 1
     if text[start:].strip():

@@ -16,8 +16,9 @@ class EmulatedCudaBackend(CudaBackend):
     precision "bf16" takes `lt` (a cuBLASLt stand-in, required) and `cudnn` (a cuDNN stand-in,
     or None for the cuBLAS + softmax attention path)."""
 
-    def __init__(self, precision: str = "fp32", lt=None, cudnn=None):
-        super().__init__(precision, block=32, array_module=np, launcher=build().launch, lt=lt, cudnn=cudnn)
+    def __init__(self, precision: str = "fp32", lt=None, cudnn=None, flash: bool = True):
+        super().__init__(precision, block=32, array_module=np, launcher=build().launch, lt=lt, cudnn=cudnn,
+                         flash=flash)
         self.name = "cuda-emulated"
 
     def to_host(self, array):
