@@ -55,7 +55,6 @@ class Backend(Protocol):
     act_dtype: Any  # dtype of activations and their gradients: float32, or bf16 storage
     # the buffer the forward and backward read the weights from: flat itself, or a bf16 copy
     def compute_weights(self, flat) -> Array: ...
-    def refresh_weights(self, compute, flat) -> None: ...  # compute = flat's values
     def sphere_context(self, index: int): ...  # context manager a sphere thread runs inside
     def zero(self, x) -> None: ...  # x[...] = 0
     def record_event(self): ...  # marks the calling thread's work so far (None on cpu)

@@ -465,9 +465,6 @@ class CpuBackend:
     def compute_weights(self, flat):
         return flat
 
-    def refresh_weights(self, compute, flat):
-        pass
-
     def warmup(self) -> None:
         """Compile (or load from numba's cache) every kernel for float32 before threads start."""
         if self._warm:

@@ -120,16 +120,13 @@ class CudaBackend:
         return host
 
     def compute_weights(self, flat):
-        """flat itself (fp32, tf32), or its bf16 copy, made once and refreshed after each step."""
+        """flat itself (fp32, tf32), or its bf16 copy, made once here; AdamW refreshes it
+        (adamw_update's compute)."""
         if not self.bf16:
             return flat
         copy = self.empty(flat.shape, self.act_dtype)
-        self.refresh_weights(copy, flat)
+        self._launch("cast_to_bf16", grid_1d(flat.size, self.block), copy, flat, flat.size)
         return copy
-
-    def refresh_weights(self, compute, flat):
-        if compute is not flat:
-            self._launch("cast_to_bf16", grid_1d(flat.size, self.block), compute, flat, flat.size)
 
     @contextlib.contextmanager
     def sphere_context(self, index: int):
