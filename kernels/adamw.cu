@@ -1,5 +1,9 @@
 // AdamW (PyTorch's decoupled weight decay) over a flat float32 parameter buffer, in float32 as
-// PyTorch computes it, from per-step scalars rounded once on the host (crystal.backends.base.AdamWScalars).
+// PyTorch computes it, from per-step scalars rounded once (crystal.backends.base.AdamWScalars),
+// read from device memory s[ADAMW_SCALARS]: b1, b2, 1-b1, 1-b2, step_size, inv_bc2_sqrt, eps,
+// decay, grad_scale (the AdamWScalars fields, in order), then skip: nonzero leaves every array
+// as it is (a step with a non-finite loss or gradient norm, decided on the device by
+// step_scalars in norm.cu when the step runs as a CUDA graph).
 
 #include "bf16.cuh"
 
@@ -11,8 +15,9 @@
 // returns its new value (the caller stores it).
 __device__ inline float adamw_step(long long i, const float* params, const float* grads,
                                    float* m, float* v, const long long* ranges, int n_ranges,
-                                   float b1, float b2, float ob1, float ob2, float step_size,
-                                   float inv_bc2_sqrt, float eps, float decay, float grad_scale) {
+                                   const float* s) {
+  float b1 = s[0], b2 = s[1], ob1 = s[2], ob2 = s[3], step_size = s[4], inv_bc2_sqrt = s[5];
+  float eps = s[6], decay = s[7], grad_scale = s[8];
   int lo = 0, hi = n_ranges - 1;  // the last row whose start is <= i (rows are in order)
   while (lo < hi) {
     int mid = (lo + hi + 1) / 2;
@@ -31,12 +36,10 @@ __device__ inline float adamw_step(long long i, const float* params, const float
 // The update above in place on params; grid_1d(n).
 extern "C" __global__ void adamw_update(float* params, const float* grads, float* m, float* v,
                                         const long long* ranges, int n_ranges, long long n,
-                                        float b1, float b2, float ob1, float ob2, float step_size,
-                                        float inv_bc2_sqrt, float eps, float decay, float grad_scale) {
+                                        const float* s) {
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  params[i] = adamw_step(i, params, grads, m, v, ranges, n_ranges, b1, b2, ob1, ob2,
-                         step_size, inv_bc2_sqrt, eps, decay, grad_scale);
+  if (i >= n || s[9] != 0.0f) return;
+  params[i] = adamw_step(i, params, grads, m, v, ranges, n_ranges, s);
 }
 
 // adamw_update (the same params, m, v, bit for bit) that also writes the bf16 weight copy,
@@ -45,13 +48,10 @@ extern "C" __global__ void adamw_update(float* params, const float* grads, float
 extern "C" __global__ void adamw_update_copy_bf16(float* params, bf16* params_bf16,
                                                   const float* grads, float* m, float* v,
                                                   const long long* ranges, int n_ranges,
-                                                  long long n, float b1, float b2, float ob1,
-                                                  float ob2, float step_size, float inv_bc2_sqrt,
-                                                  float eps, float decay, float grad_scale) {
+                                                  long long n, const float* s) {
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float p = adamw_step(i, params, grads, m, v, ranges, n_ranges, b1, b2, ob1, ob2, step_size,
-                       inv_bc2_sqrt, eps, decay, grad_scale);
+  if (i >= n || s[9] != 0.0f) return;
+  float p = adamw_step(i, params, grads, m, v, ranges, n_ranges, s);
   params[i] = p;
   params_bf16[i] = f32_to_bf16(p);
 }

@@ -55,3 +55,25 @@ extern "C" __global__ void add_scale_sum_squares_partial(float* acc, const float
   sq = block_sum(sq);
   if (threadIdx.x == 0) partial[blockIdx.x] = sq;
 }
+
+// The step's gradient norm, clipping factor and skip flag on the device (a CUDA-graph step has
+// no host round trip between the reducer and AdamW), bit for bit the host's
+// crystal.reducer.norm_of, crystal.optim.clip_scale and the trainer's finiteness test:
+// total = chunk_sums[0] + chunk_sums[1] + ... in chunk order from 0.0, norm = sqrt(total);
+// scale = max_norm / (norm + 1e-6) if 0 < max_norm < norm else 1, rounded once to float;
+// skip = 1 if norm or any of losses[0..n_losses) is not finite. Writes out[0] = norm and
+// s[8] = scale, s[9] = skip (AdamW's scalars, adamw.cu). One thread.
+extern "C" __global__ void step_scalars(double* out, float* s, const double* chunk_sums,
+                                        int n_chunks, const double* losses, int n_losses,
+                                        double max_norm) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double total = 0.0;
+  for (int c = 0; c < n_chunks; c++) total += chunk_sums[c];
+  double norm = sqrt(total);
+  bool finite = isfinite(norm);
+  for (int i = 0; i < n_losses; i++) finite = finite && isfinite(losses[i]);
+  double scale = (max_norm > 0.0 && norm > max_norm) ? max_norm / (norm + 1e-6) : 1.0;
+  out[0] = norm;
+  s[8] = (float)scale;
+  s[9] = finite ? 0.0f : 1.0f;
+}

@@ -388,8 +388,8 @@ def test_dropout_bf16_emulated_drops_the_elements_the_cpu_drops(rng, block, in_p
     key = d.key(1, 2)
     inp = randbf(rng, n)
     out = inp.copy() if in_place else nan_bf16(n)
-    launch_twins("dropout", grid_1d(n, block), block, out, out if in_place else inp, key,
-                 d.threshold, d.scale, n)
+    launch_twins("dropout", grid_1d(n, block), block, out, out if in_place else inp,
+                 np.array([key], np.int64), 0, d.threshold, d.scale, n)
     expected = np.empty(n, np.float32)
     be.dropout(expected, widen(inp), key, d.threshold, d.scale)
     assert_bitwise(out, expected)  # the same mask, one float multiply
@@ -518,7 +518,8 @@ def fp32_outputs(block):
     res = np.empty(N * C, np.float32)
     gpu_.launch("residual_forward", grid_1d(N * C, block), block, res, ln, dinp, N * C)
     drop = np.empty(N * C, np.float32)
-    gpu_.launch("dropout", grid_1d(N * C, block), block, drop, res, 12345, 1 << 31, 2.0, N * C)
+    gpu_.launch("dropout", grid_1d(N * C, block), block, drop, res, np.array([12345], np.int64), 0,
+                1 << 31, 2.0, N * C)
     probs = np.abs(f(12, N, V))
     targets = (np.abs(lcg_floats(N, 13)) * 1000).astype(np.int32) % V
     dlogits = np.empty_like(probs)

@@ -283,7 +283,8 @@ def test_dropout_emulated_drops_the_elements_the_cpu_drops(rng, block, in_place)
     key = d.key(1, 2)
     inp = randn(rng, n)
     out = inp.copy() if in_place else np.full(n, np.nan, np.float32)
-    gpu().launch("dropout", grid_1d(n, block), block, out, out if in_place else inp, key, d.threshold,
+    keys = np.array([7, key, 9], np.int64)  # the key read from device memory, keys[slot]
+    gpu().launch("dropout", grid_1d(n, block), block, out, out if in_place else inp, keys, 1, d.threshold,
                  d.scale, n)
     expected = np.empty_like(inp)
     be.dropout(expected, inp, key, d.threshold, d.scale)
@@ -329,10 +330,51 @@ def test_adamw_update_emulated_matches_cpu(rng, block):
     scalars = AdamWScalars.of(lr, beta1, beta2, eps, wd, step, grad_scale)
     be.adamw_update(expected[0], grads, expected[1], expected[2], ranges, scalars)
     gpu().launch("adamw_update", grid_1d(n, block), block, params, grads, m, v, ranges,
-                 len(ranges), n, *scalars)
+                 len(ranges), n, scalars.packed())
     for actual, e in zip((params, m, v), expected):  # float32 without FMA on both: bit for bit
         assert actual.tobytes() == e.tobytes()
 
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@covers("adamw_update")
+def test_adamw_update_emulated_with_the_skip_flag_set_changes_nothing(rng, skip):
+    n = 77
+    ranges = np.array([[0, n, 1]], np.int64)
+    params, grads, m, v = randn(rng, n), randn(rng, n), randn(rng, n), np.abs(randn(rng, n))
+    before = [a.copy() for a in (params, m, v)]
+    scalars = AdamWScalars.of(1e-2, 0.9, 0.95, 1e-8, 0.1, 1, 1.0)
+    gpu().launch("adamw_update", grid_1d(n, 32), 32, params, grads, m, v, ranges, 1, n, scalars.packed(skip))
+    assert all((a.tobytes() == b.tobytes()) == skip for a, b in zip((params, m, v), before))
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.0, 1e9])
+@covers("step_scalars")
+def test_step_scalars_emulated_is_the_hosts_norm_and_clip_bit_for_bit(rng, max_norm):
+    from crystal.optim import clip_scale
+    from crystal.reducer import norm_of
+
+    chunk_sums = np.abs(rng.standard_normal(48)) * 3.7
+    losses = rng.standard_normal(12) + 4.0
+    out, s = np.full(1, np.nan), AdamWScalars.of(1e-3, 0.9, 0.95, 1e-8, 0.1, 5, 1.0).packed()
+    gpu().launch("step_scalars", (1, 1, 1), 32, out, s, chunk_sums, 48, losses, 12, max_norm)
+    norm = norm_of(chunk_sums.tolist())
+    assert out[0] == norm  # the same double additions in the same order, then sqrt
+    assert s[8] == np.float32(clip_scale(norm, max_norm)) and s[9] == 0.0
+    assert s[:8].tobytes() == AdamWScalars.of(1e-3, 0.9, 0.95, 1e-8, 0.1, 5, 1.0).packed()[:8].tobytes()
+
+
+@pytest.mark.parametrize("bad", ["loss nan", "loss inf", "norm inf", "norm nan"])
+@covers("step_scalars")
+def test_step_scalars_emulated_sets_skip_for_a_non_finite_loss_or_norm(rng, bad):
+    chunk_sums, losses = np.ones(48), np.full(5, 2.0)
+    if bad.startswith("loss"):
+        losses[3] = np.nan if bad.endswith("nan") else np.inf
+    else:
+        chunk_sums[7] = np.inf if bad.endswith("inf") else np.nan
+    out, s = np.full(1, np.nan), np.zeros(10, np.float32)
+    gpu().launch("step_scalars", (1, 1, 1), 32, out, s, chunk_sums, 48, losses, 5, 1.0)
+    assert s[9] == 1.0
 
 def emulated_sum(partial_kernel, x, block):
     """REDUCE_BLOCKS partial sums, then one block adds them."""

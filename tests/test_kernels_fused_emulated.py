@@ -38,7 +38,7 @@ FUSED = {
     "crossentropy_forward_backward": ("crossentropy.cu", ("ptr",) * 4 + ("i32", "i32", "f32")),
     "crossentropy_forward_backward_bf16": ("crossentropy.cu",
                                            ("ptr",) * 4 + ("i32", "i32", "f32")),
-    "adamw_update_copy_bf16": ("adamw.cu", ("ptr",) * 6 + ("i32", "i64") + ("f32",) * 9),
+    "adamw_update_copy_bf16": ("adamw.cu", ("ptr",) * 6 + ("i32", "i64", "ptr")),
     "add_scale_sum_squares_partial": ("norm.cu", ("ptr", "ptr", "f64", "ptr", "i64")),
 }
 
@@ -272,13 +272,13 @@ def test_adamw_update_copy_bf16_emulated_is_bitwise_adamw_then_cast(rng, block):
 
     e_params, e_m, e_v = params.copy(), m.copy(), v.copy()
     gpu().launch("adamw_update", grid_1d(n, block), block, e_params, grads, e_m, e_v, ranges,
-                 len(ranges), n, *scalars)
+                 len(ranges), n, scalars.packed())
     e_copy = np.full(n, 0xAAAA, np.uint16).view(BF16)
     gpu().launch("cast_to_bf16", grid_1d(n, block), block, e_copy, e_params, n)
 
     copy = np.full(n, 0x5555, np.uint16).view(BF16)
     gpu().launch("adamw_update_copy_bf16", grid_1d(n, block), block, params, copy, grads, m, v,
-                 ranges, len(ranges), n, *scalars)
+                 ranges, len(ranges), n, scalars.packed())
     for actual, e in zip((params, m, v, copy), (e_params, e_m, e_v, e_copy)):
         assert bits(actual) == bits(e)
     for actual, e in zip((params, m, v), (c_params, c_m, c_v)):  # and the cpu backend's AdamW

@@ -42,6 +42,11 @@ class AdamWScalars(NamedTuple):
         return cls(f(beta1), f(beta2), f(1.0 - beta1), f(1.0 - beta2), f(lr / (1.0 - beta1 ** step)),
                    f(1.0 / math.sqrt(1.0 - beta2 ** step)), f(eps), f(1.0 - lr * weight_decay), f(grad_scale))
 
+    def packed(self, skip: bool = False) -> np.ndarray:
+        """float32[10]: the fields in order, then the skip flag (the cuda kernels read these from
+        device memory, so a captured step replays with each step's values)."""
+        return np.array([*self, 1.0 if skip else 0.0], dtype=np.float32)
+
 
 class Backend(Protocol):
     name: str

@@ -24,6 +24,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# AdamW's per-step scalars in device memory: the nine AdamWScalars fields, then the skip flag
+ADAMW_SCALARS = 10
+
 # Deterministic reductions over a flat buffer use this many blocks, whatever the GPU: the
 # partial sums, and so the result's rounding, never depend on the device.
 REDUCE_BLOCKS = 256
@@ -86,8 +89,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("residual_forward", "residual.cu", ("ptr", "ptr", "ptr", "i32")),
     Kernel("residual_forward_bf16", "residual.cu", ("ptr", "ptr", "ptr", "i32")),
     # dropout.cu
-    Kernel("dropout", "dropout.cu", ("ptr", "ptr", "i64", "i64", "f32", "i32")),
-    Kernel("dropout_bf16", "dropout.cu", ("ptr", "ptr", "i64", "i64", "f32", "i32")),
+    Kernel("dropout", "dropout.cu", ("ptr", "ptr", "ptr", "i32", "i64", "f32", "i32")),
+    Kernel("dropout_bf16", "dropout.cu", ("ptr", "ptr", "ptr", "i32", "i64", "f32", "i32")),
     # crossentropy.cu
     Kernel("crossentropy_forward", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
     Kernel("crossentropy_forward_bf16", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
@@ -101,15 +104,17 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     # cast.cu (the bf16 copy of the float32 weights, after every optimizer step)
     Kernel("cast_to_bf16", "cast.cu", ("ptr", "ptr", "i64")),
     # adamw.cu
-    Kernel("adamw_update", "adamw.cu", ("ptr",) * 5 + ("i32", "i64") + ("f32",) * 9),
+    Kernel("adamw_update", "adamw.cu", ("ptr",) * 5 + ("i32", "i64", "ptr")),
     # fused: adamw_update + cast_to_bf16 of the new params (params_bf16 right after params)
-    Kernel("adamw_update_copy_bf16", "adamw.cu", ("ptr",) * 6 + ("i32", "i64") + ("f32",) * 9),
+    Kernel("adamw_update_copy_bf16", "adamw.cu", ("ptr",) * 6 + ("i32", "i64", "ptr")),
     # norm.cu
     Kernel("sum_squares_partial", "norm.cu", ("ptr", "ptr", "i64")),
     Kernel("sum_partial", "norm.cu", ("ptr", "ptr", "i64")),
     Kernel("sum_doubles", "norm.cu", ("ptr", "ptr", "i32")),
     # fused: add_inplace + scale_inplace + sum_squares_partial (REDUCE_BLOCKS blocks, bitwise)
     Kernel("add_scale_sum_squares_partial", "norm.cu", ("ptr", "ptr", "f64", "ptr", "i64")),
+    # the step's norm, clipping factor and skip flag into AdamW's device scalars (graph steps)
+    Kernel("step_scalars", "norm.cu", ("ptr",) * 3 + ("i32", "ptr", "i32", "f64")),
     # reduce.cu
     Kernel("add_inplace", "reduce.cu", ("ptr", "ptr", "i64")),
     Kernel("scale_inplace", "reduce.cu", ("ptr", "f64", "i64")),
