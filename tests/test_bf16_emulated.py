@@ -131,34 +131,34 @@ class _Device:
 
 
 def test_bf16_on_a_gpu_below_compute_capability_8_is_a_one_line_error():
-    from crystal.backends.cuda import _bf16_libraries
+    from crystal.backends.cuda import _lt_libraries
     from crystal.errors import CrystalError
 
     with pytest.raises(CrystalError, match=r"compute capability 8\.0 or newer; this one is 7\.5") as e:
-        _bf16_libraries(_Device("75"))
+        _lt_libraries(_Device("75"), True)
     assert "\n" not in str(e.value)
 
 
 def test_bf16_without_nvmath_is_a_one_line_error(monkeypatch):
     import sys
 
-    from crystal.backends.cuda import _bf16_libraries
+    from crystal.backends.cuda import _lt_libraries
     from crystal.errors import CrystalError
 
     monkeypatch.setitem(sys.modules, "nvmath.bindings", None)  # as if not installed
     with pytest.raises(CrystalError, match="needs nvmath-python") as e:
-        _bf16_libraries(_Device("90"))
+        _lt_libraries(_Device("90"), True)
     assert "\n" not in str(e.value)
 
 
 def test_bf16_with_nvmath_on_an_sm90_gpu_finds_cublaslt_and_says_whether_cudnn_runs(monkeypatch):
-    from crystal.backends.cuda import _bf16_libraries
+    from crystal.backends.cuda import _lt_libraries
     from nvmath.bindings import cublasLt
 
-    lt, cudnn = _bf16_libraries(_Device("90"))
+    lt, cudnn = _lt_libraries(_Device("90"), True)
     assert lt is cublasLt and cudnn is None  # no libcudnn on this machine
     monkeypatch.setenv("CRYSTAL_CUDNN", "0")
-    assert _bf16_libraries(_Device("90"))[1] is None
+    assert _lt_libraries(_Device("90"), True)[1] is None
 
 
 def test_memory_estimate_of_bf16_flash_attention_drops_the_t_squared_activations():

@@ -87,8 +87,9 @@ class LtMatmul:
     """cuBLASLt products for one sphere thread: its own handle, a workspace allocated once,
     descriptors/algorithms cached per (shapes, dtypes, transposes, epilogue)."""
 
-    def __init__(self, lt, workspace, stream: Callable[[], int] = lambda: 0):
+    def __init__(self, lt, workspace, stream: Callable[[], int] = lambda: 0, tf32: bool = False):
         """lt: nvmath.bindings.cublasLt or a stand-in with its names and signatures.
+        tf32: float32 products on tensor cores (COMPUTE_32F_FAST_TF32; --precision tf32 with graphs).
         workspace: 1-D uint8 array (cupy on a GPU, numpy under emulation) allocated once by the
         caller; cuBLASLt gets it from its first 256-byte aligned byte on (cupy's allocations are
         aligned already; a large numpy one is 16-byte aligned). stream: returns the CUDA stream
@@ -105,6 +106,7 @@ class LtMatmul:
         self._alpha = np.ones(1, np.float32)  # host scalars (pointer mode host, scale type fp32)
         self._beta = np.zeros(1, np.float32)  # beta = 0: C (= D's buffer) is never read
         self._plans: dict[tuple, _Plan] = {}
+        self._tf32 = tf32
         self.handle = int(lt.create())
 
     # --- the product ---
@@ -177,7 +179,8 @@ class LtMatmul:
         Desc, Pref = lt.MatmulDescAttribute, lt.MatmulPreferenceAttribute
         plan = _Plan()
         try:
-            plan.desc = int(lt.matmul_desc_create(int(ComputeType.COMPUTE_32F), F32))
+            compute = ComputeType.COMPUTE_32F_FAST_TF32 if self._tf32 and ab_type == F32 else ComputeType.COMPUTE_32F
+            plan.desc = int(lt.matmul_desc_create(int(compute), F32))
             op = {False: int(Operation.N), True: int(Operation.T)}
             self._desc_set(plan.desc, Desc.TRANSA, op[trans_b])  # cuBLASLt's A is crystal's b
             self._desc_set(plan.desc, Desc.TRANSB, op[trans_a])

@@ -21,6 +21,15 @@ weight gradients in float32 straight into the reducer's slots. Attention is cuDN
 attention when cuDNN is installed (crystal.backends.cudnn_attention: [B,NH,T] softmax
 statistics saved, the backward recomputes), else the cuBLAS + softmax path in bf16. On cupy,
 bf16 arrays are uint16 storage (cupy has no bfloat16 dtype).
+
+CUDA graphs (`graphs=True`, crystal.graphs): a thread captures what it issues between
+`begin_capture` and `end_capture` on its own stream and replays it with `launch_graph`. Nothing
+in a capture may allocate or wait for the device, and every value that changes from step to step
+is read from device memory that the host rewrites before each replay: the micro-batches' tokens,
+the encoder backward's token buckets and the dropout keys (`stage`, one host-to-device copy per
+thread), AdamW's scalars (`adamw_update` with a device array), the losses and the norm (written
+to device buffers, read back once per step). cupy's own cuBLAS calls refuse a capturing stream,
+so with graphs every product, fp32 included, goes through cuBLASLt (bound to the stream).
 """
 
 from __future__ import annotations
@@ -33,11 +42,13 @@ import threading
 
 import numpy as np
 
-from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows, kernels_dir
+from crystal.backends.base import AdamWScalars
+from crystal.backends.kernels import ADAMW_SCALARS, KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows, kernels_dir
 
 BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
 LT_WORKSPACE_BYTES = 32 << 20  # cuBLASLt workspace per sphere thread (llm.c's size)
-ENCODER_BUCKET_OPS = 12  # cupy array operations that bucket the positions by token (encoder_backward)
+STAGE_ALIGN = 256  # bytes: each staged array starts on this boundary
+ROOT_STREAM = -1  # sphere_context index of the root's own stream (graph steps)
 _ARG = {"i32": np.int32, "i64": np.int64, "f32": np.float32, "f64": np.float64}
 
 
@@ -57,15 +68,18 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, precision: str = "fp32", block: int = BLOCK, *, gpu: int = 0, array_module=None,
-                 launcher=None, lt=None, cudnn=None, flash: bool = True):
+                 launcher=None, lt=None, cudnn=None, flash: bool = True, graphs: bool = False):
         """gpu: the device index (every thread of this backend uses it). array_module and
         launcher replace cupy and the RawKernels: the tests run this backend's host code with
         numpy arrays and the CPU-emulated kernels. lt and cudnn (bf16 only) replace nvmath's
         cuBLASLt bindings and the cuDNN frontend (the tests pass numpy stand-ins; cudnn=None
         there means no cuDNN). flash=False: attention through cuBLAS + softmax even where cuDNN
-        is installed."""
+        is installed. graphs: the run captures CUDA graphs, so every product goes through
+        cuBLASLt from the first step (eager warm-up and fallback included: the same bits)."""
         self._device = None
         self.bf16 = precision == "bf16"
+        self.graphs = graphs
+        self.use_lt = self.bf16 or graphs  # cuBLASLt products (stream-bound: capturable)
         self._stream_ptr = lambda: 0
         if array_module is None:
             import cupy
@@ -74,8 +88,8 @@ class CudaBackend:
             self._device = cupy.cuda.Device(gpu % cupy.cuda.runtime.getDeviceCount())
             self._device.use()  # the root thread's device; spheres enter it in sphere_context
             array_module = cupy
-            if self.bf16:
-                lt, cudnn = _bf16_libraries(self._device)
+            if self.use_lt:
+                lt, cudnn = _lt_libraries(self._device, self.bf16)
             set_matmul_precision(precision)
             fns = {name: _module(k.file).get_function(name) for name, k in KERNELS.items()}
 
@@ -91,6 +105,7 @@ class CudaBackend:
         self.block = block
         self._launcher = launcher
         self._lt_bindings = lt
+        self._lt_compute = "tf32" if precision == "tf32" else "fp32"
         self._cudnn = cudnn if self.bf16 and flash else None
         self.flash = self._cudnn is not None  # cuDNN fused attention (bf16 only)
         self._streams: dict[int, object] = {}
@@ -108,10 +123,60 @@ class CudaBackend:
 
     def zero(self, x):
         self._count()
-        x.fill(0)
+        self._issue(x.fill, 0)
 
     def to_device(self, host_array):
+        self._no_capture("to_device")
         return self.cp.asarray(host_array)
+
+    def _upload(self, dev, host) -> None:
+        """dev[...] = host (a host-to-device copy on the calling thread's stream)."""
+        self._no_capture("a host-to-device copy")
+        self._count()
+        if isinstance(dev, np.ndarray):
+            np.copyto(dev, host.reshape(dev.shape).view(dev.dtype))
+        else:
+            dev.set(host.reshape(dev.shape).view(dev.dtype))
+
+    def stage(self, batches, vocab_size: int, keys=None):
+        """The micro-batches [(x, y) host int32 [B,T]] into the calling thread's fixed input
+        buffers, with what their ops read besides: the encoder backward's token buckets and the
+        dropout keys (keys[k]: micro-batch k's site keys, crystal.dropout.Dropout.keys). One
+        host-to-device copy for all; returns [(idx, targets)] device views, valid until this
+        thread's next stage. A captured graph that read these views replays on new values."""
+        n = len(batches)
+        B, T = batches[0][0].shape
+        BT, nk = B * T, len(keys[0]) if keys else 0
+        parts = [("keys", np.int64, nk), ("idx", np.int32, BT), ("tgt", np.int32, BT),
+                 ("positions", np.int32, BT), ("starts", np.int32, vocab_size + 1)]
+        offsets, stride = {}, 0
+        for name, dt, count in parts:
+            offsets[name] = stride
+            stride += cdiv(count * np.dtype(dt).itemsize, STAGE_ALIGN) * STAGE_ALIGN
+        host = np.zeros((n, stride), np.uint8)
+        dev = self._scratch("staging", (n, stride), "uint8")
+
+        def view(buf, k, name, dt, count):
+            return buf[k, offsets[name]:offsets[name] + count * np.dtype(dt).itemsize].view(dt)
+
+        staged, slots, out = {}, {}, []
+        for k, (x, y) in enumerate(batches):
+            positions, starts = token_buckets(x, vocab_size)
+            for name, values in (("idx", x), ("tgt", y), ("positions", positions), ("starts", starts)):
+                view(host, k, name, np.int32, values.size)[...] = np.asarray(values).reshape(-1)
+            if nk:
+                view(host, k, "keys", np.int64, nk)[...] = keys[k]
+        self._upload(dev, host)
+        for k in range(n):
+            idx, tgt = (view(dev, k, name, np.int32, BT).reshape(B, T) for name in ("idx", "tgt"))
+            staged[id(idx)] = (idx, view(dev, k, "positions", np.int32, BT),
+                               view(dev, k, "starts", np.int32, vocab_size + 1))
+            if nk:
+                kv = view(dev, k, "keys", np.int64, nk)
+                slots.update({key: (kv, slot) for slot, key in enumerate(keys[k])})
+            out.append((idx, tgt))
+        self._local.staged, self._local.key_slots = staged, slots
+        return out
 
     def to_host(self, array):
         host = self.cp.asnumpy(array)
@@ -158,10 +223,51 @@ class CudaBackend:
         self.synchronize()
         self._warm = True
 
+    # --- CUDA graphs ---
+    def capturing(self) -> bool:
+        """Whether the calling thread is inside begin_capture ... end_capture."""
+        return bool(self._local.__dict__.get("capturing"))
+
+    def _no_capture(self, what: str) -> None:
+        if self.capturing():
+            raise GraphCaptureError(f"{what} inside a CUDA graph capture")
+
+    def begin_capture(self) -> None:
+        """Capture the calling thread's stream from here (thread-local mode: other threads go on)."""
+        self._no_capture("a nested capture")
+        cp = self.cp
+        cp.cuda.get_current_stream().begin_capture(mode=cp.cuda.runtime.streamCaptureModeThreadLocal)
+        self._local.capturing = True
+
+    def end_capture(self):
+        """The captured graph (a failed capture raises GraphCaptureError; the stream is restored)."""
+        self._local.capturing = False
+        try:
+            return self.cp.cuda.get_current_stream().end_capture()
+        except Exception as e:
+            raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+    def launch_graph(self, graph) -> None:
+        """Replay a captured graph on the calling thread's stream (one launch)."""
+        self._count()
+        graph.launch(self.cp.cuda.get_current_stream())
+
+    def _issue(self, fn, *args, **kwargs) -> None:
+        """Device work: fn(*args) now (a capturing stream records it). The emulated backend's
+        capture records the call instead and its launch_graph replays the record."""
+        rec = self._local.__dict__.get("recording")
+        if rec is not None:
+            rec.append((fn, args, kwargs))
+        else:
+            fn(*args, **kwargs)
+
     # --- launching ---
     def _count(self, n: int = 1) -> None:
         """Counts what this thread issues from Python: each kernel launch, library call (a cuBLAS
-        or cuBLASLt product, a cuDNN graph) and cupy array operation is one."""
+        or cuBLASLt product, a cuDNN graph), cupy array operation, host-to-device copy and graph
+        launch is one. What a capture records is counted when its graph launches (as one)."""
+        if self.capturing():
+            return
         c = self._local.__dict__.get("launches")
         if c is None:
             c = self._local.launches = [0]
@@ -183,8 +289,8 @@ class CudaBackend:
         self._count()
         kinds = KERNELS[name].args
         assert len(kinds) == len(args), name
-        self._launcher(name, grid, self.block,
-                       *(a if k == "ptr" else _ARG[k](a) for k, a in zip(kinds, args)))
+        self._issue(self._launcher, name, grid, self.block,
+                    *(a if k == "ptr" else _ARG[k](a) for k, a in zip(kinds, args)))
 
     def _k(self, name: str) -> str:
         """The kernel for this precision: `name`, or its `name_bf16` twin (bf16 activations)."""
@@ -197,7 +303,8 @@ class CudaBackend:
             from crystal.backends.cublaslt import LtMatmul
 
             workspace = self.cp.empty(LT_WORKSPACE_BYTES, dtype=np.uint8)
-            lt = self._local.lt = LtMatmul(self._lt_bindings, workspace, self._stream_ptr)
+            lt = self._local.lt = LtMatmul(self._lt_bindings, workspace, self._stream_ptr,
+                                           tf32=self._lt_compute == "tf32")
         return lt
 
     def _fa(self):
@@ -225,21 +332,18 @@ class CudaBackend:
         self._launch(self._k("encoder_forward"), grid_1d(B * T * C, self.block), out, idx, wte, wpe, B * T, T, C)
 
     def encoder_backward(self, dwte, dwpe, dout, idx):
-        cp = self.cp
         B, T = idx.shape
         V, C = dwte.shape
-        BT = B * T
         self._launch(self._k("encoder_backward_wpe"), grid_1d(dwpe.shape[0] * C, self.block), dwpe, dout, B, T,
                      dwpe.shape[0], C)
-        # Buckets of positions per token without atomics: keys token*BT + position are unique,
-        # so their sort is deterministic; bucket v is positions[start[v]:start[v+1]], ascending.
-        self._count(ENCODER_BUCKET_OPS)
-        keys = idx.reshape(-1).astype(cp.int64) * BT + cp.arange(BT, dtype=cp.int64)
-        keys.sort()
-        tokens = keys // BT
-        positions = (keys - tokens * BT).astype(cp.int32)
+        # bucket v (token v's positions, ascending) is positions[starts[v]:starts[v+1]], made on the
+        # host by `stage` (token_buckets); for ids that were not staged, from a host copy of them
+        staged = self._local.__dict__.get("staged", {}).get(id(idx))
+        if staged is not None and staged[0] is idx:
+            positions, starts = staged[1], staged[2]
+        else:
+            positions, starts = (self.to_device(a) for a in token_buckets(self.to_host(idx), V))
         vocab = self._vocab_ids(V)
-        starts = cp.searchsorted(tokens, cp.arange(V + 1, dtype=cp.int64)).astype(cp.int32)
         # one bucket per vocabulary id; the kernel strides over buckets by gridDim.y (<= 65535)
         self._launch(self._k("encoder_backward_wte"), (cdiv(C, self.block), min(V, 65535), 1), dwte, dout, vocab,
                      starts, positions, V, C)
@@ -247,7 +351,8 @@ class CudaBackend:
     def _vocab_ids(self, V: int):
         store = self._local.__dict__.setdefault("vocab_ids", {})
         if V not in store:  # made on this thread's stream, so ordered before its first use
-            store[V] = self.cp.arange(V, dtype=self.cp.int32)
+            self._no_capture("the vocabulary ids' first use")
+            store[V] = self.cp.arange(V, dtype=np.int32)
         return store[V]
 
     # --- layernorm ---
@@ -273,18 +378,18 @@ class CudaBackend:
     def matmul_forward(self, out, inp, w, bias):
         out2 = _rows(out)
         self._count()
-        if self.bf16:
-            self._lt().gemm(out2, _rows(inp), w, bias=bias)
+        if self.use_lt:
+            self._issue(self._lt().gemm, out2, _rows(inp), w, bias=bias)
             return
-        self.cp.matmul(_rows(inp), w, out=out2)
+        self._cupy_matmul(_rows(inp), w, out2)
         if bias is not None:
             N, OC = out2.shape
             self._launch("bias_forward", grid_1d(N * OC, self.block), out2, bias, N, OC)
 
     def matmul_gelu_forward(self, out, pre, inp, w, bias):
-        if self.bf16 and bias is not None and pre.shape[-1] % 8 == 0:  # cuBLASLt GELU_AUX_BIAS (aux ld: 8k)
+        if self.use_lt and bias is not None and pre.shape[-1] % 8 == 0:  # cuBLASLt GELU_AUX_BIAS (aux ld: 8k)
             self._count()
-            self._lt().gemm(_rows(out), _rows(inp), w, bias=bias, gelu_pre=_rows(pre))
+            self._issue(self._lt().gemm, _rows(out), _rows(inp), w, bias=bias, gelu_pre=_rows(pre))
             return
         self.matmul_forward(pre, inp, w, bias)
         self.gelu_forward(out, pre)
@@ -292,48 +397,52 @@ class CudaBackend:
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
         dout2 = _rows(dout)
         self._count(2)
-        if self.bf16:  # dw (float32, a gradient slot) and dbias from one product's epilogue
+        if self.use_lt:  # dw (float32, a gradient slot) and dbias from one product's epilogue
             lt = self._lt()
-            lt.gemm(_rows(dinp), dout2, w, trans_b=True)
-            lt.gemm(dw, _rows(inp), dout2, trans_a=True, dbias=dbias)
+            self._issue(lt.gemm, _rows(dinp), dout2, w, trans_b=True)
+            self._issue(lt.gemm, dw, _rows(inp), dout2, trans_a=True, dbias=dbias)
             return
-        cp = self.cp
-        cp.matmul(dout2, w.T, out=_rows(dinp))
-        cp.matmul(_rows(inp).T, dout2, out=dw)
+        self._cupy_matmul(dout2, w.T, _rows(dinp))
+        self._cupy_matmul(_rows(inp).T, dout2, dw)
         if dbias is not None:
             N, OC = dout2.shape
             self._launch("bias_backward", grid_1d(OC, self.block), dbias, dout2, N, OC)
 
     def lm_head_forward(self, logits, inp, wte):
         self._count()
-        if self.bf16:
-            self._lt().gemm(_rows(logits), _rows(inp), wte, trans_b=True)
+        if self.use_lt:
+            self._issue(self._lt().gemm, _rows(logits), _rows(inp), wte, trans_b=True)
             return
-        self.cp.matmul(_rows(inp), wte.T, out=_rows(logits))
+        self._cupy_matmul(_rows(inp), wte.T, _rows(logits))
 
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
         dl = _rows(dlogits)
         self._count(2)
-        if self.bf16:
+        if self.use_lt:
             lt = self._lt()
-            lt.gemm(_rows(dinp), dl, wte)
-            lt.gemm(dwte, dl, _rows(inp), trans_a=True)
+            self._issue(lt.gemm, _rows(dinp), dl, wte)
+            self._issue(lt.gemm, dwte, dl, _rows(inp), trans_a=True)
             return
-        self.cp.matmul(dl, wte, out=_rows(dinp))
-        self.cp.matmul(dl.T, _rows(inp), out=dwte)
+        self._cupy_matmul(dl, wte, _rows(dinp))
+        self._cupy_matmul(dl.T, _rows(inp), dwte)
+
+    def _cupy_matmul(self, a, b, out) -> None:
+        """out = a @ b through cupy's cuBLAS (fp32/tf32 without graphs: it cannot be captured)."""
+        self._no_capture("cupy's matmul")
+        self.cp.matmul(a, b, out=out)
 
     def _bmm(self, out, a, b, trans_a=False, trans_b=False):
         """out[B,NH,X,Y] = op(a) @ op(b) per (batch, head): cupy's batched cuBLAS product, or
-        cuBLASLt's strided-batched one on [B*NH, ., .] views under bf16."""
+        cuBLASLt's strided-batched one on [B*NH, ., .] views (bf16, graphs)."""
         self._count()
-        if self.bf16:
+        if self.use_lt:
             def flat3(x):
                 return x.reshape(-1, *x.shape[2:])
 
-            self._lt().gemm(flat3(out), flat3(a), flat3(b), trans_a=trans_a, trans_b=trans_b)
+            self._issue(self._lt().gemm, flat3(out), flat3(a), flat3(b), trans_a=trans_a, trans_b=trans_b)
             return
         t = (0, 1, 3, 2)
-        self.cp.matmul(a.transpose(t) if trans_a else a, b.transpose(t) if trans_b else b, out=out)
+        self._cupy_matmul(a.transpose(t) if trans_a else a, b.transpose(t) if trans_b else b, out)
 
     # --- attention: cuDNN flash attention, or layout kernels + batched products + softmax ---
     def _flash(self, head_size: int) -> bool:
@@ -346,6 +455,11 @@ class CudaBackend:
             return (B, n_head, T), np.dtype(np.float32)
         return (B, n_head, T, T), self.act_dtype
 
+    def _flash_capture_check(self, drop) -> None:
+        if drop and self.capturing():  # cuDNN reads its dropout seed from host memory at capture
+            raise GraphCaptureError("cuDNN flash attention with dropout cannot be captured "
+                                    "(its seed is a host value); use --dropout 0 or CRYSTAL_CUDNN=0")
+
     def _qkv_heads(self, qkv, n_head):
         B, T, C3 = qkv.shape
         hs = C3 // 3 // n_head
@@ -357,8 +471,9 @@ class CudaBackend:
     def attention_forward(self, out, att, qkv, n_head, drop=None):
         if self._flash(qkv.shape[-1] // 3 // n_head):
             self._count()
+            self._flash_capture_check(drop)
             with _cudnn_errors():
-                self._fa().forward(out, att, qkv, n_head, dropout=_cudnn_dropout(drop))
+                self._issue(self._fa().forward, out, att, qkv, n_head, dropout=_cudnn_dropout(drop))
             return
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
         y = self._scratch("y", q.shape, self.act_dtype)
@@ -371,8 +486,9 @@ class CudaBackend:
     def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
         if self._flash(qkv.shape[-1] // 3 // n_head):
             self._count()
+            self._flash_capture_check(drop)
             with _cudnn_errors():
-                self._fa().backward(dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop))
+                self._issue(self._fa().backward, dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop))
             return
         q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
         dy, dq, dk, dv = (self._scratch(name, q.shape, self.act_dtype) for name in ("dy", "dq", "dk", "dv"))
@@ -409,7 +525,20 @@ class CudaBackend:
         self._launch(self._k("residual_forward"), grid_1d(out.size, self.block), out, a, b, out.size)
 
     def dropout(self, out, inp, key, threshold, scale):
-        self._launch(self._k("dropout"), grid_1d(inp.size, self.block), out, inp, key, threshold, scale, inp.size)
+        keys, slot = self._key_slot(key)
+        self._launch(self._k("dropout"), grid_1d(inp.size, self.block), out, inp, keys, slot, threshold, scale,
+                     inp.size)
+
+    def _key_slot(self, key: int):
+        """(device int64 array, index) holding key: its staged slot (`stage`), or, for a key that
+        was not staged (op tests), a per-thread spare written now."""
+        hit = self._local.__dict__.get("key_slots", {}).get(key)
+        if hit is not None:
+            return hit
+        self._no_capture("a dropout key that was not staged")
+        spare = self._scratch("spare_key", (1,), "int64")
+        self._upload(spare, np.array([key], np.int64))
+        return spare, 0
 
     # --- loss ---
     def crossentropy_forward(self, losses, probs, logits, targets):
@@ -429,19 +558,22 @@ class CudaBackend:
         N = probs.size // V
         self._launch(self._k("crossentropy_backward"), grid_1d(N * V, self.block), dlogits, probs, targets, N, V, dloss)
 
-    def _reduce(self, kernel: str, x) -> float:
+    def _reduce(self, kernel: str, x, out=None) -> float | None:
         partial = self._scratch("partial", (REDUCE_BLOCKS,), "float64")
         self._launch(kernel, (REDUCE_BLOCKS, 1, 1), partial, x, x.size)
-        return self._sum_partials(partial)
+        return self._sum_partials(partial, out)
 
-    def _sum_partials(self, partial) -> float:
-        """The REDUCE_BLOCKS partial sums added in a fixed order, as a host float."""
-        total = self._scratch("total", (1,), "float64")
+    def _sum_partials(self, partial, out=None) -> float | None:
+        """The REDUCE_BLOCKS partial sums added in a fixed order: as a host float, or into out[0]
+        (a device float64, nothing read back: graph steps)."""
+        total = self._scratch("total", (1,), "float64") if out is None else out
         self._launch("sum_doubles", (1, 1, 1), total, partial, REDUCE_BLOCKS)
-        return float(self.to_host(total)[0])  # synchronizes this thread's stream only
+        if out is None:
+            return float(self.to_host(total)[0])  # synchronizes this thread's stream only
+        return None
 
-    def sum_losses(self, losses):
-        return self._reduce("sum_partial", losses.reshape(-1))
+    def sum_losses(self, losses, out=None):
+        return self._reduce("sum_partial", losses.reshape(-1), out)
 
     # --- reducer and optimizer ---
     def add_inplace(self, acc, x):
@@ -450,16 +582,16 @@ class CudaBackend:
     def scale_inplace(self, x, s):
         self._launch("scale_inplace", grid_1d(x.size, self.block), x, s, x.size)
 
-    def sum_squares(self, x):
-        return self._reduce("sum_squares_partial", x)
+    def sum_squares(self, x, out=None):
+        return self._reduce("sum_squares_partial", x, out)
 
-    def reduce_slots(self, slots, pairs, start, end, inv_m):
+    def reduce_slots(self, slots, pairs, start, end, inv_m, out=None):
         rows = pairs.tolist()  # pairs: a host array
         if not rows or rows[-1][0] != 0:
             for dst, src in rows:
                 self.add_inplace(slots[dst, start:end], slots[src, start:end])
             self.scale_inplace(slots[0, start:end], inv_m)
-            return self.sum_squares(slots[0, start:end])
+            return self.sum_squares(slots[0, start:end], out)
         for dst, src in rows[:-1]:
             self.add_inplace(slots[dst, start:end], slots[src, start:end])
         # the tree's last addition (into slot 0), the 1/M scale and the norm's partial sums in one
@@ -467,31 +599,64 @@ class CudaBackend:
         acc, x = slots[0, start:end], slots[rows[-1][1], start:end]
         partial = self._scratch("partial", (REDUCE_BLOCKS,), "float64")
         self._launch("add_scale_sum_squares_partial", (REDUCE_BLOCKS, 1, 1), acc, x, inv_m, partial, acc.size)
-        return self._sum_partials(partial)
+        return self._sum_partials(partial, out)
+
+    def step_scalars(self, out, scalars, chunk_sums, losses, max_norm: float) -> None:
+        """The step's norm into out[0], the clipping factor and skip flag into AdamW's device
+        scalars, from the chunks' sums of squares and the micro-batches' losses (graph steps)."""
+        self._launch("step_scalars", (1, 1, 1), out, scalars, chunk_sums, chunk_sums.size, losses, losses.size,
+                     max_norm)
 
     def adamw_update(self, params, grads, m, v, ranges, scalars, compute=None):
         # ranges: host [K,3] rows covering [start, end) contiguously; the kernel runs on that
         # slice with the rows shifted to start at 0. compute: the bf16 weight copy, written in the
         # same pass (None, or params itself: nothing to copy)
+        # scalars: AdamWScalars (uploaded once per thread and value), or a device float32[10] (graphs)
         start, end = int(ranges[0, 0]), int(ranges[-1, 1])
         dev = self._device_ranges(ranges, start)
+        s = self._device_scalars(scalars) if isinstance(scalars, AdamWScalars) else scalars
         n = end - start
         if compute is not None and compute is not params:
             self._launch("adamw_update_copy_bf16", grid_1d(n, self.block), params[start:end], compute[start:end],
-                         grads[start:end], m[start:end], v[start:end], dev, dev.shape[0], n, *scalars)
+                         grads[start:end], m[start:end], v[start:end], dev, dev.shape[0], n, s)
             return
         self._launch("adamw_update", grid_1d(n, self.block), params[start:end], grads[start:end],
-                     m[start:end], v[start:end], dev, dev.shape[0], n, *scalars)
+                     m[start:end], v[start:end], dev, dev.shape[0], n, s)
+
+    def _device_scalars(self, scalars: AdamWScalars):
+        """This thread's device copy of the step's AdamW scalars (written when they change)."""
+        held = self._local.__dict__.get("adamw_scalars")
+        if held is None or held[0] != scalars:
+            dev = held[1] if held else self._scratch("adamw_scalars", (ADAMW_SCALARS,), "float32")
+            self._upload(dev, scalars.packed())
+            held = self._local.adamw_scalars = (scalars, dev)
+        return held[1]
 
     def _device_ranges(self, ranges, start: int):
         """A per-thread device copy of host ranges, shifted by -start (made once per array)."""
         store = self._local.__dict__.setdefault("ranges", {})
         key = (id(ranges), start)
         if key not in store:
+            self._no_capture("the AdamW ranges' first use")
             shifted = ranges.copy()
             shifted[:, :2] -= start
             store[key] = (ranges, self.cp.asarray(shifted))  # keep `ranges` alive: id stays unique
         return store[key][1]
+
+
+class GraphCaptureError(RuntimeError):
+    """Work that a CUDA graph cannot hold was issued inside a capture, or the capture failed."""
+
+
+def token_buckets(idx, vocab_size: int):
+    """(positions int32[B*T], starts int32[V+1]) of host token ids: bucket v, the positions of
+    token v in ascending order, is positions[starts[v]:starts[v+1]] (a stable sort: no atomics,
+    the same buckets every time)."""
+    flat = np.asarray(idx).reshape(-1)
+    positions = np.argsort(flat, kind="stable").astype(np.int32)
+    starts = np.zeros(vocab_size + 1, np.int32)
+    np.cumsum(np.bincount(flat, minlength=vocab_size)[:vocab_size], out=starts[1:])
+    return positions, starts
 
 
 def _rows(a):
@@ -527,12 +692,19 @@ def _ml_bfloat16():
     return ml_dtypes.bfloat16
 
 
-def _bf16_libraries(device):
-    """(cuBLASLt bindings, cuDNN frontend or None) for bf16 on `device`, or a one-line
+def _lt_libraries(device, bf16: bool):
+    """(cuBLASLt bindings, cuDNN frontend or None (bf16 only)) on `device`, or a one-line
     CrystalError saying what is missing."""
     from crystal.errors import CrystalError
 
     cc = int(device.compute_capability)
+    if not bf16:
+        try:
+            from nvmath.bindings import cublasLt
+        except Exception as e:
+            raise CrystalError(f"--cuda-graphs needs nvmath-python for cuBLASLt (pip install 'crystal[cuda]'): "
+                               f"{type(e).__name__}") from None
+        return cublasLt, None
     if cc < 80:
         raise CrystalError(f"--precision bf16 needs a GPU of compute capability 8.0 or newer; "
                            f"this one is {cc // 10}.{cc % 10} (use fp32 or tf32)")
