@@ -13,14 +13,14 @@ from pathlib import Path
 
 import click
 
-from crystal.config import DEVICES, PRECISIONS, PRESETS, resolve
+from crystal.config import CUDA_GRAPHS, DEVICES, PRECISIONS, PRESETS, resolve
 from crystal.errors import CrystalError, NonFiniteError, SphereFailure
 
 EXIT_USAGE = 2
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 # What --resume may change: where and how fast the rest of the run computes, not what.
-RESUME_FLAGS = ("device", "precision", "spheres", "log_every", "stop_at", "checkpoint_every", "keep",
-                "on_nonfinite")
+RESUME_FLAGS = ("device", "precision", "cuda_graphs", "spheres", "log_every", "stop_at", "checkpoint_every",
+                "keep", "on_nonfinite")
 EXIT_NONFINITE = 3
 
 
@@ -40,6 +40,9 @@ def _preset_help() -> str:
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="cuda precision: fp32, tf32 tensor cores for the matmuls, or bf16 mixed precision "
                    "(fp32 master weights; compute capability 8.0+); cpu is always fp32  [default: fp32]")
+@click.option("--cuda-graphs", type=click.Choice(CUDA_GRAPHS), default=None,
+              help="cuda: replay each step as CUDA graphs (N + 1 launches a step; products through "
+                   "cuBLASLt); auto: where the capture works, else eager with a warning  [default: off]")
 @click.option("--spheres", type=int, default=None, help="worker spheres around the root, 1-64  [default: 12]")
 @click.option("--data", type=str, default=None,
               help="text file (bytes) or a directory from `crystal prepare`  [default: embedded Tiny Shakespeare]")
@@ -162,7 +165,8 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         model_cfg, cfg = resolve(preset, model_over, {**file_train, **given})
         state = None
     # built before the data is read: --device cuda without a GPU fails fast
-    backend = None if print_config or dry_run else get_backend(cfg.device, cfg.precision, world.local_rank)
+    backend = None if print_config or dry_run else get_backend(cfg.device, cfg.precision, world.local_rank,
+                                                                  graphs=cfg.cuda_graphs != "off")
     comm = None
     if backend is not None:
         comm = connect(world, resolve_device(cfg.device),
@@ -199,7 +203,8 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         try:
             result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state, backend=backend,
                                   on_start=view.start, on_step=view.step, on_eval=view.eval,
-                                  should_stop=stop.requested, comm=comm, init=init)
+                                  should_stop=stop.requested, comm=comm, init=init,
+                                  on_warning=lambda msg: click.echo(f"warning: {msg}", err=True) if root else None)
         finally:
             view.close()
     if root:

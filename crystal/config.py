@@ -15,6 +15,7 @@ from crystal.errors import CrystalError
 MAX_SPHERES = 64
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class TrainConfig:
     preset: str = "small"
     device: str = "auto"
     precision: str = "fp32"  # cuda: fp32, tf32 (matmul inputs) or bf16 (mixed); cpu is always fp32
+    cuda_graphs: str = "off"  # cuda: replay each step as CUDA graphs (crystal.graphs): on, off, auto (on where capture works)
     spheres: int = 12
     data: str | None = None  # text file, prepared directory, or None: the embedded corpus
     val_fraction: float = 0.1  # held-out tail of a text file / the embedded corpus
@@ -273,6 +275,10 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if t.precision == "bf16" and t.device == "cpu":
         raise CrystalError("--precision bf16 needs --device cuda (the cpu backend computes in fp32)")
+    if t.cuda_graphs not in CUDA_GRAPHS:
+        raise CrystalError(f"--cuda-graphs must be one of {', '.join(CUDA_GRAPHS)}, got {t.cuda_graphs!r}")
+    if t.cuda_graphs == "on" and t.device == "cpu":
+        raise CrystalError("--cuda-graphs on needs --device cuda (the cpu backend has no graphs)")
     if not isinstance(t.seed, int) or t.seed < 0:
         raise CrystalError(f"--seed must be a non-negative integer, got {t.seed!r}")
     if not isinstance(t.spheres, int) or not (1 <= t.spheres <= MAX_SPHERES):

@@ -66,6 +66,12 @@ class Dropout:
             z = splitmix64(z ^ (part + GOLDEN))
         return z >> 1
 
+    def keys(self, n_layer: int) -> list[int]:
+        """Every site's key for an n_layer model, in a fixed order (the cuda backend stages them
+        in device memory, where its dropout kernel reads them)."""
+        sites = [(0, EMBEDDING)] + [(l, s) for l in range(n_layer) for s in (ATTENTION_PROJ, MLP_PROJ, ATTENTION_PROBS)]
+        return [self.key(l, s) for l, s in sites]
+
     def site(self, layer: int, site: int) -> tuple[int, int, float]:
         """(key, threshold, scale): the arguments of a backend's dropout op at one site."""
         return self.key(layer, site), self.threshold, self.scale

@@ -27,3 +27,8 @@ class NonFiniteError(Exception):
         super().__init__(f"non-finite {'loss' if loss != loss or abs(loss) == float('inf') else 'gradient norm'} "
                          f"at step {step} (loss {loss}, grad norm {grad_norm}){where}")
         self.step, self.checkpoint = step, checkpoint
+
+
+class GraphCaptureError(RuntimeError):
+    """Work that a CUDA graph cannot hold was issued inside a capture, or the capture failed
+    (crystal.graphs; the trainer falls back to eager steps under --cuda-graphs auto)."""

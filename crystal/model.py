@@ -250,7 +250,7 @@ def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, 
 # --- forward and backward ----------------------------------------------------------------------
 
 def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
-            drop: Dropout | None = None, grad: bool = False):
+            drop: Dropout | None = None, grad: bool = False, loss_out=None):
     """Logits into a.logits; with targets, also the mean cross-entropy (returned as a float).
     grad (training, with targets): a.logits ends as d loss / d logits instead, computed in the
     same pass as the loss, which is what `backward` starts from.
@@ -258,7 +258,8 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     to each projection's output before it joins the residual stream, and to the attention
     probabilities inside the attention op (a.att keeps them undropped for the backward).
     Each residual addition is fused with the layernorm that reads its sum (the next layer's
-    ln_1, or ln_f after the last layer)."""
+    ln_1, or ln_f after the last layer). loss_out (a device float64[1]): the losses' sum goes
+    there and nothing is read back (a CUDA-graph step; the mean is sum / (B T)); returns None."""
     B, T = idx.shape
     NH, eps = cfg.n_head, cfg.layer_norm_epsilon
     be.encoder_forward(a.encoded, idx, w.wte, w.wpe[:T])
@@ -297,6 +298,9 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
         be.crossentropy_forward_backward(a.losses, a.logits, a.logits, targets, 1.0 / (B * T))
     else:
         be.crossentropy_forward(a.losses, a.logits, a.logits, targets)
+    if loss_out is not None:
+        be.sum_losses(a.losses, out=loss_out)
+        return None
     return be.sum_losses(a.losses) / (B * T)
 
 

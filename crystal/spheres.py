@@ -117,7 +117,8 @@ class SphereSystem:
     def _train_micro_batch(self, i: int, x, y, m: int, drop: Dropout | None) -> float:
         be, stats, acts = self.be, self.stats[i], self._acts[i]
         stats.active = True
-        x, y = be.to_device(x), be.to_device(y)
+        keys = [drop.keys(self.cfg.n_layer)] if drop else None
+        x, y = be.stage([(x, y)], self.cfg.vocab_size, keys)[0]
         issued = be.thread_launches() if self.counts_launches else 0
         loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True)
         row = self.reducer.acquire(m)

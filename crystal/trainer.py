@@ -22,10 +22,11 @@ from crystal.checkpoint import RunDir, TrainState
 from crystal import dropout
 from crystal.config import ModelConfig, TrainConfig
 from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
-from crystal.errors import CrystalError, NonFiniteError
+from crystal.errors import CrystalError, GraphCaptureError, NonFiniteError
 from crystal.model import ParamLayout, init_params
 from crystal.optim import AdamW, clip_scale, lr_at
-from crystal.reducer import GradientReducer, tree_mean
+from crystal.graphs import StepGraphs, graph_plan
+from crystal.reducer import GradientReducer, pool_rows, tree_mean
 from crystal.spheres import SphereSystem
 from crystal.world import Comm
 
@@ -78,7 +79,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
           on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
           on_eval: Callable[[int, float], None] | None = None,
           should_stop: Callable[[], bool] | None = None, comm: Comm | None = None,
-          init: np.ndarray | None = None) -> TrainResult:
+          init: np.ndarray | None = None, on_warning: Callable[[str], None] | None = None) -> TrainResult:
     """Train from scratch, from `init` (flat float32 parameters to start from, e.g. a released
     GPT-2's: fine-tuning), or continue from `resume`. `dataset` overrides cfg.data; `backend`
     overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one).
@@ -91,7 +92,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     run_dir and the callbacks (rank 0's alone): each rank reads every batch (the iterator is
     the same everywhere), computes its range of the step's micro-batches on its own spheres,
     and the reducer's tree joins them; the optimizer then updates every rank's replica of the
-    parameters identically."""
+    parameters identically.
+
+    cfg.cuda_graphs (on a cuda backend made with graphs=True, one process): after one eager step,
+    every step replays CUDA graphs (crystal.graphs), bitwise the eager steps. A capture that fails
+    stops the run under "on" (CrystalError) and falls back to eager steps under "auto", with one
+    `on_warning` line."""
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.val_fraction)
     if dataset.vocab_size != model_cfg.vocab_size:
@@ -120,7 +126,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         start = init_params(model_cfg, cfg.seed)
     params = be.to_device(start)
     comm = comm if comm is not None else Comm()
-    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=cfg.spheres)
+    graphs = _graphs_wanted(cfg, be, comm)
+    rows = None
+    if graphs:  # the graphs' fixed rows (crystal.graphs), at least the pool's own
+        rows = max(pool_rows(cfg.micro_batches, cfg.spheres), graph_plan(cfg.micro_batches, cfg.spheres).rows)
+    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=cfg.spheres, rows=rows)
     optimizer = AdamW(be, layout, cfg, reducer.chunks)
     first = 0
     if resume is not None:
@@ -156,25 +166,43 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     launches_at_start = be.launches() if hasattr(be, "launches") else None
     with _blas_limits(be), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
                                         cfg.batch_size, cfg.seq_len) as spheres:
+        step_graphs = StepGraphs(spheres, optimizer, params, layout, cfg.grad_clip) if graphs else None
         for step in range(first, last):
             t0 = time.perf_counter()
             micro = [batches.next_batch() for _ in range(cfg.micro_batches)]  # all, on every rank
             drops = dropout.for_step(cfg.dropout, cfg.seed, step, reducer.owned)
-            loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop], drops))
-            norm = reducer.reduce(spheres.map)
-            n_chunks = len(reducer.chunks)
+            lr = lr_at(step, cfg)
             done = step + 1
-            if not (math.isfinite(loss) and math.isfinite(norm)):
+            replayed = None
+            if step_graphs is not None and step > first:  # one eager step first: everything allocated
+                optimizer.begin_step(lr)  # the device fills in the clipping factor and the skip flag
+                try:
+                    replayed = step_graphs.step(micro, drops, optimizer.scalars)
+                except GraphCaptureError as e:
+                    optimizer.t -= 1
+                    if cfg.cuda_graphs == "on":
+                        raise CrystalError(f"--cuda-graphs on: the capture failed ({e})") from None
+                    _warn(on_warning, f"CUDA graph capture failed ({e}); training on without graphs")
+                    step_graphs = None
+            if replayed is not None:
+                losses_m, norm = replayed
+                loss = reducer.reduce_losses(losses_m)
+            else:
+                loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop], drops))
+                norm = reducer.reduce(spheres.map)
+            if not (math.isfinite(loss) and math.isfinite(norm)):  # (a graph step skipped AdamW on the device)
+                if replayed is not None:
+                    optimizer.t -= 1
                 if cfg.on_nonfinite == "stop":
                     raise NonFiniteError(done, loss, norm, checkpoint or _latest(run_dir))
                 skipped += 1
                 if run_dir is not None:
                     run_dir.log({"step": done, "skipped": "non-finite loss or gradient norm"})
                 continue
-            lr, scale = lr_at(step, cfg), clip_scale(norm, cfg.grad_clip)
-            optimizer.begin_step(lr, scale)
-            compute = spheres.weights.flat  # params, or their bf16 copy: AdamW refreshes it in the same pass
-            spheres.map(n_chunks, lambda i, c: optimizer.update_chunk(c, params, reducer.grad, compute))
+            if replayed is None:
+                optimizer.begin_step(lr, clip_scale(norm, cfg.grad_clip))
+                compute = spheres.weights.flat  # params, or their bf16 copy: AdamW refreshes it in the same pass
+                spheres.map(len(reducer.chunks), lambda i, c: optimizer.update_chunk(c, params, reducer.grad, compute))
             dt = time.perf_counter() - t0
             losses.append(loss)
             norms.append(norm)
@@ -224,6 +252,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if launches_at_start is not None and losses:  # cuda: what Python issued (evaluation included)
         root.update(launches_per_micro_batch=per_micro_batch,
                     launches_per_step=round((be.launches() - launches_at_start) / len(losses), 1))
+        root["cuda_graphs"] = bool(step_graphs is not None and step_graphs.steps)
+        if root["cuda_graphs"]:
+            root["graph_steps"] = step_graphs.steps
+            root["graph_launches_per_step"] = round(step_graphs.launches / step_graphs.steps, 1)
     if comm.size > 1:
         root.update(ranks=comm.size, comm_s=comm.seconds, comm_ms_per_step=1e3 * comm.seconds / n)
     finished = last == cfg.steps
@@ -235,6 +267,29 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     return TrainResult(model_cfg, cfg, host_params, losses, sphere_summary, root, dataset.name,
                        wall, str(run_dir.path) if run_dir else None, history, val_losses,
                        finished, checkpoint, interrupted and not finished, skipped)
+
+
+def _graphs_wanted(cfg: TrainConfig, be, comm: Comm) -> bool:
+    """Whether this run captures CUDA graphs; "on" where they cannot run is a one-line error."""
+    if cfg.cuda_graphs == "off":
+        return False
+    why = None
+    if not getattr(be, "graphs", False):
+        why = "a CUDA GPU (the device is cpu)" if be.name == "cpu" else "a backend made for graphs"
+    elif comm.size > 1:
+        why = "a single process (ranks exchange gradients through the host)"
+    if why and cfg.cuda_graphs == "on":
+        raise CrystalError(f"--cuda-graphs on needs {why}")
+    return why is None
+
+
+def _warn(on_warning: Callable[[str], None] | None, message: str) -> None:
+    if on_warning is not None:
+        on_warning(message)
+    else:
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, params, first: int) -> int:

@@ -125,6 +125,8 @@ CASES = {
     "nan lr": (None, [*TRAIN, "--lr", "nan"]),
     "inf grad clip": (None, [*TRAIN, "--grad-clip", "inf"]),
     "dropout of one": (None, [*TRAIN, "--dropout", "1"]),
+    "cuda graphs on the cpu": (None, [*TRAIN, "--device", "cpu", "--cuda-graphs", "on"]),
+    "cuda graphs nonsense": (None, [*TRAIN, "--cuda-graphs", "sometimes"]),
     "n_embd not divisible": (None, [*TRAIN, "--n-embd", "30", "--n-head", "4"]),
     "seq_len above block": (None, [*TRAIN, "--seq-len", "64", "--block-size", "32"]),
     "negative warmup": (None, [*TRAIN, "--warmup", "-5"]),

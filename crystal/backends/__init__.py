@@ -22,10 +22,10 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def get_backend(device: str = "auto", precision: str = "fp32", gpu: int = 0):
+def get_backend(device: str = "auto", precision: str = "fp32", gpu: int = 0, graphs: bool = False):
     """The backend for 'cpu', 'cuda' or 'auto'. precision fp32|tf32|bf16 applies to cuda (the
     cpu backend always computes in fp32, and refuses bf16); gpu is a rank's LOCAL_RANK (its
-    CUDA device, modulo the devices present)."""
+    CUDA device, modulo the devices present); graphs: the run may capture CUDA graphs (cuda)."""
     if precision not in PRECISIONS:
         raise CrystalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     requested = device
@@ -42,4 +42,4 @@ def get_backend(device: str = "auto", precision: str = "fp32", gpu: int = 0):
         raise CrystalError(f"--device cuda: {reason}")
     from crystal.backends.cuda import CudaBackend
 
-    return CudaBackend(precision, gpu=gpu)
+    return CudaBackend(precision, gpu=gpu, graphs=graphs)

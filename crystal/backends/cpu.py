@@ -447,6 +447,9 @@ class CpuBackend:
     def to_device(self, host_array):
         return np.ascontiguousarray(host_array)
 
+    def stage(self, batches, vocab_size, keys=None):
+        return [(self.to_device(x), self.to_device(y)) for x, y in batches]  # the ops read them as they are
+
     def to_host(self, array):
         return array
 
@@ -565,8 +568,11 @@ class CpuBackend:
     def crossentropy_backward(self, dlogits, probs, targets, dloss):
         crossentropy_backward(_rows(dlogits), _rows(probs), targets.reshape(-1), float(dloss))
 
-    def sum_losses(self, losses):
-        return float(sum_vector(losses.reshape(-1)))
+    def sum_losses(self, losses, out=None):
+        total = float(sum_vector(losses.reshape(-1)))
+        if out is None:
+            return total
+        out[0] = total
 
     def add_inplace(self, acc, x):
         add_inplace(acc, x)

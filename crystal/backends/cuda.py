@@ -43,6 +43,7 @@ import threading
 import numpy as np
 
 from crystal.backends.base import AdamWScalars
+from crystal.errors import GraphCaptureError
 from crystal.backends.kernels import ADAMW_SCALARS, KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows, kernels_dir
 
 BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
@@ -129,7 +130,7 @@ class CudaBackend:
         self._no_capture("to_device")
         return self.cp.asarray(host_array)
 
-    def _upload(self, dev, host) -> None:
+    def upload(self, dev, host) -> None:
         """dev[...] = host (a host-to-device copy on the calling thread's stream)."""
         self._no_capture("a host-to-device copy")
         self._count()
@@ -166,7 +167,7 @@ class CudaBackend:
                 view(host, k, name, np.int32, values.size)[...] = np.asarray(values).reshape(-1)
             if nk:
                 view(host, k, "keys", np.int64, nk)[...] = keys[k]
-        self._upload(dev, host)
+        self.upload(dev, host)
         for k in range(n):
             idx, tgt = (view(dev, k, name, np.int32, BT).reshape(B, T) for name in ("idx", "tgt"))
             staged[id(idx)] = (idx, view(dev, k, "positions", np.int32, BT),
@@ -179,6 +180,7 @@ class CudaBackend:
         return out
 
     def to_host(self, array):
+        self._no_capture("a read back to the host")
         host = self.cp.asnumpy(array)
         if self.bf16 and host.dtype == np.uint16:  # bf16 storage: the float32 it stands for
             return (host.astype(np.uint32) << 16).view(np.float32)
@@ -212,6 +214,7 @@ class CudaBackend:
             self.cp.cuda.get_current_stream().wait_event(event)
 
     def synchronize(self) -> None:
+        self._no_capture("a synchronization")
         self.cp.cuda.get_current_stream().synchronize()
 
     def warmup(self) -> None:
@@ -537,7 +540,7 @@ class CudaBackend:
             return hit
         self._no_capture("a dropout key that was not staged")
         spare = self._scratch("spare_key", (1,), "int64")
-        self._upload(spare, np.array([key], np.int64))
+        self.upload(spare, np.array([key], np.int64))
         return spare, 0
 
     # --- loss ---
@@ -623,12 +626,18 @@ class CudaBackend:
         self._launch("adamw_update", grid_1d(n, self.block), params[start:end], grads[start:end],
                      m[start:end], v[start:end], dev, dev.shape[0], n, s)
 
+    def reserve_flat_ops(self, ranges) -> None:
+        """Allocate, for the calling thread, what its flat-buffer ops use (the reduction partials,
+        the device copy of AdamW's ranges), so that a capture of them allocates nothing."""
+        self._scratch("partial", (REDUCE_BLOCKS,), "float64")
+        self._device_ranges(ranges, int(ranges[0, 0]))
+
     def _device_scalars(self, scalars: AdamWScalars):
         """This thread's device copy of the step's AdamW scalars (written when they change)."""
         held = self._local.__dict__.get("adamw_scalars")
         if held is None or held[0] != scalars:
             dev = held[1] if held else self._scratch("adamw_scalars", (ADAMW_SCALARS,), "float32")
-            self._upload(dev, scalars.packed())
+            self.upload(dev, scalars.packed())
             held = self._local.adamw_scalars = (scalars, dev)
         return held[1]
 
@@ -642,10 +651,6 @@ class CudaBackend:
             shifted[:, :2] -= start
             store[key] = (ranges, self.cp.asarray(shifted))  # keep `ranges` alive: id stays unique
         return store[key][1]
-
-
-class GraphCaptureError(RuntimeError):
-    """Work that a CUDA graph cannot hold was issued inside a capture, or the capture failed."""
 
 
 def token_buckets(idx, vocab_size: int):
