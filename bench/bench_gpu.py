@@ -117,20 +117,23 @@ def bf16_unavailable() -> str | None:
 
 # --- crystal -------------------------------------------------------------------------------------
 
-def crystal_backend(precision: str, cudnn: bool = True):
+def crystal_backend(precision: str, cudnn: bool = True, graphs: bool = False):
     from crystal.backends.cuda import CudaBackend
 
-    return CudaBackend(precision, flash=cudnn)  # flash=False: the cuBLAS + softmax attention path
+    # flash=False: the cuBLAS + softmax attention path; graphs: every product through cuBLASLt
+    return CudaBackend(precision, flash=cudnn, graphs=graphs)
 
 
-def crystal_run(preset: str, overrides: dict, steps: int, warmup: int, cudnn: bool = True) -> dict:
+def crystal_run(preset: str, overrides: dict, steps: int, warmup: int, cudnn: bool = True,
+                graphs: bool = False) -> dict:
     import cupy as cp
 
     from crystal.trainer import train
 
     # dropout off: the PyTorch side has none; no evaluation inside the timed steps
     model_cfg, cfg = resolve(preset, train_overrides={**overrides, "device": "cuda", "steps": steps,
-                                                      "dropout": 0.0, "eval_every": 0})
+                                                      "dropout": 0.0, "eval_every": 0,
+                                                      "cuda_graphs": "on" if graphs else "off"})
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     peak = {"pool_total": 0, "pool_used": 0, "device_used": 0}
@@ -147,7 +150,7 @@ def crystal_run(preset: str, overrides: dict, steps: int, warmup: int, cudnn: bo
         marks.append(time.perf_counter())
         sample()
 
-    be = crystal_backend(overrides["precision"], cudnn)
+    be = crystal_backend(overrides["precision"], cudnn, graphs)
     t0 = time.perf_counter()
     result = train(model_cfg, cfg, backend=be, on_step=on_step)
     sample()
@@ -156,7 +159,9 @@ def crystal_run(preset: str, overrides: dict, steps: int, warmup: int, cudnn: bo
            "first_step_s": round(marks[0] - t0, 2), "flash": bool(getattr(be, "flash", False)),
            "pool_peak_bytes": peak["pool_total"], "pool_used_peak_bytes": peak["pool_used"],
            "device_used_peak_bytes": peak["device_used"],
-           "loss_first": round(result.losses[0], 4), "loss_last": round(result.losses[-1], 4)}
+           "loss_first": round(result.losses[0], 4), "loss_last": round(result.losses[-1], 4),
+           "launches_per_step": result.root.get("launches_per_step"),
+           "graph_launches_per_step": result.root.get("graph_launches_per_step")}
     del result, be
     gc.collect()
     pool.free_all_blocks()
@@ -287,6 +292,7 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, default=None, help="micro-batches per step [preset's]")
     ap.add_argument("--torch-compile", action="store_true", help="also time the PyTorch step under torch.compile")
     ap.add_argument("--no-cudnn", action="store_true", help="crystal bf16: cuBLAS + softmax attention, not cuDNN")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also time crystal with --cuda-graphs on")
     ap.add_argument("--no-torch", action="store_true", help="crystal only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -325,7 +331,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
     save()
-    sides = ["crystal"] + ([] if args.no_torch else ["torch"] + (["torch_compile"] if args.torch_compile else []))
+    sides = ["crystal"] + (["crystal_graphs"] if args.cuda_graphs else []) + ([] if args.no_torch else ["torch"] + (["torch_compile"] if args.torch_compile else []))
     for precision in precisions:
         row = {"precision": precision}
         out["rows"].append(row)
@@ -343,8 +349,9 @@ def main() -> None:
                     continue  # it failed once: do not spend the time again
                 t0 = time.perf_counter()
                 try:
-                    if side == "crystal":
-                        res = crystal_run(args.preset, ov, args.steps, args.warmup_steps, not args.no_cudnn)
+                    if side.startswith("crystal"):
+                        res = crystal_run(args.preset, ov, args.steps, args.warmup_steps, not args.no_cudnn,
+                                          graphs=side == "crystal_graphs")
                     else:
                         res = torch_run(args.preset, ov, args.steps, args.warmup_steps, precision,
                                         compiled=side == "torch_compile")
@@ -376,7 +383,11 @@ def summarize(row: dict, runs: dict, fpt: float, peak: float, model_cfg, cfg, pr
         row[f"{side}_tokens_per_s"] = round(best)
         row[f"{side}_mfu"] = round(best * fpt / peak, 4) if peak == peak else None
         row[f"{side}_rounds_tokens_per_s"] = [round(r["tokens_per_s"]) for r in rs]
-        if side == "crystal":
+        if side == "crystal_graphs":
+            row["crystal_graphs_launches_per_step"] = rs[-1]["launches_per_step"]
+            row["crystal_graph_launches_per_step"] = rs[-1]["graph_launches_per_step"]
+        elif side == "crystal":
+            row["crystal_launches_per_step"] = rs[-1]["launches_per_step"]
             row["crystal_flash"] = rs[-1]["flash"]
             row["crystal_pool_peak_gib"] = round(max(r["pool_peak_bytes"] for r in rs) / gib, 3)
             row["crystal_pool_used_peak_gib"] = round(max(r["pool_used_peak_bytes"] for r in rs) / gib, 3)
@@ -391,11 +402,15 @@ def summarize(row: dict, runs: dict, fpt: float, peak: float, model_cfg, cfg, pr
             if side == "torch_compile":
                 row["torch_compile_s"] = rs[0].get("compile_s")
         row[f"{side}_first_step_s"] = rs[0]["first_step_s"]
-    c = row.get("crystal_tokens_per_s")
+    c, g = row.get("crystal_tokens_per_s"), row.get("crystal_graphs_tokens_per_s")
     for side in ("torch", "torch_compile"):
         t = row.get(f"{side}_tokens_per_s")
         if c and t:
             row["ratio" if side == "torch" else "ratio_compile"] = round(c / t, 3)
+        if g and t:
+            row["graphs_ratio" if side == "torch" else "graphs_ratio_compile"] = round(g / t, 3)
+    if c and g:
+        row["graphs_over_eager"] = round(g / c, 3)
     row["torch_attention"] = ("F.scaled_dot_product_attention(is_causal=True) under autocast bf16"
                               if precision == "bf16" else "explicit masked softmax")
 

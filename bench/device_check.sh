@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of one lent-device session, in one command, cheapest first, each under its own
 # timeout so that a crash or a hang in one never blocks the later ones:
-#   env (+ the bf16 libraries) -> smoke runs (tiny, fp32 and bf16) -> `pytest -m cuda`
+#   env (+ the bf16 libraries) -> smoke runs (tiny: fp32, bf16, fp32 with CUDA graphs) -> `pytest -m cuda`
 #   -> bench_bf16_check.py (bf16 vs fp32, 1 vs 4 spheres bitwise) -> bench_gpu.py shakespeare-char bf16
-#   (+ torch.compile) -> CPU sphere scaling (bench_scaling.py, all cores) -> bench_gpu.py gpt2 bf16
+#   (+ torch.compile, + graphs) -> CPU sphere scaling (bench_scaling.py, all cores) -> bench_gpu.py gpt2 bf16
 #   -> bench_quality.py shakespeare-char bf16 to val <= 1.47 with whatever time is left
 #   -> only when .llmc/ was carried (bench/bench_llmc.sh prepare): llm.c's train_gpt2cu at the gpt2 preset's
 #   shapes (bench/bench_llmc.sh), LLMC_SECONDS (120) taken from the quality run; SKIP_LLMC=1 skips it.
@@ -11,7 +11,7 @@
 #
 # Time plan for TOTAL=540 (the caps; a step gets min(cap, max(its minimum, time left - the
 # minimums of the steps after it - 5 s)), and is skipped when less than its minimum is left):
-#   install+env 45 | smoke fp32 60 | smoke bf16 60 | pytest 120 | bf16 check 75 | bench shakespeare 100
+#   install+env 45 | smoke fp32 60 | smoke bf16 60 | smoke graphs 60 | pytest 120 | bf16 check 75 | bench shakespeare 100
 #   | CPU scaling 60 | bench gpt2 90 | quality: the rest (at least 40)
 # Expected (not capped) about 20+25+20+70+45+70+45+60 = 355 s, leaving ~180 s for the quality run.
 #
@@ -162,13 +162,15 @@ EOF
 export -f env_report
 export OUT
 TAIL_LINES=60
-run_step env 45 10 260 -- bash -c 'env_report 2>&1 | tee "$OUT/env.txt"' 
+run_step env 45 10 280 -- bash -c 'env_report 2>&1 | tee "$OUT/env.txt"' 
 
 TAIL_LINES=12
-run_step smoke_fp32 60 20 240 -- python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \
+run_step smoke_fp32 60 20 260 -- python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \
     --out /tmp/run-smoke --overwrite
-run_step smoke_bf16 60 20 220 -- python3 -m crystal.cli train --preset tiny --device cuda --precision bf16 --steps 20 \
+run_step smoke_bf16 60 20 240 -- python3 -m crystal.cli train --preset tiny --device cuda --precision bf16 --steps 20 \
     --spheres 4 --out /tmp/run-smoke-bf16 --overwrite
+run_step smoke_graphs 60 20 220 -- python3 -m crystal.cli train --preset tiny --device cuda --cuda-graphs on \
+    --steps 20 --spheres 4 --out /tmp/run-smoke-graphs --overwrite
 
 TAIL_LINES=40
 run_step pytest_cuda 120 40 180 -- python3 -m pytest -m cuda -p no:cacheprovider -q
@@ -178,11 +180,11 @@ run_step bf16_check 75 30 150 -- python3 bench/bench_bf16_check.py --json "$OUT/
 
 if [ -z "${SKIP_BENCH:-}" ]; then
     run_step bench_shakespeare 100 40 110 -- python3 bench/bench_gpu.py --preset shakespeare-char --precision bf16 \
-        --torch-compile --steps 20 --warmup-steps 5 --rounds 2 --json "$OUT/bench_gpu_shakespeare.json"
+        --torch-compile --cuda-graphs --steps 20 --warmup-steps 5 --rounds 2 --json "$OUT/bench_gpu_shakespeare.json"
     run_step scaling_cpu 60 25 85 -- python3 bench/bench_scaling.py --preset small --micro-batches 48 \
         --spheres 1 2 4 8 12 16 --steps 30 --warmup-steps 5 --rounds 2 --breakdown-spheres 0 \
         --json "$OUT/scaling_cpu.json"
-    run_step bench_gpt2 90 45 40 -- python3 bench/bench_gpu.py --preset gpt2 --precision bf16 --steps 6 \
+    run_step bench_gpt2 90 45 40 -- python3 bench/bench_gpu.py --preset gpt2 --precision bf16 --cuda-graphs --steps 6 \
         --warmup-steps 2 --rounds 1 --json "$OUT/bench_gpu_gpt2.json"
 fi
 

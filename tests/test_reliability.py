@@ -102,7 +102,7 @@ class NaNBackend(CpuBackend):
 def test_a_nan_gradient_stops_with_exit_3_and_the_last_good_checkpoint_intact(tmp_path, monkeypatch, capsys):
     import crystal.backends
 
-    monkeypatch.setattr(crystal.backends, "get_backend", lambda d, p, *gpu: NaNBackend(at_step=8))
+    monkeypatch.setattr(crystal.backends, "get_backend", lambda d, p, *gpu, **kw: NaNBackend(at_step=8))
     run = tmp_path / "run"
     assert main([*TINY, "--steps", "20", "--checkpoint-every", "5", "--out", str(run)]) == 3
     err = capsys.readouterr().err.strip().splitlines()
@@ -117,7 +117,7 @@ def test_a_nan_gradient_stops_with_exit_3_and_the_last_good_checkpoint_intact(tm
 def test_skip_mode_skips_the_non_finite_step_and_finishes(tmp_path, monkeypatch):
     import crystal.backends
 
-    monkeypatch.setattr(crystal.backends, "get_backend", lambda d, p, *gpu: NaNBackend(at_step=4))
+    monkeypatch.setattr(crystal.backends, "get_backend", lambda d, p, *gpu, **kw: NaNBackend(at_step=4))
     run = tmp_path / "run"
     assert main([*TINY, "--steps", "8", "--on-nonfinite", "skip", "--out", str(run)]) == 0
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
