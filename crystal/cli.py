@@ -317,6 +317,15 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         + (f"bf16 weights {mib['weights_bf16']} | " if bf16 else "")
         + f"activations {mib['activations_per_sphere']} per "
         f"sphere x {cfg.spheres} = {mib['activations']} | total {mib['total']}")
+    if cfg.cuda_graphs != "off" and ranks == 1:  # the graphs' fixed rows (crystal.graphs), if more than the pool's
+        from crystal.graphs import graph_plan
+        from crystal.reducer import pool_rows
+
+        rows = graph_plan(cfg.micro_batches, cfg.spheres).rows
+        extra = max(0, rows - pool_rows(cfg.micro_batches, cfg.spheres)) * mem["params"]
+        lines.append(f"cuda graphs: {cfg.spheres} sphere graphs + the root's; gradient rows {rows}"
+                     + (f" (+{extra / 2**20:,.1f} MiB over the pool; total {(mem['total'] + extra) / 2**20:,.1f} MiB)"
+                        if extra else ""))
     return "\n".join(lines)
 
 

@@ -231,3 +231,12 @@ def test_staged_dropout_keys_are_read_from_device_memory_at_replay(be):
     be.launch_graph(graph)
     assert np.array_equal(out != 0, keep_mask(222, 1 << 31, 64))
     del x
+
+
+def test_dry_run_counts_the_graphs_and_their_gradient_rows():
+    from crystal.cli import format_dry_run
+
+    model_cfg, cfg = resolve("gpt2", train_overrides={"cuda_graphs": "on", "device": "cuda"})
+    text = format_dry_run(model_cfg, cfg)
+    rows = graph_plan(cfg.micro_batches, cfg.spheres).rows
+    assert f"cuda graphs: {cfg.spheres} sphere graphs + the root's; gradient rows {rows}" in text
