@@ -74,8 +74,8 @@ def graph_plan(n: int, spheres: int) -> GraphPlan:
                         free.sort()
                         done[p] = progress = True
         first_row += used
-    rows_of = {i: row[i] for i in range(n)}  # a node keeps its leaf's row: additions go into dst
-    final = np.array([(rows_of[d], rows_of[s]) for d, s in split.top], np.int64).reshape(-1, 2)
+    # a node keeps its leaf's row (additions go into dst)
+    final = np.array([(row[d], row[s]) for d, s in split.top], np.int64).reshape(-1, 2)
     return GraphPlan(split.ranges, row, adds, final, first_row)
 
 

@@ -221,7 +221,6 @@ def test_capture_refuses_a_dropout_key_that_was_not_staged(be):
 def test_staged_dropout_keys_are_read_from_device_memory_at_replay(be):
     from crystal.dropout import keep_mask
 
-    x = be.to_device(np.ones((1, 4), np.int32))
     out, inp = be.zeros((64,)), be.to_device(np.ones(64, np.float32))
     be.stage([(np.zeros((1, 4), np.int32),) * 2], 7, keys=[[111]])
     be.begin_capture()
@@ -230,7 +229,6 @@ def test_staged_dropout_keys_are_read_from_device_memory_at_replay(be):
     be.stage([(np.zeros((1, 4), np.int32),) * 2], 7, keys=[[222]])  # the next step's key, same slot
     be.launch_graph(graph)
     assert np.array_equal(out != 0, keep_mask(222, 1 << 31, 64))
-    del x
 
 
 def test_dry_run_counts_the_graphs_and_their_gradient_rows():

@@ -94,12 +94,6 @@ class EmulatedCudaBackend(CudaBackend):
         self.name = "cuda-emulated"
         self.captures = 0
 
-    def to_device(self, host_array):
-        self._no_capture("to_device")
-        out = np.ascontiguousarray(host_array)
-        self.arrays.register(out)
-        return out
-
     def to_host(self, array):
         self._no_capture("a read back to the host")
         return np.asarray(array)
