@@ -28,7 +28,7 @@ Memory: crystal's peak is the high-water of cupy's default memory pool (total_by
 pool holds from the device; used_bytes, what is handed out: sampled after every step) and of the
 device's used memory (cudaMemGetInfo, sampled likewise: includes the CUDA contexts); PyTorch's is
 torch.cuda.max_memory_allocated / max_memory_reserved. Each side frees its cache before the
-other runs. crystal.model.memory_estimate for the config is printed next to them.
+other runs. crystal.memory.memory_estimate for the config is printed next to them.
 
 The JSON file is rewritten after every measurement ("complete": false until the end), so a run
 cut off by a timeout still leaves what it measured.
@@ -50,7 +50,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crystal.config import resolve  # noqa: E402
-from crystal.model import ParamLayout, flops_per_token, init_params, memory_estimate  # noqa: E402
+from crystal.memory import memory_estimate  # noqa: E402
+from crystal.model import ParamLayout, flops_per_token, init_params  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 TORCH_DEVICE = "cuda"  # a dry run of the PyTorch side on a machine without a GPU sets "cpu"

@@ -10,7 +10,7 @@ gradient pool (one gradient buffer per micro-batch), for comparison.
 
 In a fresh process: import crystal, compile the kernels, load the data, read RSS (the
 baseline: interpreter, numpy, numba, the corpus); then train and read the peak RSS. The growth
-is compared with crystal.model.memory_estimate (params, the gradient pool, AdamW moments,
+is compared with crystal.memory.memory_estimate (params, the gradient pool, AdamW moments,
 activations of every sphere), the numbers `crystal train --dry-run` prints.
 """
 
@@ -23,9 +23,10 @@ import time
 CHILD = r'''
 import json, resource, sys
 from crystal.backends.cpu import CpuBackend
+from crystal.model import warm_up
 from crystal.config import resolve
 from crystal.data import load_dataset
-from crystal.model import memory_estimate
+from crystal.memory import memory_estimate
 from crystal.trainer import train
 
 import numpy as np
@@ -36,7 +37,7 @@ preset, spheres, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 vocab, over = int(sys.argv[4]), json.loads(sys.argv[5])
 m, c = resolve(preset, dict(vocab_size=vocab) if vocab else {},
                dict(spheres=spheres, steps=steps, eval_every=0, device="cpu", **over))
-be = CpuBackend(); be.warmup()
+be = CpuBackend(); warm_up(be)
 if vocab:  # random tokens: only the shapes matter here
     rng = np.random.default_rng(0)
     ds = DataSet(rng.integers(0, vocab, 200_000).astype(np.uint16), rng.integers(0, vocab, 20_000).astype(np.uint16),

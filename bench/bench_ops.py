@@ -20,7 +20,7 @@ import numpy as np
 from crystal.backends.cpu import CpuBackend, blas_single_thread
 from crystal.backends.timing import TimedBackend
 from crystal.config import ModelConfig, resolve
-from crystal.model import Activations, ParamLayout, Tensors, backward, forward, init_params
+from crystal.model import Activations, ParamLayout, Tensors, backward, forward, init_params, warm_up
 
 
 class MicroBatch:
@@ -88,7 +88,7 @@ def main() -> None:
     cfg, train = resolve(args.preset)
     B, T = train.batch_size, train.seq_len
     be = CpuBackend()
-    be.warmup()
+    warm_up(be)
     with blas_single_thread():
         fam = per_family(be, cfg, B, T, args.reps)
         over = overhead_ms(be, cfg, args.reps)

@@ -16,6 +16,7 @@ from rich.console import Console
 from crystal.backends.cpu import CpuBackend
 from crystal.config import resolve
 from crystal.dashboard import LiveView, QuietView
+from crystal.model import warm_up
 from crystal.trainer import train
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     be = CpuBackend()
-    be.warmup()
+    warm_up(be)
     devnull = open(os.devnull, "w")
     res = {"live": [], "quiet": []}
     for r in range(args.rounds):

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from crystal.checkpoint import load_checkpoint  # noqa: E402
+from crystal.pretrained import load_checkpoint  # noqa: E402
 from crystal.config import ModelConfig, TrainConfig  # noqa: E402
 from crystal.errors import CrystalError  # noqa: E402
 

@@ -29,7 +29,7 @@ import numpy as np
 from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 from crystal.config import ModelConfig, TrainConfig
 from crystal.errors import CrystalError
-from crystal.model import GPT, ParamLayout
+from crystal.model import ParamLayout
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"
@@ -290,61 +290,3 @@ def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:
     for s in layout.specs:
         views[s.name][...] = tensors[s.name]
     return flat
-
-
-def load_checkpoint(path: str | Path, backend=None) -> GPT:
-    """A trained model from a run directory, a Hugging Face GPT-2 directory (crystal.pretrained:
-    shards, names with or without `transformer.`, float16/bfloat16 widened exactly), or a
-    .safetensors file with config.json beside it."""
-    path = Path(path)
-    if path.is_dir() and not (path / TRAIN_FILE).exists():
-        from crystal.pretrained import load_params, open_pretrained
-
-        pre = open_pretrained(path)
-        return GPT(pre.config, load_params(pre), backend)
-    if path.is_dir():
-        model_file, config_file = path / MODEL_FILE, path / CONFIG_FILE
-        if not model_file.exists() and (latest := latest_checkpoint(path)) is not None:
-            model_file = latest / MODEL_FILE  # a run stopped before its end
-    else:
-        model_file, config_file = path, path.parent / CONFIG_FILE
-    if not model_file.exists():
-        raise CrystalError(f"no checkpoint at {model_file}")
-    cfg = read_config(config_file)
-    return GPT(cfg, read_params(model_file, cfg), backend)
-
-
-def export_hf(run: str | Path, out: str | Path) -> Path:
-    """A directory that transformers' GPT2LMHeadModel / AutoTokenizer load offline."""
-    run, out = Path(run), Path(out)
-    model = load_checkpoint(run)
-    cfg = model.config
-    tok_file = run / TOKENIZER_FILE
-    if tok_file.exists():  # a fine-tuned GPT-2's is the released model's, verbatim
-        tokenizer_json = tok_file.read_text(encoding="utf-8")
-    else:  # runs trained on bytes before tokenizer.json was written
-        from crystal.data import ByteTokenizer
-
-        tokenizer_json = ByteTokenizer().to_json()
-    # The end-of-text token (GPT-2's <|endoftext|>, 50256; 0 in crystal's bpe) is the first special one.
-    try:
-        specials = [(int(t["id"]), str(t["content"])) for t in json.loads(tokenizer_json).get("added_tokens", [])]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CrystalError(f"{tok_file}: not a valid tokenizer.json ({e})") from None
-    eot = specials[0][0] if specials else 0
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
-    atomic_write_json(out / CONFIG_FILE, {**cfg.to_hf(), "bos_token_id": eot, "eos_token_id": eot})
-    save_model(out / MODEL_FILE, model.layout, model.flat)
-    atomic_write_text(out / TOKENIZER_FILE, tokenizer_json)
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-               "clean_up_tokenization_spaces": False}
-    if specials:
-        name = specials[0][1]
-        tok_cfg.update(bos_token=name, eos_token=name, unk_token=name)
-    atomic_write_json(out / "tokenizer_config.json", tok_cfg)
-    atomic_write_json(out / "generation_config.json",
-                      {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size})
-    return out

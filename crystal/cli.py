@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 # What --resume may change: where and how fast the rest of the run computes, not what.
 RESUME_FLAGS = ("device", "precision", "cuda_graphs", "spheres", "log_every", "stop_at", "checkpoint_every",
-                "keep", "on_nonfinite")
+                "keep", "on_nonfinite", "shard_optimizer")
 EXIT_NONFINITE = 3
 
 
@@ -91,6 +91,9 @@ def _preset_help() -> str:
 @click.option("--print-config", is_flag=True, help="print the resolved config as TOML and exit")
 @click.option("--dry-run", is_flag=True, help="print parameters, memory and FLOPs, then exit")
 @click.option("--quiet", is_flag=True, help="no progress output; errors and the final summary only")
+@click.option("--shard-optimizer/--no-shard-optimizer", default=None,
+              help="several ranks: each rank keeps and updates the AdamW state of its share of the "
+                   "parameters only (ZeRO-1), bitwise the same run  [default: on with 2+ ranks]")
 @click.option("--comm-timeout", type=float, default=None,
               help="several ranks: seconds a rank waits for the others before it exits  [default: 60]")
 def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, **flags) -> None:
@@ -289,13 +292,19 @@ def make_view(out_dir: Path, log_every: int, quiet: bool):
 
 
 def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
-    from crystal.model import ParamLayout, flops_per_token, memory_estimate
+    from crystal.memory import memory_estimate
+    from crystal.model import ParamLayout, flops_per_token
 
     n = ParamLayout(model_cfg).size
     bf16 = cfg.precision == "bf16"
     flash = bf16 and _cudnn_reason() is None
-    mem = memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len, ranks,
-                          cfg.precision, flash)
+    shard = ranks > 1 and cfg.shard_optimizer is not False
+
+    def estimate(sharded: bool) -> dict:
+        return memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len, ranks,
+                               cfg.precision, flash, sharded)
+
+    mem = estimate(shard)
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     mib = {k: f"{v / 2**20:,.1f} MiB" for k, v in mem.items()}
     lines = [
@@ -310,13 +319,21 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         lines.append("precision: bf16 activations and weight copy, fp32 master weights, gradients and moments; "
                      + ("attention: cuDNN flash ([B,NH,T] statistics)" if flash else
                         f"attention: cuBLAS + softmax ([B,NH,T,T] in bf16; no cuDNN: {_cudnn_reason()})"))
+    where = ""
+    if ranks > 1:
+        where = f" per rank ({ranks} ranks, {'sharded' if shard else 'replicated'} optimizer)"
     lines.append(
-        f"memory{f' per rank ({ranks} ranks)' if ranks > 1 else ''}: params {mib['params']} | "
-        f"grads ({mem['grads'] // mem['params']} buffers) {mib['grads']} | "
+        f"memory{where}: params {mib['params']} | "
+        f"grads ({mem['grads'] / mem['params']:.3g} buffers) {mib['grads']} | "
         f"AdamW moments {mib['adamw_moments']} | "
         + (f"bf16 weights {mib['weights_bf16']} | " if bf16 else "")
         + f"activations {mib['activations_per_sphere']} per "
         f"sphere x {cfg.spheres} = {mib['activations']} | total {mib['total']}")
+    if ranks > 1:  # the other choice, for comparison
+        other = estimate(not shard)
+        lines.append(f"memory per rank with{'out' if shard else ''} --shard-optimizer: grads "
+                     f"{other['grads'] / 2**20:,.1f} MiB | AdamW moments {other['adamw_moments'] / 2**20:,.1f} MiB | "
+                     f"total {other['total'] / 2**20:,.1f} MiB")
     if cfg.cuda_graphs != "off" and ranks == 1:  # the graphs' fixed rows (crystal.graphs), if more than the pool's
         from crystal.graphs import graph_plan
         from crystal.reducer import pool_rows
@@ -392,7 +409,8 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction) -> None:
 @click.option("--batches", type=int, default=None, help="validation batches  [default: the run's --eval-batches]")
 def eval_cmd(run, data, batches) -> None:
     """Validation loss and bits per byte of a trained run."""
-    from crystal.checkpoint import load_checkpoint, read_train_config
+    from crystal.checkpoint import read_train_config
+    from crystal.pretrained import load_checkpoint
     from crystal.data import load_dataset
     from crystal.trainer import evaluate
 
@@ -421,7 +439,7 @@ def eval_cmd(run, data, batches) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def sample(run, prompt, tokens, temperature, top_k, seed) -> None:
     """Generate text from a trained run (deterministic for a seed)."""
-    from crystal.checkpoint import load_checkpoint
+    from crystal.pretrained import load_checkpoint
     from crystal.data import run_tokenizer
     from crystal.sample import generate
 
@@ -440,7 +458,7 @@ def sample(run, prompt, tokens, temperature, top_k, seed) -> None:
 @click.option("--out", required=True, type=click.Path(), help="directory to write")
 def export(run, fmt, out) -> None:
     """Export a run for Hugging Face transformers (GPT2LMHeadModel + tokenizer)."""
-    from crystal.checkpoint import export_hf
+    from crystal.pretrained import export_hf
 
     path = export_hf(run, out)
     click.echo(f"exported {run} to {path} (config.json, model.safetensors, tokenizer.json)")

@@ -139,6 +139,8 @@ class TrainConfig:
     keep: int = 3  # resumable checkpoints kept (newest)
     stop_at: int | None = None  # stop after this step with a checkpoint, as if interrupted
     on_nonfinite: str = "stop"  # a step with a non-finite loss or gradient: stop (exit 3) or skip it
+    # ranks: each rank keeps the AdamW state of its share of the buffer only (ZeRO-1); None: on with 2+ ranks
+    shard_optimizer: bool | None = None
     out: str | None = None
     init_from: str | None = None  # start from this checkpoint's parameters (crystal.pretrained), not a seeded init
 
@@ -291,6 +293,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
             raise CrystalError(f"--{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
     if t.stop_at is not None and not (isinstance(t.stop_at, int) and 1 <= t.stop_at):
         raise CrystalError(f"--stop-at must be a positive step, got {t.stop_at!r}")
+    if t.shard_optimizer is not None and not isinstance(t.shard_optimizer, bool):
+        raise CrystalError(f"shard_optimizer must be true or false, got {t.shard_optimizer!r}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise CrystalError(f"--on-nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     if not (0 <= t.val_fraction < 1):

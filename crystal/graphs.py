@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from crystal.reducer import split_tree
-from crystal.world import rank_ranges
 
 
 @dataclass(frozen=True)

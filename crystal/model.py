@@ -227,26 +227,6 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, precision: str = "fp32", 
     return total + (0 if flash else 2 * B * cfg.n_head * T * T)
 
 
-def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int,
-                    ranks: int = 1, precision: str = "fp32", flash: bool = False) -> dict:
-    """Bytes of one process's training state by part: parameters, the reducer's gradient pool
-    (spheres + ceil(log2 m) + 1 buffers for its m micro-batches, at most m, plus the exchanged
-    roots of every rank when there are several), AdamW moments, the bf16 weight copy (bf16
-    only), activations of every sphere. With ranks, the largest rank's."""
-    from crystal.reducer import gradient_buffers
-
-    n = ParamLayout(cfg).size
-    P = n * 4
-    acts = activation_bytes(cfg, B, T, precision, flash)
-    buffers = gradient_buffers(micro_batches, spheres, ranks)
-    parts = {"params": P, "grads": buffers * P, "adamw_moments": 2 * P,
-             "weights_bf16": 2 * n if precision == "bf16" else 0,
-             "activations_per_sphere": acts, "activations": spheres * acts}
-    parts["total"] = (parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["weights_bf16"]
-                      + parts["activations"])
-    return parts
-
-
 # --- forward and backward ----------------------------------------------------------------------
 
 def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
@@ -421,8 +401,11 @@ class GPT:
         return loss, {k: v.copy() for k, v in self.layout.views(host).items()}
 
 
-def warmup_backend(be) -> None:
-    """Run a tiny forward/backward and the flat-buffer ops once, compiling every kernel."""
+def warm_up(be) -> None:
+    """Compile every kernel of `be` before a sphere starts (once per backend): a tiny forward,
+    backward and the flat-buffer ops. The model drives it, so the ops need not know the model."""
+    if be.warm:
+        return
     cfg = ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8)
     layout = ParamLayout(cfg)
     flat = be.to_device(init_params(cfg, 0))
@@ -439,3 +422,5 @@ def warmup_backend(be) -> None:
     be.sum_squares(gflat)
     be.adamw_update(flat, gflat, m, v, layout.decay_ranges(),
                     AdamWScalars.of(1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 1.0))
+    be.synchronize()
+    be.warm = True

@@ -35,14 +35,23 @@ class AdamW:
 
     The update is elementwise, so it can run on any partition of the buffer: `begin_step` makes
     the step's scalars once, then `update_chunk` updates one of the reducer's chunks (spheres
-    share a step's chunks); `step` does all."""
+    share a step's chunks); `step` does all.
 
-    def __init__(self, be, layout: ParamLayout, cfg: TrainConfig, chunks: list[tuple[int, int]] | None = None):
+    span (lo, hi): the part of the buffer this optimizer updates (a rank's shard under the sharded
+    optimizer): m and v hold [lo, hi) only, and so do the gradients update_chunk is given; only
+    chunks inside the span may be updated."""
+
+    def __init__(self, be, layout: ParamLayout, cfg: TrainConfig, chunks: list[tuple[int, int]] | None = None,
+                 span: tuple[int, int] | None = None):
         self.be, self.cfg = be, cfg
-        self.m = be.zeros(layout.size)
-        self.v = be.zeros(layout.size)
+        self.lo, self.hi = span if span is not None else (0, layout.size)
+        self.whole = (self.lo, self.hi) == (0, layout.size)
+        self.m = be.zeros(self.hi - self.lo)
+        self.v = be.zeros(self.hi - self.lo)
         ranges = layout.decay_ranges()
-        self.chunk_ranges = [clip_ranges(ranges, s, e) for s, e in (chunks or [(0, layout.size)])]
+        shift = np.array([self.lo, self.lo, 0], dtype=np.int64)  # rows indexed from the span's start
+        self.chunk_ranges = [clip_ranges(ranges, max(s, self.lo), min(e, self.hi)) - shift
+                             for s, e in (chunks or [(0, layout.size)])]
         self.t = 0
         self.scalars: AdamWScalars | None = None  # the current step's, from begin_step
 
@@ -52,10 +61,16 @@ class AdamW:
         self.scalars = AdamWScalars.of(lr, k.beta1, k.beta2, k.eps, k.weight_decay, self.t, grad_scale)
 
     def update_chunk(self, c: int, params, grads, compute=None) -> None:
-        """AdamW on chunk c; compute (a bf16 copy of params the spheres read) is refreshed with it."""
+        """AdamW on chunk c; compute (a bf16 copy of params the spheres read) is refreshed with it.
+        params and compute are whole buffers, grads the span's."""
         ranges = self.chunk_ranges[c]
-        if ranges.shape[0]:
-            self.be.adamw_update(params, grads, self.m, self.v, ranges, self.scalars, compute)
+        if not ranges.shape[0]:
+            return
+        compute = None if compute is params else compute
+        if not self.whole:
+            params = params[self.lo:self.hi]
+            compute = None if compute is None else compute[self.lo:self.hi]
+        self.be.adamw_update(params, grads, self.m, self.v, ranges, self.scalars, compute)
 
     def step(self, params, grads, lr: float, grad_scale: float = 1.0) -> None:
         self.begin_step(lr, grad_scale)

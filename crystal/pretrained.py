@@ -28,19 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
+from crystal.atomic import atomic_write_json, atomic_write_text
+from crystal.checkpoint import (CONFIG_FILE, MAX_HEADER, MODEL_FILE, TOKENIZER_FILE, TRAIN_FILE, latest_checkpoint,
+                                read_config, read_params, save_model)
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError
+from crystal.model import GPT, ParamLayout
 
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-WEIGHTS = "model.safetensors"
+WEIGHTS = MODEL_FILE
 INDEX = "model.safetensors.index.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-RUN_MARK = "train.json"  # what makes a directory a crystal run
+RUN_MARK = TRAIN_FILE  # what makes a directory a crystal run
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers: not parameters
 LM_HEAD = "lm_head.weight"
 WTE = "transformer.wte.weight"
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 # safetensors dtype -> (its bytes as numpy reads them, its name)
 DTYPES = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", "bfloat16"),
           "F64": ("<f8", "float64"), "I64": ("<i8", "int64"), "I32": ("<i4", "int32"), "I16": ("<i2", "int16"),
@@ -64,8 +65,6 @@ class Pretrained:
 def open_pretrained(directory: str | Path) -> Pretrained:
     """config.json and the weight files of a Hugging Face GPT-2 directory or a crystal run,
     checked; no tensor is read."""
-    from crystal.checkpoint import MODEL_FILE, latest_checkpoint, read_config
-
     path = Path(directory)
     if not path.is_dir():
         raise CrystalError(f"--init-from {path}: {'not a directory' if path.exists() else 'no such directory'} "
@@ -151,8 +150,6 @@ def check_data_tokenizer(dataset, pre: Pretrained, model_tok) -> None:
 def load_params(pre: Pretrained) -> np.ndarray:
     """The flat float32 parameters of `pre`, bitwise its tensors (float16/bfloat16 widened
     exactly); pre.notes says what was widened and what was skipped."""
-    from crystal.checkpoint import read_params
-
     if pre.run:
         return read_params(pre.weights[0], pre.config)
     return _read_hf(pre)
@@ -249,8 +246,6 @@ def _read_into(entry: _Entry, out: np.ndarray) -> None:
 
 
 def _read_hf(pre: Pretrained) -> np.ndarray:
-    from crystal.model import ParamLayout
-
     found = _collect(pre)
     head = found.pop(LM_HEAD, None)
     layout = ParamLayout(pre.config)
@@ -278,3 +273,61 @@ def _read_hf(pre: Pretrained) -> np.ndarray:
     if widened:
         pre.notes.append(f"widened {' and '.join(widened)} to float32 (exact)")
     return flat
+
+
+# --- crystal's own model from any of these, and back out as a Hugging Face directory ----------
+
+def load_checkpoint(path: str | Path, backend=None) -> GPT:
+    """A trained model from a run directory, a Hugging Face GPT-2 directory (crystal.pretrained:
+    shards, names with or without `transformer.`, float16/bfloat16 widened exactly), or a
+    .safetensors file with config.json beside it."""
+    path = Path(path)
+    if path.is_dir() and not (path / TRAIN_FILE).exists():
+        pre = open_pretrained(path)
+        return GPT(pre.config, load_params(pre), backend)
+    if path.is_dir():
+        model_file, config_file = path / MODEL_FILE, path / CONFIG_FILE
+        if not model_file.exists() and (latest := latest_checkpoint(path)) is not None:
+            model_file = latest / MODEL_FILE  # a run stopped before its end
+    else:
+        model_file, config_file = path, path.parent / CONFIG_FILE
+    if not model_file.exists():
+        raise CrystalError(f"no checkpoint at {model_file}")
+    cfg = read_config(config_file)
+    return GPT(cfg, read_params(model_file, cfg), backend)
+
+
+def export_hf(run: str | Path, out: str | Path) -> Path:
+    """A directory that transformers' GPT2LMHeadModel / AutoTokenizer load offline."""
+    run, out = Path(run), Path(out)
+    model = load_checkpoint(run)
+    cfg = model.config
+    tok_file = run / TOKENIZER_FILE
+    if tok_file.exists():  # a fine-tuned GPT-2's is the released model's, verbatim
+        tokenizer_json = tok_file.read_text(encoding="utf-8")
+    else:  # runs trained on bytes before tokenizer.json was written
+        from crystal.data import ByteTokenizer
+
+        tokenizer_json = ByteTokenizer().to_json()
+    # The end-of-text token (GPT-2's <|endoftext|>, 50256; 0 in crystal's bpe) is the first special one.
+    try:
+        specials = [(int(t["id"]), str(t["content"])) for t in json.loads(tokenizer_json).get("added_tokens", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CrystalError(f"{tok_file}: not a valid tokenizer.json ({e})") from None
+    eot = specials[0][0] if specials else 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
+    atomic_write_json(out / CONFIG_FILE, {**cfg.to_hf(), "bos_token_id": eot, "eos_token_id": eot})
+    save_model(out / MODEL_FILE, model.layout, model.flat)
+    atomic_write_text(out / TOKENIZER_FILE, tokenizer_json)
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+               "clean_up_tokenization_spaces": False}
+    if specials:
+        name = specials[0][1]
+        tok_cfg.update(bos_token=name, eos_token=name, unk_token=name)
+    atomic_write_json(out / "tokenizer_config.json", tok_cfg)
+    atomic_write_json(out / "generation_config.json",
+                      {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size})
+    return out

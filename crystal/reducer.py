@@ -51,6 +51,17 @@ through the backend's `reduce_slots` (the remaining pairs, then x 1/M; cuda fuse
 into row 0 with the scale and the norm's partial sums), each returning its chunk's sum of
 squares, and the root adds those partial sums in chunk order: the gradient norm, too, is the
 same for any sphere count.
+
+The sharded optimizer (ZeRO stage 1, `shard=True` with ranks). Rank r owns the chunks
+rank_ranges(CHUNKS, R)[r], one contiguous span [lo, hi) of the flat buffer (`shard_spans`). A
+finished root is cut into the owners' spans as it is sent (R slice copies into the send buffer,
+grouped by owner), one all-to-all (Alltoallv) gives every owner every rank's roots over its span,
+and the owner alone runs phase B on its chunks: the same additions on the same operands, bit for
+bit. The per-chunk sums of squares are all-gathered and added in chunk order (the norm, bitwise),
+the owner clips and runs AdamW on its span (its moments and finished gradient exist nowhere else),
+and `gather_params` all-gathers the updated spans into every rank's parameters. Rows of the
+exchange are padded to 16 floats (`_pad16`), so every chunk keeps its alignment. Memory per rank:
+K pool rows + its roots (the send buffer) + R x (roots per rank) rows of its span.
 """
 
 from __future__ import annotations
@@ -108,6 +119,21 @@ def split_tree(n: int, ranks: int) -> TreeSplit:
     return TreeSplit(ranges, local, roots, top)
 
 
+def shard_spans(size: int, ranks: int) -> list[tuple[int, int]]:
+    """Each rank's [lo, hi) of a flat buffer under the sharded optimizer: the chunks
+    rank_ranges(CHUNKS, ranks) gives it, joined (empty for a rank without chunks)."""
+    bounds = chunk_bounds(size)
+    spans = []
+    for rg in rank_ranges(len(bounds), ranks):
+        lo = bounds[rg.start][0]
+        spans.append((lo, bounds[rg.stop - 1][1] if len(rg) else lo))
+    return spans
+
+
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
 def pool_rows(n: int, spheres: int) -> int:
     """Gradient buffers in a rank's pool for its n micro-batches: spheres + ceil(log2 n) + 1,
     and never more than n."""
@@ -120,6 +146,19 @@ def gradient_buffers(micro_batches: int, spheres: int, ranks: int = 1) -> int:
     split = split_tree(micro_batches, ranks)
     rows = pool_rows(max(len(r) for r in split.ranges), spheres)
     return rows + (ranks * split.roots_per_rank if ranks > 1 else 0)
+
+
+def gradient_floats(size: int, micro_batches: int, spheres: int, ranks: int = 1, shard: bool = False) -> int:
+    """Floats of gradient buffers the largest rank allocates for a flat buffer of `size`: its pool,
+    and with ranks the exchange: whole rows of every rank's roots, or (shard) its own roots for
+    sending plus every rank's roots over its span."""
+    split = split_tree(micro_batches, ranks)
+    if ranks == 1 or not shard:
+        return gradient_buffers(micro_batches, spheres, ranks) * size
+    widths = [_pad16(hi - lo) for lo, hi in shard_spans(size, ranks)]
+    k = split.roots_per_rank
+    return max(pool_rows(len(rg), spheres) * size + len(split.roots[r]) * sum(widths) + ranks * k * widths[r]
+               for r, rg in enumerate(split.ranges))
 
 
 def tree_mean(values: list[float]) -> float:
@@ -149,10 +188,15 @@ class GradientReducer:
     both from host values); then `reduce(map)` finishes the tree and returns the gradient norm,
     running the per-chunk work through `map(n_items, work)` (the spheres); `grad` is then the
     mean gradient, the same buffer contents on every rank. `high_water` is the most rows ever
-    in use at once. `rows` overrides the pool size (at least ceil(log2 n) + 1; tests)."""
+    in use at once. `rows` overrides the pool size (at least ceil(log2 n) + 1; tests).
+
+    shard (with ranks: the sharded optimizer): `reduce` finishes only this rank's chunks
+    (`my_chunks`, the span `span`), `grad` is the mean gradient over that span alone, and after
+    the optimizer `gather_params` gives every rank the whole updated parameters. Without it
+    `my_chunks` is every chunk and `span` the whole buffer."""
 
     def __init__(self, be, size: int, micro_batches: int, comm=None, spheres: int = 1,
-                 rows: int | None = None):
+                 rows: int | None = None, shard: bool = False):
         self.be = be
         self.M = micro_batches
         self.size = size
@@ -171,6 +215,10 @@ class GradientReducer:
                              f"(at least {least})")
         self.pool = be.empty((self.rows, size))  # allocated once, reused every step
         self.chunks = chunk_bounds(size)
+        self.sharded = shard and ranks > 1
+        self.spans = shard_spans(size, ranks) if self.sharded else [(0, size)] * ranks
+        self.span = self.spans[rank]
+        self.my_chunks = rank_ranges(len(self.chunks), ranks)[rank] if self.sharded else range(len(self.chunks))
         # the additions done as soon as their operands exist, in local indices: each dst's srcs
         # in tree order; the rest go to the final pass
         self._last_src = None
@@ -186,20 +234,40 @@ class GradientReducer:
             self._parent[s], self._pos[s] = d, len(self._absorbs[d])
             self._absorbs[d].append(s)
         self.top = None
-        self._send: dict[int, int] = {}  # local root -> its row of the exchange buffer
+        self._send: dict[int, int] = {}  # local root -> its row of the exchange (sharded: of the send buffer)
         if ranks > 1:
-            # every rank's roots in a [R * k, size] buffer, rank r's at rows k r ...; the tree's
+            # every rank's roots in a [R * k, width] buffer, rank r's at rows k r ...; the tree's
             # remaining additions are remapped onto those rows (slot 0 is row 0)
             k = self.split.roots_per_rank
             row = {i: r * k + j for r, rs in enumerate(self.split.roots) for j, i in enumerate(rs)}
-            self.top = be.empty((ranks * k, size))
             self.top_pairs = _pair_array([(row[d], row[s]) for d, s in self.split.top])
-            self._send = {i - lo: rank * k + j for j, i in enumerate(self.split.roots[rank])}
+            mine = self.split.roots[rank]
+            if self.sharded:
+                self._plan_exchange(be, size, k, len(mine))
+                self._send = {i - lo: j for j, i in enumerate(mine)}
+            else:
+                self.top = be.empty((ranks * k, size))
+                self._send = {i - lo: rank * k + j for j, i in enumerate(mine)}
         self._cond = threading.Condition(threading.Lock())
         self._aborted = False
         self.high_water = 0
         self.waits = 0  # acquires that had to wait for a row (flow control)
         self.begin_step()
+
+    def _plan_exchange(self, be, size: int, k: int, n: int) -> None:
+        """The sharded exchange: this rank's n roots cut into owner blocks [n, width_o] (the send
+        buffer), and its [R * k, width] rows of every rank's roots over its own span."""
+        R, rank = self.comm.size, self.comm.rank
+        widths = [_pad16(hi - lo) for lo, hi in self.spans]
+        starts = [n * sum(widths[:o]) for o in range(R)]
+        self._pieces = [(lo, hi, starts[o], widths[o]) for o, (lo, hi) in enumerate(self.spans)]
+        self._sendbuf = be.empty(max(1, n * sum(widths)))
+        w = widths[rank]
+        self.top = be.empty((R * k, w))
+        self._exchange = dict(
+            send_counts=[n * x for x in widths], send_displs=starts,
+            recv_counts=[len(self.split.roots[r]) * w for r in range(R)], recv_displs=[r * k * w for r in range(R)],
+            block=k * max(widths))  # the largest block any rank sends any owner (padded transports)
 
     @property
     def local_count(self) -> int:
@@ -211,8 +279,10 @@ class GradientReducer:
 
     @property
     def grad(self):
-        """The mean gradient, once reduced."""
-        return self.pool[0] if self.top is None else self.top[0]
+        """The mean gradient, once reduced (sharded: over `span` only, indexed from its start)."""
+        if self.top is None:
+            return self.pool[0]
+        return self.top[0, :self.span[1] - self.span[0]] if self.sharded else self.top[0]
 
     # --- the step's bookkeeping (all under self._cond) ---
     def begin_step(self) -> None:
@@ -318,7 +388,13 @@ class GradientReducer:
                 self._busy[d] = False
                 return self._advance(d)
         be.wait_event(self._event[d])  # "send": a finished root of this rank to the exchange rows
-        self.top[self._send[d]] = pool[self._row[d]]
+        if self.sharded:  # cut into the owners' spans: root j's piece for owner o at block o, row j
+            src, j = pool[self._row[d]], self._send[d]
+            for lo, hi, start, width in self._pieces:
+                if hi > lo:
+                    self._sendbuf[start + j * width:start + j * width + hi - lo] = src[lo:hi]
+        else:
+            self.top[self._send[d]] = pool[self._row[d]]
         ev = be.record_event()
         with self._cond:
             self._free_row(d, ev)
@@ -340,11 +416,13 @@ class GradientReducer:
         return _pair_array([(0, self._row[self._last_src])])
 
     def _tree_chunk(self, rows, pairs, c: int, scale: float) -> float:
-        """Chunk c of rows: the pairs' additions into row 0, then x scale; its sum of squares."""
+        """Chunk c of rows: the pairs' additions into row 0, then x scale; its sum of squares.
+        Rows that hold a span (sharded) are indexed from the span's start."""
         start, end = self.chunks[c]
         if start == end:
             return 0.0
-        return self.be.reduce_slots(rows, pairs, start, end, scale)
+        lo = self.span[0] if rows is self.top and self.sharded else 0
+        return self.be.reduce_slots(rows, pairs, start - lo, end - lo, scale)
 
     def reduce_chunk(self, c: int) -> float:
         """One process: the last addition on chunk c into row 0, scaled by 1/M; its sum of squares."""
@@ -359,6 +437,15 @@ class GradientReducer:
         if self.top is None:
             pairs = self._final_pairs()
             norm = norm_of(map_chunks(n, lambda i, c: self._tree_chunk(self.pool, pairs, c, 1.0 / self.M)))
+        elif self.sharded:
+            if not all(self._written):
+                raise RuntimeError("reduce before every micro-batch's gradient was released")
+            x = self._exchange
+            self.comm.alltoallv(self._sendbuf, x["send_counts"], x["send_displs"], self.top.reshape(-1),
+                                x["recv_counts"], x["recv_displs"], x["block"])
+            mine = self.my_chunks  # phase B on this rank's chunks; every chunk's sum of squares, in order
+            top = lambda i, c: self._tree_chunk(self.top, self.top_pairs, mine[c], 1.0 / self.M)  # noqa: E731
+            norm = norm_of(self.comm.gather(map_chunks(len(mine), top), n, "the gradient norm"))
         else:
             if not all(self._written):
                 raise RuntimeError("reduce before every micro-batch's gradient was released")
@@ -367,6 +454,20 @@ class GradientReducer:
             norm = norm_of(map_chunks(n, top))  # phase B: the rest of the tree
         self.begin_step()
         return norm
+
+    def gather_params(self, params) -> None:
+        """Sharded: every rank's updated span into every rank's parameters (in place)."""
+        if self.sharded:
+            self.comm.allgatherv(params, [hi - lo for lo, hi in self.spans], [lo for lo, _ in self.spans],
+                                 "the parameter all-gather")
+
+    def gather_shards(self, x):
+        """A span-sized buffer of every rank (AdamW moments) joined into the whole buffer, on the
+        host of rank 0 (None on the others); unsharded, x itself on the host."""
+        if not self.sharded:
+            return self.be.to_host(x)
+        out = self.comm.gatherv(x, [hi - lo for lo, hi in self.spans], [lo for lo, _ in self.spans])
+        return None if out is None else self.be.to_host(out)
 
     def reduce_losses(self, losses: list[float]) -> float:
         """Mean micro-batch loss of the whole step, summed over the same tree."""

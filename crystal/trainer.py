@@ -23,7 +23,7 @@ from crystal import dropout
 from crystal.config import ModelConfig, TrainConfig
 from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, GraphCaptureError, NonFiniteError
-from crystal.model import ParamLayout, init_params
+from crystal.model import ParamLayout, init_params, warm_up
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
@@ -91,8 +91,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     With `comm` of R > 1 ranks every rank calls train() with the same arguments except
     run_dir and the callbacks (rank 0's alone): each rank reads every batch (the iterator is
     the same everywhere), computes its range of the step's micro-batches on its own spheres,
-    and the reducer's tree joins them; the optimizer then updates every rank's replica of the
-    parameters identically.
+    and the reducer's tree joins them. With the sharded optimizer (cfg.shard_optimizer, the
+    default with ranks) each rank finishes the gradient, keeps the AdamW moments and updates the
+    parameters of its span only, and the spans are all-gathered; without it the optimizer
+    updates every rank's replica identically. Either way the bits are one process's.
 
     cfg.cuda_graphs (on a cuda backend made with graphs=True, one process): after one eager step,
     every step replays CUDA graphs (crystal.graphs), bitwise the eager steps. A capture that fails
@@ -113,7 +115,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                                "batch; raise --val-fraction or pass --eval-every 0")
         val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
     be = backend if backend is not None else get_backend(cfg.device, cfg.precision)
-    be.warmup()  # every kernel compiled before a sphere starts
+    warm_up(be)  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)
     if resume is not None:
@@ -130,14 +132,16 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     rows = None
     if graphs:  # the graphs' fixed rows (crystal.graphs), at least the pool's own
         rows = max(pool_rows(cfg.micro_batches, cfg.spheres), graph_plan(cfg.micro_batches, cfg.spheres).rows)
-    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=cfg.spheres, rows=rows)
-    optimizer = AdamW(be, layout, cfg, reducer.chunks)
+    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=cfg.spheres, rows=rows,
+                              shard=cfg.shard_optimizer is not False)
+    optimizer = AdamW(be, layout, cfg, reducer.chunks, span=reducer.span)
     first = 0
     if resume is not None:
         if not (0 < resume.step <= cfg.steps):
             raise CrystalError(f"checkpoint step {resume.step} is outside this run's {cfg.steps} steps")
-        optimizer.m[...] = be.to_device(resume.m)
-        optimizer.v[...] = be.to_device(resume.v)
+        lo, hi = reducer.span  # the whole buffer, or this rank's shard of the checkpoint's moments
+        optimizer.m[...] = be.to_device(resume.m[lo:hi])
+        optimizer.v[...] = be.to_device(resume.v[lo:hi])
         optimizer.t = resume.adam_t
         batches.set_state(resume.data)
         first = resume.step
@@ -162,6 +166,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     checkpoint = None
     skipped = 0
     interrupted = False
+    optimizer_s = 0.0
     t_start = time.perf_counter()
     launches_at_start = be.launches() if hasattr(be, "launches") else None
     with _blas_limits(be), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
@@ -200,9 +205,16 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                     run_dir.log({"step": done, "skipped": "non-finite loss or gradient norm"})
                 continue
             if replayed is None:
+                t_opt = time.perf_counter()
                 optimizer.begin_step(lr, clip_scale(norm, cfg.grad_clip))
                 compute = spheres.weights.flat  # params, or their bf16 copy: AdamW refreshes it in the same pass
-                spheres.map(len(reducer.chunks), lambda i, c: optimizer.update_chunk(c, params, reducer.grad, compute))
+                mine = reducer.my_chunks  # every chunk, or this rank's shard
+                spheres.map(len(mine), lambda i, c: optimizer.update_chunk(mine[c], params, reducer.grad, compute))
+                optimizer_s += time.perf_counter() - t_opt
+                if reducer.sharded:  # every rank's updated span to every rank, then its bf16 copy
+                    reducer.gather_params(params)
+                    if compute is not params:
+                        be.compute_weights(params, out=compute)
             dt = time.perf_counter() - t0
             losses.append(loss)
             norms.append(norm)
@@ -226,10 +238,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             if comm.size > 1:  # every rank stops after the same step
                 interrupted = comm.any(interrupted)
             stopping = (done == last and last < cfg.steps) or (interrupted and done < cfg.steps)
-            if run_dir is not None and (due or stopping):  # --stop-at and signals leave a checkpoint
-                state = TrainState(done, be.to_host(params), be.to_host(optimizer.m),
-                                   be.to_host(optimizer.v), batches.state(), optimizer.t)
-                checkpoint = str(run_dir.save_state(layout, state, cfg.keep))
+            if (due or stopping) and (run_dir is not None or reducer.sharded):  # --stop-at and signals leave one
+                m, v = reducer.gather_shards(optimizer.m), reducer.gather_shards(optimizer.v)  # whole, on rank 0
+                if run_dir is not None:
+                    state = TrainState(done, be.to_host(params), m, v, batches.state(), optimizer.t)
+                    checkpoint = str(run_dir.save_state(layout, state, cfg.keep))
             if interrupted:
                 last = done
                 break
@@ -248,6 +261,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         "wall_s": wall,
         "tokens_per_s": cfg.tokens_per_step * len(losses) / wall if wall > 0 else 0.0,
         "ms_per_step": 1e3 * wall / n,
+        "optimizer_ms_per_step": 1e3 * optimizer_s / n,  # AdamW on this rank's chunks (eager steps)
     }
     if launches_at_start is not None and losses:  # cuda: what Python issued (evaluation included)
         root.update(launches_per_micro_batch=per_micro_batch,
@@ -257,7 +271,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             root["graph_steps"] = step_graphs.steps
             root["graph_launches_per_step"] = round(step_graphs.launches / step_graphs.steps, 1)
     if comm.size > 1:
-        root.update(ranks=comm.size, comm_s=comm.seconds, comm_ms_per_step=1e3 * comm.seconds / n)
+        root.update(ranks=comm.size, shard_optimizer=reducer.sharded, comm_s=comm.seconds,
+                    comm_ms_per_step=1e3 * comm.seconds / n, comm_bytes_per_step=round(comm.bytes_sent / n))
     finished = last == cfg.steps
     if run_dir is not None:
         run_dir.write_spheres({"root": root, "spheres": sphere_summary})

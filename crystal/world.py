@@ -134,10 +134,12 @@ class Comm:
         self.rank, self.size = world.rank, world.size
         self.seconds = 0.0  # time inside collectives (communication and waiting for peers)
         self.calls = 0
+        self.bytes_sent = 0  # payload this rank delivered to the other ranks (not what a ring forwards)
         self._watchdog = Watchdog(world.rank) if world.size > 1 else None
 
-    def _collective(self, what: str, fn, timeout: float | None = None):
+    def _collective(self, what: str, fn, timeout: float | None = None, sent: int = 0):
         t0 = time.perf_counter()
+        self.bytes_sent += sent
         if self._watchdog is not None:
             self._watchdog.arm(what, timeout or self.timeout)
         try:
@@ -151,13 +153,36 @@ class Comm:
     # what the trainer calls
     def allgather_rows(self, buf) -> None:
         """buf[R * k, n]: rank r's rows k*r ... k*r+k-1 are filled; afterwards all are, everywhere."""
-        self._collective("the gradient exchange", lambda: self._gather_rows(buf))
+        sent = buf.nbytes // self.size * (self.size - 1)
+        self._collective("the gradient exchange", lambda: self._gather_rows(buf), sent=sent)
 
     def allgather_values(self, values, what: str = "the exchange of losses",
                          timeout: float | None = None) -> np.ndarray:
         """float64 values[k] of every rank -> [R, k], in rank order."""
         v = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-        return self._collective(what, lambda: self._gather_values(v), timeout)
+        return self._collective(what, lambda: self._gather_values(v), timeout, v.nbytes * (self.size - 1))
+
+    # the sharded optimizer's exchanges, on flat float32 buffers (host or device): counts and
+    # displacements in elements, indexed by rank, the same lists on every rank
+    def alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs, block: int) -> None:
+        """send[send_displs[o]:+send_counts[o]] goes to rank o, which receives it at
+        recv[recv_displs[r]:+recv_counts[r]] for this rank r (MPI_Alltoallv). block: the largest
+        count of any rank to any rank (transports that pad every block to one size)."""
+        sent = sum(c for o, c in enumerate(send_counts) if o != self.rank) * send.itemsize
+        self._collective("the gradient exchange", lambda: self._alltoallv(
+            send, send_counts, send_displs, recv, recv_counts, recv_displs, block), sent=sent)
+
+    def allgatherv(self, buf, counts, displs, what: str = "the parameter all-gather") -> None:
+        """buf[displs[r]:+counts[r]] of every rank r into everyone's buf, in place (MPI_Allgatherv)."""
+        sent = counts[self.rank] * buf.itemsize * (self.size - 1)
+        self._collective(what, lambda: self._allgatherv(buf, counts, displs), sent=sent)
+
+    def gatherv(self, part, counts, displs):
+        """Every rank's part (counts[r] elements) joined at displs[r] of one buffer on rank 0
+        (MPI_Gatherv); None on the other ranks."""
+        sent = 0 if self.rank == 0 else counts[self.rank] * part.itemsize
+        return self._collective("the gather of the optimizer state", lambda: self._gatherv(part, counts, displs),
+                                sent=sent)
 
     def meet(self, fingerprint: int) -> None:
         """The first meeting of all ranks: fails when their configs or parameters differ."""
@@ -170,14 +195,15 @@ class Comm:
         """This rank's items of n (its range of the step's micro-batches, of the eval batches)."""
         return rank_ranges(n, self.size)[self.rank]
 
-    def gather(self, local: list[float], n: int) -> list[float]:
-        """Per-item values (losses) of every rank's share of n items, in item order."""
+    def gather(self, local: list[float], n: int, what: str = "the exchange of losses") -> list[float]:
+        """Per-item values (losses, chunks' sums of squares) of every rank's share of n items,
+        in item order."""
         if self.size == 1:
             return list(local)
         ranges = rank_ranges(n, self.size)
         padded = np.full(max(len(r) for r in ranges), np.nan)
         padded[:len(local)] = local
-        rows = self.allgather_values(padded)
+        rows = self.allgather_values(padded, what)
         return [float(v) for r, rg in enumerate(ranges) for v in rows[r, :len(rg)]]
 
     def any(self, flag: bool) -> bool:
@@ -190,6 +216,16 @@ class Comm:
 
     def _gather_values(self, v: np.ndarray) -> np.ndarray:
         return v.reshape(1, -1)
+
+    def _alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs, block) -> None:
+        s, r, n = send_displs[0], recv_displs[0], send_counts[0]
+        recv[r:r + n] = send[s:s + n]
+
+    def _allgatherv(self, buf, counts, displs) -> None:
+        pass
+
+    def _gatherv(self, part, counts, displs):
+        return part
 
 
 class MpiComm(Comm):
@@ -223,6 +259,27 @@ class MpiComm(Comm):
         self.comm.Allgather(v, out)
         return out
 
+    def _alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs, block) -> None:
+        host = isinstance(recv, np.ndarray)
+        s = send if host else send.get()
+        r = recv if host else np.empty(recv.shape, recv.dtype)
+        self.comm.Alltoallv([s, (send_counts, send_displs)], [r, (recv_counts, recv_displs)])
+        if not host:
+            recv.set(r)
+
+    def _allgatherv(self, buf, counts, displs) -> None:
+        host = isinstance(buf, np.ndarray)
+        b = buf if host else buf.get()
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [b, (counts, displs)])
+        if not host:
+            buf.set(b)
+
+    def _gatherv(self, part, counts, displs):
+        p = part if isinstance(part, np.ndarray) else part.get()
+        out = np.empty(sum(counts), p.dtype) if self.rank == 0 else None
+        self.comm.Gatherv(p, [out, (counts, displs)] if out is not None else None, root=0)
+        return out
+
 
 class NcclComm(Comm):
     """NCCL through cupyx.distributed on device buffers, one GPU per rank."""
@@ -252,6 +309,43 @@ class NcclComm(Comm):
         out = self.cp.empty(self.size * v.size, dtype=self.cp.float64)
         self.nccl.all_gather(dv, out, v.size)
         return self.cp.asnumpy(out).reshape(self.size, -1)
+
+    # NCCL's all_to_all, all_gather and gather move equal blocks: each block is padded to the
+    # largest one in a [R, block] staging buffer
+    def _alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs, block) -> None:
+        cp, R = self.cp, self.size
+        out_stage, in_stage = cp.empty((R, block), send.dtype), cp.empty((R, block), send.dtype)
+        for o in range(R):
+            out_stage[o, :send_counts[o]] = send[send_displs[o]:send_displs[o] + send_counts[o]]
+        self.nccl.all_to_all(out_stage, in_stage)
+        for r in range(R):
+            recv[recv_displs[r]:recv_displs[r] + recv_counts[r]] = in_stage[r, :recv_counts[r]]
+        cp.cuda.get_current_stream().synchronize()
+
+    def _allgatherv(self, buf, counts, displs) -> None:
+        cp, R, width = self.cp, self.size, max(counts)
+        stage = cp.empty((R, width), buf.dtype)
+        mine, at = counts[self.rank], displs[self.rank]
+        stage[self.rank, :mine] = buf[at:at + mine]
+        self.nccl.all_gather(stage[self.rank], stage.reshape(-1), width)
+        for r in range(R):
+            if r != self.rank:
+                buf[displs[r]:displs[r] + counts[r]] = stage[r, :counts[r]]
+        cp.cuda.get_current_stream().synchronize()
+
+    def _gatherv(self, part, counts, displs):
+        cp, R, width = self.cp, self.size, max(counts)
+        mine = cp.zeros(width, part.dtype)
+        mine[:part.size] = part
+        stage = cp.empty((R, width) if self.rank == 0 else (R, 1), part.dtype)
+        self.nccl.gather(mine, stage, 0)
+        cp.cuda.get_current_stream().synchronize()
+        if self.rank != 0:
+            return None
+        out = cp.empty(sum(counts), part.dtype)
+        for r in range(R):
+            out[displs[r]:displs[r] + counts[r]] = stage[r, :counts[r]]
+        return out
 
 
 def connect(world: World, device: str, timeout: float = DEFAULT_TIMEOUT_S) -> Comm:

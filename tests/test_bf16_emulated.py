@@ -162,7 +162,8 @@ def test_bf16_with_nvmath_on_an_sm90_gpu_finds_cublaslt_and_says_whether_cudnn_r
 
 
 def test_memory_estimate_of_bf16_flash_attention_drops_the_t_squared_activations():
-    from crystal.model import activation_bytes, memory_estimate
+    from crystal.memory import memory_estimate
+    from crystal.model import activation_bytes
 
     cfg = ModelConfig(vocab_size=256, block_size=1024, n_layer=12, n_head=12, n_embd=768)
     fp32 = activation_bytes(cfg, 4, 1024)

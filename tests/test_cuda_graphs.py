@@ -2,7 +2,6 @@
 eager steps, for fp32 and bf16 (cuBLAS attention with dropout; flash attention without), and a
 step costs Python N + 1 graph launches."""
 
-import dataclasses
 
 import pytest
 

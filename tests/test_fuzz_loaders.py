@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from crystal.checkpoint import load_checkpoint, read_params
+from crystal.checkpoint import read_params
+from crystal.pretrained import load_checkpoint
 from crystal.config import ModelConfig
 from crystal.data import TOKEN_HEADER, read_tokens, write_tokens
 from crystal.errors import CrystalError

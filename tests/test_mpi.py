@@ -1,5 +1,6 @@
 """Multi-process runs under mpiexec (the `mpi` extra: mpi4py + the mpich wheel): bitwise equal to
-one process, a killed rank ends the run, a 2-rank run resumes exactly."""
+one process with the sharded optimizer (the default) and without it, a killed rank ends the run,
+a 2-rank run resumes exactly, under 2, 4 or 1 processes."""
 
 import json
 import os
@@ -17,6 +18,9 @@ MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathse
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on the PATH")
 
 TINY = ["train", "--preset", "tiny", "--device", "cpu", "--quiet", "--micro-batches", "12"]
+SMALL = ["train", "--preset", "small", "--device", "cpu", "--quiet", "--micro-batches", "12", "--steps", "6",
+         "--eval-every", "3", "--eval-batches", "4"]
+DROPOUT = [*TINY, "--dropout", "0.2", "--steps", "8", "--eval-every", "4"]
 
 
 def crystal(*args) -> list[str]:
@@ -78,12 +82,53 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("ranks, spheres", [(2, 1), (4, 2)])
-def test_ranks_give_bitwise_the_single_process_run(single, tmp_path, ranks, spheres):
+def same_run(a: Path, b: Path) -> bool:
+    """Every metrics line (timing aside) and the model's bytes are equal."""
+    return (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes() and steps(a) == steps(b)
+
+
+@pytest.mark.parametrize("ranks, spheres, shard", [(2, 1, "--shard-optimizer"), (4, 2, "--shard-optimizer"),
+                                                   (2, 1, "--no-shard-optimizer"), (4, 2, "--no-shard-optimizer")])
+def test_ranks_give_bitwise_the_single_process_run(single, tmp_path, ranks, spheres, shard):
     out = tmp_path / "run"
-    mpirun(ranks, *TINY, "--spheres", str(spheres), "--steps", "24", "--eval-every", "12", "--out", str(out))
-    assert (out / "model.safetensors").read_bytes() == (single / "model.safetensors").read_bytes()
-    assert steps(out) == steps(single)
+    mpirun(ranks, *TINY, "--spheres", str(spheres), "--steps", "24", "--eval-every", "12", shard, "--out", str(out))
+    assert same_run(out, single)
+    root = json.loads((out / "spheres.json").read_text())["root"]
+    assert root["shard_optimizer"] == (shard == "--shard-optimizer") and root["comm_bytes_per_step"] > 0
+
+
+@pytest.fixture(scope="module")
+def single_small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single-small") / "run"
+    run(crystal(*SMALL, "--spheres", "1", "--out", str(out)))
+    return out
+
+
+@pytest.mark.parametrize("ranks, spheres", [(2, 1), (4, 2)])
+def test_sharded_ranks_on_the_small_preset_give_bitwise_the_single_process_run(single_small, tmp_path, ranks, spheres):
+    out = tmp_path / "run"
+    mpirun(ranks, *SMALL, "--spheres", str(spheres), "--shard-optimizer", "--out", str(out))
+    assert same_run(out, single_small)
+
+
+def test_sharded_ranks_with_dropout_give_bitwise_the_single_process_run(tmp_path):
+    one, four = tmp_path / "one", tmp_path / "four"
+    run(crystal(*DROPOUT, "--spheres", "1", "--out", str(one)))
+    mpirun(4, *DROPOUT, "--spheres", "2", "--shard-optimizer", "--out", str(four))
+    assert same_run(four, one)
+
+
+def test_a_sharded_two_rank_run_resumes_bitwise_under_four_ranks_and_under_one_process(single, tmp_path):
+    stopped = tmp_path / "stopped"
+    mpirun(2, *TINY, "--spheres", "1", "--steps", "24", "--eval-every", "12", "--checkpoint-every", "5",
+           "--stop-at", "10", "--shard-optimizer", "--out", str(stopped))
+    assert not (stopped / "model.safetensors").exists()
+    four, one = tmp_path / "four", tmp_path / "one"
+    shutil.copytree(stopped, four)
+    shutil.copytree(stopped, one)
+    mpirun(4, "train", "--resume", str(four), "--quiet")
+    run(crystal("train", "--resume", str(one), "--quiet"))
+    assert same_run(four, single) and same_run(one, single)
 
 
 def test_only_rank_zero_prints_and_writes(tmp_path):
@@ -99,8 +144,7 @@ def test_resume_of_a_two_rank_run_equals_the_uninterrupted_run(single, tmp_path)
            "--stop-at", "10", "--out", str(out))
     assert not (out / "model.safetensors").exists()
     mpirun(2, "train", "--resume", str(out), "--quiet")
-    assert (out / "model.safetensors").read_bytes() == (single / "model.safetensors").read_bytes()
-    assert steps(out) == steps(single)
+    assert same_run(out, single)
 
 
 def rank_pids(marker: str) -> dict[int, int]:

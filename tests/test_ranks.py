@@ -12,7 +12,8 @@ import pytest
 from crystal.backends.cpu import CpuBackend
 from crystal.errors import CrystalError
 from crystal.reducer import GradientReducer, split_tree, tree_pairs
-from crystal.world import EXIT_RANK_FAILURE, Comm, World, discover, rank_ranges
+from crystal.world import EXIT_RANK_FAILURE, World, discover, rank_ranges
+from thread_ranks import ThreadComm, fake_cupy_modules
 
 
 # --- discovery ---------------------------------------------------------------------------------
@@ -93,31 +94,6 @@ def test_rank_ranges_are_contiguous_and_balanced():
 
 
 # --- the cross-rank reducer, ranks as threads -------------------------------------------------
-
-class ThreadComm(Comm):
-    """R ranks as threads of one process: the collectives meet at a barrier."""
-
-    def __init__(self, rank: int, size: int, shared: dict):
-        super().__init__(World(rank, 1), 5.0)  # a world of one for the base: no watchdog
-        self.rank, self.size, self.shared = rank, size, shared
-
-    def _exchange(self, key, value):
-        board, barrier = self.shared.setdefault(key, {}), self.shared["barrier"]
-        board[self.rank] = value
-        barrier.wait()
-        out = [board[r] for r in range(self.size)]
-        barrier.wait()
-        return out
-
-    def _gather_rows(self, buf) -> None:
-        k = buf.shape[0] // self.size
-        rows = self._exchange("rows", buf[self.rank * k:(self.rank + 1) * k].copy())
-        for r, x in enumerate(rows):
-            buf[r * k:(r + 1) * k] = x
-
-    def _gather_values(self, v):
-        return np.stack(self._exchange("values", v))
-
 
 def run_ranks(m: int, r: int, grads: np.ndarray, losses: list[float], make_comm=None):
     """Reduce per-micro-batch grads[m] and losses on r thread-ranks; each rank's (grad, norm, loss).
@@ -209,43 +185,6 @@ def test_comm_timeout_must_be_positive(tmp_path):
 
 # --- the NCCL transport against cupyx.distributed's API, with a stand-in for the GPU -------------
 
-class FakeNcclBackend:
-    """cupyx.distributed's NCCLBackend as threads on numpy arrays (all_gather only)."""
-
-    def __init__(self, n_devices, rank, shared):
-        self.n, self.rank, self.shared = n_devices, rank, shared
-
-    def all_gather(self, in_array, out_array, count, stream=None):
-        assert in_array.size == count and out_array.size == count * self.n
-        board, barrier = self.shared.setdefault(("nccl", count), {}), self.shared["barrier"]
-        board[self.rank] = in_array.copy()  # NCCL allows in_array to be out_array's own slice
-        barrier.wait()
-        for r in range(self.n):
-            out_array[r * count:(r + 1) * count] = board[r]
-        barrier.wait()
-
-
-def fake_cupy_modules(calls, ranks: int):
-    """cupy and cupyx.distributed stand-ins for `ranks` thread-ranks; init calls go to calls."""
-    import types
-
-    shared = {"barrier": threading.Barrier(ranks)}
-    cupy = types.ModuleType("cupy")
-    cupy.asarray, cupy.asnumpy, cupy.empty, cupy.float64 = np.asarray, np.asarray, np.empty, np.float64
-    cupy.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
-    dist = types.ModuleType("cupyx.distributed")
-
-    def init_process_group(n_devices, rank, *, backend="nccl", host=None, port=None, use_mpi=False):
-        calls.append(dict(n_devices=n_devices, rank=rank, backend=backend, host=host, port=port,
-                          use_mpi=use_mpi))
-        return FakeNcclBackend(n_devices, rank, shared)
-
-    dist.init_process_group = init_process_group
-    cupyx = types.ModuleType("cupyx")
-    cupyx.distributed = dist
-    return {"cupy": cupy, "cupyx": cupyx, "cupyx.distributed": dist}
-
-
 def test_nccl_transport_reduces_bitwise_like_one_process(monkeypatch):
     from crystal.world import NcclComm
 
@@ -288,7 +227,7 @@ def test_torchrun_variables_on_the_cpu_without_mpiexec_are_a_one_line_error(tmp_
 
 def test_memory_estimate_counts_a_ranks_pool_and_every_ranks_roots():
     from crystal.config import resolve
-    from crystal.model import memory_estimate
+    from crystal.memory import memory_estimate
 
     model, cfg = resolve("tiny")
     one = memory_estimate(model, 12, 1, cfg.batch_size, cfg.seq_len)

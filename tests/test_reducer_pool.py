@@ -163,7 +163,7 @@ def test_ranks_pools_stay_bounded_and_reduce_bitwise_like_one_process(m, r, sphe
 
 def test_memory_estimate_counts_the_pool_not_one_buffer_per_micro_batch():
     from crystal.config import resolve
-    from crystal.model import memory_estimate
+    from crystal.memory import memory_estimate
 
     model, cfg = resolve("tiny")
     est = memory_estimate(model, 12, 2, cfg.batch_size, cfg.seq_len)

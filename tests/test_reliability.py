@@ -12,6 +12,7 @@ import pytest
 
 from crystal.backends.cpu import CpuBackend
 from crystal.cli import main
+from crystal.model import warm_up
 
 TINY = ["train", "--preset", "tiny", "--spheres", "3", "--log-every", "1000"]
 
@@ -140,7 +141,7 @@ def test_an_exception_in_sphere_7_ends_the_run_within_5_seconds_with_that_error(
     from crystal.trainer import train
 
     be = FailingBackend()
-    be.warmup()
+    warm_up(be)
     t0 = time.perf_counter()
     with pytest.raises(SphereFailure, match="sphere 7 failed: RuntimeError: injected failure in sphere 7"):
         train(*resolve("tiny", train_overrides=dict(spheres=12, steps=50)), backend=be)

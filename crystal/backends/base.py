@@ -60,10 +60,12 @@ class Backend(Protocol):
     # thread's fixed input buffers (cuda: with their token buckets and dropout keys, keys[k] =
     # Dropout.keys(n_layer) of batch k, in one copy; valid until the thread's next stage)
     def stage(self, batches, vocab_size: int, keys=None) -> list: ...
-    def warmup(self) -> None: ...
+    warm: bool  # every kernel compiled (crystal.model.warm_up sets it)
+    def synchronize(self) -> None: ...  # the calling thread's work is done
     act_dtype: Any  # dtype of activations and their gradients: float32, or bf16 storage
     # the buffer the forward and backward read the weights from: flat itself, or a bf16 copy
-    def compute_weights(self, flat) -> Array: ...
+    # (out: an existing copy to refresh from flat, e.g. after the sharded optimizer's all-gather)
+    def compute_weights(self, flat, out=None) -> Array: ...
     def sphere_context(self, index: int): ...  # context manager a sphere thread runs inside
     def zero(self, x) -> None: ...  # x[...] = 0
     def record_event(self): ...  # marks the calling thread's work so far (None on cpu)

@@ -434,7 +434,7 @@ class CpuBackend:
     act_dtype = np.float32  # the cpu backend always computes in fp32
 
     def __init__(self):
-        self._warm = False
+        self.warm = False  # every kernel compiled (crystal.model.warm_up)
         self._local = threading.local()
 
     # memory
@@ -465,17 +465,11 @@ class CpuBackend:
     def wait_event(self, event):
         pass
 
-    def compute_weights(self, flat):
+    def compute_weights(self, flat, out=None):
         return flat
 
-    def warmup(self) -> None:
-        """Compile (or load from numba's cache) every kernel for float32 before threads start."""
-        if self._warm:
-            return
-        from crystal.model import warmup_backend  # a tiny forward/backward touches every op
-
-        warmup_backend(self)
-        self._warm = True
+    def synchronize(self) -> None:
+        """Nothing to wait for: every op has returned when it is done."""
 
     # ops
     def encoder_forward(self, out, idx, wte, wpe):

@@ -113,7 +113,7 @@ class CudaBackend:
         self._local = threading.local()
         self._counters: list[list[int]] = []  # every thread's launch counter
         self._counters_lock = threading.Lock()
-        self._warm = False
+        self.warm = False  # every kernel compiled (crystal.model.warm_up)
 
     # --- memory, streams, events ---
     def empty(self, shape, dtype="float32"):
@@ -186,12 +186,12 @@ class CudaBackend:
             return (host.astype(np.uint32) << 16).view(np.float32)
         return host
 
-    def compute_weights(self, flat):
-        """flat itself (fp32, tf32), or its bf16 copy, made once here; AdamW refreshes it
-        (adamw_update's compute)."""
+    def compute_weights(self, flat, out=None):
+        """flat itself (fp32, tf32), or its bf16 copy, made once here (or refreshed into out);
+        AdamW refreshes it (adamw_update's compute)."""
         if not self.bf16:
             return flat
-        copy = self.empty(flat.shape, self.act_dtype)
+        copy = self.empty(flat.shape, self.act_dtype) if out is None else out
         self._launch("cast_to_bf16", grid_1d(flat.size, self.block), copy, flat, flat.size)
         return copy
 
@@ -216,15 +216,6 @@ class CudaBackend:
     def synchronize(self) -> None:
         self._no_capture("a synchronization")
         self.cp.cuda.get_current_stream().synchronize()
-
-    def warmup(self) -> None:
-        if self._warm:
-            return
-        from crystal.model import warmup_backend
-
-        warmup_backend(self)
-        self.synchronize()
-        self._warm = True
 
     # --- CUDA graphs ---
     def capturing(self) -> bool:

@@ -57,8 +57,13 @@ class TimedBackend:
 
         return timed
 
-    def warmup(self) -> None:
-        self.inner.warmup()
+    @property
+    def warm(self) -> bool:
+        return self.inner.warm
+
+    @warm.setter
+    def warm(self, value: bool) -> None:
+        self.inner.warm = value
 
     def reset(self) -> None:
         with self._lock:
