@@ -1,6 +1,7 @@
 """Several ranks on GPUs (`pytest -m cuda`): NCCL through cupyx.distributed when each rank has
 its own GPU (mpiexec, or torchrun-style variables), MPI through host memory when ranks share
-one. Each must give bitwise the single-process cuda run."""
+one. Each must give bitwise the single-process cuda run, with the sharded optimizer (the
+default with ranks) and without it."""
 
 import socket
 import subprocess
@@ -31,25 +32,30 @@ def same_run(a, b) -> bool:
     return (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes() and steps(a) == steps(b)
 
 
+SHARDING = ["--shard-optimizer", "--no-shard-optimizer"]
+
+
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
-def test_two_ranks_sharing_a_gpu_exchange_through_the_host_bitwise(single, tmp_path):
+@pytest.mark.parametrize("shard", SHARDING)
+def test_two_ranks_sharing_a_gpu_exchange_through_the_host_bitwise(single, tmp_path, shard):
     out = tmp_path / "run"
     env = {**clean_env(), "CUDA_VISIBLE_DEVICES": "0"}  # both ranks on one GPU: MPI via host memory
-    done = subprocess.run([MPIEXEC, "-n", "2", *crystal(*CUDA_TINY, "--out", str(out))],
+    done = subprocess.run([MPIEXEC, "-n", "2", *crystal(*CUDA_TINY, shard, "--out", str(out))],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert same_run(out, single)
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
-def test_nccl_ranks_under_mpiexec_match_one_process_bitwise(single, tmp_path):
+@pytest.mark.parametrize("shard", SHARDING)
+def test_nccl_ranks_under_mpiexec_match_one_process_bitwise(single, tmp_path, shard):
     if gpus() < 2:
         pytest.skip("needs 2 GPUs")
     from crystal.world import nccl_available
 
     assert nccl_available(), "cupy has no NCCL library (pip install nvidia-nccl-cu13)"
     out = tmp_path / "run"
-    run([MPIEXEC, "-n", "2", *crystal(*CUDA_TINY, "--out", str(out))], 600)
+    run([MPIEXEC, "-n", "2", *crystal(*CUDA_TINY, shard, "--out", str(out))], 600)
     assert same_run(out, single)
 
 

@@ -201,3 +201,29 @@ def test_every_collective_of_the_sharded_exchange_is_under_the_watchdog(call, wh
     assert done.returncode == EXIT_RANK_FAILURE
     assert done.stderr.strip().splitlines() == [
         f"error: rank 0: no answer from the other ranks for 0.5 s during {what}; a rank failed or hangs"]
+
+
+# --- the cuda backend's side (emulated kernels: tests/emu) --------------------------------------
+
+def test_sharded_steps_on_the_emulated_cuda_backend_are_bitwise_its_single_process_steps(monkeypatch):
+    from emu.backend import EmulatedCudaBackend
+
+    monkeypatch.setattr(sys.modules[__name__], "CpuBackend", EmulatedCudaBackend)
+    grads = random_steps(4, steps=1)
+    (p1, n1, m1, *_), = train_steps(4, 1, grads, shard=False)
+    out = train_steps(4, 2, grads, shard=True)
+    for params, norms, *_ in out:
+        assert bits(params) == bits(p1) and norms == n1
+    assert bits(out[0][2]) == bits(m1)
+
+
+def test_the_bf16_weight_copy_is_refreshed_in_place_after_the_parameter_all_gather():
+    from emu.backend import EmulatedCudaBackend
+    from lt_standin import LtStandIn
+
+    be = EmulatedCudaBackend("bf16", lt=LtStandIn(), flash=False)
+    flat = be.to_device(np.random.default_rng(0).standard_normal(1000).astype(np.float32))
+    copy = be.compute_weights(flat)
+    flat[...] = flat * 3  # as if other ranks' spans had arrived
+    assert be.compute_weights(flat, out=copy) is copy
+    assert np.array_equal(np.asarray(copy).view(np.uint16), np.asarray(be.compute_weights(flat)).view(np.uint16))
