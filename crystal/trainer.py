@@ -262,6 +262,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         "tokens_per_s": cfg.tokens_per_step * len(losses) / wall if wall > 0 else 0.0,
         "ms_per_step": 1e3 * wall / n,
         "optimizer_ms_per_step": 1e3 * optimizer_s / n,  # AdamW on this rank's chunks (eager steps)
+        "peak_rss_mib": _peak_rss_mib(),  # this process's (rank 0's, with ranks)
     }
     if launches_at_start is not None and losses:  # cuda: what Python issued (evaluation included)
         root.update(launches_per_micro_batch=per_micro_batch,
@@ -296,6 +297,15 @@ def _graphs_wanted(cfg: TrainConfig, be, comm: Comm) -> bool:
     if why and cfg.cuda_graphs == "on":
         raise CrystalError(f"--cuda-graphs on needs {why}")
     return why is None
+
+
+def _peak_rss_mib() -> float | None:
+    """The process's peak resident memory so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _warn(on_warning: Callable[[str], None] | None, message: str) -> None:
