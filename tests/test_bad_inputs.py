@@ -146,6 +146,8 @@ CASES = {
     "missing config file": (None, [*TRAIN, "--config", f"{R}/nope.toml"]),
     "config not toml": (lambda r: write(r / "c.toml", b"[train\nlr = "), [*TRAIN, "--config", f"{R}/c.toml"]),
     "config unknown key": (lambda r: write(r / "c.toml", b"[train]\nspeed = 3\n"), [*TRAIN, "--config", f"{R}/c.toml"]),
+    "shard_optimizer not a boolean": (lambda r: write(r / "c.toml", b'[train]\nshard_optimizer = "yes"\n'),
+                                      [*TRAIN, "--config", f"{R}/c.toml"]),
     "sample negative tokens": (None, ["sample", f"{R}/run", "--tokens", "-5"]),
     "sample negative temperature": (None, ["sample", f"{R}/run", "--temperature", "-1"]),
     "sample top-k 0": (None, ["sample", f"{R}/run", "--top-k", "0"]),
