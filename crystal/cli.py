@@ -96,7 +96,12 @@ def _preset_help() -> str:
                    "parameters only (ZeRO-1), bitwise the same run  [default: on with 2+ ranks]")
 @click.option("--comm-timeout", type=float, default=None,
               help="several ranks: seconds a rank waits for the others before it exits  [default: 60]")
-def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, **flags) -> None:
+@click.option("--watch", is_flag=True, help="serve the run's page (crystal watch) beside training on 127.0.0.1")
+@click.option("--port", type=int, default=8000, show_default=True, help="--watch: the page's port")
+@click.option("--log", "log_to", type=click.Choice(("jsonl", "tensorboard")), default="jsonl", show_default=True,
+              help="tensorboard: TensorBoard event files in the run directory too (metrics.jsonl is always written)")
+def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, watch, port, log_to,
+          **flags) -> None:
     """Train a GPT-2-style model with data parallelism across a ring of spheres.
 
     Under mpiexec, srun or torchrun-style variables (RANK, WORLD_SIZE, ...), each process is a
@@ -105,7 +110,8 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm
 
     world = discover()
     try:
-        _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags)
+        _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags,
+               Outputs(watch, port, log_to))
     except SystemExit:  # an interrupted run: every rank agreed to stop after the same step
         raise
     except BaseException as e:
@@ -133,7 +139,17 @@ def _abort_ranks(world, e: BaseException) -> None:
     os._exit(code)  # MPI_Abort may return before the launcher acts
 
 
-def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags):
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What a run shows besides the terminal: the page (--watch, --port) and TensorBoard (--log)."""
+
+    watch: bool = False
+    port: int = 8000
+    log: str = "jsonl"
+
+
+def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags,
+           outputs: Outputs = Outputs()):
     from crystal.backends import cuda_unavailable_reason, get_backend, resolve_device
     from crystal.checkpoint import RunDir
     from crystal.config import read_toml, to_toml
@@ -189,6 +205,12 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
             click.echo(format_dry_run(model_cfg, cfg, world.size))
         return
     root = world.is_root  # rank 0 alone writes the run directory and prints
+    server = None
+    if outputs.watch and root:  # bound before training, so a port in use stops nothing half-done
+        from crystal.watch import bind, check_port
+
+        check_port(outputs.port)
+        server = bind("127.0.0.1", outputs.port)
     if root and cfg.device == "auto" and (reason := cuda_unavailable_reason()) and not quiet:
         click.echo(f"device auto: training on cpu ({reason})")
     init = None
@@ -202,6 +224,22 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
     elif not root:
         run_dir = None
     view = make_view(run_dir.path if root else None, cfg.log_every, quiet or not root)
+    if root:
+        from crystal.dashboard import Tee
+        from crystal.live_state import LiveStateView
+
+        board = None
+        if outputs.log == "tensorboard":
+            from crystal.tensorboard_log import TensorBoardView
+
+            board = TensorBoardView(run_dir.path)
+        view = Tee(view, LiveStateView(run_dir.path), board)
+        if server is not None:
+            from crystal.watch import WatchServer
+
+            server = WatchServer(run_dir.path, server)
+            server.start()
+            click.echo(f"watch: {server.url}", err=True)
     with StopSignals() as stop:
         try:
             result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state, backend=backend,
@@ -210,6 +248,8 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
                                   on_warning=lambda msg: click.echo(f"warning: {msg}", err=True) if root else None)
         finally:
             view.close()
+            if server is not None:
+                server.stop()
     if root:
         click.echo(format_summary(result))
     if result.interrupted:
@@ -475,6 +515,23 @@ def plot(runs, out, width, height) -> None:
 
     plot_runs([Path(r) for r in runs], Path(out), width, height)
     click.echo(f"wrote {out} ({width}x{height})")
+
+
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (0.0.0.0: every interface, with a warning)")
+@click.option("--port", type=int, default=8000, show_default=True)
+def watch(run, host, port) -> None:
+    """The sphere ring, curves and sphere table of RUN in a browser, live while it trains."""
+    from crystal.watch import WatchServer, bind, check_port, host_warning
+
+    check_port(port)
+    if (warning := host_warning(host)) is not None:
+        click.echo(warning, err=True)
+    server = WatchServer(run, bind(host, port))
+    click.echo(f"watching {run} at {server.url} (Ctrl-C stops)")
+    server.serve()
 
 
 @cli.command()

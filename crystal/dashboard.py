@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import click
 
+from crystal.live_state import RecentActivity
+
 SPARK = "▁▂▃▄▅▆▇█"
 # activity buckets by a sphere's utilization over the last steps: (threshold, name, style)
 ACTIVITY = [(0.75, "very active", "bold bright_yellow"), (0.40, "active", "green"),
@@ -209,7 +211,7 @@ class LiveView:
         self._lock = threading.Lock()
         self._live = None
         self._refresh = refresh_per_second
-        self._history: list[tuple[float, list[float]]] = []  # (root wall, per-sphere busy)
+        self._recent = RecentActivity(self.RECENT)
 
     def start(self, info: dict) -> None:
         from rich.live import Live
@@ -228,11 +230,7 @@ class LiveView:
 
     def step(self, rec, spheres) -> None:
         rows = spheres.summary()
-        busy = [s.busy_s for s in spheres.stats]
-        self._history.append((spheres.wall_s, busy))
-        self._history = self._history[-self.RECENT:]
-        (w0, b0), (w1, b1) = self._history[0], self._history[-1]
-        recent = [(y - x) / (w1 - w0) if w1 > w0 else r["utilization"] for x, y, r in zip(b0, b1, rows)]
+        recent = self._recent.update(spheres, rows)
         with self._lock:
             s = self.snap
             s.step, s.loss, s.lr, s.grad_norm = rec.step, rec.loss, rec.lr, rec.grad_norm
@@ -249,3 +247,26 @@ class LiveView:
             self._live.refresh()
             self._live.stop()
             self._live = None
+
+
+class Tee:
+    """Several views as one: each call goes to every view, in order."""
+
+    def __init__(self, *views):
+        self.views = [v for v in views if v is not None]
+
+    def start(self, info: dict) -> None:
+        for v in self.views:
+            v.start(info)
+
+    def step(self, rec, spheres) -> None:
+        for v in self.views:
+            v.step(rec, spheres)
+
+    def eval(self, step: int, val_loss: float) -> None:
+        for v in self.views:
+            v.eval(step, val_loss)
+
+    def close(self) -> None:
+        for v in self.views:
+            v.close()
