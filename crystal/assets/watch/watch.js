@@ -104,7 +104,9 @@ function drawCharts() {
       charts[name] = new Dygraph(div, rows, {labels: LABELS[name], connectSeparatedPoints: true,
                                              drawPoints: name.startsWith("loss"), pointSize: 1.5,
                                              legend: "follow", animatedZooms: false,
-                                             axes: {y: {axisLabelWidth: 64}}});
+                                             axes: {y: {axisLabelWidth: 64}},
+                                             series: {"val loss": {strokeWidth: 2.5, drawPoints: true, pointSize: 3,
+                                                                   color: "#c0392b"}}});
     } else {
       charts[name].updateOptions({file: rows});
     }
