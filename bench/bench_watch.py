@@ -1,14 +1,15 @@
 """What watching costs training: tokens/s of `crystal train` with --watch and the page open in a
 headless Chromium (the page polls the server once a second) against the same run without it.
 
-Usage: python bench/bench_watch.py [--preset small] [--steps 200] [--warmup-steps 30] [--rounds 3]
+Usage: python bench/bench_watch.py [--preset small] [--steps 400] [--warmup-steps 100] [--rounds 4]
                                    [--json OUT]
 
 Both sides are the same `crystal train` command (cpu, --quiet, 12 spheres, one process each) run
 one after the other, alternating, so the machine's noise hits both. "watched" adds --watch --port
 P and, once training has started, a headless Chromium on the page for the rest of the run (or a
 Python poller at 2 Hz when no Chromium is installed). The rate is measured from metrics.jsonl
-over the steps after --warmup-steps. Both runs write live.json (training always does).
+over the steps after --warmup-steps (by then the browser has started: opening a page is not
+watching). Both runs write live.json (training always does).
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def run(preset: str, steps: int, warmup: int, watched: bool) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup-steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--warmup-steps", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     res = {"plain": [], "watched": []}

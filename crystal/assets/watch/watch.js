@@ -76,6 +76,7 @@ function drawTable(live) {
 const data = {loss: [], val: [], lr: [], rate: []};  // [step, elapsed, value]
 const charts = {};
 let after = 0;
+let shown = null;  // the live state's time last drawn: nothing is redrawn until it changes
 
 function series(name) {
   // loss and val loss against step and time share one table of rows [x, loss, val]
@@ -119,13 +120,14 @@ async function poll() {
     document.getElementById("title").textContent = `crystal watch: ${state.run}`;
     document.getElementById("problem").textContent = state.problem || "";
     const live = state.live;
-    if (live) {
+    if (live && live.time !== shown) {
+      shown = live.time;
       document.getElementById("status").textContent =
         `${live.status} | ${live.preset} on ${live.device} | step ${live.step}/${live.steps} | loss ${fmt(live.loss, 4)}` +
         ` | val ${fmt(live.val_loss, 4)} | ${Math.round(live.tokens_per_s || 0).toLocaleString()} tok/s`;
       drawRing(live);
       drawTable(live);
-    } else {
+    } else if (!live) {
       document.getElementById("status").textContent = "waiting for the run to write its live state";
     }
     const m = await (await fetch(`api/metrics?after=${after}`, {cache: "no-store"})).json();
@@ -141,7 +143,7 @@ async function poll() {
       }
     }
     after = m.next;
-    drawCharts();
+    if (m.records.length || m.reset) drawCharts();
   } catch (e) {
     document.getElementById("problem").textContent = `cannot reach the server: ${e}`;
   }
