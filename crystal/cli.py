@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 # What --resume may change: where and how fast the rest of the run computes, not what.
 RESUME_FLAGS = ("device", "precision", "cuda_graphs", "spheres", "log_every", "stop_at", "checkpoint_every",
-                "keep", "on_nonfinite", "shard_optimizer")
+                "keep", "on_nonfinite", "shard_optimizer", "cores")
 EXIT_NONFINITE = 3
 
 
@@ -44,6 +44,9 @@ def _preset_help() -> str:
               help="cuda: replay each step as CUDA graphs (N + 1 launches a step; products through "
                    "cuBLASLt); auto: where the capture works, else eager with a warning  [default: off]")
 @click.option("--spheres", type=int, default=None, help="worker spheres around the root, 1-64  [default: 12]")
+@click.option("--cores", type=int, default=None,
+              help="cpu: at most this many spheres compute at once (the others wait for a core)  "
+                   "[default: the cores this process may use]")
 @click.option("--data", type=str, default=None,
               help="text file (bytes) or a directory from `crystal prepare`  [default: embedded Tiny Shakespeare]")
 @click.option("--val-fraction", type=float, default=None,
@@ -355,6 +358,12 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         f"{cfg.batch_size} x {cfg.seq_len})",
         f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",
     ]
+    if cfg.device != "cuda":  # the core gate (a cpu run; auto on a machine without a GPU)
+        from crystal.spheres import usable_cores
+
+        cores = cfg.cores or usable_cores()
+        lines.append(f"spheres: {cfg.spheres}, at most {min(cfg.spheres, cores)} computing at once on the cpu "
+                     f"({cores} cores{'' if cfg.cores else ' usable'})")
     if bf16:
         lines.append("precision: bf16 activations and weight copy, fp32 master weights, gradients and moments; "
                      + ("attention: cuDNN flash ([B,NH,T] statistics)" if flash else

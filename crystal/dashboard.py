@@ -23,8 +23,13 @@ ACTIVITY = [(0.75, "very active", "bold bright_yellow"), (0.40, "active", "green
             (0.05, "some", "cyan"), (0.0, "idle", "grey50")]
 
 
-def activity(utilization: float) -> tuple[str, str]:
-    """(bucket name, rich style) of a utilization in [0, 1]."""
+WAITING = ("waiting for a core", "magenta")  # the core gate held it back more than it computed
+
+
+def activity(utilization: float, waiting: float = 0.0) -> tuple[str, str]:
+    """(bucket name, rich style) of a utilization in [0, 1] and the share spent waiting for a core."""
+    if waiting >= 0.05 and waiting > utilization:
+        return WAITING
     for threshold, name, style in ACTIVITY:
         if utilization >= threshold:
             return name, style
@@ -59,6 +64,7 @@ class Snapshot:
     elapsed: float = 0.0
     spheres: list[dict] = field(default_factory=list)  # batches, avg_loss, utilization, tokens_per_s
     recent_util: list[float] = field(default_factory=list)  # per sphere, over the last steps
+    recent_wait: list[float] = field(default_factory=list)  # per sphere: share spent waiting for a core
 
 
 def where(info: dict, ring: bool = False) -> str:
@@ -69,7 +75,8 @@ def where(info: dict, ring: bool = False) -> str:
     return f"{info['device']} x {ranks} ranks" + (" (rank 0's ring)" if ring else "")
 
 
-def ring(spheres: list[dict], recent_util: list[float] | None = None, radius: int = 0):
+def ring(spheres: list[dict], recent_util: list[float] | None = None, radius: int = 0,
+         recent_wait: list[float] | None = None):
     """The sphere ring around ROOT as rich Text: one marker `●<batches>` per sphere on a circle,
     colored by activity."""
     from rich.text import Text
@@ -91,7 +98,7 @@ def ring(spheres: list[dict], recent_util: list[float] | None = None, radius: in
         x = cx + int(round(2 * r * math.cos(angle)))
         y = cy + int(round(r * math.sin(angle)))
         util = recent_util[i] if recent_util and i < len(recent_util) else s.get("utilization", 0.0)
-        _, style = activity(util)
+        _, style = activity(util, recent_wait[i] if recent_wait and i < len(recent_wait) else 0.0)
         label = f"●{s['batches']}"
         put(x - len(label) // 2, y, label, style)
     text = Text()
@@ -141,8 +148,9 @@ def render(snap: Snapshot):
                   f"val {snap.val_loss:.4f}" if snap.val_loss is not None else "val -")
     stats.add_row(f"lr {snap.lr:.2e}", f"grad norm {snap.grad_norm:.3f}",
                   f"{snap.tokens_per_s:,.0f} tok/s | {snap.ms_per_step:.0f} ms/step")
-    legend = Text.assemble(*[(f"■ {name}  ", style) for _, name, style in ACTIVITY])
-    return Group(head, bar, stats, ring(snap.spheres, snap.recent_util), legend,
+    buckets = [(name, style) for _, name, style in ACTIVITY] + [WAITING]
+    legend = Text.assemble(*[(f"■ {name}  ", style) for name, style in buckets])
+    return Group(head, bar, stats, ring(snap.spheres, snap.recent_util, recent_wait=snap.recent_wait), legend,
                  sphere_table(snap.spheres))
 
 
@@ -236,7 +244,7 @@ class LiveView:
             s.step, s.loss, s.lr, s.grad_norm = rec.step, rec.loss, rec.lr, rec.grad_norm
             s.tokens_per_s, s.ms_per_step, s.elapsed = rec.tokens_per_s, rec.ms_per_step, rec.elapsed
             s.losses = (s.losses + [rec.loss])[-200:]
-            s.spheres, s.recent_util = rows, recent
+            s.spheres, s.recent_util, s.recent_wait = rows, recent, self._recent.wait
 
     def eval(self, step: int, val_loss: float) -> None:
         with self._lock:

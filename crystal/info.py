@@ -16,13 +16,21 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
+def _cores() -> str:
+    from crystal.spheres import usable_cores
+
+    n = usable_cores()
+    return (f"{os.cpu_count()} ({n} usable: on the cpu at most {n} spheres compute at once; "
+            "the others wait for a core)")
+
+
 def describe() -> dict[str, str]:
     from threadpoolctl import threadpool_info
 
     import crystal
 
     out = {"crystal": crystal.__version__, "python": platform.python_version(),
-           "platform": f"{platform.system()} {platform.machine()}", "cores": str(os.cpu_count())}
+           "platform": f"{platform.system()} {platform.machine()}", "cores": _cores()}
     for pkg in ("numpy", "numba", "click", "safetensors", "rich", "tokenizers", "torch", "cupy-cuda13x",
                 "cupy-cuda12x", "matplotlib", "mpi4py", "mpich"):
         out[pkg] = _version(pkg)

@@ -23,17 +23,21 @@ FORMAT = 1
 
 
 class RecentActivity:
-    """Each sphere's utilization over the last `steps` steps (busy seconds / wall seconds)."""
+    """Each sphere's utilization over the last `steps` steps (busy seconds / wall seconds), and
+    `wait`: its share of that time spent waiting for a core (the core gate)."""
 
     def __init__(self, steps: int = 10):
         self.steps = steps
-        self._history: list[tuple[float, list[float]]] = []  # (root wall, per-sphere busy)
+        self._history: list[tuple[float, list[float], list[float]]] = []  # (root wall, busy, waiting)
+        self.wait: list[float] = []
 
     def update(self, spheres, rows: list[dict]) -> list[float]:
-        self._history.append((spheres.wall_s, [s.busy_s for s in spheres.stats]))
+        self._history.append((spheres.wall_s, [s.busy_s for s in spheres.stats], [s.wait_s for s in spheres.stats]))
         self._history = self._history[-self.steps:]
-        (w0, b0), (w1, b1) = self._history[0], self._history[-1]
-        return [(y - x) / (w1 - w0) if w1 > w0 else r["utilization"] for x, y, r in zip(b0, b1, rows)]
+        (w0, b0, q0), (w1, b1, q1) = self._history[0], self._history[-1]
+        span = w1 - w0
+        self.wait = [(y - x) / span if span > 0 else 0.0 for x, y in zip(q0, q1)]
+        return [(y - x) / span if span > 0 else r["utilization"] for x, y, r in zip(b0, b1, rows)]
 
 
 def _finite(x):
@@ -61,7 +65,8 @@ class LiveStateView:
         recent = self.recent.update(spheres, rows)
         self.state.update(step=rec.step, loss=_finite(rec.loss), lr=rec.lr, grad_norm=_finite(rec.grad_norm),
                           tokens_per_s=rec.tokens_per_s, elapsed=rec.elapsed, active=spheres.active_spheres(),
-                          spheres=[{**r, "recent": u} for r, u in zip(rows, recent)])
+                          spheres=[{**r, "recent": u, "recent_wait": q}
+                                   for r, u, q in zip(rows, recent, self.recent.wait)])
         if time.monotonic() - self._written >= self.every_s:
             self._write()
 
@@ -69,6 +74,8 @@ class LiveStateView:
         self.state["val_loss"] = _finite(val_loss)
 
     def close(self) -> None:
+        if self.state["status"] == "starting":  # training never started (a bad input): write nothing
+            return
         self.state["status"] = "finished" if self.state.get("step") == self.state.get("steps") else "stopped"
         self._write()
 

@@ -12,13 +12,22 @@ hands out work by index, round-robin (sphere s takes items s, s+N, ...):
   fixed chunks (their count does not depend on N), so the spheres share that work too and the
   root only combines per-chunk partial sums, in chunk order.
 
+The core gate (cpu): at most `cores` spheres compute at once (`CoreGate`, min(spheres, usable
+cores)). A sphere takes a token before each item of work and gives it back after it, and gives
+it back while it waits for a gradient row (so a full pool cannot hold every token: the pool's
+no-deadlock argument, crystal/reducer.py, needs every sphere with a row to progress). Spheres
+stay threads that own their items, so the ring, the statistics and the bits are unchanged; 12
+spheres on 2 cores no longer oversubscribe them. Time spent waiting for a token is `wait_s`,
+not `busy_s`.
+
 The root waits for every sphere after each round; an exception in any sphere stops the round
-at once: the others finish the item they are on, the root raises `SphereFailure`, and
-`close()` joins every thread.
+at once: the others finish the item they are on (or stop waiting for a token), the root raises
+`SphereFailure`, and `close()` joins every thread.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -31,6 +40,51 @@ from crystal.errors import SphereFailure
 from crystal.model import Activations, ParamLayout, Tensors, backward, forward
 
 JOIN_TIMEOUT_S = 10.0
+_GATE_POLL_S = 0.2  # a sphere waiting for a core re-checks for a stop at least this often
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class GateClosed(RuntimeError):
+    """A sphere waiting for a core was woken because the run stops."""
+
+
+class CoreGate:
+    """Tokens for `cores` spheres computing at once. take(i)/give(i) by sphere i's own thread;
+    waiting[i] and wait_s[i] are what the views read."""
+
+    def __init__(self, cores: int, spheres: int, stop: threading.Event):
+        self.cores = cores
+        self._sem = threading.Semaphore(cores)
+        self._stop = stop
+        self._holding = [False] * spheres
+        self.waiting = [False] * spheres
+        self.wait_s = [0.0] * spheres
+
+    def take(self, i: int) -> None:
+        if self._holding[i]:
+            return
+        t0 = time.perf_counter()
+        self.waiting[i] = True
+        try:
+            while not self._sem.acquire(timeout=_GATE_POLL_S):
+                if self._stop.is_set():
+                    raise GateClosed("the run stops")
+        finally:
+            self.waiting[i] = False
+            self.wait_s[i] += time.perf_counter() - t0
+        self._holding[i] = True
+
+    def give(self, i: int) -> None:
+        if self._holding[i]:
+            self._holding[i] = False
+            self._sem.release()
 
 
 @dataclass
@@ -41,6 +95,7 @@ class SphereStats:
     batches: int = 0
     loss_sum: float = 0.0
     busy_s: float = 0.0  # all work: micro-batches, reducer and optimizer chunks, evaluation
+    wait_s: float = 0.0  # waiting for a core (the core gate)
     tokens: int = 0
     active: bool = False  # inside a micro-batch right now
 
@@ -54,6 +109,7 @@ class SphereStats:
             "batches": self.batches,
             "avg_loss": self.avg_loss if self.batches else None,
             "busy_s": round(self.busy_s, 4),
+            "wait_s": round(self.wait_s, 4),
             "utilization": self.busy_s / wall_s if wall_s > 0 else 0.0,
             "tokens": self.tokens,
             "tokens_per_s": self.tokens / wall_s if wall_s > 0 else 0.0,
@@ -70,7 +126,8 @@ class _Task:
 
 class SphereSystem:
     def __init__(self, be, cfg: ModelConfig, layout: ParamLayout, params, reducer,
-                 n_spheres: int, batch_size: int, seq_len: int):
+                 n_spheres: int, batch_size: int, seq_len: int, cores: int | None = None):
+        """cores: at most this many spheres compute at once (the core gate); None: no gate."""
         self.be, self.cfg = be, cfg
         self.n = n_spheres
         # what forward/backward read: params, or their bf16 copy (AdamW refreshes it as it updates)
@@ -85,6 +142,8 @@ class SphereSystem:
         self._inbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n_spheres)]
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
+        self.gate = CoreGate(cores, n_spheres, self._stop) if cores is not None and cores < n_spheres else None
+        self.concurrent = n_spheres if self.gate is None else self.gate.cores  # spheres computing at once
         self._threads = [
             threading.Thread(target=self._sphere_loop, args=(i,), name=f"sphere-{i}", daemon=True)
             for i in range(n_spheres)
@@ -100,19 +159,32 @@ class SphereSystem:
                 task = self._inbox[i].get()
                 if task is None:
                     return
+                gate, stats = self.gate, self.stats[i]
+                waited0 = gate.wait_s[i] if gate else 0.0
+                t0 = time.perf_counter()
                 try:
-                    t0 = time.perf_counter()
                     be.wait_event(task.ready)
                     for item in task.indices:
                         if self._stop.is_set():
                             break
-                        task.results[item] = task.work(i, item)
+                        if gate is not None:
+                            gate.take(i)
+                        try:
+                            task.results[item] = task.work(i, item)
+                        finally:
+                            if gate is not None:
+                                gate.give(i)
                     done = be.record_event()
-                    self.stats[i].busy_s += time.perf_counter() - t0
                     self._done.put((i, None, done))
+                except GateClosed:  # another sphere failed while this one waited for a core
+                    self._done.put((i, None, None))
                 except BaseException as e:  # reported to the root, which re-raises it
-                    self.stats[i].active = False
+                    stats.active = False
                     self._done.put((i, e, None))
+                finally:
+                    waited = (gate.wait_s[i] - waited0) if gate else 0.0
+                    stats.wait_s = gate.wait_s[i] if gate else 0.0
+                    stats.busy_s += time.perf_counter() - t0 - waited
 
     def _train_micro_batch(self, i: int, x, y, m: int, drop: Dropout | None) -> float:
         be, stats, acts = self.be, self.stats[i], self._acts[i]
@@ -121,7 +193,8 @@ class SphereSystem:
         x, y = be.stage([(x, y)], self.cfg.vocab_size, keys)[0]
         issued = be.thread_launches() if self.counts_launches else 0
         loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True)
-        row = self.reducer.acquire(m)
+        gate = self.gate  # a sphere waiting for a row gives its core back meanwhile
+        row = self.reducer.acquire(m, None if gate is None else (lambda: gate.give(i), lambda: gate.take(i)))
         backward(be, self.cfg, self.weights, self.row_grads[row], acts, x, y, drop)
         if self.counts_launches:  # the same for every micro-batch of a run
             self.launches_per_micro_batch = be.thread_launches() - issued

@@ -27,7 +27,7 @@ from crystal.model import ParamLayout, init_params, warm_up
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
-from crystal.spheres import SphereSystem
+from crystal.spheres import SphereSystem, usable_cores
 from crystal.world import Comm
 
 
@@ -170,7 +170,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     t_start = time.perf_counter()
     launches_at_start = be.launches() if hasattr(be, "launches") else None
     with _blas_limits(be), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
-                                        cfg.batch_size, cfg.seq_len) as spheres:
+                                        cfg.batch_size, cfg.seq_len, cores=gate_cores(cfg, be)) as spheres:
         step_graphs = StepGraphs(spheres, optimizer, params, layout, cfg.grad_clip) if graphs else None
         for step in range(first, last):
             t0 = time.perf_counter()
@@ -254,6 +254,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     n = max(1, len(losses))
     root = {
         "spheres": cfg.spheres,
+        "concurrent_spheres": spheres.concurrent,  # computing at once (the core gate)
         "active_spheres": active,
         "steps": len(losses),
         "grad_norm": norms[-1] if norms else float("nan"),
@@ -283,6 +284,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     return TrainResult(model_cfg, cfg, host_params, losses, sphere_summary, root, dataset.name,
                        wall, str(run_dir.path) if run_dir else None, history, val_losses,
                        finished, checkpoint, interrupted and not finished, skipped)
+
+
+def gate_cores(cfg: TrainConfig, be) -> int | None:
+    """The core gate's tokens: on the cpu, --cores or the usable cores (spheres are threads that
+    compute); on cuda none (a sphere mostly launches work on its stream)."""
+    if be.name != "cpu":
+        return None
+    return cfg.cores or usable_cores()
 
 
 def _graphs_wanted(cfg: TrainConfig, be, comm: Comm) -> bool:

@@ -10,7 +10,10 @@ const ACTIVITY = [[0.75, "very active", "#e6b800"], [0.40, "active", "#2e9d3a"],
                   [0.05, "some", "#1a9fb0"], [0.0, "idle", "#9a9a9a"]];
 const SVG = "http://www.w3.org/2000/svg";
 
-function activity(u) {
+const WAITING = [0, "waiting for a core", "#b05fd0"];  // the core gate held it back more than it computed
+
+function activity(u, waiting) {
+  if (waiting >= 0.05 && waiting > u) return WAITING;
   for (const a of ACTIVITY) if (u >= a[0]) return a;
   return ACTIVITY[ACTIVITY.length - 1];
 }
@@ -36,7 +39,7 @@ function drawRing(live) {
   spheres.forEach((s, i) => {
     const a = 2 * Math.PI * i / n - Math.PI / 2, x = R * Math.cos(a), y = R * Math.sin(a);
     const g = el("g", {"data-sphere": s.sphere, "data-batches": s.batches, class: "sphere"});
-    const [, name, colour] = activity(s.recent ?? s.utilization ?? 0);
+    const [, name, colour] = activity(s.recent ?? s.utilization ?? 0, s.recent_wait ?? 0);
     g.appendChild(el("line", {x1: 0, y1: 0, x2: x, y2: y, stroke: colour, "stroke-opacity": 0.35}));
     g.appendChild(el("circle", {cx: x, cy: y, r: r, fill: colour, stroke: "#333"}));
     g.appendChild(el("text", {x: x, y: y - 2, "text-anchor": "middle", "font-size": 11, "font-weight": "bold"}, String(s.sphere)));
@@ -150,6 +153,6 @@ async function poll() {
   setTimeout(poll, POLL_MS);
 }
 
-document.getElementById("legend").innerHTML = ACTIVITY.map(
+document.getElementById("legend").innerHTML = [...ACTIVITY, WAITING].map(
   a => `<span><span class="swatch" style="background:${a[2]}"></span>${a[1]}</span>`).join("");
 poll();

@@ -1,0 +1,130 @@
+"""The core gate (cpu): at most min(spheres, cores) spheres compute at once, and the bits, the
+ring and the per-sphere statistics stay what they are without it."""
+
+import threading
+import time
+
+import pytest
+
+from crystal.backends.cpu import CpuBackend
+from crystal.config import resolve
+from crystal.errors import SphereFailure
+from crystal.spheres import CoreGate, GateClosed
+from crystal.trainer import train
+
+
+def run(spheres: int, cores: int | None, steps: int = 3, backend=None, **over):
+    model, cfg = resolve("tiny", train_overrides=dict(spheres=spheres, cores=cores, steps=steps, device="cpu",
+                                                      dropout=0.1, **over))
+    return train(model, cfg, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run(1, None)
+
+
+@pytest.mark.parametrize("spheres, cores", [(1, 1), (3, 1), (3, 2), (12, 1), (12, 2), (20, 2), (20, 1), (12, None)])
+def test_the_gate_changes_no_bit(reference, spheres, cores):
+    out = run(spheres, cores)
+    assert out.params.tobytes() == reference.params.tobytes() and out.losses == reference.losses
+    assert out.root["concurrent_spheres"] == min(spheres, cores) if cores else True
+    assert [s["batches"] for s in out.spheres] == [len(range(i, 12, spheres)) * 3 for i in range(spheres)]
+
+
+class CountingBackend(CpuBackend):
+    """Records the most spheres inside a matmul at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside, self.most, self._lock = 0, 0, threading.Lock()
+
+    def matmul_forward(self, *a, **k):
+        with self._lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        try:
+            time.sleep(0.001)  # long enough for others to pile in, were they allowed
+            return super().matmul_forward(*a, **k)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_at_most_cores_spheres_compute_at_once(cores):
+    be = CountingBackend()
+    out = run(12, cores, steps=2, backend=be)
+    assert be.most <= cores
+    assert sum(s["wait_s"] for s in out.spheres) > 0  # somebody waited for a core
+
+
+def test_without_a_gate_spheres_do_overlap():
+    be = CountingBackend()
+    run(12, 64, steps=2, backend=be)
+    assert be.most > 2
+
+
+class FailingInSphere(CpuBackend):
+    def __init__(self, sphere_name: str):
+        super().__init__()
+        self.sphere_name = sphere_name
+
+    def matmul_forward(self, *a, **k):
+        if threading.current_thread().name == self.sphere_name:
+            raise RuntimeError("injected failure")
+        time.sleep(0.002)
+        return super().matmul_forward(*a, **k)
+
+
+def test_a_sphere_that_raises_while_others_wait_for_a_core_ends_the_run_within_seconds():
+    t0 = time.perf_counter()
+    with pytest.raises(SphereFailure, match="sphere 5 failed: RuntimeError: injected failure"):
+        run(12, 1, steps=50, backend=FailingInSphere("sphere-5"))
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_closed_gate_wakes_its_waiters():
+    stop = threading.Event()
+    gate = CoreGate(1, 2, stop)
+    gate.take(0)
+    errors = []
+
+    def waiter():
+        try:
+            gate.take(1)
+        except GateClosed as e:
+            errors.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)
+    assert gate.waiting[1]
+    stop.set()
+    t.join(2)
+    assert not t.is_alive() and errors and gate.wait_s[1] > 0.2
+
+
+def test_dry_run_and_info_say_how_many_spheres_compute_at_once(capsys):
+    from crystal.cli import main
+
+    assert main(["train", "--preset", "tiny", "--device", "cpu", "--cores", "2", "--dry-run"]) == 0
+    assert "spheres: 12, at most 2 computing at once on the cpu (2 cores)" in capsys.readouterr().out
+    from crystal.info import describe
+
+    assert "spheres compute at once" in describe()["cores"]
+
+
+@pytest.mark.parametrize("cores", ["0", "-1", "x", "5000"])
+def test_nonsense_cores_exit_2(cores, tmp_path):
+    from crystal.cli import main
+
+    assert main(["train", "--preset", "tiny", "--cores", cores, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+
+
+def test_the_ring_tells_waiting_for_a_core_from_idle():
+    from crystal.dashboard import WAITING, activity
+
+    assert activity(0.0)[0] == "idle"
+    assert activity(0.1, waiting=0.8) == WAITING
+    assert activity(0.8, waiting=0.1)[0] == "very active"
