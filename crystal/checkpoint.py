@@ -135,6 +135,8 @@ class RunDir:
         if overwrite and not resume:
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
             (self.path / METRICS_FILE).unlink(missing_ok=True)
+            for events in self.path.glob("events.out.tfevents.*"):  # the old run's TensorBoard log
+                events.unlink()
         for stale in (self.path / CHECKPOINTS).glob(".step-*.tmp-*"):  # left by a killed process
             shutil.rmtree(stale, ignore_errors=True)
         self._metrics = None

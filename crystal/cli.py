@@ -45,8 +45,8 @@ def _preset_help() -> str:
                    "cuBLASLt); auto: where the capture works, else eager with a warning  [default: off]")
 @click.option("--spheres", type=int, default=None, help="worker spheres around the root, 1-64  [default: 12]")
 @click.option("--cores", type=int, default=None,
-              help="cpu: at most this many spheres compute at once (the others wait for a core)  "
-                   "[default: the cores this process may use]")
+              help="cpu: at most this many spheres compute at once, the others wait for a core "
+                   "(the core gate)  [default: no gate]")
 @click.option("--data", type=str, default=None,
               help="text file (bytes) or a directory from `crystal prepare`  [default: embedded Tiny Shakespeare]")
 @click.option("--val-fraction", type=float, default=None,
@@ -361,9 +361,12 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     if cfg.device != "cuda":  # the core gate (a cpu run; auto on a machine without a GPU)
         from crystal.spheres import usable_cores
 
-        cores = cfg.cores or usable_cores()
-        lines.append(f"spheres: {cfg.spheres}, at most {min(cfg.spheres, cores)} computing at once on the cpu "
-                     f"({cores} cores{'' if cfg.cores else ' usable'})")
+        if cfg.cores:
+            lines.append(f"spheres: {cfg.spheres}, at most {min(cfg.spheres, cfg.cores)} computing at once on the "
+                         f"cpu (--cores {cfg.cores})")
+        else:
+            lines.append(f"spheres: {cfg.spheres}, all computing at once on the cpu ({usable_cores()} usable cores; "
+                         "--cores N gates them)")
     if bf16:
         lines.append("precision: bf16 activations and weight copy, fp32 master weights, gradients and moments; "
                      + ("attention: cuDNN flash ([B,NH,T] statistics)" if flash else

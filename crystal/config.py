@@ -115,7 +115,7 @@ class TrainConfig:
     precision: str = "fp32"  # cuda: fp32, tf32 (matmul inputs) or bf16 (mixed); cpu is always fp32
     cuda_graphs: str = "off"  # cuda: replay each step as CUDA graphs (crystal.graphs): on, off, auto (on where capture works)
     spheres: int = 12
-    cores: int | None = None  # cpu: at most min(spheres, cores) spheres compute at once; None: the usable cores
+    cores: int | None = None  # cpu: at most min(spheres, cores) spheres compute at once (the core gate); None: no gate
     data: str | None = None  # text file, prepared directory, or None: the embedded corpus
     val_fraction: float = 0.1  # held-out tail of a text file / the embedded corpus
     batch_size: int = 1

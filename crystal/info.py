@@ -20,8 +20,7 @@ def _cores() -> str:
     from crystal.spheres import usable_cores
 
     n = usable_cores()
-    return (f"{os.cpu_count()} ({n} usable: on the cpu at most {n} spheres compute at once; "
-            "the others wait for a core)")
+    return f"{os.cpu_count()} ({n} usable; `crystal train --cores {n}`: at most {n} spheres compute at once)"
 
 
 def describe() -> dict[str, str]:

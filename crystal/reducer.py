@@ -310,10 +310,8 @@ class GradientReducer:
     def _owed_below(self, j: int) -> int:
         return sum(1 for i in range(j) if not self._granted[i])
 
-    def acquire(self, j: int, on_wait=None) -> int:
-        """The pool row micro-batch j's gradient goes into; waits while the pool is short.
-        on_wait: (pause, resume), called around such a wait (the sphere's core token goes back)."""
-        paused = False
+    def acquire(self, j: int) -> int:
+        """The pool row micro-batch j's gradient goes into; waits while the pool is short."""
         with self._cond:
             if self._granted[j]:
                 raise RuntimeError(f"micro-batch {j} already has a gradient row this step")
@@ -322,9 +320,6 @@ class GradientReducer:
             else:
                 waited = False
                 while not (self._aborted or len(self._free) > self._owed_below(j)):
-                    if on_wait is not None and not paused:
-                        on_wait[0]()
-                        paused = True
                     waited = True
                     self._cond.wait(_WAIT_S)
                 if self._aborted:
@@ -335,8 +330,6 @@ class GradientReducer:
             self._in_use += 1
             self.high_water = max(self.high_water, self._in_use)
             self._cond.notify_all()  # one fewer owed below the waiting micro-batches above j
-        if paused:
-            on_wait[1]()
         self.be.wait_event(ev)  # the row's last reader (an addition on another stream) is done
         return r
 

@@ -13,12 +13,15 @@ hands out work by index, round-robin (sphere s takes items s, s+N, ...):
   root only combines per-chunk partial sums, in chunk order.
 
 The core gate (cpu): at most `cores` spheres compute at once (`CoreGate`, min(spheres, usable
-cores)). A sphere takes a token before each item of work and gives it back after it, and gives
-it back while it waits for a gradient row (so a full pool cannot hold every token: the pool's
-no-deadlock argument, crystal/reducer.py, needs every sphere with a row to progress). Spheres
-stay threads that own their items, so the ring, the statistics and the bits are unchanged; 12
-spheres on 2 cores no longer oversubscribe them. Time spent waiting for a token is `wait_s`,
-not `busy_s`.
+cores)). A sphere takes a core token for the forward/backward of each of its batches and gives
+it back after it; the token carries one of `cores` activation buffer sets, so buffers stay hot
+in cache and memory does not grow with the sphere count. A micro-batch takes its gradient row
+before its token, so no sphere ever waits for a row while holding a core (the pool's
+no-deadlock argument, crystal/reducer.py, needs every sphere with a row to progress). The flat
+buffer's chunks (reducer, optimizer) are short items: they go to `cores` spheres, ungated.
+Spheres stay threads that own their micro-batches, so the ring, the statistics and the bits are
+unchanged; 12 spheres on 2 cores no longer oversubscribe them. Time spent waiting for a token is
+`wait_s`, not `busy_s`.
 
 The root waits for every sphere after each round; an exception in any sphere stops the round
 at once: the others finish the item they are on (or stop waiting for a token), the root raises
@@ -27,6 +30,8 @@ at once: the others finish the item they are on (or stop waiting for a token), t
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import os
 import queue
 import threading
@@ -56,35 +61,61 @@ class GateClosed(RuntimeError):
 
 
 class CoreGate:
-    """Tokens for `cores` spheres computing at once. take(i)/give(i) by sphere i's own thread;
+    """`cores` tokens (0 .. cores-1): at most that many spheres compute at once. take(i, order)
+    by sphere i's own thread returns the token it holds until give(i); a freed token goes straight
+    to the waiting sphere with the smallest `order` (its micro-batch index), so micro-batches run
+    roughly in order, as with one sphere per core, and the tree's additions follow them promptly.
     waiting[i] and wait_s[i] are what the views read."""
 
     def __init__(self, cores: int, spheres: int, stop: threading.Event):
         self.cores = cores
-        self._sem = threading.Semaphore(cores)
+        self._lock = threading.Lock()
+        self._free = list(range(cores - 1, -1, -1))
+        self._queue: list[tuple[int, int]] = []  # (order, sphere) waiting, a heap
+        self._handed: list[int | None] = [None] * spheres
+        self._wake = [threading.Event() for _ in range(spheres)]
         self._stop = stop
-        self._holding = [False] * spheres
+        self._token: list[int | None] = [None] * spheres
         self.waiting = [False] * spheres
         self.wait_s = [0.0] * spheres
 
-    def take(self, i: int) -> None:
-        if self._holding[i]:
-            return
+    def take(self, i: int, order: int = 0) -> int:
+        with self._lock:
+            if self._free and not self._queue:
+                self._token[i] = token = self._free.pop()
+                return token
+            self._wake[i].clear()
+            heapq.heappush(self._queue, (order, i))
         t0 = time.perf_counter()
         self.waiting[i] = True
         try:
-            while not self._sem.acquire(timeout=_GATE_POLL_S):
+            while not self._wake[i].wait(_GATE_POLL_S):
                 if self._stop.is_set():
-                    raise GateClosed("the run stops")
+                    with self._lock:
+                        if self._handed[i] is None:  # never handed a token: leave the queue
+                            self._queue.remove((order, i))
+                            heapq.heapify(self._queue)
+                            raise GateClosed("the run stops")
+                    break  # handed one just now: take it, the caller stops after the item
         finally:
             self.waiting[i] = False
             self.wait_s[i] += time.perf_counter() - t0
-        self._holding[i] = True
+        with self._lock:
+            token, self._handed[i] = self._handed[i], None
+        self._token[i] = token
+        return token
 
     def give(self, i: int) -> None:
-        if self._holding[i]:
-            self._holding[i] = False
-            self._sem.release()
+        token, self._token[i] = self._token[i], None
+        if token is None:
+            return
+        with self._lock:
+            if self._queue:
+                _, j = heapq.heappop(self._queue)
+                self._handed[j] = token
+                self._wake[j].set()
+            else:
+                self._free.append(token)
 
 
 @dataclass
@@ -138,12 +169,13 @@ class SphereSystem:
         self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
         self.counts_launches = hasattr(be, "thread_launches")  # cuda: kernel and library launches
         self.launches_per_micro_batch: int | None = None
-        self._acts = [Activations(be, cfg, batch_size, seq_len) for _ in range(n_spheres)]
         self._inbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n_spheres)]
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self.gate = CoreGate(cores, n_spheres, self._stop) if cores is not None and cores < n_spheres else None
         self.concurrent = n_spheres if self.gate is None else self.gate.cores  # spheres computing at once
+        # one activation buffer set per sphere, or per core token under the gate
+        self._acts = [Activations(be, cfg, batch_size, seq_len) for _ in range(self.concurrent)]
         self._threads = [
             threading.Thread(target=self._sphere_loop, args=(i,), name=f"sphere-{i}", daemon=True)
             for i in range(n_spheres)
@@ -167,13 +199,7 @@ class SphereSystem:
                     for item in task.indices:
                         if self._stop.is_set():
                             break
-                        if gate is not None:
-                            gate.take(i)
-                        try:
-                            task.results[item] = task.work(i, item)
-                        finally:
-                            if gate is not None:
-                                gate.give(i)
+                        task.results[item] = task.work(i, item)
                     done = be.record_event()
                     self._done.put((i, None, done))
                 except GateClosed:  # another sphere failed while this one waited for a core
@@ -183,21 +209,38 @@ class SphereSystem:
                     self._done.put((i, e, None))
                 finally:
                     waited = (gate.wait_s[i] - waited0) if gate else 0.0
-                    stats.wait_s = gate.wait_s[i] if gate else 0.0
+                    stats.wait_s += waited
                     stats.busy_s += time.perf_counter() - t0 - waited
 
+    @contextlib.contextmanager
+    def _core(self, i: int, order: int = 0):
+        """Sphere i computes inside: with a core token and its activation buffers (the gate; the
+        smallest order waiting gets a freed core first), or with its own buffers."""
+        if self.gate is None:
+            yield self._acts[i]
+            return
+        token = self.gate.take(i, order)
+        try:
+            yield self._acts[token]
+        finally:
+            self.gate.give(i)
+
     def _train_micro_batch(self, i: int, x, y, m: int, drop: Dropout | None) -> float:
-        be, stats, acts = self.be, self.stats[i], self._acts[i]
+        be, stats = self.be, self.stats[i]
         stats.active = True
         keys = [drop.keys(self.cfg.n_layer)] if drop else None
-        x, y = be.stage([(x, y)], self.cfg.vocab_size, keys)[0]
-        issued = be.thread_launches() if self.counts_launches else 0
-        loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True)
-        gate = self.gate  # a sphere waiting for a row gives its core back meanwhile
-        row = self.reducer.acquire(m, None if gate is None else (lambda: gate.give(i), lambda: gate.take(i)))
-        backward(be, self.cfg, self.weights, self.row_grads[row], acts, x, y, drop)
-        if self.counts_launches:  # the same for every micro-batch of a run
-            self.launches_per_micro_batch = be.thread_launches() - issued
+        gated = self.gate is not None
+        if gated:  # the row first: a sphere never waits for a row while it holds a core
+            row = self.reducer.acquire(m)
+        with self._core(i, m) as acts:
+            x, y = be.stage([(x, y)], self.cfg.vocab_size, keys)[0]
+            issued = be.thread_launches() if self.counts_launches else 0
+            loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True)
+            if not gated:
+                row = self.reducer.acquire(m)
+            backward(be, self.cfg, self.weights, self.row_grads[row], acts, x, y, drop)
+            if self.counts_launches:  # the same for every micro-batch of a run
+                self.launches_per_micro_batch = be.thread_launches() - issued
         stats.active = False
         stats.batches += 1
         stats.loss_sum += loss
@@ -205,9 +248,10 @@ class SphereSystem:
         self.reducer.release(m)  # the tree additions it completes, on this sphere
         return loss
 
-    def _eval_batch(self, i: int, x, y) -> float:
+    def _eval_batch(self, i: int, x, y, k: int) -> float:
         be = self.be
-        return forward(be, self.cfg, self.weights, self._acts[i], be.to_device(x), be.to_device(y))
+        with self._core(i, k) as acts:
+            return forward(be, self.cfg, self.weights, acts, be.to_device(x), be.to_device(y))
 
     # --- the root side ---
     def step(self, batches: list, drops: list[Dropout] | None = None) -> list[float]:
@@ -217,22 +261,26 @@ class SphereSystem:
             raise ValueError(f"{len(batches)} micro-batches for the reducer's {self.reducer.local_count}")
         self.reducer.begin_step()
         return self.map(len(batches), lambda i, m: self._train_micro_batch(
-            i, *batches[m], m, drops[m] if drops else None))
+            i, *batches[m], m, drops[m] if drops else None), gated=True)
 
     def evaluate(self, batches: list) -> list[float]:
         """Forward-only losses of any number of batches, spread over the spheres likewise."""
-        return self.map(len(batches), lambda i, m: self._eval_batch(i, *batches[m]))
+        return self.map(len(batches), lambda i, m: self._eval_batch(i, *batches[m], m), gated=True)
 
-    def map(self, n_items: int, work: Callable[[int, int], float]) -> list:
-        """[work(sphere, item) for item in range(n_items)], items spread round-robin."""
+    def map(self, n_items: int, work: Callable[[int, int], float], gated: bool = False) -> list:
+        """[work(sphere, item) for item in range(n_items)], items spread round-robin: over every
+        sphere (gated: batches, which take a core token inside), or over as many spheres as may
+        compute at once (the flat buffer's chunks: short items, where a token hand-off would cost
+        more than the work)."""
         if self._stop.is_set():
             raise RuntimeError("the sphere system has stopped")
         t0 = time.perf_counter()
         results = [float("nan")] * n_items
         ready = self.be.record_event()
         busy = 0
-        for s in range(self.n):
-            indices = list(range(s, n_items, self.n))
+        spread = self.n if gated else self.concurrent
+        for s in range(spread):
+            indices = list(range(s, n_items, spread))
             if indices:
                 self._inbox[s].put(_Task(ready, indices, work, results))
                 busy += 1

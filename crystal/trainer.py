@@ -27,7 +27,7 @@ from crystal.model import ParamLayout, init_params, warm_up
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
-from crystal.spheres import SphereSystem, usable_cores
+from crystal.spheres import SphereSystem
 from crystal.world import Comm
 
 
@@ -287,11 +287,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
 
 
 def gate_cores(cfg: TrainConfig, be) -> int | None:
-    """The core gate's tokens: on the cpu, --cores or the usable cores (spheres are threads that
-    compute); on cuda none (a sphere mostly launches work on its stream)."""
+    """The core gate's tokens: on the cpu with --cores N, N; otherwise none (on cuda a sphere
+    mostly launches work on its stream). Opt-in for now: on the 2-core VM the gated 12-sphere ring
+    is slower than the ungated one (bench/bench_gate.py, bench/RESULTS.md)."""
     if be.name != "cpu":
         return None
-    return cfg.cores or usable_cores()
+    return cfg.cores
 
 
 def _graphs_wanted(cfg: TrainConfig, be, comm: Comm) -> bool:

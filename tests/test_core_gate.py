@@ -24,7 +24,8 @@ def reference():
     return run(1, None)
 
 
-@pytest.mark.parametrize("spheres, cores", [(1, 1), (3, 1), (3, 2), (12, 1), (12, 2), (20, 2), (20, 1), (12, None)])
+@pytest.mark.parametrize("spheres, cores", [(1, 1), (1, 2), (3, 1), (3, 2), (12, 1), (12, 2), (20, 2), (20, 1),
+                                            (12, None)])
 def test_the_gate_changes_no_bit(reference, spheres, cores):
     out = run(spheres, cores)
     assert out.params.tobytes() == reference.params.tobytes() and out.losses == reference.losses
@@ -109,10 +110,12 @@ def test_dry_run_and_info_say_how_many_spheres_compute_at_once(capsys):
     from crystal.cli import main
 
     assert main(["train", "--preset", "tiny", "--device", "cpu", "--cores", "2", "--dry-run"]) == 0
-    assert "spheres: 12, at most 2 computing at once on the cpu (2 cores)" in capsys.readouterr().out
+    assert "spheres: 12, at most 2 computing at once on the cpu (--cores 2)" in capsys.readouterr().out
     from crystal.info import describe
 
     assert "spheres compute at once" in describe()["cores"]
+    assert main(["train", "--preset", "tiny", "--device", "cpu", "--dry-run"]) == 0
+    assert "all computing at once on the cpu" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("cores", ["0", "-1", "x", "5000"])

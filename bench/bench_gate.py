@@ -1,0 +1,77 @@
+"""The core gate: the default 12-sphere ring against as many spheres as cores, same config.
+
+Usage: python bench/bench_gate.py [--preset small] [--steps 150] [--warmup-steps 30] [--rounds 2]
+                                  [--spheres 12 2] [--gate] [--json OUT]
+
+Each configuration is `crystal train --device cpu --preset P --steps S --eval-every 0 --quiet`
+with --spheres N, in a fresh process, alternating (the machine's noise hits both sides);
+tokens/s from metrics.jsonl over the steps after --warmup-steps. The target: the 12-sphere rate
+>= 0.95x the 2-sphere rate on 2 cores. `--gate` adds the first sphere count with --cores (the
+core gate: 12 spheres on a 2-core machine run 2 at a time, the others wait for a core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(preset: str, spheres: int, steps: int, warmup: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "crystal.cli", "train", "--device", "cpu", "--preset", preset,
+               "--steps", str(steps), "--eval-every", "0", "--quiet", "--spheres", str(spheres),
+               "--out", str(out), *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        recs = [r for r in recs if "loss" in r]
+        a, b = recs[warmup - 1], recs[-1]
+        train = json.loads((out / "train.json").read_text())
+        tokens = train["micro_batches"] * train["batch_size"] * train["seq_len"] * (b["step"] - a["step"])
+        root = json.loads((out / "spheres.json").read_text())["root"]
+        return {"tokens_per_s": tokens / (b["elapsed"] - a["elapsed"]), "concurrent": root["concurrent_spheres"],
+                "final_loss": b["loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--warmup-steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--spheres", type=int, nargs="+", default=[12, 2])
+    ap.add_argument("--gate", action="store_true", help="also run the first sphere count with --cores (this machine's cores)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    configs = [(n, []) for n in args.spheres]
+    if args.gate:
+        configs.append((args.spheres[0], ["--cores", str(len(os.sched_getaffinity(0)))]))
+    names = [f"{n} spheres" + (" (gated)" if extra else "") for n, extra in configs]
+    res: dict[str, list[dict]] = {k: [] for k in names}
+    for rnd in range(args.rounds):
+        order = list(zip(names, configs))
+        for name, (n, extra) in order if rnd % 2 == 0 else order[::-1]:
+            x = run(args.preset, n, args.steps, args.warmup_steps, extra)
+            res[name].append(x)
+            print(f"round {rnd + 1}: {name:>22}: {x['tokens_per_s']:>9,.0f} tok/s "
+                  f"({x['concurrent']} computing at once)", flush=True)
+    mean = {k: sum(x["tokens_per_s"] for x in v) / len(v) for k, v in res.items()}
+    base = mean[names[1]] if len(names) > 1 else mean[names[0]]
+    for k in names:
+        print(f"{k:>22}: mean {mean[k]:>9,.0f} tok/s, {mean[k] / base:.3f}x {names[1] if len(names) > 1 else ''}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "steps": args.steps, "cores": os.cpu_count(),
+                                               "date": time.strftime("%Y-%m-%d"), "runs": res, "mean_tok_s": mean},
+                                              indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
