@@ -310,8 +310,9 @@ class GradientReducer:
     def _owed_below(self, j: int) -> int:
         return sum(1 for i in range(j) if not self._granted[i])
 
-    def acquire(self, j: int) -> int:
-        """The pool row micro-batch j's gradient goes into; waits while the pool is short."""
+    def acquire(self, j: int, block: bool = True) -> int | None:
+        """The pool row micro-batch j's gradient goes into; waits while the pool is short (or,
+        with block=False, returns None at once)."""
         with self._cond:
             if self._granted[j]:
                 raise RuntimeError(f"micro-batch {j} already has a gradient row this step")
@@ -320,6 +321,8 @@ class GradientReducer:
             else:
                 waited = False
                 while not (self._aborted or len(self._free) > self._owed_below(j)):
+                    if not block:
+                        return None
                     waited = True
                     self._cond.wait(_WAIT_S)
                 if self._aborted:

@@ -12,12 +12,13 @@ hands out work by index, round-robin (sphere s takes items s, s+N, ...):
   fixed chunks (their count does not depend on N), so the spheres share that work too and the
   root only combines per-chunk partial sums, in chunk order.
 
-The core gate (cpu): at most `cores` spheres compute at once (`CoreGate`, min(spheres, usable
-cores)). A sphere takes a core token for the forward/backward of each of its batches and gives
+The core gate (cpu, `--cores N`; off by default): at most `cores` spheres compute at once
+(`CoreGate`). A sphere takes a core token for the forward/backward of each of its batches and gives
 it back after it; the token carries one of `cores` activation buffer sets, so buffers stay hot
 in cache and memory does not grow with the sphere count. A micro-batch takes its gradient row
-before its token, so no sphere ever waits for a row while holding a core (the pool's
-no-deadlock argument, crystal/reducer.py, needs every sphere with a row to progress). The flat
+after its token when the pool has one at once, and otherwise gives the token back while it waits
+for the row, so no sphere ever waits for a row while holding a core (the pool's no-deadlock
+argument, crystal/reducer.py, needs every sphere with a row to progress). The flat
 buffer's chunks (reducer, optimizer) are short items: they go to `cores` spheres, ungated.
 Spheres stay threads that own their micro-batches, so the ring, the statistics and the bits are
 unchanged; 12 spheres on 2 cores no longer oversubscribe them. Time spent waiting for a token is
@@ -104,6 +105,10 @@ class CoreGate:
             token, self._handed[i] = self._handed[i], None
         self._token[i] = token
         return token
+
+    def held(self, i: int) -> int:
+        """The token sphere i holds."""
+        return self._token[i]
 
     def give(self, i: int) -> None:
         token, self._token[i] = self._token[i], None
@@ -212,14 +217,27 @@ class SphereSystem:
                     stats.wait_s += waited
                     stats.busy_s += time.perf_counter() - t0 - waited
 
+    def _row_and_core(self, i: int, m: int) -> int:
+        """Under the gate: a core token, then micro-batch m's gradient row if the pool has one now;
+        otherwise the core goes back while the sphere waits for the row (a sphere never waits for
+        a row while it holds a core), and is taken again. Rows are taken by computing spheres
+        only, so few are in use and they stay in cache."""
+        self.gate.take(i, m)
+        row = self.reducer.acquire(m, block=False)
+        if row is None:
+            self.gate.give(i)
+            row = self.reducer.acquire(m)
+            self.gate.take(i, m)
+        return row
+
     @contextlib.contextmanager
-    def _core(self, i: int, order: int = 0):
+    def _core(self, i: int, order: int = 0, held: bool = False):
         """Sphere i computes inside: with a core token and its activation buffers (the gate; the
-        smallest order waiting gets a freed core first), or with its own buffers."""
+        smallest order waiting gets a freed core first; held: taken already), or with its own buffers."""
         if self.gate is None:
             yield self._acts[i]
             return
-        token = self.gate.take(i, order)
+        token = self.gate.held(i) if held else self.gate.take(i, order)
         try:
             yield self._acts[token]
         finally:
@@ -230,9 +248,9 @@ class SphereSystem:
         stats.active = True
         keys = [drop.keys(self.cfg.n_layer)] if drop else None
         gated = self.gate is not None
-        if gated:  # the row first: a sphere never waits for a row while it holds a core
-            row = self.reducer.acquire(m)
-        with self._core(i, m) as acts:
+        if gated:
+            row = self._row_and_core(i, m)
+        with self._core(i, m, held=gated) as acts:
             x, y = be.stage([(x, y)], self.cfg.vocab_size, keys)[0]
             issued = be.thread_launches() if self.counts_launches else 0
             loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True)
