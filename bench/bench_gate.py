@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from run_rate import rate_after
+
 
 def run(preset: str, spheres: int, steps: int, warmup: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
@@ -31,14 +33,10 @@ def run(preset: str, spheres: int, steps: int, warmup: int, extra: list[str]) ->
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        recs = [r for r in recs if "loss" in r]
-        a, b = recs[warmup - 1], recs[-1]
-        train = json.loads((out / "train.json").read_text())
-        tokens = train["micro_batches"] * train["batch_size"] * train["seq_len"] * (b["step"] - a["step"])
         root = json.loads((out / "spheres.json").read_text())["root"]
-        return {"tokens_per_s": tokens / (b["elapsed"] - a["elapsed"]), "concurrent": root["concurrent_spheres"],
-                "final_loss": b["loss"]}
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        return {"tokens_per_s": rate_after(out, warmup)[0], "concurrent": root["concurrent_spheres"],
+                "final_loss": last["loss"]}
 
 
 def main() -> None:

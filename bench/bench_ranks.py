@@ -30,6 +30,7 @@ from pathlib import Path
 
 from crystal.config import resolve
 from crystal.memory import memory_estimate
+from run_rate import rate_after
 
 
 def run(preset: str, ranks: int, shard: bool, spheres: int, steps: int, warmup: int, extra: list[str]) -> dict:
@@ -46,14 +47,9 @@ def run(preset: str, ranks: int, shard: bool, spheres: int, steps: int, warmup: 
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        recs = [r for r in recs if "loss" in r and "elapsed" in r]
-        train = json.loads((out / "train.json").read_text())
-        tokens_per_step = train["micro_batches"] * train["batch_size"] * train["seq_len"]
-        a, b = recs[warmup - 1], recs[-1]
+        tokens_per_s, ms_per_step = rate_after(out, warmup)
         root = json.loads((out / "spheres.json").read_text())["root"]
-        return {"tokens_per_s": tokens_per_step * (b["step"] - a["step"]) / (b["elapsed"] - a["elapsed"]),
-                "ms_per_step": 1e3 * (b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"]),
+        return {"tokens_per_s": tokens_per_s, "ms_per_step": ms_per_step,
                 "comm_bytes_per_step": root.get("comm_bytes_per_step", 0),
                 "comm_ms_per_step": root.get("comm_ms_per_step", 0.0),
                 "optimizer_ms_per_step": root["optimizer_ms_per_step"],

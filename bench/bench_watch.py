@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from run_rate import rate_after
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -83,12 +85,7 @@ def run(preset: str, steps: int, warmup: int, watched: bool) -> float:
             close()
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        recs = [r for r in recs if "loss" in r]
-        a, b = recs[warmup - 1], recs[-1]
-        train = json.loads((out / "train.json").read_text())
-        tokens = train["micro_batches"] * train["batch_size"] * train["seq_len"] * (b["step"] - a["step"])
-        return tokens / (b["elapsed"] - a["elapsed"])
+        return rate_after(out, warmup)[0]
 
 
 def main() -> None:

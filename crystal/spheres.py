@@ -66,7 +66,7 @@ class CoreGate:
     by sphere i's own thread returns the token it holds until give(i); a freed token goes straight
     to the waiting sphere with the smallest `order` (its micro-batch index), so micro-batches run
     roughly in order, as with one sphere per core, and the tree's additions follow them promptly.
-    waiting[i] and wait_s[i] are what the views read."""
+    waiting[i]: sphere i waits for a core now; wait_s[i]: its seconds of waiting so far."""
 
     def __init__(self, cores: int, spheres: int, stop: threading.Event):
         self.cores = cores

@@ -9,6 +9,16 @@ import numpy as np
 from crystal.world import Comm, World
 
 
+def meet(shared: dict, key, rank: int, size: int, value) -> list:
+    """Every thread-rank's value for key, in rank order, once all `size` have given theirs."""
+    board, barrier = shared.setdefault(key, {}), shared["barrier"]
+    board[rank] = value
+    barrier.wait()
+    out = [board[r] for r in range(size)]
+    barrier.wait()
+    return out
+
+
 class ThreadComm(Comm):
     """R ranks as threads of one process: the collectives meet at a barrier (MPI's semantics)."""
 
@@ -17,12 +27,7 @@ class ThreadComm(Comm):
         self.rank, self.size, self.shared = rank, size, shared
 
     def _exchange(self, key, value):
-        board, barrier = self.shared.setdefault(key, {}), self.shared["barrier"]
-        board[self.rank] = value
-        barrier.wait()
-        out = [board[r] for r in range(self.size)]
-        barrier.wait()
-        return out
+        return meet(self.shared, key, self.rank, self.size, value)
 
     def _gather_rows(self, buf) -> None:
         k = buf.shape[0] // self.size
@@ -65,12 +70,7 @@ class FakeNcclBackend:
         self.calls: list[str] = []
 
     def _meet(self, key, value):
-        board, barrier = self.shared.setdefault(key, {}), self.shared["barrier"]
-        board[self.rank] = value
-        barrier.wait()
-        out = [board[r] for r in range(self.n)]
-        barrier.wait()
-        return out
+        return meet(self.shared, key, self.rank, self.n, value)
 
     def all_gather(self, in_array, out_array, count, stream=None):
         self.calls.append("all_gather")
