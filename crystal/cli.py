@@ -46,7 +46,7 @@ def _preset_help() -> str:
 @click.option("--spheres", type=int, default=None, help="worker spheres around the root, 1-64  [default: 12]")
 @click.option("--cores", type=int, default=None,
               help="cpu: at most this many spheres compute at once, the others wait for a core "
-                   "(the core gate)  [default: no gate]")
+                   "(the core gate); 0: no gate  [default: the usable cores]")
 @click.option("--data", type=str, default=None,
               help="text file (bytes) or a directory from `crystal prepare`  [default: embedded Tiny Shakespeare]")
 @click.option("--val-fraction", type=float, default=None,
@@ -359,14 +359,15 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",
     ]
     if cfg.device != "cuda":  # the core gate (a cpu run; auto on a machine without a GPU)
-        from crystal.spheres import usable_cores
+        from crystal.spheres import gate_cores, usable_cores
 
-        if cfg.cores:
-            lines.append(f"spheres: {cfg.spheres}, at most {min(cfg.spheres, cfg.cores)} computing at once on the "
-                         f"cpu (--cores {cfg.cores})")
+        cores = gate_cores(cfg.cores)
+        if cores is not None and cores < cfg.spheres:
+            lines.append(f"spheres: {cfg.spheres}, at most {cores} computing at once on the cpu ("
+                         + (f"--cores {cfg.cores})" if cfg.cores else f"{cores} usable cores; --cores N to change)"))
         else:
-            lines.append(f"spheres: {cfg.spheres}, all computing at once on the cpu ({usable_cores()} usable cores; "
-                         "--cores N gates them)")
+            lines.append(f"spheres: {cfg.spheres}, all computing at once on the cpu ({usable_cores()} usable cores"
+                         + ("; --cores 0: no gate)" if cfg.cores == 0 else ")"))
     if bf16:
         lines.append("precision: bf16 activations and weight copy, fp32 master weights, gradients and moments; "
                      + ("attention: cuDNN flash ([B,NH,T] statistics)" if flash else

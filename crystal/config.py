@@ -115,7 +115,7 @@ class TrainConfig:
     precision: str = "fp32"  # cuda: fp32, tf32 (matmul inputs) or bf16 (mixed); cpu is always fp32
     cuda_graphs: str = "off"  # cuda: replay each step as CUDA graphs (crystal.graphs): on, off, auto (on where capture works)
     spheres: int = 12
-    cores: int | None = None  # cpu: at most min(spheres, cores) spheres compute at once (the core gate); None: no gate
+    cores: int | None = None  # cpu: at most min(spheres, cores) spheres compute at once (the core gate); None: the usable cores; 0: no gate
     data: str | None = None  # text file, prepared directory, or None: the embedded corpus
     val_fraction: float = 0.1  # held-out tail of a text file / the embedded corpus
     batch_size: int = 1
@@ -295,8 +295,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     if t.stop_at is not None and not (isinstance(t.stop_at, int) and 1 <= t.stop_at):
         raise CrystalError(f"--stop-at must be a positive step, got {t.stop_at!r}")
     if t.cores is not None and (not isinstance(t.cores, int) or isinstance(t.cores, bool)
-                                or not 1 <= t.cores <= 4096):
-        raise CrystalError(f"--cores must be between 1 and 4096, got {t.cores!r}")
+                                or not 0 <= t.cores <= 4096):
+        raise CrystalError(f"--cores must be between 0 (no gate) and 4096, got {t.cores!r}")
     if t.shard_optimizer is not None and not isinstance(t.shard_optimizer, bool):
         raise CrystalError(f"shard_optimizer must be true or false, got {t.shard_optimizer!r}")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -20,7 +20,7 @@ def _cores() -> str:
     from crystal.spheres import usable_cores
 
     n = usable_cores()
-    return f"{os.cpu_count()} ({n} usable; `crystal train --cores {n}`: at most {n} spheres compute at once)"
+    return f"{os.cpu_count()} ({n} usable: at most {n} spheres compute at once, the core gate; --cores N to change)"
 
 
 def describe() -> dict[str, str]:

@@ -46,15 +46,27 @@ from crystal.errors import SphereFailure
 from crystal.model import Activations, ParamLayout, Tensors, backward, forward
 
 JOIN_TIMEOUT_S = 10.0
+INSIDE = [True]
 _GATE_POLL_S = 0.2  # a sphere waiting for a core re-checks for a stop at least this often
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), else the machine's count."""
+def usable_cpus() -> list[int]:
+    """The cpus this process may run on (its CPU affinity), else all of the machine's."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    return len(usable_cpus())
+
+
+def gate_cores(cores: int | None) -> int | None:
+    """The core gate's tokens for --cores: None (the default) the usable cores, 0 no gate."""
+    if cores is None:
+        return usable_cores()
+    return cores or None
 
 
 class GateClosed(RuntimeError):
@@ -66,9 +78,19 @@ class CoreGate:
     by sphere i's own thread returns the token it holds until give(i); a freed token goes straight
     to the waiting sphere with the smallest `order` (its micro-batch index), so micro-batches run
     roughly in order, as with one sphere per core, and the tree's additions follow them promptly.
-    waiting[i]: sphere i waits for a core now; wait_s[i]: its seconds of waiting so far."""
+    waiting[i]: sphere i waits for a core now; wait_s[i]: its seconds of waiting so far.
 
-    def __init__(self, cores: int, spheres: int, stop: threading.Event):
+    admit(firsts, start): the root opens a round: the free tokens go to the spheres whose first
+    items come first, and every other sphere queues without being woken: `start(i)` hands it its
+    work together with a token (one wake-up instead of two, and no wake-up storm at the start of
+    every step on cores that are computing).
+
+    cpus: token t runs on cpus[t]: the sphere holding it is pinned there (the giver pins the
+    sphere it wakes before waking it, so it wakes on the core just freed). Without pinning the
+    scheduler often wakes a sphere on the core still busy with another one, and the token's
+    activations go cold in the other core's L2 (bench/RESULTS.md: the gate). None: no pinning."""
+
+    def __init__(self, cores: int, spheres: int, stop: threading.Event, cpus: list[int] | None = None):
         self.cores = cores
         self._lock = threading.Lock()
         self._free = list(range(cores - 1, -1, -1))
@@ -77,13 +99,41 @@ class CoreGate:
         self._wake = [threading.Event() for _ in range(spheres)]
         self._stop = stop
         self._token: list[int | None] = [None] * spheres
+        self._cpus = cpus if cpus is not None and len(cpus) >= cores else None
+        self._tid: list[int | None] = [None] * spheres  # each sphere's OS thread id
+        self._on: list[int | None] = [None] * spheres  # the cpu sphere i is pinned to
+        self._start: Callable[[int], None] | None = None
+        self._deferred: dict[int, float] = {}  # sphere -> when it queued, not started yet
         self.waiting = [False] * spheres
         self.wait_s = [0.0] * spheres
 
+    def admit(self, firsts: list[tuple[int, int]], start: Callable[[int], None]) -> None:
+        """(order, sphere) of each sphere's first item this round; start(i) gives it its work."""
+        now, started = time.perf_counter(), []
+        with self._lock:
+            self._start = start
+            for order, i in sorted(firsts):
+                if self._free and not self._queue:
+                    self._handed[i] = self._free.pop()
+                    started.append(i)
+                else:
+                    heapq.heappush(self._queue, (order, i))
+                    self._deferred[i] = now
+                    self.waiting[i] = True
+        for i in started:
+            start(i)
+
     def take(self, i: int, order: int = 0) -> int:
         with self._lock:
+            self._tid[i] = threading.get_native_id()
+            if self._handed[i] is not None:  # handed with its work (admit)
+                token, self._handed[i] = self._handed[i], None
+                self._token[i] = token
+                self._pin(i, token)
+                return token
             if self._free and not self._queue:
                 self._token[i] = token = self._free.pop()
+                self._pin(i, token)
                 return token
             self._wake[i].clear()
             heapq.heappush(self._queue, (order, i))
@@ -118,9 +168,30 @@ class CoreGate:
             if self._queue:
                 _, j = heapq.heappop(self._queue)
                 self._handed[j] = token
-                self._wake[j].set()
+                self._pin(j, token)
+                if j in self._deferred:  # admitted, not started: its work and the token at once
+                    self.wait_s[j] += time.perf_counter() - self._deferred.pop(j)
+                    self.waiting[j] = False
+                    self._start(j)
+                else:
+                    self._wake[j].set()
             else:
                 self._free.append(token)
+
+    def pin(self, i: int, token: int) -> None:
+        """Sphere i (its own thread) onto token's cpu, for work outside the gate (the chunks)."""
+        with self._lock:
+            self._tid[i] = threading.get_native_id()
+            self._pin(i, token)
+
+    def _pin(self, i: int, token: int) -> None:  # under the lock
+        if self._cpus is None or self._tid[i] is None or self._on[i] == self._cpus[token]:
+            return
+        try:
+            os.sched_setaffinity(self._tid[i], {self._cpus[token]})
+            self._on[i] = self._cpus[token]
+        except OSError:  # not allowed here (a container's cpuset changed): run unpinned
+            self._cpus = None
 
 
 @dataclass
@@ -153,17 +224,26 @@ class SphereStats:
 
 
 @dataclass
-class _Task:
+class _Round:
+    """One map(): its items' results and the spheres still at work. The last sphere to finish
+    wakes the root (one wake-up a round, not one per sphere); a failing one wakes it at once."""
+
     ready: object  # the root's event: everything the items read is in place
-    indices: list[int]
     work: Callable[[int, int], float]  # work(sphere, item) -> result
     results: list  # results[item], written by the sphere that runs the item
+    gated: bool  # batches (each takes a core token), or the flat buffer's chunks
+    left: int  # spheres still at work
+    done: list  # each finished sphere's event (cuda: its stream's last work)
 
 
 class SphereSystem:
     def __init__(self, be, cfg: ModelConfig, layout: ParamLayout, params, reducer,
-                 n_spheres: int, batch_size: int, seq_len: int, cores: int | None = None):
-        """cores: at most this many spheres compute at once (the core gate); None: no gate."""
+                 n_spheres: int, batch_size: int, seq_len: int, cores: int | None = None,
+                 pin: bool = False):
+        """cores: at most this many spheres compute at once (the core gate); None: no gate.
+        pin: every computing sphere runs on one cpu of this process's: sphere i on cpu i when
+        there are cpus enough, else the gate's token t on cpu t (one process per machine: ranks
+        sharing a machine would pin onto the same cpus)."""
         self.be, self.cfg = be, cfg
         self.n = n_spheres
         # what forward/backward read: params, or their bf16 copy (AdamW refreshes it as it updates)
@@ -174,10 +254,14 @@ class SphereSystem:
         self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
         self.counts_launches = hasattr(be, "thread_launches")  # cuda: kernel and library launches
         self.launches_per_micro_batch: int | None = None
-        self._inbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n_spheres)]
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n_spheres)]  # (round, items)
+        self._done: queue.SimpleQueue = queue.SimpleQueue()  # (sphere, error or None), one a round
+        self._count = threading.Lock()
         self._stop = threading.Event()
-        self.gate = CoreGate(cores, n_spheres, self._stop) if cores is not None and cores < n_spheres else None
+        cpus = usable_cpus() if pin else None
+        self.gate = (CoreGate(cores, n_spheres, self._stop, cpus)
+                     if cores is not None and cores < n_spheres else None)
+        self._own_cpu = cpus if self.gate is None and cpus and n_spheres <= len(cpus) else None
         self.concurrent = n_spheres if self.gate is None else self.gate.cores  # spheres computing at once
         # one activation buffer set per sphere, or per core token under the gate
         self._acts = [Activations(be, cfg, batch_size, seq_len) for _ in range(self.concurrent)]
@@ -191,31 +275,44 @@ class SphereSystem:
     # --- the worker side ---
     def _sphere_loop(self, i: int) -> None:
         be = self.be
+        if self._own_cpu:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, {self._own_cpu[i]})
         with be.sphere_context(i):
             while True:
                 task = self._inbox[i].get()
                 if task is None:
                     return
+                rnd, items = task
                 gate, stats = self.gate, self.stats[i]
                 waited0 = gate.wait_s[i] if gate else 0.0
                 t0 = time.perf_counter()
+                err, done = None, None
                 try:
-                    be.wait_event(task.ready)
-                    for item in task.indices:
+                    be.wait_event(rnd.ready)
+                    if gate is not None and not rnd.gated:
+                        gate.pin(i, i)  # the chunks: sphere i < cores on cpu i, beside the others
+                    for item in items:
                         if self._stop.is_set():
                             break
-                        task.results[item] = task.work(i, item)
+                        rnd.results[item] = rnd.work(i, item)
                     done = be.record_event()
-                    self._done.put((i, None, done))
                 except GateClosed:  # another sphere failed while this one waited for a core
-                    self._done.put((i, None, None))
+                    pass
                 except BaseException as e:  # reported to the root, which re-raises it
-                    stats.active = False
-                    self._done.put((i, e, None))
-                finally:
-                    waited = (gate.wait_s[i] - waited0) if gate else 0.0
-                    stats.wait_s += waited
-                    stats.busy_s += time.perf_counter() - t0 - waited
+                    stats.active, err = False, e
+                waited = (gate.wait_s[i] - waited0) if gate else 0.0
+                stats.wait_s = gate.wait_s[i] if gate else 0.0  # admitted rounds wait before they start
+                stats.busy_s += time.perf_counter() - t0 - waited
+                if err is not None:
+                    self._done.put((i, err))
+                    continue
+                with self._count:
+                    rnd.done.append(done)
+                    rnd.left -= 1
+                    last = rnd.left == 0
+                if last:
+                    self._done.put((i, None))
 
     def _row_and_core(self, i: int, m: int) -> int:
         """Under the gate: a core token, then micro-batch m's gradient row if the pool has one now;
@@ -259,11 +356,14 @@ class SphereSystem:
             backward(be, self.cfg, self.weights, self.row_grads[row], acts, x, y, drop)
             if self.counts_launches:  # the same for every micro-batch of a run
                 self.launches_per_micro_batch = be.thread_launches() - issued
-        stats.active = False
+            stats.active = False
+            if INSIDE[0]:
+                self.reducer.release(m)
+        if not INSIDE[0]:
+            self.reducer.release(m)  # the tree additions it completes, on this sphere and its core
         stats.batches += 1
         stats.loss_sum += loss
         stats.tokens += x.size
-        self.reducer.release(m)  # the tree additions it completes, on this sphere
         return loss
 
     def _eval_batch(self, i: int, x, y, k: int) -> float:
@@ -293,24 +393,25 @@ class SphereSystem:
         if self._stop.is_set():
             raise RuntimeError("the sphere system has stopped")
         t0 = time.perf_counter()
-        results = [float("nan")] * n_items
-        ready = self.be.record_event()
-        busy = 0
         spread = self.n if gated else self.concurrent
-        for s in range(spread):
-            indices = list(range(s, n_items, spread))
-            if indices:
-                self._inbox[s].put(_Task(ready, indices, work, results))
-                busy += 1
-        for _ in range(busy):
-            i, err, done = self._done.get()
+        shares = [list(range(s, n_items, spread)) for s in range(min(spread, n_items))]
+        rnd = _Round(self.be.record_event(), work, [float("nan")] * n_items, gated, len(shares), [])
+        if gated and self.gate is not None:
+            self.gate.admit([(items[0], s) for s, items in enumerate(shares)],
+                            lambda s: self._inbox[s].put((rnd, shares[s])))
+        else:
+            for s, items in enumerate(shares):
+                self._inbox[s].put((rnd, items))
+        if shares:
+            i, err = self._done.get()
             if err is not None:
                 self._stop.set()
                 self.reducer.abort()  # spheres waiting for a gradient row give up
                 raise SphereFailure(i, err) from err
-            self.be.wait_event(done)  # the root reads results only after the sphere's work
+            for done in rnd.done:
+                self.be.wait_event(done)  # the root reads results only after the spheres' work
         self.wall_s += time.perf_counter() - t0
-        return results
+        return rnd.results
 
     def summary(self) -> list[dict]:
         return [s.summary(self.wall_s) for s in self.stats]

@@ -27,7 +27,7 @@ from crystal.model import ParamLayout, init_params, warm_up
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
-from crystal.spheres import SphereSystem
+from crystal.spheres import SphereSystem, gate_cores
 from crystal.world import Comm
 
 
@@ -170,7 +170,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     t_start = time.perf_counter()
     launches_at_start = be.launches() if hasattr(be, "launches") else None
     with _blas_limits(be), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
-                                        cfg.batch_size, cfg.seq_len, cores=gate_cores(cfg, be)) as spheres:
+                                        cfg.batch_size, cfg.seq_len, cores=_gate(cfg, be),
+                                        pin=comm.size == 1) as spheres:
         step_graphs = StepGraphs(spheres, optimizer, params, layout, cfg.grad_clip) if graphs else None
         for step in range(first, last):
             t0 = time.perf_counter()
@@ -286,13 +287,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                        finished, checkpoint, interrupted and not finished, skipped)
 
 
-def gate_cores(cfg: TrainConfig, be) -> int | None:
-    """The core gate's tokens: on the cpu with --cores N, N; otherwise none (on cuda a sphere
-    mostly launches work on its stream). Opt-in for now: on the 2-core VM the gated 12-sphere ring
-    is slower than the ungated one (bench/bench_gate.py, bench/RESULTS.md)."""
-    if be.name != "cpu":
-        return None
-    return cfg.cores
+def _gate(cfg: TrainConfig, be) -> int | None:
+    """The core gate's tokens on the cpu (crystal.spheres.gate_cores); none on cuda, where a
+    sphere mostly launches work on its stream."""
+    return gate_cores(cfg.cores) if be.name == "cpu" else None
 
 
 def _graphs_wanted(cfg: TrainConfig, be, comm: Comm) -> bool:

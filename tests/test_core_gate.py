@@ -1,6 +1,7 @@
 """The core gate (cpu): at most min(spheres, cores) spheres compute at once, and the bits, the
 ring and the per-sphere statistics stay what they are without it."""
 
+import os
 import threading
 import time
 
@@ -9,7 +10,7 @@ import pytest
 from crystal.backends.cpu import CpuBackend
 from crystal.config import resolve
 from crystal.errors import SphereFailure
-from crystal.spheres import CoreGate, GateClosed
+from crystal.spheres import CoreGate, GateClosed, gate_cores, usable_cpus
 from crystal.trainer import train
 
 
@@ -25,11 +26,11 @@ def reference():
 
 
 @pytest.mark.parametrize("spheres, cores", [(1, 1), (1, 2), (3, 1), (3, 2), (12, 1), (12, 2), (20, 2), (20, 1),
-                                            (12, None)])
+                                            (12, None), (12, 0)])
 def test_the_gate_changes_no_bit(reference, spheres, cores):
     out = run(spheres, cores)
     assert out.params.tobytes() == reference.params.tobytes() and out.losses == reference.losses
-    assert out.root["concurrent_spheres"] == min(spheres, cores) if cores else True
+    assert out.root["concurrent_spheres"] == min(spheres, gate_cores(cores) or spheres)
     assert [s["batches"] for s in out.spheres] == [len(range(i, 12, spheres)) * 3 for i in range(spheres)]
 
 
@@ -60,10 +61,36 @@ def test_at_most_cores_spheres_compute_at_once(cores):
     assert sum(s["wait_s"] for s in out.spheres) > 0  # somebody waited for a core
 
 
-def test_without_a_gate_spheres_do_overlap():
+@pytest.mark.parametrize("cores", [0, 64])
+def test_without_a_gate_spheres_do_overlap(cores):
     be = CountingBackend()
-    run(12, 64, steps=2, backend=be)
+    run(12, cores, steps=2, backend=be)
     assert be.most > 2
+
+
+class AffinityBackend(CpuBackend):
+    """Records the cpus each sphere's matmul may run on (the root's warm-up aside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def matmul_forward(self, *a, **k):
+        if threading.current_thread().name.startswith("sphere-"):
+            self.seen.add(frozenset(os.sched_getaffinity(0)))
+        return super().matmul_forward(*a, **k)
+
+
+@pytest.mark.parametrize("spheres, cores", [(12, 1), (12, 2), (2, 2)])
+def test_a_computing_sphere_is_pinned_to_one_cpu(spheres, cores):
+    """Gated: token t's holder on cpu t; with cpus enough (2 spheres, 2 cores): sphere i on cpu i."""
+    cpus = usable_cpus()
+    if len(cpus) < cores:
+        pytest.skip(f"{len(cpus)} usable cpus")
+    be = AffinityBackend()
+    run(spheres, cores, steps=2, backend=be)
+    assert be.seen and all(len(s) == 1 and s <= set(cpus[:cores]) for s in be.seen)
+    assert os.sched_getaffinity(0) == set(cpus)  # the root (the caller's thread) is never pinned
 
 
 class FailingInSphere(CpuBackend):
@@ -114,11 +141,15 @@ def test_dry_run_and_info_say_how_many_spheres_compute_at_once(capsys):
     from crystal.info import describe
 
     assert "spheres compute at once" in describe()["cores"]
-    assert main(["train", "--preset", "tiny", "--device", "cpu", "--dry-run"]) == 0
-    assert "all computing at once on the cpu" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny", "--device", "cpu", "--cores", "0", "--dry-run"]) == 0
+    assert "spheres: 12, all computing at once on the cpu" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny", "--device", "cpu", "--dry-run"]) == 0  # the default: usable cores
+    n = len(usable_cpus())
+    assert (f"spheres: 12, at most {n} computing at once on the cpu ({n} usable cores" if n < 12 else
+            "spheres: 12, all computing at once") in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cores", ["0", "-1", "x", "5000"])
+@pytest.mark.parametrize("cores", ["-1", "x", "5000", "1.5"])
 def test_nonsense_cores_exit_2(cores, tmp_path):
     from crystal.cli import main
 
