@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from crystal.backends.cpu import CpuBackend, blas_single_thread
+from crystal.backends.cpu import CpuBackend, blas_threads
 from crystal.backends.timing import TimedBackend
 from crystal.config import ModelConfig, resolve
 from crystal.model import Activations, ParamLayout, Tensors, backward, forward, init_params, warm_up
@@ -64,7 +64,7 @@ def threads_ms(be, cfg, B, T, reps, n_threads) -> list[dict]:
 
     def work(i):
         mb = MicroBatch(be, cfg, B, T)
-        with blas_single_thread():
+        with blas_threads(1):
             mb.run(5)
             wall, cpu = time.perf_counter(), time.thread_time()
             mb.run(reps)
@@ -89,7 +89,7 @@ def main() -> None:
     B, T = train.batch_size, train.seq_len
     be = CpuBackend()
     warm_up(be)
-    with blas_single_thread():
+    with blas_threads(1):
         fam = per_family(be, cfg, B, T, args.reps)
         over = overhead_ms(be, cfg, args.reps)
     print(f"one micro-batch ({B} x {T} tokens, {args.preset}), one thread, ms per op family:")

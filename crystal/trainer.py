@@ -27,7 +27,7 @@ from crystal.model import ParamLayout, init_params, warm_up
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
-from crystal.spheres import SphereSystem, gate_cores
+from crystal.spheres import SphereSystem, gate_cores, usable_cores
 from crystal.world import Comm
 
 
@@ -169,7 +169,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     optimizer_s = 0.0
     t_start = time.perf_counter()
     launches_at_start = be.launches() if hasattr(be, "launches") else None
-    with _blas_limits(be), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
+    blas = blas_threads_per_sphere(model_cfg, cfg, be, comm.size)
+    with _blas_limits(be, blas), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
                                         cfg.batch_size, cfg.seq_len, cores=_gate(cfg, be),
                                         pin=comm.size == 1) as spheres:
         step_graphs = StepGraphs(spheres, optimizer, params, layout, cfg.grad_clip) if graphs else None
@@ -256,6 +257,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     root = {
         "spheres": cfg.spheres,
         "concurrent_spheres": spheres.concurrent,  # computing at once (the core gate)
+        "blas_threads": blas,  # per computing sphere
         "active_spheres": active,
         "steps": len(losses),
         "grad_norm": norms[-1] if norms else float("nan"),
@@ -354,10 +356,27 @@ def evaluate(model, dataset: DataSet, cfg: TrainConfig) -> tuple[float, int]:
     return tree_mean(losses), len(val)
 
 
-def _blas_limits(be):
-    """CPU: one BLAS thread per caller for the run (spheres are the parallelism)."""
+def _blas_limits(be, threads: int = 1):
+    """CPU: `threads` BLAS threads per caller for the run (crystal.backends.cpu.blas_threads)."""
     if be.name == "cpu":
-        from crystal.backends.cpu import blas_single_thread
+        from crystal.backends.cpu import blas_threads
 
-        return blas_single_thread()
+        return blas_threads(threads)
     return contextlib.nullcontext()
+
+
+def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks: int = 1) -> int:
+    """CPU, one process: the cores left over when fewer spheres than cores compute at once, split
+    among them (2 for 1 sphere on 2 cores), where the BLAS gives the run's products bitwise the
+    same values at that thread count as at 1 (checked here: the bits must not depend on the
+    sphere count); otherwise, with ranks, and on cuda: 1."""
+    if be.name != "cpu" or ranks > 1:
+        return 1
+    cores = gate_cores(cfg.cores) or usable_cores()
+    n = cores // min(cfg.spheres, cores)
+    if n <= 1:
+        return 1
+    from crystal.backends.cpu import blas_threads_agree, product_shapes
+
+    return n if blas_threads_agree(n, product_shapes(model_cfg.n_embd, model_cfg.vocab_size,
+                                                     cfg.batch_size * cfg.seq_len)) else 1

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from crystal.backends.cpu import CpuBackend
+from crystal.backends.cpu import CpuBackend, blas_threads_agree, product_shapes
 from crystal.config import resolve
 from crystal.errors import SphereFailure
 from crystal.spheres import CoreGate, GateClosed, gate_cores, usable_cpus
@@ -22,7 +22,9 @@ def run(spheres: int, cores: int | None, steps: int = 3, backend=None, **over):
 
 @pytest.fixture(scope="module")
 def reference():
-    return run(1, None)
+    out = run(1, 1)  # one core: one sphere, one BLAS thread
+    assert out.root["blas_threads"] == 1
+    return out
 
 
 @pytest.mark.parametrize("spheres, cores", [(1, 1), (1, 2), (3, 1), (3, 2), (12, 1), (12, 2), (20, 2), (20, 1),
@@ -32,6 +34,27 @@ def test_the_gate_changes_no_bit(reference, spheres, cores):
     assert out.params.tobytes() == reference.params.tobytes() and out.losses == reference.losses
     assert out.root["concurrent_spheres"] == min(spheres, gate_cores(cores) or spheres)
     assert [s["batches"] for s in out.spheres] == [len(range(i, 12, spheres)) * 3 for i in range(spheres)]
+
+
+def test_one_sphere_on_two_cores_gives_blas_the_spare_core_where_the_bits_allow(reference):
+    if len(usable_cpus()) < 2:
+        pytest.skip("one usable cpu")
+    out = run(1, 2)
+    model, cfg = resolve("tiny")
+    agree = blas_threads_agree(2, product_shapes(model.n_embd, model.vocab_size, cfg.batch_size * cfg.seq_len))
+    assert out.root["blas_threads"] == (2 if agree else 1)
+    assert out.params.tobytes() == reference.params.tobytes() and out.losses == reference.losses
+
+
+def test_blas_keeps_one_thread_where_the_bits_would_change(monkeypatch):
+    import crystal.backends.cpu as cpu
+
+    monkeypatch.setattr(cpu, "blas_threads_agree", lambda n, shapes: False)
+    assert run(1, 2, steps=1).root["blas_threads"] == 1
+
+
+def test_spheres_as_many_as_cores_keep_one_blas_thread():
+    assert run(2, 2, steps=1).root["blas_threads"] == 1
 
 
 class CountingBackend(CpuBackend):

@@ -5,7 +5,7 @@ each backend op is one kernel call: its matrix products call NumPy's BLAS from i
 kernel (`cpu_blas.gemm`), so a sphere takes the GIL once per op, not once per product, and the
 threads rarely wait on each other. The kernels are dtype-generic (the tests run them in
 float64 for finite differences) and single-threaded: parallelism comes from the spheres, one
-thread each, with BLAS limited to one thread per caller (see `blas_single_thread`). Reductions
+thread each, with BLAS limited to one thread per caller (see `blas_threads`). Reductions
 accumulate in float64 in an order fixed by the compiled code (row sums are `@reduce_kernel`s,
 vectorized by reassociation), so every op is bitwise reproducible for the same inputs on a
 machine. exp and tanh are `cpu_math`'s float32 versions, which vectorize inside the loops.
@@ -16,6 +16,7 @@ offsets and leading dimensions, loops by slices.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 
@@ -585,10 +586,47 @@ class CpuBackend:
 
 
 @contextlib.contextmanager
-def blas_single_thread():
-    """One BLAS thread per caller while training: spheres are the parallelism, and a fixed
-    BLAS thread count keeps every matmul's summation order the same for any sphere count."""
+def blas_threads(n: int = 1):
+    """n BLAS threads per caller while training: spheres are the parallelism (n = 1), or, with
+    fewer spheres than cores, the cores left over split among them (only where
+    `blas_threads_agree(n, ...)`: the products must keep their bits for any sphere count)."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=n, user_api="blas"):
         yield
+
+
+def product_shapes(n_embd: int, vocab_size: int, rows: int) -> tuple[tuple[int, int, int, bool], ...]:
+    """(rows, in, out, lm head?) of every matmul of a micro-batch of `rows` tokens: qkv, the
+    attention's projection, fc, fc's projection, and the tied LM head (rows x C x V)."""
+    c = n_embd
+    return ((rows, c, 3 * c, False), (rows, c, c, False), (rows, c, 4 * c, False), (rows, 4 * c, c, False),
+            (rows, c, vocab_size, True))
+
+
+@functools.lru_cache(maxsize=16)
+def blas_threads_agree(n: int, shapes: tuple[tuple[int, int, int, bool], ...]) -> bool:
+    """Whether the kernels' products (forward and both backward products of each shape, through
+    matmul_* or lm_head_*) have bitwise the same values at 1 and n BLAS threads. BLAS libraries
+    usually split a product's output among threads and keep each element's summation order, but
+    that is not promised: this checks the BLAS in use, at the run's own shapes."""
+    rng = np.random.default_rng(0)
+    for rows, c_in, c_out, head in shapes:
+        inp = rng.standard_normal((rows, c_in), dtype=np.float32)
+        w = rng.standard_normal((c_out, c_in) if head else (c_in, c_out), dtype=np.float32)
+        dout = rng.standard_normal((rows, c_out), dtype=np.float32)
+        bias = np.zeros(c_out, dtype=np.float32)
+        results = []
+        for threads in (1, n):
+            out, dinp, dw, dbias = np.empty_like(dout), np.empty_like(inp), np.empty_like(w), np.empty_like(bias)
+            with blas_threads(threads):
+                if head:
+                    lm_head_forward(out, inp, w)
+                    lm_head_backward(dinp, dw, dout, inp, w)
+                else:
+                    matmul_forward(out, inp, w, bias)
+                    matmul_backward(dinp, dw, dbias, dout, inp, w)
+            results.append(b"".join(a.tobytes() for a in (out, dinp, dw)))
+        if results[0] != results[1]:
+            return False
+    return True
