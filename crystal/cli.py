@@ -343,8 +343,12 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     flash = bf16 and _cudnn_reason() is None
     shard = ranks > 1 and cfg.shard_optimizer is not False
 
+    from crystal.spheres import computing_at_once, gate_cores, usable_cores
+
+    at_once = cfg.spheres if cfg.device == "cuda" else computing_at_once(cfg.spheres, cfg.cores)  # cpu: the gate
+
     def estimate(sharded: bool) -> dict:
-        return memory_estimate(model_cfg, cfg.micro_batches, cfg.spheres, cfg.batch_size, cfg.seq_len, ranks,
+        return memory_estimate(model_cfg, cfg.micro_batches, at_once, cfg.batch_size, cfg.seq_len, ranks,
                                cfg.precision, flash, sharded)
 
     mem = estimate(shard)
@@ -359,8 +363,6 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",
     ]
     if cfg.device != "cuda":  # the core gate (a cpu run; auto on a machine without a GPU)
-        from crystal.spheres import gate_cores, usable_cores
-
         cores = gate_cores(cfg.cores)
         if cores is not None and cores < cfg.spheres:
             lines.append(f"spheres: {cfg.spheres}, at most {cores} computing at once on the cpu ("
@@ -381,7 +383,8 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         f"AdamW moments {mib['adamw_moments']} | "
         + (f"bf16 weights {mib['weights_bf16']} | " if bf16 else "")
         + f"activations {mib['activations_per_sphere']} per "
-        f"sphere x {cfg.spheres} = {mib['activations']} | total {mib['total']}")
+        f"sphere x {at_once}{' computing at once' if at_once < cfg.spheres else ''} = {mib['activations']} | "
+        f"total {mib['total']}")
     if ranks > 1:  # the other choice, for comparison
         other = estimate(not shard)
         lines.append(f"memory per rank with{'out' if shard else ''} --shard-optimizer: grads "

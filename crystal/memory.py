@@ -17,7 +17,8 @@ def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, 
     """Bytes of one process's training state by part: parameters, the reducer's gradient pool
     (spheres + ceil(log2 m) + 1 buffers for its m micro-batches, at most m, plus the exchange
     when there are several ranks), AdamW moments (of its span only with ranks and `shard`), the
-    bf16 weight copy (bf16 only), activations of every sphere. With ranks, the largest rank's."""
+    bf16 weight copy (bf16 only), activations of every sphere. With ranks, the largest rank's.
+    spheres: those computing at once (on the cpu the core gate's, crystal.spheres.computing_at_once)."""
     n = ParamLayout(cfg).size
     P = n * 4
     acts = activation_bytes(cfg, B, T, precision, flash)

@@ -69,6 +69,13 @@ def gate_cores(cores: int | None) -> int | None:
     return cores or None
 
 
+def computing_at_once(spheres: int, cores: int | None) -> int:
+    """How many of a cpu run's spheres compute at once: each holds activations and, in flight, a
+    gradient row (--cores as for gate_cores)."""
+    gate = gate_cores(cores)
+    return spheres if gate is None else min(spheres, gate)
+
+
 class GateClosed(RuntimeError):
     """A sphere waiting for a core was woken because the run stops."""
 

@@ -27,7 +27,7 @@ from crystal.model import ParamLayout, init_params, warm_up
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
-from crystal.spheres import SphereSystem, gate_cores, usable_cores
+from crystal.spheres import SphereSystem, computing_at_once, gate_cores, usable_cores
 from crystal.world import Comm
 
 
@@ -132,7 +132,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     rows = None
     if graphs:  # the graphs' fixed rows (crystal.graphs), at least the pool's own
         rows = max(pool_rows(cfg.micro_batches, cfg.spheres), graph_plan(cfg.micro_batches, cfg.spheres).rows)
-    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=cfg.spheres, rows=rows,
+    at_once = computing_at_once(cfg.spheres, cfg.cores) if be.name == "cpu" else cfg.spheres  # the core gate
+    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=at_once, rows=rows,
                               shard=cfg.shard_optimizer is not False)
     optimizer = AdamW(be, layout, cfg, reducer.chunks, span=reducer.span)
     first = 0
@@ -372,8 +373,7 @@ def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks:
     sphere count); otherwise, with ranks, and on cuda: 1."""
     if be.name != "cpu" or ranks > 1:
         return 1
-    cores = gate_cores(cfg.cores) or usable_cores()
-    n = cores // min(cfg.spheres, cores)
+    n = (gate_cores(cfg.cores) or usable_cores()) // computing_at_once(cfg.spheres, cfg.cores)
     if n <= 1:
         return 1
     from crystal.backends.cpu import blas_threads_agree, product_shapes

@@ -160,12 +160,15 @@ def test_dry_run_and_info_say_how_many_spheres_compute_at_once(capsys):
     from crystal.cli import main
 
     assert main(["train", "--preset", "tiny", "--device", "cpu", "--cores", "2", "--dry-run"]) == 0
-    assert "spheres: 12, at most 2 computing at once on the cpu (--cores 2)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "spheres: 12, at most 2 computing at once on the cpu (--cores 2)" in out
+    assert "per sphere x 2 computing at once" in out  # activations per token, not per sphere
     from crystal.info import describe
 
     assert "spheres compute at once" in describe()["cores"]
     assert main(["train", "--preset", "tiny", "--device", "cpu", "--cores", "0", "--dry-run"]) == 0
-    assert "spheres: 12, all computing at once on the cpu" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "spheres: 12, all computing at once on the cpu" in out and "per sphere x 12 =" in out
     assert main(["train", "--preset", "tiny", "--device", "cpu", "--dry-run"]) == 0  # the default: usable cores
     n = len(usable_cpus())
     assert (f"spheres: 12, at most {n} computing at once on the cpu ({n} usable cores" if n < 12 else
