@@ -122,6 +122,7 @@ class CoreGate:
             for order, i in sorted(firsts):
                 if self._free and not self._queue:
                     self._handed[i] = self._free.pop()
+                    self._pin(i, self._handed[i])  # before it wakes: on the token's cpu
                     started.append(i)
                 else:
                     heapq.heappush(self._queue, (order, i))
@@ -132,7 +133,6 @@ class CoreGate:
 
     def take(self, i: int, order: int = 0) -> int:
         with self._lock:
-            self._tid[i] = threading.get_native_id()
             if self._handed[i] is not None:  # handed with its work (admit)
                 token, self._handed[i] = self._handed[i], None
                 self._token[i] = token
@@ -185,10 +185,13 @@ class CoreGate:
             else:
                 self._free.append(token)
 
+    def register(self, i: int) -> None:
+        """Sphere i's thread, as it starts: its OS thread id, so others can pin it."""
+        self._tid[i] = threading.get_native_id()
+
     def pin(self, i: int, token: int) -> None:
-        """Sphere i (its own thread) onto token's cpu, for work outside the gate (the chunks)."""
+        """Sphere i onto token's cpu before it is woken for work outside the gate (the chunks)."""
         with self._lock:
-            self._tid[i] = threading.get_native_id()
             self._pin(i, token)
 
     def _pin(self, i: int, token: int) -> None:  # under the lock
@@ -285,6 +288,8 @@ class SphereSystem:
         if self._own_cpu:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, {self._own_cpu[i]})
+        if self.gate is not None:
+            self.gate.register(i)
         with be.sphere_context(i):
             while True:
                 task = self._inbox[i].get()
@@ -297,8 +302,6 @@ class SphereSystem:
                 err, done = None, None
                 try:
                     be.wait_event(rnd.ready)
-                    if gate is not None and not rnd.gated:
-                        gate.pin(i, i)  # the chunks: sphere i < cores on cpu i, beside the others
                     for item in items:
                         if self._stop.is_set():
                             break
@@ -408,6 +411,8 @@ class SphereSystem:
                             lambda s: self._inbox[s].put((rnd, shares[s])))
         else:
             for s, items in enumerate(shares):
+                if self.gate is not None:  # the chunks: sphere s < cores on cpu s, pinned before it wakes
+                    self.gate.pin(s, s)
                 self._inbox[s].put((rnd, items))
         if shares:
             i, err = self._done.get()
