@@ -12,10 +12,11 @@ hands out work by index, round-robin (sphere s takes items s, s+N, ...):
   fixed chunks (their count does not depend on N), so the spheres share that work too and the
   root only combines per-chunk partial sums, in chunk order.
 
-The core gate (cpu, `--cores N`; off by default): at most `cores` spheres compute at once
-(`CoreGate`). A sphere takes a core token for the forward/backward of each of its batches and gives
-it back after it; the token carries one of `cores` activation buffer sets, so buffers stay hot
-in cache and memory does not grow with the sphere count. A micro-batch takes its gradient row
+The core gate (cpu; `--cores N`, by default the usable cores): at most `cores` spheres compute at
+once (`CoreGate`). A sphere takes a core token for the forward/backward of each of its batches and
+gives it back after it and the tree additions it completes; the token carries one of `cores`
+activation buffer sets and (one process) runs on one cpu, so buffers stay hot in that core's cache
+and memory does not grow with the sphere count. A micro-batch takes its gradient row
 after its token when the pool has one at once, and otherwise gives the token back while it waits
 for the row, so no sphere ever waits for a row while holding a core (the pool's no-deadlock
 argument, crystal/reducer.py, needs every sphere with a row to progress). The flat
@@ -24,9 +25,9 @@ Spheres stay threads that own their micro-batches, so the ring, the statistics a
 unchanged; 12 spheres on 2 cores no longer oversubscribe them. Time spent waiting for a token is
 `wait_s`, not `busy_s`.
 
-The root waits for every sphere after each round; an exception in any sphere stops the round
-at once: the others finish the item they are on (or stop waiting for a token), the root raises
-`SphereFailure`, and `close()` joins every thread.
+The root waits for the last sphere of each round (one wake-up a round); an exception in any
+sphere stops the round at once: the others finish the item they are on (or stop waiting for a
+token), the root raises `SphereFailure`, and `close()` joins every thread.
 """
 
 from __future__ import annotations
