@@ -1,11 +1,29 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a torn one."""
+"""Atomic file writes: a reader sees the old file or the new one, never a torn one. And the
+check every reader of a user's file makes first: regular files only."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from crystal.errors import CrystalError
+
+
+def check_regular(path: str | Path) -> None:
+    """A FIFO, a device or a socket where a file goes is a CrystalError (reading /dev/zero or a
+    pipe never ends; opening a FIFO blocks). A missing path is left to the reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return  # directories are the callers' own errors
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise CrystalError(f"{path} is {kind}; give a regular file")
 
 
 def fsync_dir(path: Path) -> None:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
-from crystal.config import ModelConfig, TrainConfig
+from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_regular, fsync_dir
+from crystal.config import ModelConfig, TrainConfig, check_types, validate_train
 from crystal.errors import CrystalError
 from crystal.model import ParamLayout
 
@@ -62,6 +62,7 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
+    check_regular(path)
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -121,10 +122,12 @@ class RunDir:
                 raise CrystalError(f"{self.path} is not a crystal run (no {TRAIN_FILE})")
             if readonly:
                 return
-        elif (self.path / MODEL_FILE).exists() or (self.path / CHECKPOINTS).exists():
-            if not overwrite:
+        elif self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            if (self.path / TRAIN_FILE).exists() or (self.path / MODEL_FILE).exists():
                 raise CrystalError(f"--out {self.path} already holds a run; "
                                    "choose another --out, --resume it, or pass --overwrite")
+            raise CrystalError(f"--out {self.path} is not empty and not a crystal run; "
+                               "choose a new or empty directory, or pass --overwrite")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".crystal-write-test"
@@ -132,29 +135,41 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise CrystalError(f"cannot write run directory {self.path}: {e.strerror or e}") from None
-        if overwrite and not resume:
-            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
-            (self.path / METRICS_FILE).unlink(missing_ok=True)
-            for events in self.path.glob("events.out.tfevents.*"):  # the old run's TensorBoard log
-                events.unlink()
+        self._replacing = overwrite and not resume  # the old run goes when the new one starts (write_configs)
         for stale in (self.path / CHECKPOINTS).glob(".step-*.tmp-*"):  # left by a killed process
             shutil.rmtree(stale, ignore_errors=True)
         self._metrics = None
+
+    def _clear_old_run(self) -> None:
+        """--overwrite: the old run's outputs, once the new run has passed every check (so a
+        new config that fails leaves the old run whole)."""
+        shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+        for name in (METRICS_FILE, MODEL_FILE, SPHERES_FILE, "live.json"):
+            (self.path / name).unlink(missing_ok=True)
+        for events in self.path.glob("events.out.tfevents.*"):  # the old run's TensorBoard log
+            events.unlink()
+        self._replacing = False
 
     @property
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
 
     # --- configs ---
-    def write_configs(self, model: ModelConfig, train: TrainConfig, tokenizer_json: str | None = None) -> None:
+    def write_configs(self, model: ModelConfig, train: TrainConfig, tokenizer_json: str | None = None,
+                      data_sha256: str | None = None) -> None:
+        """The run's first write (a new run, every check passed). data_sha256: of the tokens it
+        trains on, kept in train.json beside the config so that changed data is reported."""
+        if self._replacing:
+            self._clear_old_run()
+        extra = {"data_sha256": data_sha256} if data_sha256 else {}
         atomic_write_json(self.path / CONFIG_FILE, model.to_hf())
-        atomic_write_json(self.path / TRAIN_FILE, dataclasses.asdict(train))
+        atomic_write_json(self.path / TRAIN_FILE, {**dataclasses.asdict(train), **extra})
         if tokenizer_json is not None:
             atomic_write_text(self.path / TOKENIZER_FILE, tokenizer_json)
 
     def read_configs(self) -> tuple[ModelConfig, TrainConfig]:
         model = read_config(self.path / CONFIG_FILE)
-        return model, read_train_config(self.path / TRAIN_FILE)
+        return model, read_train_config(self.path / TRAIN_FILE, model)
 
     # --- metrics ---
     def log(self, record: dict) -> None:
@@ -215,13 +230,17 @@ class RunDir:
         if ckpt is None:
             raise CrystalError(f"{self.path} has no checkpoint to resume from "
                                "(train with --checkpoint-every N)")
+        check_regular(ckpt / STATE_FILE)
         try:
             meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-            step, data = int(meta["step"]), dict(meta["data"])
-            adam_t = int(meta.get("adam_t", step))
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"format {meta.get('format')}")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            step, data = _count(meta["step"], "step"), dict(meta["data"])
+            for key in ("epoch", "cursor"):  # the data position (BatchIterator.set_state checks its range)
+                _count(data[key], f"data.{key}")
+            adam_t = _count(meta.get("adam_t", step), "adam_t")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                AttributeError) as e:
             raise CrystalError(f"{ckpt / STATE_FILE}: unreadable checkpoint state ({e})") from None
         layout = ParamLayout(model)
         params = read_params(ckpt / MODEL_FILE, model)
@@ -235,6 +254,22 @@ class RunDir:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+
+
+def data_sha256_of(run: Path) -> str | None:
+    """The data hash a run's train.json keeps (None: none recorded, or unreadable)."""
+    try:
+        v = json.loads((Path(run) / TRAIN_FILE).read_text(encoding="utf-8")).get("data_sha256")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, str) else None
+
+
+def _count(v, name: str) -> int:
+    """A whole number >= 0 from JSON (not 3.5, not Infinity, not true)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be a whole number >= 0, got {v!r}")
+    return v
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -251,6 +286,7 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def read_config(path: Path) -> ModelConfig:
+    check_regular(path)
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -262,15 +298,27 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(d)
 
 
-def read_train_config(path: Path) -> TrainConfig:
+def read_train_config(path: Path, model: ModelConfig | None = None) -> TrainConfig:
+    """A run's train.json, every field of the right type; with the run's model, validated too."""
+    check_regular(path)
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in d.items() if k in names})
     except FileNotFoundError:
         raise CrystalError(f"no {Path(path).name} at {Path(path).parent}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise CrystalError(f"{path}: not a readable training config ({e})") from None
+    if not isinstance(d, dict):
+        raise CrystalError(f"{path}: not a readable training config (a JSON object is needed)")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    d = {k: v for k, v in d.items() if k in names}
+    check_types(TrainConfig, d, f"{path}: ")
+    cfg = TrainConfig(**d)
+    if model is not None:
+        try:
+            validate_train(cfg, model)
+        except CrystalError as e:
+            raise CrystalError(f"{path}: {e}") from None
+    return cfg
 
 
 def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:

@@ -15,6 +15,8 @@ import click
 
 from crystal.config import CUDA_GRAPHS, DEVICES, PRECISIONS, PRESETS, resolve
 from crystal.errors import CrystalError, NonFiniteError, SphereFailure
+from crystal.plot import FORMATS as PLOT_FORMATS, MAX_SIZE as PLOT_MAX, MIN_SIZE as PLOT_MIN
+from crystal.sample import MAX_TOKENS
 
 EXIT_USAGE = 2
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
@@ -101,10 +103,12 @@ def _preset_help() -> str:
               help="several ranks: seconds a rank waits for the others before it exits  [default: 60]")
 @click.option("--watch", is_flag=True, help="serve the run's page (crystal watch) beside training on 127.0.0.1")
 @click.option("--port", type=int, default=8000, show_default=True, help="--watch: the page's port")
+@click.option("--no-memory-check", is_flag=True,
+              help="start even when the --dry-run memory estimate exceeds the memory available")
 @click.option("--log", "log_to", type=click.Choice(("jsonl", "tensorboard")), default="jsonl", show_default=True,
               help="tensorboard: TensorBoard event files in the run directory too (metrics.jsonl is always written)")
 def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, watch, port, log_to,
-          **flags) -> None:
+          no_memory_check, **flags) -> None:
     """Train a GPT-2-style model with data parallelism across a ring of spheres.
 
     Under mpiexec, srun or torchrun-style variables (RANK, WORLD_SIZE, ...), each process is a
@@ -114,7 +118,7 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm
     world = discover()
     try:
         _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags,
-               Outputs(watch, port, log_to))
+               Outputs(watch, port, log_to), memory_check=not no_memory_check)
     except SystemExit:  # an interrupted run: every rank agreed to stop after the same step
         raise
     except BaseException as e:
@@ -152,7 +156,7 @@ class Outputs:
 
 
 def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags,
-           outputs: Outputs = Outputs()):
+           outputs: Outputs = Outputs(), memory_check: bool = True):
     from crystal.backends import cuda_unavailable_reason, get_backend, resolve_device
     from crystal.checkpoint import RunDir
     from crystal.config import read_toml, to_toml
@@ -173,6 +177,10 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         _, cfg = resolve(cfg.preset, dataclasses.asdict(model_cfg),
                          {**dataclasses.asdict(cfg), "stop_at": None, **given})
         state = run_dir.load_state(model_cfg)
+        if state.step >= cfg.steps and not (print_config or dry_run):  # nothing to train, nothing to write
+            if world.is_root:
+                click.echo(f"{resume_dir} is finished (step {state.step} of {cfg.steps}); nothing to resume")
+            return
     else:
         file_preset, file_model, file_train = read_toml(config_file) if config_file else (None, {}, {})
         init_from = given.get("init_from", file_train.get("init_from"))
@@ -207,6 +215,17 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         if world.is_root:
             click.echo(format_dry_run(model_cfg, cfg, world.size))
         return
+    if resume_dir is not None:
+        _warn_if_data_changed(Path(resume_dir), dataset, world.is_root)
+    elif cfg.data is not None:  # train.json keeps where the data is from anywhere, and its hash
+        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+    if memory_check:  # before anything large is allocated, and before the run directory exists
+        from crystal.memory import available_bytes, check_fits, run_estimate
+
+        device = resolve_device(cfg.device)
+        check_fits(run_estimate(model_cfg, dataclasses.replace(cfg, device=device), world.size,
+                                flash=cfg.precision == "bf16")["total"],
+                   available_bytes(device), "GPU" if device == "cuda" else "host")
     root = world.is_root  # rank 0 alone writes the run directory and prints
     server = None
     if outputs.watch and root:  # bound before training, so a port in use stops nothing half-done
@@ -262,6 +281,16 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
                        f"{result.history[-1].step if result.history else '?'}; checkpoint {result.checkpoint}; "
                        f"continue with: crystal train --resume {run_dir.path}", err=True)
         raise SystemExit(128 + signum)
+
+
+def _warn_if_data_changed(run: Path, dataset, show: bool) -> None:
+    """The tokens a run trained on are not the data's now (train.json's data_sha256)."""
+    from crystal.checkpoint import data_sha256_of
+
+    recorded = data_sha256_of(run)
+    if show and recorded and recorded != dataset.sha256:
+        click.echo(f"warning: {dataset.name} changed since {run} was trained on it (its tokens' sha256 "
+                   "differs from train.json's)", err=True)
 
 
 def _init_model(pre, flag_model: dict, file_model: dict, train: dict) -> dict:
@@ -335,7 +364,7 @@ def make_view(out_dir: Path, log_every: int, quiet: bool):
 
 
 def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
-    from crystal.memory import memory_estimate
+    from crystal.memory import run_estimate
     from crystal.model import ParamLayout, flops_per_token
 
     n = ParamLayout(model_cfg).size
@@ -348,8 +377,7 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     at_once = cfg.spheres if cfg.device == "cuda" else computing_at_once(cfg.spheres, cfg.cores)  # cpu: the gate
 
     def estimate(sharded: bool) -> dict:
-        return memory_estimate(model_cfg, cfg.micro_batches, at_once, cfg.batch_size, cfg.seq_len, ranks,
-                               cfg.precision, flash, sharded)
+        return run_estimate(model_cfg, cfg, ranks, flash, sharded)
 
     mem = estimate(shard)
     fpt = flops_per_token(model_cfg, cfg.seq_len)
@@ -470,13 +498,15 @@ def eval_cmd(run, data, batches) -> None:
     from crystal.data import load_dataset
     from crystal.trainer import evaluate
 
-    cfg = read_train_config(Path(run) / "train.json")
-    if batches is not None:
-        if batches < 1:
-            raise CrystalError(f"--batches must be positive, got {batches}")
-        cfg = dataclasses.replace(cfg, eval_batches=batches)
+    if batches is not None and batches < 1:
+        raise CrystalError(f"--batches must be positive, got {batches}")
     model = load_checkpoint(run)
+    cfg = read_train_config(Path(run) / "train.json", model.config)  # validated against the model
+    if batches is not None:
+        cfg = dataclasses.replace(cfg, eval_batches=batches)
     dataset = load_dataset(data if data is not None else cfg.data, cfg.val_fraction)
+    if data is None:
+        _warn_if_data_changed(Path(run), dataset, True)
     if dataset.vocab_size != model.config.vocab_size:
         raise CrystalError(f"the data's vocabulary ({dataset.vocab_size}) is not the model's "
                            f"({model.config.vocab_size})")
@@ -489,18 +519,26 @@ def eval_cmd(run, data, batches) -> None:
 @cli.command()
 @click.argument("run", type=click.Path())
 @click.option("--prompt", default="\n", show_default=False, help="text to continue  [default: a newline]")
-@click.option("--tokens", type=int, default=200, show_default=True, help="tokens to generate")
-@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 is greedy")
+@click.option("--tokens", type=int, default=200, show_default=True,
+              help=f"tokens to generate, at most {MAX_TOKENS:,} (the text is printed when all are generated)")
+@click.option("--temperature", type=float, default=0.8, show_default=True,
+              help="0 is greedy; any value > 0 is valid, and as it nears 0 sampling nears greedy")
 @click.option("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help=">= 0")
 def sample(run, prompt, tokens, temperature, top_k, seed) -> None:
-    """Generate text from a trained run (deterministic for a seed)."""
-    from crystal.pretrained import load_checkpoint
-    from crystal.data import run_tokenizer
+    """Generate text from a trained run (deterministic for a seed).
+
+    RUN is a run directory, a Hugging Face GPT-2 directory, or a .safetensors file with the
+    model's config.json and tokenizer.json beside it."""
+    from crystal.pretrained import checkpoint_tokenizer, load_checkpoint
     from crystal.sample import generate
 
+    try:  # click hands undecodable argv bytes over as lone surrogates
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CrystalError(f"--prompt is not valid UTF-8 text (character {e.start})") from None
     model = load_checkpoint(run)
-    tok = run_tokenizer(Path(run))
+    tok = checkpoint_tokenizer(run, model)
     prompt_ids = [int(i) for i in tok.encode(prompt or "\n")]
     if not prompt_ids:
         prompt_ids = [int(i) for i in tok.encode("\n")]
@@ -511,7 +549,8 @@ def sample(run, prompt, tokens, temperature, top_k, seed) -> None:
 @cli.command()
 @click.argument("run", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(("hf",)), default="hf", show_default=True)
-@click.option("--out", required=True, type=click.Path(), help="directory to write")
+@click.option("--out", required=True, type=click.Path(),
+              help="directory to write: new or empty (an export never replaces files)")
 def export(run, fmt, out) -> None:
     """Export a run for Hugging Face transformers (GPT2LMHeadModel + tokenizer)."""
     from crystal.pretrained import export_hf
@@ -522,11 +561,12 @@ def export(run, fmt, out) -> None:
 
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(), help="PNG file to write")
-@click.option("--width", type=int, default=1200, show_default=True, help="pixels")
-@click.option("--height", type=int, default=800, show_default=True, help="pixels")
+@click.option("--out", required=True, type=click.Path(),
+              help=f"image file to write, its format by its suffix: {', '.join('.' + f for f in PLOT_FORMATS)}")
+@click.option("--width", type=int, default=1200, show_default=True, help=f"pixels, {PLOT_MIN[0]}-{PLOT_MAX:,}")
+@click.option("--height", type=int, default=800, show_default=True, help=f"pixels, {PLOT_MIN[1]}-{PLOT_MAX:,}")
 def plot(runs, out, width, height) -> None:
-    """Loss curves (against step and time) and per-sphere bars of one or more runs, as a PNG."""
+    """Loss curves (against step and time) and per-sphere bars of one or more runs, as an image."""
     from crystal.plot import plot_runs
 
     plot_runs([Path(r) for r in runs], Path(out), width, height)

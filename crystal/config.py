@@ -8,6 +8,7 @@ turns nonsense into a `CrystalError` before anything is allocated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from crystal.errors import CrystalError
@@ -225,10 +226,39 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+_KINDS = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}
+
+
+def _of_kind(v, kind: str) -> bool:
+    if isinstance(v, bool):
+        return kind == "bool"
+    if kind == "int":
+        return isinstance(v, int)
+    if kind == "float":
+        return isinstance(v, (int, float)) and math.isfinite(v)
+    return isinstance(v, str) if kind == "str" else False
+
+
+def check_types(cls, values: dict, where: str = "") -> None:
+    """Every value of a ModelConfig / TrainConfig field has the field's type (None where the field
+    is optional; an integer where a float goes; floats finite), before any value is compared or
+    computed with: a TOML date, a list or a string where a number goes is a CrystalError, not a
+    TypeError deep in validation. Unknown names are left to the caller."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    for k, v in values.items():
+        if k not in fields:
+            continue
+        kind = fields[k].replace("| None", "").strip()
+        if v is None and "None" in fields[k]:
+            continue
+        if not _of_kind(v, kind):
+            raise CrystalError(f"{where}--{k.replace('_', '-')} must be {_KINDS[kind]}, got {v!r}")
+
+
 def resolve(preset: str = "small", model_overrides: dict | None = None,
             train_overrides: dict | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """Preset values, then overrides (None values ignored), then validation."""
-    if preset not in PRESETS:
+    """Preset values, then overrides (None values ignored), then types, then validation."""
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise CrystalError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     mo = {k: v for k, v in (model_overrides or {}).items() if v is not None}
@@ -239,6 +269,8 @@ def resolve(preset: str = "small", model_overrides: dict | None = None,
     for k in to:
         if k not in {f.name for f in dataclasses.fields(TrainConfig)}:
             raise CrystalError(f"unknown training setting {k!r}")
+    check_types(ModelConfig, mo)
+    check_types(TrainConfig, to)
     model = dataclasses.replace(p.model, **mo)
     tdict = {**p.train, **to, "preset": preset}
     # A smaller --block-size without --seq-len shrinks the preset's sequence length to fit.
@@ -257,6 +289,8 @@ def _positive_int(name: str, v) -> None:
 
 MODEL_LIMITS = {"vocab_size": 1 << 24, "block_size": 1 << 20, "n_layer": 1024, "n_head": 1024,
                 "n_embd": 1 << 16}  # far beyond any model crystal trains; guards against nonsense
+# a step of a million micro-batches would run for hours before its first line: nonsense, not a run
+TRAIN_LIMITS = {"batch_size": 1 << 16, "micro_batches": 1 << 16, "steps": 1 << 40, "eval_batches": 1 << 20}
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -288,6 +322,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError(f"--spheres must be between 1 and {MAX_SPHERES}, got {t.spheres}")
     for name in ("batch_size", "seq_len", "micro_batches", "steps", "log_every", "eval_batches"):
         _positive_int(f"--{name.replace('_', '-')}", getattr(t, name))
+        if getattr(t, name) > TRAIN_LIMITS.get(name, getattr(t, name)):
+            raise CrystalError(f"--{name.replace('_', '-')} {getattr(t, name)} is above the limit {TRAIN_LIMITS[name]}")
     for name in ("eval_every", "checkpoint_every", "keep"):
         v = getattr(t, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -373,6 +409,7 @@ def _coerce(cls, table: dict, where: str) -> dict:
                 isinstance(default, float) or "float" in str(fields[k].type)):
             v = float(v)
         out[k] = v
+    check_types(cls, out, f"{where}: ")
     return out
 
 
@@ -380,6 +417,9 @@ def read_toml(path: str) -> tuple[str | None, dict, dict]:
     """(preset or None, model overrides, train overrides) from a config file."""
     import tomllib
 
+    from crystal.atomic import check_regular
+
+    check_regular(path)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

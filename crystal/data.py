@@ -26,6 +26,7 @@ have seen.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
 import struct
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_regular
 from crystal.errors import CrystalError
 
 DEFAULT_CORPUS = Path(__file__).parent / "assets" / "tinyshakespeare.txt.xz"
@@ -124,6 +125,7 @@ class BPETokenizer:
         if not file.exists():
             raise CrystalError(f"--tokenizer {path}: the directory has no {TOKENIZER_FILE}" if path.is_dir() else
                                f"--tokenizer {path}: not bytes, bpe, a tokenizer.json file or a directory holding one")
+        check_regular(file)
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -182,6 +184,7 @@ def load_tokenizer(directory: Path, kind: str):
     if kind == "bytes":
         return ByteTokenizer()
     path = Path(directory) / TOKENIZER_FILE
+    check_regular(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -207,6 +210,7 @@ def write_tokens(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
 def read_tokens(path: str | Path) -> tuple[np.ndarray, int]:
     """(ids, vocab_size) of a token file, after checking its header, size and ids."""
     path = Path(path)
+    check_regular(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -243,10 +247,19 @@ class DataSet:
     vocab_size: int
     name: str
     val_bytes: int  # UTF-8 bytes the val tokens stand for (bits per byte)
+    sha256: str = ""  # of the token ids, train then val (train.json keeps it: changed data is reported)
 
     @property
     def bytes_per_token(self) -> float:
         return self.val_bytes / len(self.val) if len(self.val) else 1.0
+
+
+def tokens_sha256(*arrays: np.ndarray) -> str:
+    """sha256 of token ids as little-endian uint32, whatever width they are stored at."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.asarray(a, dtype="<u4").tobytes())
+    return h.hexdigest()
 
 
 def default_corpus() -> bytes:
@@ -268,6 +281,7 @@ def _read_input(path: Path) -> bytes:
     if path.is_dir():
         raise CrystalError(f"{path} is a directory without {META_FILE}; give a text file or a "
                            "directory made by crystal prepare")
+    check_regular(path)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -287,14 +301,16 @@ def load_dataset(path: str | None, val_fraction: float = 0.1) -> DataSet:
     else:
         data, name = _read_input(Path(path)), str(path)
     train, val = split(tok.encode(data), val_fraction)
-    return DataSet(train, val, tok, tok.vocab_size, name, len(val))
+    return DataSet(train, val, tok, tok.vocab_size, name, len(val), tokens_sha256(train, val))
 
 
 def load_prepared(directory: Path) -> DataSet:
+    check_regular(directory / META_FILE)
     try:
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        kind, vocab = meta["tokenizer"], int(meta["vocab_size"])
-        val_bytes = int(meta["val_bytes"])
+        kind, vocab, val_bytes = meta["tokenizer"], meta["vocab_size"], meta["val_bytes"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (vocab, val_bytes)):
+            raise ValueError(f"vocab_size and val_bytes must be whole numbers, got {vocab!r}, {val_bytes!r}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CrystalError(f"{directory / META_FILE}: not a valid data set description ({e})") from None
     if kind not in ("bytes", "bpe", "hf"):
@@ -306,7 +322,24 @@ def load_prepared(directory: Path) -> DataSet:
     tok = load_tokenizer(directory, kind)
     if tok.vocab_size != vocab:
         raise CrystalError(f"{directory}: tokenizer.json has {tok.vocab_size} tokens, meta.json {vocab}")
-    return DataSet(train, val, tok, vocab, str(directory), val_bytes)
+    return DataSet(train, val, tok, vocab, str(directory), val_bytes, tokens_sha256(train, val))
+
+
+PREPARED_FILES = {"train.bin", "val.bin", TOKENIZER_FILE, META_FILE}
+
+
+def _check_prepare_out(out: Path) -> None:
+    """--out is new, empty, or an earlier prepared data set (which it replaces): never a run's or
+    anyone else's directory, whose files it would overwrite."""
+    if out.exists() and not out.is_dir():
+        raise CrystalError(f"--out {out} exists and is not a directory")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES
+                         and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # a killed write's
+        if foreign or (any(out.iterdir()) and not (out / META_FILE).exists()):
+            raise CrystalError(f"--out {out} holds files that are not a prepared data set "
+                               f"({(foreign or sorted(p.name for p in out.iterdir()))[0]}, ...); "
+                               "choose a new or empty directory")
 
 
 def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: int = 1024,
@@ -316,6 +349,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
     or of a directory holding one (its own vocabulary; written to `out` verbatim)."""
     if not inputs:
         raise CrystalError("give at least one input file")
+    _check_prepare_out(Path(out))
     given = None if tokenizer in ("bytes", "bpe") else BPETokenizer.from_file(tokenizer)
     if given is not None and given.vocab_size > MAX_VOCAB:
         raise CrystalError(f"{tokenizer}: {given.vocab_size} tokens, above crystal's limit of {MAX_VOCAB}")
@@ -412,9 +446,11 @@ class BatchIterator:
 
     def set_state(self, state: dict) -> None:
         try:
-            epoch, cursor = int(state["epoch"]), int(state["cursor"])
-        except (KeyError, TypeError, ValueError):
+            epoch, cursor = state["epoch"], state["cursor"]
+        except (KeyError, TypeError):
             raise CrystalError(f"invalid data position {state!r}") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, cursor)):
+            raise CrystalError(f"invalid data position {state!r}: epoch and cursor must be whole numbers")
         if epoch < 0 or not (0 <= cursor < self.batches_per_epoch):
             raise CrystalError(f"data position {state} does not fit this data set")
         self.position = Position(epoch, cursor)

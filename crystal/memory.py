@@ -7,7 +7,10 @@ span under the sharded optimizer).
 
 from __future__ import annotations
 
+import os
+
 from crystal.config import ModelConfig
+from crystal.errors import CrystalError
 from crystal.model import ParamLayout, activation_bytes
 from crystal.reducer import gradient_floats, shard_spans
 
@@ -30,3 +33,47 @@ def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, 
     parts["total"] = (parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["weights_bf16"]
                       + parts["activations"])
     return parts
+
+
+def run_estimate(model: ModelConfig, train, ranks: int = 1, flash: bool = False, shard: bool | None = None) -> dict:
+    """memory_estimate of a resolved run (TrainConfig `train`): on the cpu the spheres computing
+    at once under the core gate; shard: the sharded optimizer (None: as the run would)."""
+    from crystal.spheres import computing_at_once
+
+    at_once = train.spheres if train.device == "cuda" else computing_at_once(train.spheres, train.cores)
+    if shard is None:
+        shard = ranks > 1 and train.shard_optimizer is not False
+    return memory_estimate(model, train.micro_batches, at_once, train.batch_size, train.seq_len, ranks,
+                           train.precision, flash, shard)
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory a run may still take: the GPU's free memory on cuda, else the machine's
+    MemAvailable (Linux), else free physical pages; None when it cannot be told."""
+    if device == "cuda":
+        try:
+            import cupy
+
+            return int(cupy.cuda.runtime.memGetInfo()[0])
+        except Exception:  # no driver or no cupy: the backend reports that itself
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(estimate: int, available: int | None, where: str) -> None:
+    """The memory guard: a run whose --dry-run estimate exceeds the memory available stops
+    before it allocates anything large."""
+    if available is not None and estimate > available:
+        raise CrystalError(f"this run needs about {estimate / 2**30:,.1f} GiB (the --dry-run estimate) but "
+                           f"{available / 2**30:,.1f} GiB of {where} memory is available; make the model, batch or "
+                           "sphere count smaller, or pass --no-memory-check to try anyway")

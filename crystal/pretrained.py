@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from crystal.atomic import atomic_write_json, atomic_write_text
+from crystal.atomic import atomic_write_json, atomic_write_text, check_regular, fsync_dir
 from crystal.checkpoint import (CONFIG_FILE, MAX_HEADER, MODEL_FILE, TOKENIZER_FILE, TRAIN_FILE, latest_checkpoint,
                                 read_config, read_params, save_model)
 from crystal.config import ModelConfig
@@ -82,6 +85,7 @@ def open_pretrained(directory: str | Path) -> Pretrained:
     config = read_config(path / CONFIG_FILE)
     tokenizer = None
     if (path / TOKENIZER_FILE).exists():
+        check_regular(path / TOKENIZER_FILE)
         try:
             tokenizer = (path / TOKENIZER_FILE).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -177,6 +181,7 @@ def crystal_name(name: str) -> str | None:
 
 def read_header(path: Path) -> dict[str, _Entry]:
     """The tensors a safetensors file holds, every entry checked against the file's size."""
+    check_regular(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -297,37 +302,83 @@ def load_checkpoint(path: str | Path, backend=None) -> GPT:
     return GPT(cfg, read_params(model_file, cfg), backend)
 
 
+def checkpoint_tokenizer(path: str | Path, model: GPT):
+    """The tokenizer of the checkpoint at `path` (crystal.data.run_tokenizer of the directory
+    that holds its config.json), refused unless its vocabulary is the model's: a token the
+    model draws is always one the tokenizer decodes."""
+    from crystal.data import run_tokenizer
+
+    path = Path(path)
+    where = path if path.is_dir() else path.parent
+    tok = run_tokenizer(where)
+    if tok.vocab_size != model.config.vocab_size:
+        if (where / TOKENIZER_FILE).exists():
+            found = f"{where / TOKENIZER_FILE} has {tok.vocab_size}"
+        else:
+            found = f"{where} has no {TOKENIZER_FILE} (bytes, {tok.vocab_size} tokens)"
+        raise CrystalError(f"{path}: the model has {model.config.vocab_size} tokens but {found}; "
+                           "give the run directory, which holds the model's tokenizer")
+    return tok
+
+
 def export_hf(run: str | Path, out: str | Path) -> Path:
-    """A directory that transformers' GPT2LMHeadModel / AutoTokenizer load offline."""
+    """A directory that transformers' GPT2LMHeadModel / AutoTokenizer load offline.
+
+    The model, its config and its tokenizer are read and checked before anything is written;
+    the files are written into a temporary sibling of `out`, renamed into place when complete:
+    `out` is the whole export or absent. An existing `out` must be an empty directory, so an
+    export never replaces a file (another run's model, an earlier export)."""
     run, out = Path(run), Path(out)
+    _check_export_target(out)
     model = load_checkpoint(run)
     cfg = model.config
-    tok_file = run / TOKENIZER_FILE
-    if tok_file.exists():  # a fine-tuned GPT-2's is the released model's, verbatim
-        tokenizer_json = tok_file.read_text(encoding="utf-8")
-    else:  # runs trained on bytes before tokenizer.json was written
-        from crystal.data import ByteTokenizer
-
-        tokenizer_json = ByteTokenizer().to_json()
+    tokenizer_json = checkpoint_tokenizer(run, model).to_json()  # a fine-tuned GPT-2's: the released one, verbatim
     # The end-of-text token (GPT-2's <|endoftext|>, 50256; 0 in crystal's bpe) is the first special one.
     try:
         specials = [(int(t["id"]), str(t["content"])) for t in json.loads(tokenizer_json).get("added_tokens", [])]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CrystalError(f"{tok_file}: not a valid tokenizer.json ({e})") from None
+        raise CrystalError(f"{run}: not a valid tokenizer.json ({e})") from None
     eot = specials[0][0] if specials else 0
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
-    atomic_write_json(out / CONFIG_FILE, {**cfg.to_hf(), "bos_token_id": eot, "eos_token_id": eot})
-    save_model(out / MODEL_FILE, model.layout, model.flat)
-    atomic_write_text(out / TOKENIZER_FILE, tokenizer_json)
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
                "clean_up_tokenization_spaces": False}
     if specials:
         name = specials[0][1]
         tok_cfg.update(bos_token=name, eos_token=name, unk_token=name)
-    atomic_write_json(out / "tokenizer_config.json", tok_cfg)
-    atomic_write_json(out / "generation_config.json",
-                      {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
+    try:
+        atomic_write_json(tmp / CONFIG_FILE, {**cfg.to_hf(), "bos_token_id": eot, "eos_token_id": eot})
+        save_model(tmp / MODEL_FILE, model.layout, model.flat)
+        atomic_write_text(tmp / TOKENIZER_FILE, tokenizer_json)
+        atomic_write_json(tmp / "tokenizer_config.json", tok_cfg)
+        atomic_write_json(tmp / "generation_config.json",
+                          {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size})
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; this is an ordinary directory
+        os.replace(tmp, out)  # onto nothing or an empty directory; a non-empty one fails
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CrystalError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
     return out
+
+
+def _check_export_target(out: Path) -> None:
+    """--out is absent or an empty directory (export never replaces a file)."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise CrystalError(f"--out {out} exists and is not a directory; export into a new or empty directory")
+    try:
+        empty = next(out.iterdir(), None) is None
+    except OSError as e:
+        raise CrystalError(f"cannot read {out}: {e.strerror or e}") from None
+    if not empty:
+        what = "a crystal run" if (out / RUN_MARK).exists() else "not empty"
+        raise CrystalError(f"--out {out} is {what}; export into a new or empty directory (export never replaces "
+                           "files)")

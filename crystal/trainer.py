@@ -152,7 +152,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if run_dir is not None:
         if resume is None:
             run_dir.write_configs(model_cfg, dataclasses.replace(cfg, stop_at=None),
-                                  dataset.tokenizer.to_json())
+                                  dataset.tokenizer.to_json(), dataset.sha256)
         else:
             run_dir.truncate_metrics(resume.step)
     if on_start is not None:

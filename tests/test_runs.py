@@ -110,3 +110,71 @@ def test_greedy_sampling_follows_the_argmax(straight_and_resumed):
     ids = generate(model, [5, 6, 7], 4, temperature=0)
     for i in range(3, 7):
         assert ids[i] == int(np.argmax(model.logits(np.array([ids[:i]]))[0, -1]))
+
+
+# --- run directories and their data (issue 21) ---
+def file_hashes(root):
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(straight_and_resumed, capsys):
+    straight, _ = straight_and_resumed
+    before = file_hashes(straight)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(straight)]) == 0
+    assert f"{straight} is finished (step {2 * N} of {2 * N}); nothing to resume" in capsys.readouterr().out
+    assert file_hashes(straight) == before
+
+
+def test_train_json_keeps_the_absolute_data_path_and_the_tokens_hash(tmp_path, monkeypatch):
+    from crystal.data import load_dataset
+
+    (tmp_path / "input.txt").write_bytes(default_corpus()[:50_000])
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--checkpoint-every", "1", "--stop-at", "1",
+                 "--quiet", "--data", "input.txt", "--out", "run"]) == 0
+    saved = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert saved["data"] == str(tmp_path / "input.txt")
+    assert saved["data_sha256"] == load_dataset(str(tmp_path / "input.txt")).sha256
+    monkeypatch.chdir("/")  # resumed from anywhere, it finds its data
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+
+
+def test_changed_data_is_reported_on_resume_and_by_eval(tmp_path, capsys):
+    data = tmp_path / "input.txt"
+    data.write_bytes(default_corpus()[:50_000])
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--checkpoint-every", "1", "--stop-at", "1",
+                 "--quiet", "--data", str(data), "--out", str(run)]) == 0
+    data.write_bytes(default_corpus()[50_000:100_000])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "changed since" in err
+    assert main(["eval", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "changed since" in err
+
+
+def test_overwrite_clears_the_old_run_once_the_new_one_starts(tmp_path):
+    run = tmp_path / "run"
+    common = ["train", "--preset", "tiny", "--quiet", "--out", str(run)]
+    assert main([*common, "--steps", "4", "--checkpoint-every", "2"]) == 0
+    assert (run / "checkpoints").exists() and (run / "model.safetensors").exists()
+    assert main([*common, "--steps", "3", "--overwrite", "--stop-at", "1", "--checkpoint-every", "1"]) == 0
+    assert not (run / "model.safetensors").exists()  # the old run's model is gone, not left beside a new config
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000001"]
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_no_memory_check_starts_a_run_the_estimate_says_does_not_fit(tmp_path, monkeypatch, capsys):
+    import crystal.memory
+
+    monkeypatch.setattr(crystal.memory, "available_bytes", lambda device: 1024)
+    common = ["train", "--preset", "tiny", "--steps", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2
+    assert "GiB (the --dry-run estimate)" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*common, "--out", str(tmp_path / "b"), "--no-memory-check"]) == 0
