@@ -189,3 +189,42 @@ def test_dry_run_of_the_gpt2_preset_in_bf16_counts_the_weight_copy_and_bf16_acti
         return float(text.rsplit("total ", 1)[1].split(" MiB")[0].replace(",", ""))
 
     assert total(bf16) < 0.7 * total(fp32)
+
+
+def test_a_tiny_temperature_samples_as_greedy(tiny_run, capsys):
+    out, _ = tiny_run
+    args = ["sample", str(out), "--prompt", "ROMEO:", "--tokens", "30", "--temperature"]
+    assert main([*args, "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*args, "1e-320"]) == 0  # (logits - max) / t: -inf but for the argmax, never NaN
+    assert capsys.readouterr().out == greedy
+
+
+def test_a_bpe_runs_safetensors_file_samples_and_exports_with_the_tokenizer_beside_it(tmp_path, capsys):
+    from crystal.data import default_corpus, prepare
+
+    (tmp_path / "input.txt").write_bytes(default_corpus()[:60_000])
+    prepare([str(tmp_path / "input.txt")], str(tmp_path / "bpe"), "bpe", vocab_size=300)
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--spheres", "1", "--quiet", "--data",
+                 str(tmp_path / "bpe"), "--out", str(run)]) == 0
+    capsys.readouterr()
+    texts = []
+    for path in (run, run / "model.safetensors"):
+        assert main(["sample", str(path), "--tokens", "300", "--seed", "3"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+    (tmp_path / "empty").mkdir()  # an empty --out is taken
+    assert main(["export", str(run / "model.safetensors"), "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+
+
+def test_a_failed_export_leaves_no_directory(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    (run / "tokenizer.json").write_text("{}")
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

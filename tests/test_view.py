@@ -145,3 +145,15 @@ def test_info_names_blas_cores_and_gpu(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "blas:" in out and "cores:" in out and "gpu:" in out and "numba threading:" in out
+
+
+def test_plot_skips_a_torn_last_metrics_line_and_writes_svg_and_pdf(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="needs matplotlib (the plot extra)")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--steps", "3", "--spheres", "2", "--quiet", "--out", str(run)]) == 0
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 4, "loss": 5.1, "lr": 0.0')  # a run still writing its line
+    for suffix, magic in ((".png", b"\x89PNG"), (".svg", b"<?xml"), (".PDF", b"%PDF")):
+        assert main(["plot", str(run), "--out", str(tmp_path / f"p{suffix}")]) == 0
+        assert (tmp_path / f"p{suffix}").read_bytes().startswith(magic)
+    assert capsys.readouterr().err == ""
