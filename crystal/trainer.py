@@ -173,7 +173,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     blas = blas_threads_per_sphere(model_cfg, cfg, be, comm.size)
     with _blas_limits(be, blas), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
                                         cfg.batch_size, cfg.seq_len, cores=_gate(cfg, be),
-                                        pin=comm.size == 1) as spheres:
+                                        pin=comm.size == 1 and be.name == "cpu") as spheres:
         step_graphs = StepGraphs(spheres, optimizer, params, layout, cfg.grad_clip) if graphs else None
         for step in range(first, last):
             t0 = time.perf_counter()
