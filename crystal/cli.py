@@ -375,7 +375,7 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
 
     from crystal.spheres import computing_at_once, gate_cores, usable_cores
 
-    at_once = cfg.spheres if cfg.device == "cuda" else computing_at_once(cfg.spheres, cfg.cores)  # cpu: the gate
+    at_once = computing_at_once(cfg.spheres, cfg.cores, cfg.device)  # cpu: the core gate
 
     def estimate(sharded: bool) -> dict:
         return run_estimate(model_cfg, cfg, ranks, flash, sharded)

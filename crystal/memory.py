@@ -40,7 +40,7 @@ def run_estimate(model: ModelConfig, train, ranks: int = 1, flash: bool = False,
     at once under the core gate; shard: the sharded optimizer (None: as the run would)."""
     from crystal.spheres import computing_at_once
 
-    at_once = train.spheres if train.device == "cuda" else computing_at_once(train.spheres, train.cores)
+    at_once = computing_at_once(train.spheres, train.cores, train.device)
     if shard is None:
         shard = ranks > 1 and train.shard_optimizer is not False
     return memory_estimate(model, train.micro_batches, at_once, train.batch_size, train.seq_len, ranks,

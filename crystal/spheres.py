@@ -47,7 +47,6 @@ from crystal.errors import SphereFailure
 from crystal.model import Activations, ParamLayout, Tensors, backward, forward
 
 JOIN_TIMEOUT_S = 10.0
-INSIDE = [True]
 _GATE_POLL_S = 0.2  # a sphere waiting for a core re-checks for a stop at least this often
 
 
@@ -70,10 +69,10 @@ def gate_cores(cores: int | None) -> int | None:
     return cores or None
 
 
-def computing_at_once(spheres: int, cores: int | None) -> int:
-    """How many of a cpu run's spheres compute at once: each holds activations and, in flight, a
-    gradient row (--cores as for gate_cores)."""
-    gate = gate_cores(cores)
+def computing_at_once(spheres: int, cores: int | None, device: str = "cpu") -> int:
+    """How many of a run's spheres compute at once: each holds activations and, in flight, a
+    gradient row (--cores as for gate_cores; on cuda, where there is no gate, all of them)."""
+    gate = gate_cores(cores) if device != "cuda" else None
     return spheres if gate is None else min(spheres, gate)
 
 
@@ -242,7 +241,6 @@ class _Round:
     ready: object  # the root's event: everything the items read is in place
     work: Callable[[int, int], float]  # work(sphere, item) -> result
     results: list  # results[item], written by the sphere that runs the item
-    gated: bool  # batches (each takes a core token), or the flat buffer's chunks
     left: int  # spheres still at work
     done: list  # each finished sphere's event (cuda: its stream's last work)
 
@@ -368,9 +366,6 @@ class SphereSystem:
             if self.counts_launches:  # the same for every micro-batch of a run
                 self.launches_per_micro_batch = be.thread_launches() - issued
             stats.active = False
-            if INSIDE[0]:
-                self.reducer.release(m)
-        if not INSIDE[0]:
             self.reducer.release(m)  # the tree additions it completes, on this sphere and its core
         stats.batches += 1
         stats.loss_sum += loss
@@ -406,7 +401,7 @@ class SphereSystem:
         t0 = time.perf_counter()
         spread = self.n if gated else self.concurrent
         shares = [list(range(s, n_items, spread)) for s in range(min(spread, n_items))]
-        rnd = _Round(self.be.record_event(), work, [float("nan")] * n_items, gated, len(shares), [])
+        rnd = _Round(self.be.record_event(), work, [float("nan")] * n_items, len(shares), [])
         if gated and self.gate is not None:
             self.gate.admit([(items[0], s) for s, items in enumerate(shares)],
                             lambda s: self._inbox[s].put((rnd, shares[s])))

@@ -132,7 +132,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     rows = None
     if graphs:  # the graphs' fixed rows (crystal.graphs), at least the pool's own
         rows = max(pool_rows(cfg.micro_batches, cfg.spheres), graph_plan(cfg.micro_batches, cfg.spheres).rows)
-    at_once = computing_at_once(cfg.spheres, cfg.cores) if be.name == "cpu" else cfg.spheres  # the core gate
+    at_once = computing_at_once(cfg.spheres, cfg.cores, be.name)  # the core gate
     reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=at_once, rows=rows,
                               shard=cfg.shard_optimizer is not False)
     optimizer = AdamW(be, layout, cfg, reducer.chunks, span=reducer.span)
