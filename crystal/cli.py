@@ -144,7 +144,8 @@ def _abort_ranks(world, e: BaseException) -> None:
     time.sleep(0.2)  # the launcher forwards the line before MPI_Abort tears the job down (seen lost under load)
     if "mpi4py.MPI" in sys.modules:
         sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)  # the launcher ends the other ranks
-    os._exit(code)  # MPI_Abort may return before the launcher acts
+        time.sleep(2.0)  # MPI_Abort may return before the launcher acts: alive, this rank's abort stands
+    os._exit(code)
 
 
 @dataclasses.dataclass(frozen=True)
