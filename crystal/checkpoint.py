@@ -29,6 +29,7 @@ import numpy as np
 from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_regular, fsync_dir
 from crystal.config import ModelConfig, TrainConfig, check_types, validate_train
 from crystal.errors import CrystalError
+from crystal.jsonio import parse_json, read_json
 from crystal.model import ParamLayout
 
 MODEL_FILE = "model.safetensors"
@@ -187,9 +188,9 @@ class RunDir:
         keep = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
+                if parse_json(line, str(path)).get("step", 0) <= step:
                     keep.append(line)
-            except (json.JSONDecodeError, AttributeError):
+            except (CrystalError, AttributeError, TypeError):
                 break  # a torn last line from a killed process
         atomic_write_text(path, "".join(l + "\n" for l in keep))
 
@@ -232,7 +233,7 @@ class RunDir:
                                "(train with --checkpoint-every N)")
         check_regular(ckpt / STATE_FILE)
         try:
-            meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+            meta = read_json(ckpt / STATE_FILE)
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"format {meta.get('format')}")
             step, data = _count(meta["step"], "step"), dict(meta["data"])
@@ -259,8 +260,8 @@ class RunDir:
 def data_sha256_of(run: Path) -> str | None:
     """The data hash a run's train.json keeps (None: none recorded, or unreadable)."""
     try:
-        v = json.loads((Path(run) / TRAIN_FILE).read_text(encoding="utf-8")).get("data_sha256")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        v = read_json(Path(run) / TRAIN_FILE).get("data_sha256")
+    except (OSError, CrystalError, AttributeError):
         return None
     return v if isinstance(v, str) else None
 
@@ -288,7 +289,7 @@ def latest_checkpoint(run: Path) -> Path | None:
 def read_config(path: Path) -> ModelConfig:
     check_regular(path)
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        d = read_json(path)
     except FileNotFoundError:
         raise CrystalError(f"no {Path(path).name} at {Path(path).parent}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -302,7 +303,7 @@ def read_train_config(path: Path, model: ModelConfig | None = None) -> TrainConf
     """A run's train.json, every field of the right type; with the run's model, validated too."""
     check_regular(path)
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        d = read_json(path)
     except FileNotFoundError:
         raise CrystalError(f"no {Path(path).name} at {Path(path).parent}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:

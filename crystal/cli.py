@@ -102,7 +102,7 @@ def _preset_help() -> str:
 @click.option("--comm-timeout", type=float, default=None,
               help="several ranks: seconds a rank waits for the others before it exits  [default: 60]")
 @click.option("--watch", is_flag=True, help="serve the run's page (crystal watch) beside training on 127.0.0.1")
-@click.option("--port", type=int, default=8000, show_default=True, help="--watch: the page's port")
+@click.option("--port", type=int, default=None, help="--watch: the page's port  [default: 8000]")
 @click.option("--no-memory-check", is_flag=True,
               help="start even when the --dry-run memory estimate exceeds the memory available")
 @click.option("--log", "log_to", type=click.Choice(("jsonl", "tensorboard")), default="jsonl", show_default=True,
@@ -116,9 +116,11 @@ def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm
     from crystal.world import discover
 
     world = discover()
+    if port is not None and not watch:
+        raise CrystalError("--port is the port of --watch's page; give --watch too")
     try:
         _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags,
-               Outputs(watch, port, log_to), memory_check=not no_memory_check)
+               Outputs(watch, 8000 if port is None else port, log_to), memory_check=not no_memory_check)
     except SystemExit:  # an interrupted run: every rank agreed to stop after the same step
         raise
     except BaseException as e:
@@ -587,7 +589,7 @@ def watch(run, host, port) -> None:
     check_port(port)
     if (warning := host_warning(host)) is not None:
         click.echo(warning, err=True)
-    server = WatchServer(run, bind(host, port))
+    server = WatchServer(run, bind(host, port), host)
     click.echo(f"watching {run} at {server.url} (Ctrl-C stops)")
     server.serve()
 

@@ -160,6 +160,9 @@ class Preset:
     model: ModelConfig
     train: dict = field(default_factory=dict)  # TrainConfig field overrides
     about: str = ""
+    # TrainConfig fields the preset derives from others, as functions of the resolved settings:
+    # each follows the fields it derives from (a preset's or a flag's) unless it is given itself.
+    derived: dict = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -218,10 +221,11 @@ PRESETS: dict[str, Preset] = {
     # in GPT-2 tokens: set --steps or --epochs for your data and watch the val loss (every 20 steps).
     "finetune": Preset(
         ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768),
-        dict(batch_size=1, seq_len=1024, micro_batches=32, spheres=4, steps=100, lr=3e-5, min_lr=3e-5,
+        dict(batch_size=1, seq_len=1024, micro_batches=32, spheres=4, steps=100, lr=3e-5,
              warmup=20, dropout=0.1, eval_every=20, eval_batches=20),
         "fine-tune the model of --init-from DIR: lr 3e-5 constant after 20 warmup steps, dropout 0.1, "
         "32 x 1024 tokens a step, 100 steps",
+        derived=dict(min_lr=lambda t: t["lr"]),  # a constant schedule at any --lr
     ),
 }
 
@@ -273,6 +277,7 @@ def resolve(preset: str = "small", model_overrides: dict | None = None,
     check_types(TrainConfig, to)
     model = dataclasses.replace(p.model, **mo)
     tdict = {**p.train, **to, "preset": preset}
+    tdict.update({k: rule(tdict) for k, rule in p.derived.items() if k not in to})
     # A smaller --block-size without --seq-len shrinks the preset's sequence length to fit.
     if "seq_len" not in to and "block_size" in mo:
         tdict["seq_len"] = min(tdict.get("seq_len", TrainConfig.seq_len), model.block_size)
@@ -415,18 +420,16 @@ def _coerce(cls, table: dict, where: str) -> dict:
 
 def read_toml(path: str) -> tuple[str | None, dict, dict]:
     """(preset or None, model overrides, train overrides) from a config file."""
-    import tomllib
-
     from crystal.atomic import check_regular
+    from crystal.jsonio import read_toml as read_toml_file
 
     check_regular(path)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = read_toml_file(path)
     except FileNotFoundError:
         raise CrystalError(f"config file not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise CrystalError(f"{path}: not a valid TOML config ({e})") from None
+    except OSError as e:
+        raise CrystalError(f"cannot read config file {path}: {e.strerror or e}") from None
     unknown = set(data) - {"preset", "model", "train"}
     if unknown:
         raise CrystalError(f"{path}: unknown section or key {sorted(unknown)[0]!r} "

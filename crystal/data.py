@@ -37,6 +37,7 @@ import numpy as np
 
 from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_regular
 from crystal.errors import CrystalError
+from crystal.jsonio import read_json
 
 DEFAULT_CORPUS = Path(__file__).parent / "assets" / "tinyshakespeare.txt.xz"
 DEFAULT_CORPUS_NAME = "Tiny Shakespeare (embedded)"
@@ -307,7 +308,7 @@ def load_dataset(path: str | None, val_fraction: float = 0.1) -> DataSet:
 def load_prepared(directory: Path) -> DataSet:
     check_regular(directory / META_FILE)
     try:
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        meta = read_json(directory / META_FILE)
         kind, vocab, val_bytes = meta["tokenizer"], meta["vocab_size"], meta["val_bytes"]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (vocab, val_bytes)):
             raise ValueError(f"vocab_size and val_bytes must be whole numbers, got {vocab!r}, {val_bytes!r}")

@@ -2,12 +2,28 @@
 
 Anything raised as `CrystalError` is the user's to fix (a bad flag, a missing file, data that
 is too short); the CLI prints it as one line, `error: ...`, and exits 2. Any other exception is
-a bug in crystal and keeps its traceback.
+a bug in crystal and keeps its traceback. Its message is where a value the user gave is shown,
+so a number of more than MAX_DIGITS digits in it is shortened (`abbreviate_numbers`).
 """
+
+import re
+
+MAX_DIGITS = 20  # a 64-bit integer has at most 20
+# a run of digits that is a number by itself: not part of a word, a path or a decimal fraction
+_LONG_NUMBER = re.compile(r"(?<![\w./\\])\d{%d,}(?![\w/\\])" % (MAX_DIGITS + 1))
+
+
+def abbreviate_numbers(text: str) -> str:
+    """Every number of more than MAX_DIGITS digits as its first 8 and last 4 digits and its length:
+    10**300 reads `10000000...0000 (301 digits)`."""
+    return _LONG_NUMBER.sub(lambda m: f"{m[0][:8]}...{m[0][-4:]} ({len(m[0])} digits)", text)
 
 
 class CrystalError(Exception):
     """A user-facing error: bad input, bad configuration, unusable environment."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(abbreviate_numbers(str(message)))
 
 
 class SphereFailure(RuntimeError):

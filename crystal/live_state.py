@@ -11,12 +11,13 @@ writes at most every `every_s` seconds, and always at the end.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 from crystal.atomic import atomic_write_json
+from crystal.errors import CrystalError
+from crystal.jsonio import read_json
 
 LIVE_FILE = "live.json"
 FORMAT = 1
@@ -86,9 +87,10 @@ class LiveStateView:
 
 
 def read_live_state(run_dir: str | Path) -> dict | None:
-    """The run's last live state, or None (not written yet, or not JSON)."""
+    """The run's last live state, or None (not written yet, or not JSON); NaN and infinities
+    read as None (the state goes to a page as JSON, which has neither)."""
     try:
-        state = json.loads((Path(run_dir) / LIVE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        state = read_json(Path(run_dir) / LIVE_FILE, finite=True)
+    except (OSError, CrystalError):
         return None
     return state if isinstance(state, dict) else None

@@ -8,12 +8,12 @@ spheres.json is a one-line error. The image is drawn in memory and written atomi
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
 from crystal.atomic import atomic_write_bytes
 from crystal.errors import CrystalError
+from crystal.jsonio import parse_json, read_json
 
 FORMATS = ("png", "svg", "pdf")  # chosen by --out's suffix
 MIN_SIZE, MAX_SIZE = (200, 150), 10_000  # pixels: (width, height) at least, each at most
@@ -50,10 +50,7 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
 
 def _record(path: Path, n: int, line: bytes) -> dict:
     """One metrics line: a JSON object whose train or eval fields are numbers (step, elapsed finite)."""
-    try:
-        rec = json.loads(line)
-    except (ValueError, RecursionError) as e:  # ValueError: not JSON, or not UTF-8
-        raise CrystalError(f"{path}: line {n} is not JSON ({e})") from None
+    rec = parse_json(line, f"{path}: line {n}")
     if not isinstance(rec, dict):
         raise CrystalError(f"{path}: line {n} is not a JSON object")
     keys = (TRAIN_KEYS if "loss" in rec else ()) + (EVAL_KEYS if "val_loss" in rec else ())
@@ -67,12 +64,12 @@ def read_spheres(run: Path) -> list[dict] | None:
     """The per-sphere records of a run's spheres.json; None while it has none (training)."""
     path = run / "spheres.json"
     try:
-        spheres = json.loads(path.read_bytes())["spheres"]
+        spheres = read_json(path)["spheres"]
     except FileNotFoundError:
         return None
     except OSError as e:
         raise CrystalError(f"cannot read {path}: {e.strerror or e}") from None
-    except (ValueError, RecursionError, KeyError, TypeError, IndexError) as e:
+    except (KeyError, TypeError, IndexError) as e:
         raise CrystalError(f"{path}: not a spheres.json ({type(e).__name__}: {e})") from None
     if not isinstance(spheres, list) or not all(
             isinstance(s, dict) and _finite(s.get("sphere")) and _finite(s.get("batches"))

@@ -36,6 +36,7 @@ from crystal.checkpoint import (CONFIG_FILE, MAX_HEADER, MODEL_FILE, TOKENIZER_F
                                 read_config, read_params, save_model)
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError
+from crystal.jsonio import parse_json, read_json
 from crystal.model import GPT, ParamLayout
 
 WEIGHTS = MODEL_FILE
@@ -99,7 +100,7 @@ def _hf_weight_files(path: Path) -> list[Path]:
         return [path / WEIGHTS]
     if (path / INDEX).exists():
         try:
-            weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(path / INDEX)["weight_map"]
             shards = sorted(set(weight_map.values()))
             if not shards or not all(isinstance(s, str) and Path(s).name == s for s in shards):
                 raise ValueError("weight_map must name shard files in the directory")
@@ -188,7 +189,7 @@ def read_header(path: Path) -> dict[str, _Entry]:
             n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
             if not (0 <= n <= min(MAX_HEADER, size - 8)):
                 raise CrystalError(f"{path}: not a safetensors file (header length {n} in {size} bytes)")
-            header = json.loads(f.read(n))
+            header = parse_json(f.read(n), f"{path}: safetensors header")
     except OSError as e:
         raise CrystalError(f"cannot read {path}: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -335,7 +336,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     tokenizer_json = checkpoint_tokenizer(run, model).to_json()  # a fine-tuned GPT-2's: the released one, verbatim
     # The end-of-text token (GPT-2's <|endoftext|>, 50256; 0 in crystal's bpe) is the first special one.
     try:
-        specials = [(int(t["id"]), str(t["content"])) for t in json.loads(tokenizer_json).get("added_tokens", [])]
+        specials = [(int(t["id"]), str(t["content"])) for t in parse_json(tokenizer_json, "tokenizer.json").get("added_tokens", [])]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CrystalError(f"{run}: not a valid tokenizer.json ({e})") from None
     eot = specials[0][0] if specials else 0

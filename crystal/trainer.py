@@ -373,7 +373,8 @@ def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks:
     sphere count); otherwise, with ranks, and on cuda: 1."""
     if be.name != "cpu" or ranks > 1:
         return 1
-    n = (gate_cores(cfg.cores) or usable_cores()) // computing_at_once(cfg.spheres, cfg.cores)
+    # threads per computing sphere: the gate's cores (never more than the usable ones) split among them
+    n = min(gate_cores(cfg.cores) or usable_cores(), usable_cores()) // computing_at_once(cfg.spheres, cfg.cores)
     if n <= 1:
         return 1
     from crystal.backends.cpu import blas_threads_agree, product_shapes

@@ -9,19 +9,23 @@ finished or still being written. It serves
     /api/metrics?after=N  the whole metrics.jsonl lines after byte N, and the next N
 and nothing else: every other path is 404, every method but GET and HEAD 405, and no endpoint
 writes. The run's files are read only when their real path lies inside the run directory (a
-symlink out of it is 404). The page polls once a second. It binds 127.0.0.1 unless told
-otherwise; a port in use is a one-line error (exit 2).
+symlink out of it is 404). What is sent is JSON: a NaN or an infinity in the run's files is sent
+as null, a file or line that does not parse (not JSON, nested too deeply) is left out. Only
+requests whose Host header names the bound address are answered (crystal.hostcheck: a web page
+cannot read the run through DNS rebinding); others get 421. The page polls once a second. It
+binds 127.0.0.1 unless told otherwise; a port in use is a one-line error (exit 2).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import socket
 import threading
 from pathlib import Path
 
 from crystal.errors import CrystalError
+from crystal.hostcheck import HostCheck, HostRule
+from crystal.jsonio import parse_json, read_json
 from crystal.live_state import LIVE_FILE, read_live_state
 
 ASSETS = Path(__file__).parent / "assets" / "watch"
@@ -49,7 +53,10 @@ def _points_out(run: Path, name: str) -> bool:
 
 def read_metrics(run: Path, after: int) -> dict:
     """The whole lines of metrics.jsonl from byte `after` (a half-written last line waits for
-    the next call; a malformed line is skipped); reset when the file became shorter (a resume)."""
+    the next call; a malformed line is skipped; NaN and infinities read as null); reset when the
+    file became shorter (a resume). Lines are read from their start: a line longer than one
+    answer (MAX_METRICS_BYTES) is skipped, the answer's `next` then lies inside it, and an answer
+    from inside a line (byte after - 1 is not a newline) skips the rest of that line first."""
     path = _inside(run, METRICS_FILE)
     if path is None:
         return {"records": [], "next": 0, "reset": after > 0}
@@ -57,14 +64,18 @@ def read_metrics(run: Path, after: int) -> dict:
     reset = after > size
     start = 0 if reset else after
     with open(path, "rb") as f:
-        f.seek(start)
+        f.seek(max(start - 1, 0))
+        inside_line = start > 0 and f.read(1) != b"\n"  # then the file is at `start`
         chunk = f.read(MAX_METRICS_BYTES)
+    begin = chunk.find(b"\n") + 1 if inside_line else 0  # 0 when inside a line: its end is still to come
     end = chunk.rfind(b"\n") + 1
+    if (inside_line and begin == 0) or (end == 0 and len(chunk) == MAX_METRICS_BYTES):  # inside a long line
+        return {"records": [], "next": start + len(chunk), "reset": reset}
     records = []
-    for line in chunk[:end].splitlines():
+    for line in chunk[begin:end].splitlines():
         try:
-            rec = json.loads(line)
-        except ValueError:
+            rec = parse_json(line, METRICS_FILE, finite=True)
+        except CrystalError:
             continue
         if isinstance(rec, dict):
             records.append(rec)
@@ -85,8 +96,8 @@ def run_state(run: Path) -> dict:
     train = _inside(run, TRAIN_FILE)
     if train is not None:
         try:
-            state["train"] = json.loads(train.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            state["train"] = read_json(train, finite=True)
+        except (OSError, CrystalError):
             pass
     if state["live"] is None:
         state["problem"] = ("this run has no live state yet (training writes live.json about once a second; "
@@ -94,8 +105,8 @@ def run_state(run: Path) -> dict:
     return state
 
 
-def make_app(run_dir: str | Path):
-    """The starlette application for one run directory."""
+def make_app(run_dir: str | Path, hosts: HostRule):
+    """The ASGI application for one run directory, answering the Host values of `hosts`."""
     try:
         from starlette.applications import Starlette
         from starlette.responses import FileResponse, JSONResponse, Response
@@ -126,9 +137,10 @@ def make_app(run_dir: str | Path):
         return JSONResponse(read_metrics(run, after), headers={"Cache-Control": "no-store"})
 
     methods = ["GET", "HEAD"]
-    return Starlette(routes=[Route("/", page, methods=methods), Route("/static/{name}", static, methods=methods),
-                             Route("/api/state", state, methods=methods),
-                             Route("/api/metrics", metrics, methods=methods)])
+    app = Starlette(routes=[Route("/", page, methods=methods), Route("/static/{name}", static, methods=methods),
+                            Route("/api/state", state, methods=methods),
+                            Route("/api/metrics", metrics, methods=methods)])
+    return HostCheck(app, hosts)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -153,17 +165,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class WatchServer:
-    """uvicorn serving make_app(run_dir) on a socket already bound (`bind`), in this thread
-    (`serve`) or a daemon thread (`start`, for `crystal train --watch`)."""
+    """uvicorn serving make_app(run_dir) on a socket already bound (`bind`) to `host` (as given:
+    the Host headers answered follow it, crystal.hostcheck), in this thread (`serve`) or a daemon
+    thread (`start`, for `crystal train --watch`)."""
 
-    def __init__(self, run_dir: str | Path, sock: socket.socket):
+    def __init__(self, run_dir: str | Path, sock: socket.socket, host: str = "127.0.0.1"):
         try:
             import uvicorn
         except ImportError as e:
             raise CrystalError(f"crystal watch needs starlette and uvicorn (pip install 'crystal[watch]'): {e}") from None
         self.sock = sock
-        self.server = uvicorn.Server(uvicorn.Config(make_app(run_dir), log_level="warning", access_log=False,
-                                                    lifespan="off"))
+        app = make_app(run_dir, HostRule.bound(host, sock.getsockname()[1]))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
         self._thread: threading.Thread | None = None
 
     @property
