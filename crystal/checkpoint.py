@@ -70,7 +70,13 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
     try:
         return load(data)
     except (SafetensorError, ValueError, OverflowError, TypeError, KeyError, UnicodeDecodeError) as e:
-        raise CrystalError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        raise invalid_safetensors(path, e) from None
+
+
+def invalid_safetensors(path: Path, e: Exception) -> CrystalError:
+    """The one-line error for a file the safetensors library refuses, with its reason."""
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return CrystalError(f"{path}: not a valid safetensors file ({reason})")
 
 
 def require_finite(path: Path, name: str, values: np.ndarray) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 
 from crystal.atomic import atomic_write_json, atomic_write_text, check_regular, fsync_dir
 from crystal.checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAIN_FILE, latest_checkpoint,
-                                read_config, read_params, require_finite, save_model)
+                                invalid_safetensors, read_config, read_params, require_finite, save_model)
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError
 from crystal.model import GPT, ParamLayout
@@ -201,7 +201,7 @@ def read_header(path: Path) -> dict[str, _Entry]:
     except OSError as e:
         raise CrystalError(f"cannot read {path}: {e.strerror or e}") from None
     except SafetensorError as e:
-        raise CrystalError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+        raise invalid_safetensors(path, e) from None
     entries = {}
     for name, dtype, shape in tensors:
         if dtype not in DTYPE_BITS:
@@ -209,10 +209,6 @@ def read_header(path: Path) -> dict[str, _Entry]:
         entries[name] = _Entry(path, name, dtype, shape, offset)
         offset += math.prod(shape) * DTYPE_BITS[dtype] // 8
     return entries
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def _collect(pre: Pretrained) -> dict[str, _Entry]:
