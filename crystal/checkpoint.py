@@ -55,11 +55,9 @@ def save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-
-
 def load_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file; anything malformed is a CrystalError, never a crash."""
+    """Tensors of a safetensors file, read by the safetensors library under its rules (the
+    header's length, JSON, names, dtypes and offsets); anything malformed is a CrystalError."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -70,15 +68,26 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
         raise CrystalError(f"missing file {path}") from None
     except OSError as e:
         raise CrystalError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(data) < 8:
-        raise CrystalError(f"{path}: truncated safetensors file ({len(data)} bytes)")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(MAX_HEADER, len(data) - 8):
-        raise CrystalError(f"{path}: corrupt safetensors header (length {n} for a {len(data)}-byte file)")
     try:
         return load(data)
     except (SafetensorError, ValueError, OverflowError, TypeError, KeyError, UnicodeDecodeError) as e:
-        raise CrystalError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        raise invalid_safetensors(path, e) from None
+
+
+def invalid_safetensors(path: Path, e: Exception) -> CrystalError:
+    """The one-line error for a file the safetensors library refuses, with its reason."""
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return CrystalError(f"{path}: not a valid safetensors file ({reason})")
+
+
+def require_finite(path: Path, name: str, values: np.ndarray) -> None:
+    """Loaded weights (or optimizer moments) must be finite: a NaN or infinity would evaluate to
+    a nan loss, export as it is, or start a run that stops at its first step. Every loader calls
+    this on each tensor before anything is written."""
+    if not np.isfinite(values).all():
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        raise CrystalError(f"{path}: {name} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or infinity); "
+                           "a model with them cannot be evaluated, exported or trained")
 
 
 def verify_safetensors(path: Path, shapes: dict[str, tuple]) -> None:
@@ -249,6 +258,8 @@ class RunDir:
         if set(optim) != {"adamw.m", "adamw.v"} or any(
                 t.dtype != np.float32 or t.shape != (layout.size,) for t in optim.values()):
             raise CrystalError(f"{ckpt / OPTIM_FILE}: optimizer state does not match the model")
+        for name, t in optim.items():
+            require_finite(ckpt / OPTIM_FILE, name, t)
         return TrainState(step, params, optim["adamw.m"].copy(), optim["adamw.v"].copy(), data, adam_t)
 
     def close(self) -> None:
@@ -339,5 +350,6 @@ def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:
     flat = np.empty(layout.size, dtype=np.float32)
     views = layout.views(flat)
     for s in layout.specs:
+        require_finite(path, s.name, tensors[s.name])
         views[s.name][...] = tensors[s.name]
     return flat

@@ -62,22 +62,68 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
         """The shape of a Hugging Face GPT2Config (a config.json), after checking that crystal's
-        GPT-2 computes exactly that model; anything else is a CrystalError naming the field."""
-        try:
-            if d.get("model_type", "gpt2") != "gpt2":
-                raise CrystalError(f"config.json: model_type {d.get('model_type')!r} is not gpt2")
-            sizes = {field: d[key] for field, key in (("vocab_size", "vocab_size"), ("block_size", "n_positions"),
-                                                      ("n_layer", "n_layer"), ("n_head", "n_head"),
-                                                      ("n_embd", "n_embd"))}
-            for key, v in sizes.items():  # whole numbers only: no 3.7 layers, no infinity
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise CrystalError(f"config.json: {key} must be an integer, got {v!r}")
-            cfg = cls(**sizes, layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CrystalError(f"config.json: missing or invalid field: {e}") from None
+        GPT-2 computes exactly that model; anything else is a CrystalError naming the field.
+
+        Read as transformers reads it: every GPT2Config field of the type GPT2Config declares
+        (transformers refuses the rest), and an alias of GPT2Config.attribute_map
+        (`num_hidden_layers` for n_layer, ...) is the field; an alias that disagrees with its
+        field is refused, so one directory is never two models."""
+        if d.get("model_type", "gpt2") != "gpt2":
+            raise CrystalError(f"config.json: model_type {d.get('model_type')!r} is not gpt2")
+        d = _resolve_aliases(d)
+        for key, kinds in GPT2_FIELD_TYPES.items():
+            if key in d and not _json_is(d[key], kinds):
+                raise CrystalError(f"config.json: {key} must be {' or '.join(kinds)} (as GPT2Config declares it), "
+                                   f"got {d[key]!r}")
+        missing = [key for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if key not in d]
+        if missing:
+            raise CrystalError(f"config.json: missing field {missing[0]}")
+        cfg = cls(vocab_size=d["vocab_size"], block_size=d["n_positions"], n_layer=d["n_layer"], n_head=d["n_head"],
+                  n_embd=d["n_embd"], layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5))
         validate_model(cfg)
         _check_representable(d, cfg)
         return cfg
+
+
+# transformers' GPT2Config.attribute_map: each alias reads and writes the field it names.
+GPT2_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+# The JSON types of GPT2Config's fields as transformers declares them (its strict dataclass
+# refuses any other: 2.0 or "2" or true for an int, 1 for a float); "int list" is a list of ints.
+GPT2_FIELD_TYPES = {
+    "vocab_size": ("int",), "n_positions": ("int",), "n_embd": ("int",), "n_layer": ("int",), "n_head": ("int",),
+    "n_inner": ("int", "null"), "activation_function": ("str",), "resid_pdrop": ("float", "int"),
+    "embd_pdrop": ("float", "int"), "attn_pdrop": ("float", "int"), "layer_norm_epsilon": ("float",),
+    "initializer_range": ("float",), "summary_type": ("str",), "summary_use_proj": ("bool",),
+    "summary_activation": ("str", "null"), "summary_proj_to_labels": ("bool",),
+    "summary_first_dropout": ("float", "int"), "scale_attn_weights": ("bool",), "use_cache": ("bool",),
+    "bos_token_id": ("int", "null"), "eos_token_id": ("int", "int list", "null"), "pad_token_id": ("int", "null"),
+    "scale_attn_by_inverse_layer_idx": ("bool",), "reorder_and_upcast_attn": ("bool",),
+    "add_cross_attention": ("bool",), "tie_word_embeddings": ("bool",),
+}
+_JSON_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "null": type(None)}
+
+
+def _json_is(v, kinds: tuple[str, ...]) -> bool:
+    """Whether JSON value v is one of kinds (exact types: true is not an int, 2 is not a float)."""
+    if type(v) is list and "int list" in kinds:
+        return all(type(x) is int for x in v)
+    return any(type(v) is _JSON_TYPES[k] for k in kinds if k in _JSON_TYPES)
+
+
+def _resolve_aliases(d: dict) -> dict:
+    """config.json with each attribute_map alias replaced by its field (transformers sets the
+    field from the alias); an alias and its field that disagree are refused."""
+    d = dict(d)
+    for alias, key in GPT2_ALIASES.items():
+        if alias not in d:
+            continue
+        v = d.pop(alias)
+        if key in d and (type(d[key]), d[key]) != (type(v), v):
+            raise CrystalError(f"config.json: {alias} {v!r} and {key} {d[key]!r} disagree (transformers reads "
+                               f"{alias} as {key}); give one of them")
+        d[key] = v
+    return d
 
 
 # GPT2Config fields that change the computation, with the one value crystal computes (GPT2Config's

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from crystal.atomic import atomic_write_json, atomic_write_text, check_regular, fsync_dir
-from crystal.checkpoint import (CONFIG_FILE, MAX_HEADER, MODEL_FILE, TOKENIZER_FILE, TRAIN_FILE, latest_checkpoint,
-                                read_config, read_params, save_model)
+from crystal.checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAIN_FILE, latest_checkpoint,
+                                invalid_safetensors, read_config, read_params, require_finite, save_model)
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json, read_json
@@ -51,6 +51,10 @@ DTYPES = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", 
           "F64": ("<f8", "float64"), "I64": ("<i8", "int64"), "I32": ("<i4", "int32"), "I16": ("<i2", "int16"),
           "I8": ("i1", "int8"), "U8": ("u1", "uint8"), "BOOL": ("?", "bool")}
 EXACT = ("F32", "F16", "BF16")  # what float32 holds exactly: the parameters' dtypes crystal reads
+# Bits per element of every dtype the safetensors library knows (its Dtype::bitsize).
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+              "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+              "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
 
 
 @dataclass
@@ -181,36 +185,30 @@ def crystal_name(name: str) -> str | None:
 
 
 def read_header(path: Path) -> dict[str, _Entry]:
-    """The tensors a safetensors file holds, every entry checked against the file's size."""
+    """The tensors a safetensors file holds, as the safetensors library reads its header: the
+    library parses and validates it (strict JSON, no name twice, string `__metadata__` values,
+    known dtypes, tensors packed in offset order from 0 without gap or overlap, each exactly
+    its dtype x shape bytes, the file exactly header + data), so what it accepts is laid out
+    as offset_keys() lists it and every offset follows from the sizes before it."""
+    from safetensors import SafetensorError, safe_open
+
     check_regular(path)
     try:
-        size = path.stat().st_size
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = [(name, f.get_slice(name)) for name in f.offset_keys()]
+            tensors = [(name, t.get_dtype(), tuple(t.get_shape())) for name, t in tensors]
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-            if not (0 <= n <= min(MAX_HEADER, size - 8)):
-                raise CrystalError(f"{path}: not a safetensors file (header length {n} in {size} bytes)")
-            header = parse_json(f.read(n), f"{path}: safetensors header")
+            offset = 8 + int.from_bytes(f.read(8), "little")  # the first tensor's first byte
     except OSError as e:
         raise CrystalError(f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CrystalError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CrystalError(f"{path}: corrupt safetensors header (not a JSON object)")
+    except SafetensorError as e:
+        raise invalid_safetensors(path, e) from None
     entries = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            if not all(type(x) is int and x >= 0 for x in (*shape, start, end)) or not isinstance(dtype, str):
-                raise TypeError("dtype, shape or offsets of the wrong type")
-        except (TypeError, KeyError, ValueError) as err:
-            raise CrystalError(f"{path}: corrupt safetensors entry {name!r} ({err})") from None
-        itemsize = np.dtype(DTYPES[dtype][0]).itemsize if dtype in DTYPES else None
-        if end > size - 8 - n or start > end or (itemsize and end - start != math.prod(shape) * itemsize):
-            raise CrystalError(f"{path}: tensor {name} ({dtype}{list(shape)}) does not fit its bytes "
-                               f"[{start}, {end}) of the file")
-        entries[name] = _Entry(path, name, dtype, shape, 8 + n + start)
+    for name, dtype, shape in tensors:
+        if dtype not in DTYPE_BITS:
+            raise CrystalError(f"{path}: tensor {name} has dtype {dtype}, unknown to crystal")
+        entries[name] = _Entry(path, name, dtype, shape, offset)
+        offset += math.prod(shape) * DTYPE_BITS[dtype] // 8
     return entries
 
 
@@ -267,8 +265,7 @@ def _read_hf(pre: Pretrained) -> np.ndarray:
     views = layout.views(flat)
     for s in layout.specs:
         _read_into(found[s.name], views[s.name])
-        if not np.isfinite(views[s.name]).all():
-            raise CrystalError(f"{found[s.name].file}: {found[s.name].name} holds non-finite values")
+        require_finite(found[s.name].file, found[s.name].name, views[s.name])
     if head is not None:  # a saved copy of the tied head: it must be wte, bit for bit
         copy = np.empty(head.shape, dtype=np.float32)
         _read_into(head, copy)
