@@ -24,7 +24,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from safetensors.numpy import load_file
 from test_bad_inputs import R, TRAIN, reference  # noqa: F401  (the module-scoped reference run)
 
 from crystal.backends import cuda_unavailable_reason
