@@ -1,5 +1,5 @@
 import sys
 
-from crystal.cli import main
+from crystal.entry import main
 
 sys.exit(main())

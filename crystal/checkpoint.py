@@ -9,6 +9,7 @@ A run directory holds
     model.safetensors  the final parameters, float32, HF GPT-2 names (LM head tied to wte)
     checkpoints/       resumable states step-XXXXXXXX/{model,optim}.safetensors + state.json,
                        and `latest`, the name of the newest complete one
+    .crystal.lock      the lock its writer holds (crystal.runlock), with the writer's pid
 Every file is written to a temporary name in its directory, fsynced and renamed; a checkpoint
 directory is complete before it is renamed into place, and `latest` moves only after that.
 Training has no randomness besides the data order, which is a function of (seed, epoch), so
@@ -17,7 +18,9 @@ the data position (epoch, cursor) is the whole RNG state of a run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -31,6 +34,7 @@ from crystal.config import ModelConfig, TrainConfig, check_types, validate_train
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json, read_json
 from crystal.model import ParamLayout
+from crystal.runlock import LOCK_FILE, RunLock, check_free
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"
@@ -118,47 +122,111 @@ class TrainState:
 
 
 class RunDir:
-    """The files of one training run."""
+    """The files of one training run, written by one process at a time.
 
-    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False,
-                 readonly: bool = False):
-        """readonly (with resume): read the configs and checkpoints, touch nothing (ranks > 0)."""
+    Made, it checks the directory and writes nothing, not even the directory: a start refused
+    later (a flag the trainer refuses, a missing package) leaves no trace. The first write (the
+    configs of a new run, the metrics of a resumed one) creates the directory, takes its lock
+    (crystal.runlock: another writer is refused naming its pid), checks it again under the lock
+    and, with --overwrite, clears the old run. A write that fails (a full disk) is one line that
+    names the newest complete checkpoint, which --resume continues bitwise."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False):
         self.path = Path(path)
         self._metrics = None
-        if self.path.exists() and not self.path.is_dir():
-            raise CrystalError(f"run directory {self.path} exists and is not a directory")
-        if resume:
-            if not (self.path / TRAIN_FILE).exists():
-                raise CrystalError(f"{self.path} is not a crystal run (no {TRAIN_FILE})")
-            if readonly:
-                return
-        elif self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            if (self.path / TRAIN_FILE).exists() or (self.path / MODEL_FILE).exists():
-                raise CrystalError(f"--out {self.path} already holds a run; "
+        self._lock: RunLock | None = None
+        self._resume = resume
+        self._replacing = overwrite and not resume  # the old run goes at the first write
+        self._check(locked=False)
+
+    def _check(self, locked: bool) -> None:
+        """What the directory must be for this run; locked: the re-check under our own lock."""
+        p = self.path
+        if os.path.lexists(p) and not p.is_dir():
+            raise CrystalError(f"run directory {p} exists and is not a directory")
+        if not p.exists():
+            if self._resume:
+                raise CrystalError(f"{p} is not a crystal run (no {TRAIN_FILE})")
+            _check_creatable(p)
+            return
+        if not locked:
+            check_free(p)  # a writer holds it: refused, whatever it holds
+        if self._resume:
+            if not (p / TRAIN_FILE).exists():
+                raise CrystalError(f"{p} is not a crystal run (no {TRAIN_FILE})")
+        elif not self._replacing and any(e.name != LOCK_FILE for e in p.iterdir()):
+            if (p / TRAIN_FILE).exists() or (p / MODEL_FILE).exists():
+                raise CrystalError(f"--out {p} already holds a run; "
                                    "choose another --out, --resume it, or pass --overwrite")
-            raise CrystalError(f"--out {self.path} is not empty and not a crystal run; "
+            raise CrystalError(f"--out {p} is not empty and not a crystal run; "
                                "choose a new or empty directory, or pass --overwrite")
+        ckpts = p / CHECKPOINTS
+        if self._replacing and os.path.lexists(ckpts) and not ckpts.is_dir():
+            raise CrystalError(f"--overwrite: {ckpts} is not a directory (or a link to one); remove it")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise CrystalError(f"cannot write run directory {p}: {os.strerror(errno.EACCES)}")
+
+    def _claim(self) -> None:
+        """The run's first write: the directory, its lock, the check under the lock (another
+        writer may have come and gone since), then --overwrite's clearing of the old run."""
+        if self._lock is not None:
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".crystal-write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
         except OSError as e:
             raise CrystalError(f"cannot write run directory {self.path}: {e.strerror or e}") from None
-        self._replacing = overwrite and not resume  # the old run goes when the new one starts (write_configs)
+        self._lock = RunLock.acquire(self.path)
+        try:
+            self._check(locked=True)
+        except BaseException:
+            self.close()
+            raise
         for stale in (self.path / CHECKPOINTS).glob(".step-*.tmp-*"):  # left by a killed process
             shutil.rmtree(stale, ignore_errors=True)
-        self._metrics = None
+        if self._replacing:
+            self._clear_old_run()
 
     def _clear_old_run(self) -> None:
         """--overwrite: the old run's outputs, once the new run has passed every check (so a
-        new config that fails leaves the old run whole)."""
-        shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
-        for name in (METRICS_FILE, MODEL_FILE, SPHERES_FILE, "live.json"):
-            (self.path / name).unlink(missing_ok=True)
-        for events in self.path.glob("events.out.tfevents.*"):  # the old run's TensorBoard log
-            events.unlink()
+        new config that fails leaves the old run whole). In checkpoints/ (a directory or a link
+        to one) crystal's own entries go, so no fallback can find the old run's steps; a file
+        that cannot be removed is an error, never skipped."""
+        ckpts = self.path / CHECKPOINTS
+        try:
+            if ckpts.is_dir():
+                for entry in ckpts.iterdir():
+                    if entry.name == LATEST or entry.name.startswith(("step-", ".step-")):
+                        if entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry)
+                        else:
+                            entry.unlink()
+            for name in (METRICS_FILE, MODEL_FILE, SPHERES_FILE, "live.json"):
+                (self.path / name).unlink(missing_ok=True)
+            for events in self.path.glob("events.out.tfevents.*"):  # the old run's TensorBoard log
+                events.unlink()
+        except OSError as e:
+            raise CrystalError(f"--overwrite: cannot remove the old run's {e.filename or ckpts}: "
+                               f"{e.strerror or e}") from None
         self._replacing = False
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """The run's writes: the first one claims the directory; a failed one (a full disk) is
+        one line naming what survives: the newest complete checkpoint."""
+        self._claim()
+        try:
+            yield
+        except OSError as e:
+            ckpt = latest_checkpoint(self.path)
+            left = (f"checkpoint {ckpt.name} is intact: free space, then crystal train --resume {self.path} "
+                    "continues from it" if ckpt else "no checkpoint was written")
+            raise CrystalError(f"cannot write {what} in {self.path}: {e.strerror or e}; {left}") from None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def model_path(self) -> Path:
@@ -169,13 +237,12 @@ class RunDir:
                       data_sha256: str | None = None) -> None:
         """The run's first write (a new run, every check passed). data_sha256: of the tokens it
         trains on, kept in train.json beside the config so that changed data is reported."""
-        if self._replacing:
-            self._clear_old_run()
         extra = {"data_sha256": data_sha256} if data_sha256 else {}
-        atomic_write_json(self.path / CONFIG_FILE, model.to_hf())
-        atomic_write_json(self.path / TRAIN_FILE, {**dataclasses.asdict(train), **extra})
-        if tokenizer_json is not None:
-            atomic_write_text(self.path / TOKENIZER_FILE, tokenizer_json)
+        with self._writing("the run's configs"):
+            atomic_write_json(self.path / CONFIG_FILE, model.to_hf())
+            atomic_write_json(self.path / TRAIN_FILE, {**dataclasses.asdict(train), **extra})
+            if tokenizer_json is not None:
+                atomic_write_text(self.path / TOKENIZER_FILE, tokenizer_json)
 
     def read_configs(self) -> tuple[ModelConfig, TrainConfig]:
         model = read_config(self.path / CONFIG_FILE)
@@ -183,15 +250,19 @@ class RunDir:
 
     # --- metrics ---
     def log(self, record: dict) -> None:
-        """Append one JSON line to metrics.jsonl, flushed."""
-        if self._metrics is None:
-            self._metrics = open(self.path / METRICS_FILE, "a", encoding="utf-8")
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        """Append one JSON line to metrics.jsonl, unbuffered (a failed write raises here, not at
+        close; a torn last line is what truncate_metrics drops on resume)."""
+        with self._writing(METRICS_FILE):
+            if self._metrics is None:
+                self._metrics = open(self.path / METRICS_FILE, "ab", buffering=0)
+            line = memoryview((json.dumps(record) + "\n").encode())
+            while line:
+                line = line[self._metrics.write(line):]
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only the lines of steps <= step (a resumed run rewrites what came after)."""
         path = self.path / METRICS_FILE
+        self._claim()  # a resumed run's first write
         if not path.exists():
             return
         keep = []
@@ -201,34 +272,42 @@ class RunDir:
                     keep.append(line)
             except (CrystalError, AttributeError, TypeError):
                 break  # a torn last line from a killed process
-        atomic_write_text(path, "".join(l + "\n" for l in keep))
+        with self._writing(METRICS_FILE):
+            atomic_write_text(path, "".join(l + "\n" for l in keep))
 
     def write_spheres(self, stats: dict) -> None:
-        atomic_write_json(self.path / SPHERES_FILE, stats)
+        with self._writing(SPHERES_FILE):
+            atomic_write_json(self.path / SPHERES_FILE, stats)
 
     def write_model(self, layout: ParamLayout, flat: np.ndarray) -> None:
-        save_model(self.model_path, layout, flat)
+        with self._writing(MODEL_FILE):
+            save_model(self.model_path, layout, flat)
 
     # --- resumable checkpoints ---
     def save_state(self, layout: ParamLayout, state: TrainState, keep: int) -> Path:
         root = self.path / CHECKPOINTS
-        root.mkdir(exist_ok=True)
         final = root / f"step-{state.step:08d}"
         tmp = root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(tmp / MODEL_FILE, layout, state.params)
-        save_tensors(tmp / OPTIM_FILE, {"adamw.m": state.m, "adamw.v": state.v})
-        atomic_write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, "step": state.step,
-                                             "adam_t": state.adam_t, "data": state.data,
-                                             "params": int(layout.size)})
-        verify_safetensors(tmp / MODEL_FILE, {s.name: s.shape for s in layout.specs})
-        verify_safetensors(tmp / OPTIM_FILE, {"adamw.m": (layout.size,), "adamw.v": (layout.size,)})
-        if final.exists():  # re-reaching a step after resuming from an earlier checkpoint
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        atomic_write_text(root / LATEST, final.name + "\n")
+        with self._writing(f"the checkpoint of step {state.step}"):
+            try:
+                root.mkdir(exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                save_model(tmp / MODEL_FILE, layout, state.params)
+                save_tensors(tmp / OPTIM_FILE, {"adamw.m": state.m, "adamw.v": state.v})
+                atomic_write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, "step": state.step,
+                                                     "adam_t": state.adam_t, "data": state.data,
+                                                     "params": int(layout.size)})
+                verify_safetensors(tmp / MODEL_FILE, {s.name: s.shape for s in layout.specs})
+                verify_safetensors(tmp / OPTIM_FILE, {"adamw.m": (layout.size,), "adamw.v": (layout.size,)})
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint frees its space
+                raise
+            if final.exists():  # re-reaching a step after resuming from an earlier checkpoint
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            atomic_write_text(root / LATEST, final.name + "\n")
         steps = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in steps[:-keep] if keep > 0 else []:
             if old != final:
@@ -263,9 +342,24 @@ class RunDir:
         return TrainState(step, params, optim["adamw.m"].copy(), optim["adamw.v"].copy(), data, adam_t)
 
     def close(self) -> None:
+        """Close metrics.jsonl and release the run's lock (the run's last act)."""
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _check_creatable(path: Path) -> None:
+    """A new run directory can be made: its nearest existing ancestor is a writable directory."""
+    up = path.absolute()
+    while not os.path.lexists(up):
+        up = up.parent
+    if not up.is_dir():
+        raise CrystalError(f"cannot write run directory {path}: {up} is not a directory")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise CrystalError(f"cannot write run directory {path}: {os.strerror(errno.EACCES)} ({up})")
 
 
 def data_sha256_of(run: Path) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
 import os
 import signal
@@ -176,14 +178,14 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         if fixed or config_file:
             name = fixed[0].replace("_", "-") if fixed else "config"
             raise CrystalError(f"--resume continues a run with its own config; it cannot change --{name}")
-        run_dir = RunDir(resume_dir, resume=True, readonly=not world.is_root)
+        run_dir = RunDir(resume_dir, resume=True)
         model_cfg, cfg = run_dir.read_configs()
         _, cfg = resolve(cfg.preset, dataclasses.asdict(model_cfg),
                          {**dataclasses.asdict(cfg), "stop_at": None, **given})
         state = run_dir.load_state(model_cfg)
-        if state.step >= cfg.steps and not (print_config or dry_run):  # nothing to train, nothing to write
+        if state.step >= cfg.steps and not (print_config or dry_run):  # nothing to train
             if world.is_root:
-                click.echo(f"{resume_dir} is finished (step {state.step} of {cfg.steps}); nothing to resume")
+                _finish(run_dir, model_cfg, state, cfg.steps)
             return
     else:
         file_preset, file_model, file_train = read_toml(config_file) if config_file else (None, {}, {})
@@ -272,10 +274,17 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
                                   on_start=view.start, on_step=view.step, on_eval=view.eval,
                                   should_stop=stop.requested, comm=comm, init=init,
                                   on_warning=lambda msg: click.echo(f"warning: {msg}", err=True) if root else None)
-        finally:
+        except BaseException:
+            with contextlib.suppress(OSError):  # the run's own error is the one to report (a full disk)
+                view.close()
+            raise
+        else:
             view.close()
+        finally:
             if server is not None:
                 server.stop()
+            if run_dir is not None:
+                run_dir.close()  # releases the run's lock
     if root:
         click.echo(format_summary(result))
     if result.interrupted:
@@ -285,6 +294,20 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
                        f"{result.history[-1].step if result.history else '?'}; checkpoint {result.checkpoint}; "
                        f"continue with: crystal train --resume {run_dir.path}", err=True)
         raise SystemExit(128 + signum)
+
+
+def _finish(run_dir, model_cfg, state, steps: int) -> None:
+    """--resume of a run whose last checkpoint is its last step: nothing to train; a final model
+    that could not be written (a full disk) is written now from that checkpoint, bitwise."""
+    from crystal.model import ParamLayout
+
+    if run_dir.model_path.exists():
+        click.echo(f"{run_dir.path} is finished (step {state.step} of {steps}); nothing to resume")
+        return
+    with run_dir:
+        run_dir.write_model(ParamLayout(model_cfg), state.params)
+    click.echo(f"{run_dir.path} is finished (step {state.step} of {steps}); wrote its missing "
+               f"{run_dir.model_path.name} from the checkpoint of step {state.step}")
 
 
 def _warn_if_data_changed(run: Path, dataset, show: bool) -> None:
@@ -558,7 +581,9 @@ def sample(run, prompt, tokens, temperature, top_k, seed) -> None:
 def export(run, fmt, out) -> None:
     """Export a run for Hugging Face transformers (GPT2LMHeadModel + tokenizer)."""
     from crystal.pretrained import export_hf
+    from crystal.runlock import check_free
 
+    check_free(out)  # a run being written there: refused naming its writer
     path = export_hf(run, out)
     click.echo(f"exported {run} to {path} (config.json, model.safetensors, tokenizer.json)")
 
@@ -619,7 +644,18 @@ def error_exit(e: BaseException) -> tuple[str | None, int]:
         return "interrupted", 130
     if isinstance(e, SystemExit):  # an interrupted run: 130 (SIGINT) or 143 (SIGTERM)
         return None, e.code if isinstance(e.code, int) else 1
+    if _out_of_space(e):
+        return f"cannot write {e.filename or 'a file'}: {e.strerror}", EXIT_USAGE
     return f"{type(e).__name__}: {e}", 1
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """A write that the disk refused (full, over quota): the machine's to fix, not a bug in
+    crystal; a run directory's own writes say more (crystal.checkpoint.RunDir)."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(e.format_message())
         return 0
     except (CrystalError, NonFiniteError, click.exceptions.ClickException, click.exceptions.Abort,
-            KeyboardInterrupt, SystemExit) as e:
+            KeyboardInterrupt, SystemExit, OSError) as e:
+        if isinstance(e, OSError) and not _out_of_space(e):
+            raise
         message, code = error_exit(e)
         if message:
             click.echo(f"error: {message}", err=True)

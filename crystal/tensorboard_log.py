@@ -11,15 +11,19 @@ from crystal.errors import CrystalError
 
 
 class TensorBoardView:
+    """Checks for tensorboardX when made; the event file is created at `start`, after the run's
+    first write (which, with --overwrite, clears the old run's event files, not this one)."""
+
     def __init__(self, run_dir: str | Path):
         try:
             from tensorboardX import SummaryWriter
         except ImportError as e:
             raise CrystalError(f"--log tensorboard needs tensorboardX (pip install 'crystal[tensorboard]'): {e}") from None
-        self.writer = SummaryWriter(logdir=str(run_dir), flush_secs=5)
+        self._open = lambda: SummaryWriter(logdir=str(run_dir), flush_secs=5)
+        self.writer = None
 
     def start(self, info: dict) -> None:
-        pass
+        self.writer = self._open()
 
     def step(self, rec, spheres) -> None:
         w, s = self.writer, rec.step
@@ -34,4 +38,5 @@ class TensorBoardView:
         self.writer.add_scalar("val_loss", val_loss, step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:  # None: training never started
+            self.writer.close()

@@ -20,7 +20,7 @@ import numpy as np
 from crystal.backends import get_backend
 from crystal.checkpoint import RunDir, TrainState
 from crystal import dropout
-from crystal.config import ModelConfig, TrainConfig
+from crystal.config import TRAIN_LIMITS, ModelConfig, TrainConfig
 from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, GraphCaptureError, NonFiniteError
 from crystal.model import ParamLayout, init_params, warm_up
@@ -66,11 +66,16 @@ class TrainResult:
 
 def resolve_steps(cfg: TrainConfig, batches_per_epoch: int) -> TrainConfig:
     """--epochs E overrides --steps: steps = E * batches per epoch / micro-batches (at least 1);
-    the resolved config keeps steps and drops epochs so a resume reads the same number."""
+    the resolved config keeps steps and drops epochs so a resume reads the same number. The
+    resolved count meets --steps' own limit (a train.json that --resume and eval refuse is never
+    written)."""
     if cfg.epochs is None:
         return cfg
-    steps = max(1, int(cfg.epochs * batches_per_epoch / cfg.micro_batches))
-    return dataclasses.replace(cfg, steps=steps, epochs=None)
+    steps = cfg.epochs * batches_per_epoch / cfg.micro_batches  # float: 1e300 epochs stay finite or inf
+    if not steps <= TRAIN_LIMITS["steps"]:
+        raise CrystalError(f"--epochs {cfg.epochs:.4g} is {steps:.3g} steps of {cfg.micro_batches} x "
+                           f"{cfg.batch_size} sequences, above the limit of {TRAIN_LIMITS['steps']} steps")
+    return dataclasses.replace(cfg, steps=max(1, int(steps)), epochs=None)
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = None,

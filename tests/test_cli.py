@@ -29,7 +29,7 @@ def test_train_writes_the_run_directory(tiny_run):
     out, _ = tiny_run
     assert {p.name for p in out.iterdir()} == {
         "config.json", "train.json", "tokenizer.json", "metrics.jsonl", "spheres.json", "model.safetensors",
-        "live.json"}
+        "live.json", ".crystal.lock"}
 
 
 def test_model_safetensors_holds_exactly_the_hf_gpt2_tensors(tiny_run):
