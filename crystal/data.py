@@ -112,7 +112,11 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        cutter = Cutter(tok)  # the pre-tokenizer alone decides the cuts: the counts are the whole texts'
+        # Cut where the pre-tokenizer proves a boundary (the counts are the whole texts'), with a
+        # stand-in that gives each piece one id: the tokenizer in training cannot encode meanwhile.
+        pieces = Tokenizer(models.WordLevel({"piece": 0}, unk_token="piece"))
+        pieces.pre_tokenizer = tok.pre_tokenizer
+        cutter = Cutter(pieces)
         tok.train_from_iterator((p for t, n in zip(texts, names or ["input"] * len(texts))
                                  for p in cutter.pieces(t, n)), trainer=trainer)
         return cls(tok)
