@@ -153,19 +153,19 @@ class BPETokenizer:
 
     def encode_many(self, texts: list[str], names: list[str]) -> np.ndarray:
         """Each text's `encode` ids, one text after another: the texts are encoded in pieces cut
-        where `Cutter` proves a token boundary (so the ids are exactly the whole text's), batches of
-        pieces of at most MAX_PIECE_CHARS characters at a time (so memory is bounded whatever the
-        line lengths)."""
+        where `Cutter` proves a token boundary (so the ids are exactly the whole text's), a batch
+        of pieces of at most BATCH_CHARS characters (or one piece of at most MAX_PIECE_CHARS) at a
+        time, so memory is bounded whatever the line lengths."""
         cutter, out, batch = Cutter(self.tok), [], []
 
         def flush():
-            for e in self.tok.encode_batch(batch, add_special_tokens=False):
+            for e in self.tok.encode_batch(batch, add_special_tokens=False):  # in parallel
                 out.append(np.asarray(e.ids, dtype=token_dtype(self.vocab_size)))
             batch.clear()
 
         for text, name in zip(texts, names):
             for piece in cutter.pieces(text, name):
-                if batch and sum(map(len, batch)) + len(piece) > MAX_PIECE_CHARS:
+                if batch and sum(map(len, batch)) + len(piece) > BATCH_CHARS:
                     flush()
                 batch.append(piece)
         flush()
@@ -188,6 +188,7 @@ class BPETokenizer:
 
 PIECE_CHARS = 1 << 16  # a text is encoded in pieces of about this many characters
 MAX_PIECE_CHARS = 1 << 22  # the most characters encoded at once (the library takes ~250 bytes of memory each)
+BATCH_CHARS = 1 << 20  # pieces encoded together (in parallel) up to this many characters
 CUT_CONTEXT = 512  # characters on either side of a cut that its proof encodes
 CUT_STEP = 2048  # characters searched for cuts at a time
 CUT_TRIES = 4  # candidate cuts verified per CUT_STEP before moving on
