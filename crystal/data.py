@@ -114,9 +114,9 @@ class BPETokenizer:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         # Cut where the pre-tokenizer proves a boundary (the counts are the whole texts'), with a
         # stand-in that gives each piece one id: the tokenizer in training cannot encode meanwhile.
-        pieces = Tokenizer(models.WordLevel({"piece": 0}, unk_token="piece"))
-        pieces.pre_tokenizer = tok.pre_tokenizer
-        cutter = Cutter(pieces)
+        stand_in = Tokenizer(models.WordLevel({"piece": 0}, unk_token="piece"))
+        stand_in.pre_tokenizer = tok.pre_tokenizer
+        cutter = Cutter(stand_in)
         tok.train_from_iterator((p for t, n in zip(texts, names or ["input"] * len(texts))
                                  for p in cutter.pieces(t, n)), trainer=trainer)
         return cls(tok)
@@ -160,7 +160,7 @@ class BPETokenizer:
 
         def flush():
             for e in self.tok.encode_batch(batch, add_special_tokens=False):  # in parallel
-                out.append(np.asarray(e.ids, dtype=token_dtype(self.vocab_size)))
+                out.append(np.asarray(e.ids, dtype=np.uint32))
             batch.clear()
 
         for text, name in zip(texts, names):
@@ -169,7 +169,11 @@ class BPETokenizer:
                     flush()
                 batch.append(piece)
         flush()
-        return np.concatenate(out) if out else np.empty(0, token_dtype(self.vocab_size))
+        ids = np.concatenate(out) if out else np.empty(0, np.uint32)
+        if ids.size and int(ids.max()) >= self.vocab_size:  # before narrowing to the file's width
+            raise CrystalError(f"the tokenizer gave token id {int(ids.max())}, outside its vocabulary of "
+                               f"{self.vocab_size}")
+        return ids.astype(token_dtype(self.vocab_size))
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -310,8 +314,8 @@ class Cutter:
         if self.added:
             n = self.tok.normalizer.normalize_str if self.tok.normalizer is not None else None
             sides = [(left, right)] + ([(n(left), n(right))] if n else [])
-            for a in self.added:  # an occurrence across the cut starts in its last len(a) - 1 characters
-                if any(a in l[len(l) - len(a) + 1:] + r[:len(a) - 1] for l, r in sides if len(a) > 1):
+            for a in self.added:  # one across the cut lies in the len(a) - 1 characters either side
+                if len(a) > 1 and any(a in x[max(0, len(x) - len(a) + 1):] + y[:len(a) - 1] for x, y in sides):
                     return False
             if self.strips and (not left.strip() or not right.strip()):
                 return False
