@@ -12,7 +12,9 @@ Token file: a 32-byte little-endian header, then the ids:
 uint16 when the vocabulary fits (<= 65,536), else uint32. Readers check every field, the exact
 file size and that every id is below vocab_size.
 
-A prepared directory holds train.bin, val.bin, tokenizer.json and meta.json. A plain text
+A prepared directory holds train.bin, val.bin, tokenizer.json and meta.json, written as a whole
+(a sibling directory renamed into place); meta.json's token counts and hash tie the token files
+to it, and its tokenizer identity ties them to the tokenizer (`tokenizer_identity`). A plain text
 file (or the embedded corpus) is prepared on the fly with the byte tokenizer; its last
 `val_fraction` of tokens is the validation split, as nanoGPT does.
 
