@@ -630,6 +630,17 @@ def info() -> None:
 
 def error_exit(e: BaseException) -> tuple[str | None, int]:
     """The one-line message (None: nothing to print) and exit status of an exception."""
+    message, code = _message_and_status(e)
+    return (one_line(message) if message else message), code
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: control characters (a user's value may hold a newline
+    or a carriage return) are written as Python escapes, so an error never spans two lines."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in message)
+
+
+def _message_and_status(e: BaseException) -> tuple[str | None, int]:
     if isinstance(e, click.exceptions.NoArgsIsHelpError):
         return None, 0
     if isinstance(e, CrystalError):

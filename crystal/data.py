@@ -12,7 +12,9 @@ Token file: a 32-byte little-endian header, then the ids:
 uint16 when the vocabulary fits (<= 65,536), else uint32. Readers check every field, the exact
 file size and that every id is below vocab_size.
 
-A prepared directory holds train.bin, val.bin, tokenizer.json and meta.json. A plain text
+A prepared directory holds train.bin, val.bin, tokenizer.json and meta.json, written as a whole
+(a sibling directory renamed into place); meta.json's token counts and hash tie the token files
+to it, and its tokenizer identity ties them to the tokenizer (`tokenizer_identity`). A plain text
 file (or the embedded corpus) is prepared on the fly with the byte tokenizer; its last
 `val_fraction` of tokens is the validation split, as nanoGPT does.
 
@@ -29,13 +31,16 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_regular
+from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_regular, fsync_dir
 from crystal.errors import CrystalError
 from crystal.jsonio import read_json
 
@@ -95,10 +100,14 @@ class BPETokenizer:
 
     def __init__(self, tok, kind: str = "bpe", source: str | None = None):
         self.tok, self.kind, self.source = tok, kind, source
+        # A token stream is the whole text's ids: a tokenizer.json's truncation or padding (made for
+        # model inputs of one length) would cut or pad every piece; to_json still gives them back.
+        tok.no_truncation()
+        tok.no_padding()
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def train(cls, texts: list[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: list[str], vocab_size: int, names: list[str] | None = None) -> "BPETokenizer":
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -106,7 +115,13 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(_chunks(texts), trainer=trainer)
+        # Cut where the pre-tokenizer proves a boundary (the counts are the whole texts'), with a
+        # stand-in that gives each piece one id: the tokenizer in training cannot encode meanwhile.
+        stand_in = Tokenizer(models.WordLevel({"piece": 0}, unk_token="piece"))
+        stand_in.pre_tokenizer = tok.pre_tokenizer
+        cutter = Cutter(stand_in)
+        tok.train_from_iterator((p for t, n in zip(texts, names or ["input"] * len(texts))
+                                 for p in cutter.pieces(t, n)), trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -137,13 +152,31 @@ class BPETokenizer:
         if isinstance(text, bytes):
             text = _utf8(text, "input")
         ids = self.tok.encode(text, add_special_tokens=False).ids  # the text's tokens, no template
-        return np.asarray(ids, dtype=np.uint16 if self.vocab_size <= 65536 else np.uint32)
+        return np.asarray(ids, dtype=token_dtype(self.vocab_size))
 
-    def encode_many(self, texts: list[str]) -> np.ndarray:
-        pieces = self.tok.encode_batch(list(_chunks(texts)), add_special_tokens=False)
-        out = [np.asarray(e.ids, dtype=np.uint32) for e in pieces]
+    def encode_many(self, texts: list[str], names: list[str]) -> np.ndarray:
+        """Each text's `encode` ids, one text after another: the texts are encoded in pieces cut
+        where `Cutter` proves a token boundary (so the ids are exactly the whole text's), a batch
+        of pieces of at most BATCH_CHARS characters (or one piece of at most MAX_PIECE_CHARS) at a
+        time, so memory is bounded whatever the line lengths."""
+        cutter, out, batch = Cutter(self.tok), [], []
+
+        def flush():
+            for e in self.tok.encode_batch(batch, add_special_tokens=False):  # in parallel
+                out.append(np.asarray(e.ids, dtype=np.uint32))
+            batch.clear()
+
+        for text, name in zip(texts, names):
+            for piece in cutter.pieces(text, name):
+                if batch and sum(map(len, batch)) + len(piece) > BATCH_CHARS:
+                    flush()
+                batch.append(piece)
+        flush()
         ids = np.concatenate(out) if out else np.empty(0, np.uint32)
-        return ids.astype(np.uint16) if self.vocab_size <= 65536 else ids
+        if ids.size and int(ids.max()) >= self.vocab_size:  # before narrowing to the file's width
+            raise CrystalError(f"the tokenizer gave token id {int(ids.max())}, outside its vocabulary of "
+                               f"{self.vocab_size}")
+        return ids.astype(token_dtype(self.vocab_size))
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -152,26 +185,144 @@ class BPETokenizer:
         return self.source if self.source is not None else self.tok.to_str()
 
 
-def _chunks(texts: list[str], size: int = 1 << 16):
-    """Texts cut into pieces of about `size` characters for fast batch encoding, each cut just
-    after a newline that has non-space characters on both sides: GPT-2's pre-tokenizer splits
-    there whatever surrounds it (a lone newline between words is a piece of its own), so the
-    pieces encode to exactly the ids of the whole text."""
-    for text in texts:
+# --- cutting a text where the tokenizer's own pre-tokenization proves a boundary ---------------------
+#
+# `tokenizers` encodes a text as: split off the added tokens (e.g. <|endoftext|>), normalize each
+# segment, pre-tokenize it into pieces, and run the model (BPE, ...) on each piece by itself. So a
+# text cut at c encodes, piece after piece, to exactly the whole text's ids when (1) the
+# normalizer maps x + y to normalize(x) + normalize(y), (2) no added token is matched across c,
+# and (3) the pre-tokenizer gives the pieces of x, then those of y.
+
+PIECE_CHARS = 1 << 16  # a text is encoded in pieces of about this many characters
+MAX_PIECE_CHARS = 1 << 22  # the most characters encoded at once (the library takes ~250 bytes of memory each)
+BATCH_CHARS = 1 << 20  # pieces encoded together (in parallel) up to this many characters
+CUT_CONTEXT = 512  # characters on either side of a cut that its proof encodes
+CUT_STEP = 2048  # characters searched for cuts at a time
+CUT_TRIES = 4  # candidate cuts verified per CUT_STEP before moving on
+# Where a cut may go: before one of these characters. Each is a starter that no Unicode
+# normalization composes with what precedes it or reorders across (no canonical composition pair
+# has an ASCII second character, and their combining class is 0); the per-character normalizers
+# below map it to ASCII, unless a Replace or ByteLevel says otherwise (then no Unicode
+# normalization may follow).
+CUT_CHARS = frozenset(map(chr, range(0x20, 0x7F))) | {"\t", "\n", "\r"}
+_PER_CHARACTER = {"Lowercase", "StripAccents", "Nmt"}  # map each character by itself
+_UNICODE_FORMS = {"NFC", "NFD", "NFKC", "NFKD", "BertNormalizer"}  # local before a CUT_CHARS character
+
+
+def _normalizer_steps(spec) -> list:
+    if isinstance(spec, dict) and spec.get("type") == "Sequence":
+        return [step for s in spec.get("normalizers") or [] for step in _normalizer_steps(s)]
+    return [] if spec is None else [spec]
+
+
+def _local_normalizer(spec) -> bool:
+    """Whether a normalizer (as tokenizer.json writes it) maps x + y to normalize(x) +
+    normalize(y) whenever y starts with a CUT_CHARS character: per-character maps, one-character
+    Replaces and the Unicode normalization forms do. Strip, Prepend, Precompiled, a Replace of a
+    longer string or a regex (which may match across the cut) and other kinds are not known to."""
+    remapped = False  # an earlier step may have mapped the character at the cut outside CUT_CHARS
+    for step in _normalizer_steps(spec):
+        kind = step.get("type") if isinstance(step, dict) else None
+        if kind == "Replace":
+            pattern, content = (step.get("pattern") or {}).get("String"), step.get("content")
+            if not (isinstance(pattern, str) and len(pattern) == 1 and isinstance(content, str)):
+                return False
+            remapped |= pattern in CUT_CHARS and content[:1] not in CUT_CHARS
+        elif kind == "ByteLevel":
+            remapped = True  # " " -> "Ġ", ...
+        elif kind in _UNICODE_FORMS:
+            if remapped:
+                return False
+        elif kind not in _PER_CHARACTER:
+            return False
+    return True
+
+
+class Cutter:
+    """Cuts texts into pieces of about PIECE_CHARS (at most MAX_PIECE_CHARS) characters that a
+    `tokenizers.Tokenizer` encodes, one after another, to exactly the ids of the whole text.
+
+    Candidate cuts are the boundaries between the pre-tokenizer's pieces (after the normalizer).
+    One is taken only where (1) the normalizer is local (`_local_normalizer`) and the character at
+    the cut is in CUT_CHARS; (2) no added token occurs across the cut, in the text or in the
+    normalized text (so none is matched across it), and, if an added token strips whitespace,
+    neither side of the cut is whitespace alone for CUT_CONTEXT characters; (3) the CUT_CONTEXT
+    characters either side encode to the same ids cut there as whole. (3) stands for the whole
+    text where the pre-tokenizer's decision at the cut depends on less context than that: true of
+    GPT-2's and the library's other pre-tokenizers, whose pieces are words, numbers, punctuation
+    and whitespace runs, each ended by its neighbours. A text with no such cut within
+    MAX_PIECE_CHARS is encoded whole if it is no longer than that, else refused."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        state = tok.normalizer.__getstate__() if tok.normalizer is not None else None
+        self.normalizer = json.loads(state) if state is not None else None
+        self.local = _local_normalizer(self.normalizer)
+        added = tok.get_added_tokens_decoder().values()
+        self.added = [a.content for a in added if a.content]
+        self.strips = any(a.lstrip or a.rstrip for a in added)
+
+    def pieces(self, text: str, name: str):
         start = 0
-        while start < len(text):
-            end = _cut_after(text, start + size)
-            yield text[start:end]
-            start = end
+        while len(text) - start > PIECE_CHARS:
+            cut = self._cut(text, start + PIECE_CHARS, start + MAX_PIECE_CHARS) if self.local else None
+            if cut is None:
+                if len(text) - start <= MAX_PIECE_CHARS:
+                    break
+                raise CrystalError(self._refusal(text, start, name))
+            yield text[start:cut]
+            start = cut
+        yield text[start:]
 
+    def _refusal(self, text: str, start: int, name: str) -> str:
+        limit = f"crystal encodes at most {MAX_PIECE_CHARS:,} characters at once; split the input into smaller files"
+        if not self.local:
+            kinds = "+".join(str(s.get("type")) for s in _normalizer_steps(self.normalizer))
+            return (f"{name}: {len(text):,} characters, and the tokenizer's normalizer ({kinds}) may join "
+                    f"characters across any cut, so the text can only be encoded whole; {limit}")
+        return (f"{name}: no token boundary that the tokenizer's pre-tokenizer proves between characters "
+                f"{start + PIECE_CHARS:,} and {min(len(text), start + MAX_PIECE_CHARS):,}; {limit}")
 
-def _cut_after(text: str, at: int) -> int:
-    """The end of the first "x\ny" newline (x, y not spaces) at or after `at`, else len(text)."""
-    while (i := text.find("\n", at)) >= 0:
-        if 0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i + 1
-        at = i + 1
-    return len(text)
+    def _boundaries(self, text: str) -> list[int]:
+        """Where one of the pre-tokenizer's pieces of `text` (normalized) starts and none goes on,
+        as offsets in `text`."""
+        from tokenizers import PreTokenizedString
+
+        pts = PreTokenizedString(text)
+        if self.tok.normalizer is not None:
+            pts.normalize(self.tok.normalizer.normalize)
+        if self.tok.pre_tokenizer is not None:
+            self.tok.pre_tokenizer.pre_tokenize(pts)
+        spans = [span for _, span, _ in pts.get_splits(offset_referential="original", offset_type="char")]
+        inside = {p for s, e in spans for p in range(s + 1, e)}
+        return sorted({s for s, _ in spans if s not in inside})
+
+    def _cut(self, text: str, at: int, limit: int) -> int | None:
+        """The first proven cut in [at, limit), or None."""
+        for lo in range(at, min(limit, len(text)), CUT_STEP):
+            hi = min(lo + CUT_STEP, limit, len(text))
+            base = max(0, lo - CUT_CONTEXT)
+            candidates = [base + p for p in self._boundaries(text[base:hi + CUT_CONTEXT])
+                          if lo <= base + p < hi and text[base + p] in CUT_CHARS]
+            for c in candidates[:CUT_TRIES]:
+                if self._proven(text, c):
+                    return c
+        return None
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _proven(self, text: str, c: int) -> bool:
+        left, right = text[max(0, c - CUT_CONTEXT):c], text[c:c + CUT_CONTEXT]
+        if self.added:
+            n = self.tok.normalizer.normalize_str if self.tok.normalizer is not None else None
+            sides = [(left, right)] + ([(n(left), n(right))] if n else [])
+            for a in self.added:  # one across the cut lies in the len(a) - 1 characters either side
+                if len(a) > 1 and any(a in x[max(0, len(x) - len(a) + 1):] + y[:len(a) - 1] for x, y in sides):
+                    return False
+            if self.strips and (not left.strip() or not right.strip()):
+                return False
+        return self._ids(left + right) == self._ids(left) + self._ids(right)
 
 
 def _utf8(data: bytes, name: str) -> str:
@@ -191,6 +342,29 @@ def load_tokenizer(directory: Path, kind: str):
     except (OSError, UnicodeDecodeError) as e:
         raise CrystalError(f"cannot read {path}: {e}") from None
     return BPETokenizer.from_json(text, kind, str(path))
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 of what decides a text's ids: the model (vocabulary, merges and options), the
+    normalizer, the pre-tokenizer and the added tokens (id, content and how they are matched), as
+    the `tokenizers` library serializes them (so the file's spacing and key order, and the
+    decoder, post-processor, truncation and padding, do not count). `tokenizer`: a
+    `tokenizers.Tokenizer`, or a ByteTokenizer or BPETokenizer. prepare records it in meta.json;
+    fine-tuning compares it with the model's."""
+    from tokenizers import Tokenizer
+
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = getattr(tokenizer, "tok", None) or Tokenizer.from_str(tokenizer.to_json())
+    spec = json.loads(tokenizer.to_str())
+    model = dict(spec["model"])
+    if isinstance(model.get("merges"), list):  # "a b" (tokenizers < 0.20) and ["a", "b"] are one merge
+        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+    added = sorted(({k: t.get(k) for k in ("id", "content", "single_word", "lstrip", "rstrip", "normalized")}
+                    for t in spec.get("added_tokens") or []), key=lambda t: t["id"])
+    part = {"model": model, "normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer"),
+            "added_tokens": added}
+    return hashlib.sha256(json.dumps(part, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                          .encode("utf-8")).hexdigest()
 
 
 # --- token files ---------------------------------------------------------------------------------
@@ -249,6 +423,7 @@ class DataSet:
     name: str
     val_bytes: int  # UTF-8 bytes the val tokens stand for (bits per byte)
     sha256: str = ""  # of the token ids, train then val (train.json keeps it: changed data is reported)
+    tokenizer_identity: str = ""  # as meta.json records it; "" where it does not (then: the tokenizer's own)
 
     @property
     def bytes_per_token(self) -> float:
@@ -305,13 +480,24 @@ def load_dataset(path: str | None, val_fraction: float = 0.1) -> DataSet:
     return DataSet(train, val, tok, tok.vocab_size, name, len(val), tokens_sha256(train, val))
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def load_prepared(directory: Path) -> DataSet:
+    """A directory made by `prepare`, after checking that its files belong together: the token
+    files hold the counts (and, where recorded, the token hash) meta.json gives, in its vocabulary."""
     check_regular(directory / META_FILE)
     try:
         meta = read_json(directory / META_FILE)
         kind, vocab, val_bytes = meta["tokenizer"], meta["vocab_size"], meta["val_bytes"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (vocab, val_bytes)):
-            raise ValueError(f"vocab_size and val_bytes must be whole numbers, got {vocab!r}, {val_bytes!r}")
+        counts = meta["train_tokens"], meta["val_tokens"]
+        if not all(map(_whole, (vocab, val_bytes, *counts))):
+            raise ValueError("vocab_size, val_bytes, train_tokens and val_tokens must be whole numbers, got "
+                             f"{vocab!r}, {val_bytes!r}, {counts[0]!r}, {counts[1]!r}")
+        recorded = {k: meta.get(k, "") for k in ("tokens_sha256", "tokenizer_identity")}
+        if not all(isinstance(v, str) for v in recorded.values()):
+            raise ValueError(f"tokens_sha256 and tokenizer_identity must be strings, got {recorded}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CrystalError(f"{directory / META_FILE}: not a valid data set description ({e})") from None
     if kind not in ("bytes", "bpe", "hf"):
@@ -320,10 +506,18 @@ def load_prepared(directory: Path) -> DataSet:
     val, v2 = read_tokens(directory / "val.bin")
     if v1 != vocab or v2 != vocab:
         raise CrystalError(f"{directory}: token files disagree with meta.json on the vocabulary size")
+    mixed = "; the files come from different runs of crystal prepare: prepare the data set again"
+    for name, ids, count in (("train.bin", train, counts[0]), ("val.bin", val, counts[1])):
+        if len(ids) != count:
+            raise CrystalError(f"{directory}: {name} holds {len(ids):,} tokens, meta.json says {count:,}{mixed}")
+    sha = tokens_sha256(train, val)
+    if recorded["tokens_sha256"] and recorded["tokens_sha256"] != sha:
+        raise CrystalError(f"{directory}: the token files are not the ones meta.json describes (their sha256 "
+                           f"differs){mixed}")
     tok = load_tokenizer(directory, kind)
     if tok.vocab_size != vocab:
         raise CrystalError(f"{directory}: tokenizer.json has {tok.vocab_size} tokens, meta.json {vocab}")
-    return DataSet(train, val, tok, vocab, str(directory), val_bytes, tokens_sha256(train, val))
+    return DataSet(train, val, tok, vocab, str(directory), val_bytes, sha, recorded["tokenizer_identity"])
 
 
 PREPARED_FILES = {"train.bin", "val.bin", TOKENIZER_FILE, META_FILE}
@@ -347,7 +541,9 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
             val_fraction: float = 0.1) -> dict:
     """Tokenize text files into a prepared directory; returns its meta.json contents.
     tokenizer: "bytes", "bpe" (trained here, vocab_size tokens), or the path of a tokenizer.json
-    or of a directory holding one (its own vocabulary; written to `out` verbatim)."""
+    or of a directory holding one (its own vocabulary; written to `out` verbatim).
+    Everything is read and encoded before anything is written; the data set is then written
+    into a sibling directory that replaces `out` whole (see `_replace_dir`)."""
     if not inputs:
         raise CrystalError("give at least one input file")
     _check_prepare_out(Path(out))
@@ -362,27 +558,65 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
         if given is None and not (256 < vocab_size <= MAX_VOCAB):
             raise CrystalError(f"--vocab-size for bpe must be in (256, {MAX_VOCAB}], got {vocab_size}")
         texts = [_utf8(d, p) for d, p in zip(raw, inputs)]
-        tok = given or BPETokenizer.train(texts, vocab_size)
-        ids = tok.encode_many(texts)
+        del raw
+        tok = given or BPETokenizer.train(texts, vocab_size, inputs)
+        ids = tok.encode_many(texts, inputs)
     train, val = split(ids, val_fraction)
-    out_dir = Path(out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CrystalError(f"cannot create {out_dir}: {e.strerror or e}") from None
-    write_tokens(out_dir / "train.bin", train, tok.vocab_size)
-    write_tokens(out_dir / "val.bin", val, tok.vocab_size)
-    atomic_write_text(out_dir / TOKENIZER_FILE, tok.to_json())
+    tok_json = tok.to_json()
     meta = {
         "tokenizer": tok.kind, "vocab_size": tok.vocab_size,
         "train_tokens": int(train.size), "val_tokens": int(val.size),
         "val_bytes": len(tok.decode(val).encode("utf-8")) if val.size else 0,
         "sources": [str(p) for p in inputs], "val_fraction": val_fraction,
+        "tokens_sha256": tokens_sha256(train, val), "tokenizer_identity": tokenizer_identity(tok),
     }
     if given is not None:
         meta["tokenizer_from"] = str(tokenizer)
-    atomic_write_json(out_dir / META_FILE, meta)
+
+    def write(d: Path) -> None:
+        write_tokens(d / "train.bin", train, tok.vocab_size)
+        write_tokens(d / "val.bin", val, tok.vocab_size)
+        atomic_write_text(d / TOKENIZER_FILE, tok_json)
+        atomic_write_json(d / META_FILE, meta)
+
+    _replace_dir(Path(out), write)
     return meta
+
+
+def _replace_dir(out: Path, write) -> None:
+    """Replace the directory `out` (absent, empty or an earlier data set) as a whole: `write`
+    fills a new sibling directory, which is renamed onto `out` only when complete. A reader of
+    `out` sees the old data set or the new one, never a mix; after a failure (a full disk) `out`
+    is as it was and the sibling is gone. Replacing a non-empty `out` takes two renames (old
+    aside, new in); a crash between them leaves `out` absent and the old data set beside it as
+    .NAME.*.old, never a mix."""
+    if out.is_symlink():
+        out = out.resolve()  # the data set the link names is replaced, the link kept
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a data set is an ordinary directory
+        write(tmp)
+        if out.is_dir() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old)  # onto the empty directory mkdtemp made
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            tmp = None
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)  # rename(2) replaces an empty directory
+            tmp = None
+        fsync_dir(out.parent)
+    except OSError as e:
+        raise CrystalError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- batches ---------------------------------------------------------------------------------

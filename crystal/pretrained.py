@@ -141,19 +141,22 @@ def require_tokenizer(pre: Pretrained):
 
 
 def check_data_tokenizer(dataset, pre: Pretrained, model_tok) -> None:
-    """The data must be tokenized with the model's tokenizer: the same vocabulary, token for
-    token (its size alone would let a different tokenizer's ids through)."""
-    from tokenizers import Tokenizer
+    """The data must be tokenized with the model's tokenizer: the same vocabulary size, and the
+    same tokenizer identity (crystal.data.tokenizer_identity: model, merges, normalizer,
+    pre-tokenizer, added tokens), as meta.json recorded it when the data was prepared; a data set
+    prepared before meta.json recorded it is compared by its tokenizer.json (which prepare wrote
+    beside the tokens)."""
+    from crystal.data import tokenizer_identity
 
     fix = f"tokenize it with the model's tokenizer: crystal prepare INPUT --out DIR --tokenizer {pre.path}"
     if dataset.vocab_size != pre.config.vocab_size:
         raise CrystalError(f"the data's vocabulary ({dataset.vocab_size} tokens, {dataset.tokenizer.kind} "
                            f"tokenizer) is not the model's ({pre.config.vocab_size} in {pre.path}); {fix}")
-    data_tok = getattr(dataset.tokenizer, "tok", None) or Tokenizer.from_str(dataset.tokenizer.to_json())
-    theirs = data_tok.get_vocab(with_added_tokens=True)
-    if theirs != model_tok.tok.get_vocab(with_added_tokens=True):
-        raise CrystalError(f"the data's tokenizer has the model's vocabulary size ({pre.config.vocab_size}) "
-                           f"but other tokens; {fix}")
+    theirs, ours = dataset.tokenizer_identity or tokenizer_identity(dataset.tokenizer), tokenizer_identity(model_tok)
+    if theirs != ours:
+        raise CrystalError(f"the data was tokenized with another tokenizer than the model's (the same vocabulary "
+                           f"size, {pre.config.vocab_size}, but other tokens, merges, normalizer or pre-tokenizer: "
+                           f"identity {theirs[:12]} vs the model's {ours[:12]}); {fix}")
 
 
 def load_params(pre: Pretrained) -> np.ndarray:

@@ -228,3 +228,10 @@ def test_a_failed_export_leaves_no_directory(tiny_run, tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("value", ["a\nb", "\r0", "x\x1b[2Jy"])
+def test_an_error_naming_a_value_with_control_characters_is_still_one_line(value, tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / value), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "\x1b" not in err

@@ -121,7 +121,8 @@ def test_any_json_value_in_state_json(key, value, run_and_data, capsys):
 
 
 @FUZZ
-@given(key=st.sampled_from(["tokenizer", "vocab_size", "val_bytes", "train_tokens", "val_tokens", None]),
+@given(key=st.sampled_from(["tokenizer", "vocab_size", "val_bytes", "train_tokens", "val_tokens", "tokens_sha256",
+                             "tokenizer_identity", None]),
        value=json_values)
 def test_any_json_value_in_meta_json(key, value, run_and_data, capsys):
     data = run_and_data / "data"
