@@ -158,7 +158,6 @@ def bench(rows: int, width: int, reps: int, rounds: int) -> dict:
         row["speedup"] = round(row["old_ms"] / row["new_ms"], 1)
         results.append(row)
         print(json.dumps(row), flush=True)
-        del dout, inp, x, d64, norm64
 
         # bias gradients (fp32 trains through these; bf16 takes cuBLASLt's epilogue: for reference)
         for OC in (width, 3 * width, 4 * width):
