@@ -101,7 +101,7 @@ def test_bias_gradient_emulated_matches_the_cpu_op(N, C, precision):
 def test_column_sums_over_more_rows_than_the_parts_cover_are_exact_where_the_sum_is(precision):
     """Past COLUMN_PARTS_MAX parts, parts grow beyond COLUMN_ROWS rows and the last ones are
     empty. Eighths in [-4, 4] add exactly in float32 at any order: the cpu op's bits."""
-    N = COLUMN_PARTS_MAX * COLUMN_ROWS + 4465  # 1024 parts of 69 rows: the last 8 are empty
+    N = COLUMN_PARTS_MAX * COLUMN_ROWS + 4465  # 1024 parts of 69 rows: the last 9 are empty
     assert column_parts(N) == COLUMN_PARTS_MAX and (COLUMN_PARTS_MAX - 1) * cdiv(N, COLUMN_PARTS_MAX) > N
     rng = np.random.default_rng(3)
     act = ml_dtypes.bfloat16 if precision == "bf16" else np.float32
