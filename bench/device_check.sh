@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of one lent-device session, in one command, cheapest first, each under its own
 # timeout so that a crash or a hang in one never blocks the later ones:
-#   env (+ the bf16 libraries) -> smoke runs (tiny: fp32, bf16, fp32 with CUDA graphs) -> `pytest -m cuda`
+#   env (+ the bf16 libraries) -> bench_reduce_kernels.py (the parameter-gradient column sums, old vs
+#   two-stage, at GPT-2 124M shapes) -> smoke runs (tiny: fp32, bf16, fp32 with CUDA graphs)
+#   -> `pytest -m cuda`
 #   -> bench_bf16_check.py (bf16 vs fp32, 1 vs 4 spheres bitwise) -> bench_gpu.py shakespeare-char bf16
 #   (+ torch.compile, + graphs) -> CPU sphere scaling (bench_scaling.py, all cores) -> bench_gpu.py gpt2 bf16
 #   -> bench_quality.py shakespeare-char bf16 to val <= 1.47 with whatever time is left
@@ -11,13 +13,14 @@
 #
 # Time plan for TOTAL=540 (the caps; a step gets min(cap, max(its minimum, time left - the
 # minimums of the steps after it - 5 s)), and is skipped when less than its minimum is left):
-#   install+env 45 | smoke fp32 60 | smoke bf16 60 | smoke graphs 60 | pytest 120 | bf16 check 75 | bench shakespeare 100
-#   | CPU scaling 60 | bench gpt2 90 | quality: the rest (at least 40)
-# Expected (not capped) about 20+25+20+70+45+70+45+60 = 355 s, leaving ~180 s for the quality run.
+#   install+env 45 | reduce kernels 60 | smoke fp32 60 | smoke bf16 60 | smoke graphs 60 | pytest 120
+#   | bf16 check 75 | bench shakespeare 100 | CPU scaling 60 | bench gpt2 90 | quality: the rest (at least 40)
+# Expected (not capped) about 20+15+25+20+70+45+70+45+60 = 370 s, leaving ~165 s for the quality run.
 #
 # $OUT (default /tmp/device-out) gets at most 8 files (the device tool brings back 8):
-#   env.txt log.txt summary.txt bf16_check.json bench_gpu_shakespeare.json bench_gpu_gpt2.json
+#   log.txt summary.txt reduce_kernels.json bf16_check.json bench_gpu_shakespeare.json bench_gpu_gpt2.json
 #   scaling_cpu.json quality.json
+# (the env report is the first section of log.txt: no env.txt of its own, so the eight still fit)
 # Making .whl/ again (it is ignored), on the development machine, before the device call:
 #   for w in nvmath-python==1.0.0 cuda-bindings==13.5.0 cuda-core==1.2.2 cuda-pathfinder==1.9.1 \
 #            nvidia-cudnn-frontend==1.32.0 mpi4py==4.1.2 mpich==5.0.2; do
@@ -162,7 +165,10 @@ EOF
 export -f env_report
 export OUT
 TAIL_LINES=60
-run_step env 45 10 280 -- bash -c 'env_report 2>&1 | tee "$OUT/env.txt"' 
+run_step env 45 10 300 -- bash -c 'env_report 2>&1'
+
+TAIL_LINES=12
+run_step reduce_kernels 60 20 280 -- python3 bench/bench_reduce_kernels.py --json "$OUT/reduce_kernels.json"
 
 TAIL_LINES=12
 run_step smoke_fp32 60 20 260 -- python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \

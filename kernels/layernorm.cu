@@ -1,10 +1,12 @@
 // LayerNorm over the last axis of inp[N,C]. Row kernels run one block per row; any blockDim.x
 // that is a multiple of 32 (up to 1024) works, and the reduction order is fixed by it.
 // Each body is a template over the activation type A (float, or bf16 through load/store, math
-// in float); mean, rstd and the parameter gradients dw, db are float32 in both.
+// in float); mean, rstd and the parameter gradients dw, db are float32 in both. dw, db are column
+// sums over the rows in two launches (column_reduce.cuh).
 
 #include "bf16.cuh"
 #include "block_reduce.cuh"
+#include "column_reduce.cuh"
 
 // out = (x - mean) * rstd * w + b with mean, var (two-pass) over the row, rstd = 1/sqrt(var+eps);
 // saves mean[i], rstd[i]. grid_rows(N): one block per row.
@@ -81,35 +83,53 @@ extern "C" __global__ void layernorm_backward_dinp_bf16(bf16* dinp, const bf16* 
   layernorm_backward_dinp_impl(dinp, dout, inp, w, mean, rstd, N, C);
 }
 
-// dw[c] = sum_i norm[i,c]*dout[i,c], db[c] = sum_i dout[i,c], rows i = 0..N-1 in order
-// (written, float32). grid_1d(C): one thread per column.
+// dw[c] = sum_i norm[i,c]*dout[i,c], db[c] = sum_i dout[i,c] (written, float32), in two
+// launches (column_reduce.cuh): the order depends on N, C and P alone.
+// Stage 1, grid (cdiv(C, blockDim.x), P): part r = blockIdx.y of the rows (column_part_rows),
+// one thread per column, rows in order: partial[r, c] = its sum for dw, partial[P + r, c] for db
+// (partial: float32 [2P, C]).
 template <class A>
-__device__ void layernorm_backward_dwdb_impl(float* dw, float* db, const A* dout, const A* inp,
-                                             const float* mean, const float* rstd, int N, int C) {
+__device__ void layernorm_backward_dwdb_partial_impl(float* partial, const A* dout, const A* inp,
+                                                     const float* mean, const float* rstd, int N,
+                                                     int C) {
   int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
+  int begin, end;
+  column_part_rows(N, begin, end);
   float sw = 0.0f, sb = 0.0f;
-  for (int i = 0; i < N; ++i) {
+  for (int i = begin; i < end; ++i) {
     long long j = (long long)i * C + c;
     float norm = (load(inp + j) - mean[i]) * rstd[i];
     float d = load(dout + j);
     sw += norm * d;
     sb += d;
   }
-  dw[c] = sw;
-  db[c] = sb;
+  long long r = blockIdx.y, P = gridDim.y;
+  partial[r * C + c] = sw;
+  partial[(P + r) * C + c] = sb;
 }
 
-extern "C" __global__ void layernorm_backward_dwdb(float* dw, float* db, const float* dout,
-                                                   const float* inp, const float* mean,
-                                                   const float* rstd, int N, int C) {
-  layernorm_backward_dwdb_impl(dw, db, dout, inp, mean, rstd, N, C);
+extern "C" __global__ void layernorm_backward_dwdb_partial(float* partial, const float* dout,
+                                                           const float* inp, const float* mean,
+                                                           const float* rstd, int N, int C) {
+  layernorm_backward_dwdb_partial_impl(partial, dout, inp, mean, rstd, N, C);
 }
 
-extern "C" __global__ void layernorm_backward_dwdb_bf16(float* dw, float* db, const bf16* dout,
-                                                        const bf16* inp, const float* mean,
-                                                        const float* rstd, int N, int C) {
-  layernorm_backward_dwdb_impl(dw, db, dout, inp, mean, rstd, N, C);
+extern "C" __global__ void layernorm_backward_dwdb_partial_bf16(float* partial, const bf16* dout,
+                                                                const bf16* inp, const float* mean,
+                                                                const float* rstd, int N, int C) {
+  layernorm_backward_dwdb_partial_impl(partial, dout, inp, mean, rstd, N, C);
+}
+
+// Stage 2, grid_1d(32 * 2C): warp w < C writes dw[w], warp C + c writes db[c], each the sum of
+// its column's P partials (column_sum_of_parts). Float32 partials: no bf16 twin.
+extern "C" __global__ void layernorm_backward_dwdb_sum(float* dw, float* db, const float* partial,
+                                                       int P, int C) {
+  int w = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+  bool is_db = w >= C;
+  int c = is_db ? w - C : w;  // w >= 2C (the last block's spare warps): c >= C, adds nothing
+  float s = column_sum_of_parts(partial + (is_db ? (long long)P * C : 0LL), P, C, c);
+  if ((threadIdx.x & 31) == 0 && c < C) (is_db ? db : dw)[c] = s;
 }
 
 // Fused residual + LayerNorm (the pre-norm block's `x = x + f(x); h = ln(x)`): res_out = a + b

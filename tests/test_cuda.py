@@ -83,3 +83,33 @@ def test_tf32_precision_trains_close_to_fp32():
     _, cfg32 = resolve("tiny", train_overrides=dict(device="cuda", steps=5))
     a, b = train(model_cfg, cfg).losses, train(model_cfg, cfg32).losses
     assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) <= 1e-2
+
+
+def test_cuda_column_sums_match_cpu_and_do_not_depend_on_the_block_size():
+    """layernorm's dw, db and the bias gradient: two-stage column sums whose order is fixed by the
+    shapes alone (kernels/column_reduce.cuh), here over 1000 rows (16 parts) of 768 columns."""
+    from crystal.backends.cpu import CpuBackend
+    from crystal.backends.cuda import CudaBackend
+
+    N, C = 1000, 768
+    rng = np.random.default_rng(11)
+    dout, inp = (rng.standard_normal((N, C)).astype(np.float32) for _ in range(2))
+    w = np.ones(C, np.float32)
+    cpu = CpuBackend()
+    mean, rstd = np.empty(N, np.float32), np.empty(N, np.float32)
+    cpu.layernorm_forward(np.empty((N, C), np.float32), mean, rstd, inp, w, np.zeros(C, np.float32), 1e-5)
+    expected = [np.empty(C, np.float32) for _ in range(3)]
+    cpu.layernorm_backward(np.zeros((N, C), np.float32), expected[0], expected[1], dout, inp, w, mean, rstd)
+    cpu.matmul_backward(np.empty((N, C), np.float32), np.empty((C, C), np.float32), expected[2], dout, inp,
+                        np.eye(C, dtype=np.float32))
+    runs = []
+    for block in (64, 256):
+        gpu = CudaBackend("fp32", block=block)
+        d = {k: gpu.to_device(v) for k, v in dict(dout=dout, inp=inp, w=w, mean=mean, rstd=rstd).items()}
+        dw, db, dbias = (gpu.empty((C,)) for _ in range(3))
+        gpu.layernorm_backward(gpu.zeros((N, C)), dw, db, d["dout"], d["inp"], d["w"], d["mean"], d["rstd"])
+        gpu.matmul_backward(gpu.empty((N, C)), gpu.empty((C, C)), dbias, d["dout"], d["inp"],
+                            gpu.to_device(np.eye(C, dtype=np.float32)))
+        runs.append([gpu.to_host(x) for x in (dw, db, dbias)])
+    assert all(rel_err(x, e) <= 1e-5 for x, e in zip(runs[0], expected))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(*runs))

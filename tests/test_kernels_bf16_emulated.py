@@ -27,7 +27,7 @@ from crystal.backends import cpu
 from crystal.backends.cpu import CpuBackend
 from crystal.backends.kernels import KERNELS, cdiv, grid_1d, grid_rows
 from emu.build import parse_global_kernels
-from emu.coverage import Coverage, gpu
+from emu.coverage import Coverage, gpu, launch_column_sums
 from compare import rel_err
 
 B, T, C, NH, V = 2, 19, 48, 3, 131
@@ -197,7 +197,7 @@ def test_layernorm_forward_bf16_emulated(rng, block):
 
 
 @pytest.mark.parametrize("block", BLOCKS)
-@covers("layernorm_backward_dinp_bf16", "layernorm_backward_dwdb_bf16")
+@covers("layernorm_backward_dinp_bf16", "layernorm_backward_dwdb_partial_bf16")
 def test_layernorm_backward_bf16_emulated(rng, block):
     inp, w, b = layernorm_inputs(rng)
     mean, rstd = np.empty(N, np.float32), np.empty(N, np.float32)
@@ -211,8 +211,8 @@ def test_layernorm_backward_bf16_emulated(rng, block):
     dw, db = np.full(C, np.nan, np.float32), np.full(C, np.nan, np.float32)  # written
     launch_twins("layernorm_backward_dinp", grid_rows(N), block, dinp, dout, inp, w, mean, rstd,
                  N, C)
-    launch_twins("layernorm_backward_dwdb", grid_1d(C, block), block, dw, db, dout, inp, mean,
-                 rstd, N, C)
+    launch_column_sums("layernorm_backward_dwdb", block, (dw, db), (dout, inp, mean, rstd), N, C,
+                       launch_partial=launch_twins)
     assert rel_err(widen(dinp), e_dinp) <= TOL_ROUND
     assert rel_err(dw, e_dw) <= TOL_F32
     assert rel_err(db, e_db) <= TOL_F32
@@ -221,7 +221,7 @@ def test_layernorm_backward_bf16_emulated(rng, block):
 # --- matmul bias ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("block", BLOCKS)
-@covers("bias_forward_bf16", "bias_backward_bf16")
+@covers("bias_forward_bf16", "bias_backward_partial_bf16")
 def test_bias_forward_and_backward_bf16_emulated(rng, block):
     OC = 3 * C
     out, bias, dout = randbf(rng, N, OC), randbf(rng, OC), randbf(rng, N, OC)
@@ -231,7 +231,7 @@ def test_bias_forward_and_backward_bf16_emulated(rng, block):
 
     launch_twins("bias_forward", grid_1d(N * OC, block), block, out, bias, N, OC)
     dbias = np.full(OC, np.nan, np.float32)
-    launch_twins("bias_backward", grid_1d(OC, block), block, dbias, dout, N, OC)
+    launch_column_sums("bias_backward", block, (dbias,), (dout,), N, OC, launch_partial=launch_twins)
     assert_bitwise(out, e_out)  # one float add on equal inputs
     assert rel_err(dbias, e_dbias) <= TOL_F32
 
@@ -495,12 +495,11 @@ def fp32_outputs(block):
     gpu_.launch("layernorm_backward_dinp", grid_rows(N), block, dinp, dout, enc, w, mean, rstd,
                 N, C)
     dw, db = np.empty(C, np.float32), np.empty(C, np.float32)
-    gpu_.launch("layernorm_backward_dwdb", grid_1d(C, block), block, dw, db, dout, enc, mean, rstd,
-                N, C)
+    launch_column_sums("layernorm_backward_dwdb", block, (dw, db), (dout, enc, mean, rstd), N, C)
     qkv, bias = f(8, N, 3 * C), f(9, 3 * C)
     gpu_.launch("bias_forward", grid_1d(qkv.size, block), block, qkv, bias, N, 3 * C)
     dbias = np.empty(3 * C, np.float32)
-    gpu_.launch("bias_backward", grid_1d(3 * C, block), block, dbias, qkv, N, 3 * C)
+    launch_column_sums("bias_backward", block, (dbias,), (qkv,), N, 3 * C)
     q, k, v = (np.empty((B, NH, T, HS), np.float32) for _ in range(3))
     n = q.size
     gpu_.launch("attention_permute", grid_1d(n, block), block, q, k, v, qkv, B, T, NH, HS)

@@ -19,7 +19,7 @@ from crystal.backends.base import AdamWScalars
 from crystal.backends.cpu import CpuBackend
 from crystal.backends.kernels import KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows
 from emu.build import parse_global_kernels
-from emu.coverage import Coverage, gpu
+from emu.coverage import Coverage, gpu, launch_column_sums
 from compare import rel_err
 
 B, T, C, NH, V = 3, 37, 48, 3, 259
@@ -122,7 +122,7 @@ def test_layernorm_forward_emulated_matches_cpu(rng, block):
 
 
 @pytest.mark.parametrize("block", BLOCKS)
-@covers("layernorm_backward_dinp", "layernorm_backward_dwdb")
+@covers("layernorm_backward_dinp", "layernorm_backward_dwdb_partial", "layernorm_backward_dwdb_sum")
 def test_layernorm_backward_emulated_matches_cpu(rng, block):
     inp, w, b = layernorm_inputs(rng)
     mean, rstd = np.empty(N, np.float32), np.empty(N, np.float32)
@@ -135,8 +135,7 @@ def test_layernorm_backward_emulated_matches_cpu(rng, block):
     dw, db = np.full(C, np.nan, np.float32), np.full(C, np.nan, np.float32)  # written
     gpu().launch("layernorm_backward_dinp", grid_rows(N), block, dinp, dout, inp, w, mean, rstd,
                  N, C)
-    gpu().launch("layernorm_backward_dwdb", grid_1d(C, block), block, dw, db, dout, inp, mean,
-                 rstd, N, C)
+    launch_column_sums("layernorm_backward_dwdb", block, (dw, db), (dout, inp, mean, rstd), N, C)
     assert rel_err(dinp, e_dinp) <= TOL
     assert rel_err(dw, e_dw) <= TOL
     assert rel_err(db, e_db) <= TOL
@@ -145,7 +144,7 @@ def test_layernorm_backward_emulated_matches_cpu(rng, block):
 # --- matmul bias -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("block", BLOCKS)
-@covers("bias_forward", "bias_backward")
+@covers("bias_forward", "bias_backward_partial", "bias_backward_sum")
 def test_bias_forward_and_backward_emulated_match_cpu(rng, block):
     OC = 3 * C
     out, bias, dout = randn(rng, N, OC), randn(rng, OC), randn(rng, N, OC)
@@ -155,7 +154,7 @@ def test_bias_forward_and_backward_emulated_match_cpu(rng, block):
 
     gpu().launch("bias_forward", grid_1d(N * OC, block), block, out, bias, N, OC)
     dbias = np.full(OC, np.nan, np.float32)
-    gpu().launch("bias_backward", grid_1d(OC, block), block, dbias, dout, N, OC)
+    launch_column_sums("bias_backward", block, (dbias,), (dout,), N, OC)
     assert rel_err(out, expected_out) <= TOL
     assert rel_err(dbias, expected_dbias) <= TOL
 

@@ -2,12 +2,13 @@
 under emulation as on a GPU; `crystal train --device cuda` reports it per micro-batch and step.
 
 Per layer and micro-batch (forward + backward), by the ops of crystal/model.py:
-- fp32: 16 + 25 = 41 (products through cupy with separate bias kernels, attention as permute,
+- fp32: 16 + 31 = 47 (products through cupy with separate bias kernels, attention as permute,
   product, softmax, product, unpermute and its backward as 8; each residual addition fused with
-  the layernorm after it);
-- bf16 with cuBLAS attention: 11 + 21 = 32 (bias and GELU in the products' epilogues, the bias
+  the layernorm after it; each parameter-gradient column sum, layernorm's dw, db and a bias
+  gradient, is two kernels: partial sums, then their fixed-order sum);
+- bf16 with cuBLAS attention: 11 + 23 = 34 (bias and GELU in the products' epilogues, the bias
   gradient in the weight-gradient product);
-- bf16 with cuDNN flash attention: 7 + 14 = 21 (attention is one graph each way).
+- bf16 with cuDNN flash attention: 7 + 16 = 23 (attention is one graph each way).
 """
 
 import numpy as np
@@ -25,7 +26,7 @@ BACKENDS = {
     "bf16-cublas": lambda: EmulatedCudaBackend("bf16", lt=LtStandIn()),
     "bf16-flash": lambda: EmulatedCudaBackend("bf16", lt=LtStandIn(), cudnn=CudnnStandIn()),
 }
-PER_LAYER = {"fp32": 41, "bf16-cublas": 32, "bf16-flash": 21}
+PER_LAYER = {"fp32": 47, "bf16-cublas": 34, "bf16-flash": 23}
 
 
 def micro_batch_launches(kind: str, n_layer: int) -> int:

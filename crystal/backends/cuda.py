@@ -44,7 +44,8 @@ import numpy as np
 
 from crystal.backends.base import AdamWScalars
 from crystal.errors import GraphCaptureError
-from crystal.backends.kernels import ADAMW_SCALARS, KERNELS, REDUCE_BLOCKS, cdiv, grid_1d, grid_rows, kernels_dir
+from crystal.backends.kernels import (ADAMW_SCALARS, KERNELS, REDUCE_BLOCKS, cdiv, column_sum_grids, grid_1d,
+                                      grid_rows, kernels_dir)
 
 BLOCK = 256  # threads per block for every launch (any multiple of 32 works)
 LT_WORKSPACE_BYTES = 32 << 20  # cuBLASLt workspace per sphere thread (llm.c's size)
@@ -316,8 +317,20 @@ class CudaBackend:
         store = self._local.__dict__.setdefault("buffers", {})
         k = (key, tuple(shape), dtype)
         if k not in store:
+            self._no_capture(f"the first use of a {key} buffer of shape {tuple(shape)}")
             store[k] = self.cp.empty(shape, dtype=dtype)
         return store[k]
+
+    def _column_sums(self, name: str, outs, inputs, N: int, C: int) -> None:
+        """outs[k][c] = the k-th column sum over N rows, in two launches (kernels/column_reduce.cuh):
+        `name`_partial writes the partial sums of P = column_parts(N) parts of the rows into this
+        thread's scratch ([len(outs) P, C], allocated at the first call of each shape), then
+        `name`_sum adds each column's P partials in a fixed order (a warp per column). The bits
+        depend on the inputs and the shapes alone."""
+        P, partial_grid, sum_grid = column_sum_grids(N, C, len(outs), self.block)
+        partial = self._scratch("column_partials", (len(outs) * P, C))
+        self._launch(self._k(name + "_partial"), partial_grid, partial, *inputs, N, C)
+        self._launch(name + "_sum", sum_grid, *outs, partial, P, C)
 
     # --- encoder ---
     def encoder_forward(self, out, idx, wte, wpe):
@@ -366,7 +379,7 @@ class CudaBackend:
         C = inp.shape[-1]
         N = inp.size // C
         self._launch(self._k("layernorm_backward_dinp"), grid_rows(N), dinp, dout, inp, w, mean, rstd, N, C)
-        self._launch(self._k("layernorm_backward_dwdb"), grid_1d(C, self.block), dw, db, dout, inp, mean, rstd, N, C)
+        self._column_sums("layernorm_backward_dwdb", (dw, db), (dout, inp, mean, rstd), N, C)
 
     # --- matmul (cuBLAS; cuBLASLt with fused epilogues under bf16) + bias ---
     def matmul_forward(self, out, inp, w, bias):
@@ -400,7 +413,7 @@ class CudaBackend:
         self._cupy_matmul(_rows(inp).T, dout2, dw)
         if dbias is not None:
             N, OC = dout2.shape
-            self._launch("bias_backward", grid_1d(OC, self.block), dbias, dout2, N, OC)
+            self._column_sums("bias_backward", (dbias,), (dout2,), N, OC)
 
     def lm_head_forward(self, logits, inp, wte):
         self._count()

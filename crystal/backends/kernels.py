@@ -31,6 +31,17 @@ ADAMW_SCALARS = 10
 # partial sums, and so the result's rounding, never depend on the device.
 REDUCE_BLOCKS = 256
 
+# Column sums over N rows (the layernorm and bias parameter gradients, kernels/column_reduce.cuh)
+# add the rows in column_parts(N) parts of consecutive rows, then the parts: the order, and so
+# the rounding, is a function of N and the column count alone.
+COLUMN_ROWS = 64  # rows per part (about): enough blocks to fill a GPU at GPT-2 shapes
+COLUMN_PARTS_MAX = 1024  # the second stage's work stays small for very long row counts
+
+
+def column_parts(N: int) -> int:
+    """The number of parts P of a column sum over N rows (stage 1's gridDim.y, <= 65535)."""
+    return max(1, min(cdiv(N, COLUMN_ROWS), COLUMN_PARTS_MAX))
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -56,8 +67,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("layernorm_forward_bf16", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32", "f32")),
     Kernel("layernorm_backward_dinp", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
     Kernel("layernorm_backward_dinp_bf16", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
-    Kernel("layernorm_backward_dwdb", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
-    Kernel("layernorm_backward_dwdb_bf16", "layernorm.cu", ("ptr",) * 6 + ("i32", "i32")),
+    # dw, db: column sums in two launches (column_parts partials, then their fixed-order sum)
+    Kernel("layernorm_backward_dwdb_partial", "layernorm.cu", ("ptr",) * 5 + ("i32", "i32")),
+    Kernel("layernorm_backward_dwdb_partial_bf16", "layernorm.cu", ("ptr",) * 5 + ("i32", "i32")),
+    Kernel("layernorm_backward_dwdb_sum", "layernorm.cu", ("ptr",) * 3 + ("i32", "i32")),
     # fused: residual_forward + layernorm_forward in one launch (bitwise the two kernels)
     Kernel("residual_layernorm_forward", "layernorm.cu", ("ptr",) * 8 + ("i32", "i32", "f32")),
     Kernel("residual_layernorm_forward_bf16", "layernorm.cu",
@@ -65,8 +78,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     # matmul.cu (the products themselves are cuBLAS)
     Kernel("bias_forward", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
     Kernel("bias_forward_bf16", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
-    Kernel("bias_backward", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
-    Kernel("bias_backward_bf16", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
+    Kernel("bias_backward_partial", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
+    Kernel("bias_backward_partial_bf16", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
+    Kernel("bias_backward_sum", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
     # attention.cu (score and value products are cuBLAS batched matmuls)
     Kernel("attention_permute", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
     Kernel("attention_permute_bf16", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
@@ -123,6 +137,13 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
 
 def grid_1d(n: int, block: int) -> tuple[int, int, int]:
     return (max(1, cdiv(n, block)), 1, 1)
+
+
+def column_sum_grids(N: int, C: int, sums: int, block: int):
+    """(P, the `_partial` kernel's grid, the `_sum` kernel's grid) of `sums` column sums of
+    [N, C] arrays: a thread per column and part of the rows, then a warp per output column."""
+    P = column_parts(N)
+    return P, (cdiv(C, block), P, 1), grid_1d(32 * sums * C, block)
 
 
 def grid_rows(rows: int) -> tuple[int, int, int]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
+from crystal.backends.kernels import column_sum_grids
 from emu.build import EmulatedKernels, build
 
 _kernels: EmulatedKernels | None = None
@@ -16,6 +19,16 @@ def gpu() -> EmulatedKernels:
     if _kernels is None:
         _kernels = build()
     return _kernels
+
+
+def launch_column_sums(name: str, block: int, outs, inputs, n_rows: int, cols: int, launch_partial=None):
+    """`name`_partial, then `name`_sum, as the cuda backend launches them (CudaBackend._column_sums):
+    outs[k][c] = the k-th column sum over n_rows rows. launch_partial(name, grid, block, *args):
+    how to launch the first stage (a bf16 test's twin launcher; default gpu().launch)."""
+    parts, partial_grid, sum_grid = column_sum_grids(n_rows, cols, len(outs), block)
+    partial = np.full((len(outs) * parts, cols), np.nan, np.float32)  # every element is written
+    (launch_partial or gpu().launch)(name + "_partial", partial_grid, block, partial, *inputs, n_rows, cols)
+    gpu().launch(name + "_sum", sum_grid, block, *outs, partial, parts, cols)
 
 
 class Coverage:
