@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 def flops_per_token(m, seq_len: int) -> float:
     from crystal.model import ParamLayout
 
-    return 6 * (ParamLayout(m).size - m.block_size * m.n_embd) + 12 * m.n_layer * seq_len * m.n_embd
+    return 6 * (ParamLayout(m).n_params - m.block_size * m.n_embd) + 12 * m.n_layer * seq_len * m.n_embd
 
 
 def sgemm_peak(threads: int, n: int = 2048, reps: int = 10) -> float:

@@ -321,7 +321,7 @@ def main() -> None:
            "tokens_per_step": cfg.tokens_per_step,
            "model": {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head, "n_embd": model_cfg.n_embd,
                      "block_size": model_cfg.block_size, "vocab_size": model_cfg.vocab_size},
-           "parameters": ParamLayout(model_cfg).size, "flops_per_token": fpt,
+           "parameters": ParamLayout(model_cfg).n_params, "flops_per_token": fpt,
            "data_note": ("vocabulary from the default data: the embedded corpus's bytes (256), not GPT-2's "
                          "50257 BPE tokens" if model_cfg.vocab_size == 256 else ""),
            "torch_adamw": "fused", "date": time.strftime("%Y-%m-%d"), "skipped": skipped, "rows": [],

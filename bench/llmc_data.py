@@ -130,7 +130,7 @@ def flops_table(seq_len: int = 1024, llmc_params: int | None = None) -> dict:
     cfg, _ = resolve("gpt2")
     L, C, T = cfg.n_layer, cfg.n_embd, seq_len
     n_llmc = llmc_params or llmc_num_parameters(L, C, cfg.block_size)
-    crystal_n = ParamLayout(cfg).size
+    crystal_n = ParamLayout(cfg).n_params
     attn = 12 * L * T * C
     wpe = cfg.block_size * C
     f_crystal = flops_per_token(cfg, T)

@@ -10,6 +10,10 @@ A run directory holds
     checkpoints/       resumable states step-XXXXXXXX/{model,optim}.safetensors + state.json,
                        and `latest`, the name of the newest complete one
     .crystal.lock      the lock its writer holds (crystal.runlock), with the writer's pid
+Files hold the model's tensors only, in their Hugging Face shapes: the LM head's padding rows of
+the flat buffer (crystal.model.ParamLayout) are left out of model.safetensors and of the flat
+AdamW moments in optim.safetensors, and put back as zeros on reading, so a checkpoint does not
+depend on the layout of the run that wrote it.
 Every file is written to a temporary name in its directory, fsynced and renamed; a checkpoint
 directory is complete before it is renamed into place, and `latest` moves only after that.
 Training has no randomness besides the data order, which is a function of (seed, epoch), so
@@ -110,9 +114,9 @@ class TrainState:
     """Everything a run needs to continue bitwise as if it had never stopped."""
 
     step: int  # optimizer steps taken
-    params: np.ndarray  # flat float32
-    m: np.ndarray  # AdamW first moments, flat
-    v: np.ndarray  # AdamW second moments, flat
+    params: np.ndarray  # flat float32, a buffer of ParamLayout (padding rows zero)
+    m: np.ndarray  # AdamW first moments, the same layout
+    v: np.ndarray  # AdamW second moments, the same layout
     data: dict  # BatchIterator position {"epoch", "cursor"}
     adam_t: int = -1  # AdamW's step count (differs from step after skipped steps); -1: = step
 
@@ -294,12 +298,14 @@ class RunDir:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 save_model(tmp / MODEL_FILE, layout, state.params)
-                save_tensors(tmp / OPTIM_FILE, {"adamw.m": state.m, "adamw.v": state.v})
+                # the moments of the padding rows are zero (their gradient always is): left out
+                save_tensors(tmp / OPTIM_FILE, {"adamw.m": layout.unpadded(state.m),
+                                                "adamw.v": layout.unpadded(state.v)})
                 atomic_write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, "step": state.step,
                                                      "adam_t": state.adam_t, "data": state.data,
-                                                     "params": int(layout.size)})
+                                                     "params": int(layout.n_params)})
                 verify_safetensors(tmp / MODEL_FILE, {s.name: s.shape for s in layout.specs})
-                verify_safetensors(tmp / OPTIM_FILE, {"adamw.m": (layout.size,), "adamw.v": (layout.size,)})
+                verify_safetensors(tmp / OPTIM_FILE, {"adamw.m": (layout.n_params,), "adamw.v": (layout.n_params,)})
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint frees its space
                 raise
@@ -335,11 +341,12 @@ class RunDir:
         params = read_params(ckpt / MODEL_FILE, model)
         optim = load_tensors(ckpt / OPTIM_FILE)
         if set(optim) != {"adamw.m", "adamw.v"} or any(
-                t.dtype != np.float32 or t.shape != (layout.size,) for t in optim.values()):
+                t.dtype != np.float32 or t.shape != (layout.n_params,) for t in optim.values()):
             raise CrystalError(f"{ckpt / OPTIM_FILE}: optimizer state does not match the model")
         for name, t in optim.items():
             require_finite(ckpt / OPTIM_FILE, name, t)
-        return TrainState(step, params, optim["adamw.m"].copy(), optim["adamw.v"].copy(), data, adam_t)
+        return TrainState(step, params, layout.padded(optim["adamw.m"]), layout.padded(optim["adamw.v"]), data,
+                          adam_t)
 
     def close(self) -> None:
         """Close metrics.jsonl and release the run's lock (the run's last act)."""
@@ -428,7 +435,8 @@ def read_train_config(path: Path, model: ModelConfig | None = None) -> TrainConf
 
 
 def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:
-    """Load a model.safetensors into a flat buffer, checking names, dtypes and shapes exactly."""
+    """Load a model.safetensors into a flat buffer (ParamLayout: the LM head's padding rows
+    zero), checking names, dtypes and shapes exactly."""
     tensors = load_tensors(path)
     layout = ParamLayout(cfg)
     expected = {s.name for s in layout.specs}
@@ -441,7 +449,7 @@ def read_params(path: Path, cfg: ModelConfig) -> np.ndarray:
         if t.dtype != np.float32 or t.shape != s.shape:
             raise CrystalError(f"{path}: {s.name} is {t.dtype}{list(t.shape)}, "
                                f"config.json needs float32{list(s.shape)}")
-    flat = np.empty(layout.size, dtype=np.float32)
+    flat = layout.zeros()
     views = layout.views(flat)
     for s in layout.specs:
         require_finite(path, s.name, tensors[s.name])

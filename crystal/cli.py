@@ -344,7 +344,7 @@ def describe_init(pre, model_cfg) -> str:
 
     files = ", ".join(str(f.relative_to(pre.path)) for f in pre.weights)
     notes = "".join(f"; {n}" for n in pre.notes)
-    return (f"init from {pre.path}: {ParamLayout(model_cfg).size:,} parameters ({model_cfg.n_layer} layers, "
+    return (f"init from {pre.path}: {ParamLayout(model_cfg).n_params:,} parameters ({model_cfg.n_layer} layers, "
             f"{model_cfg.n_head} heads, {model_cfg.n_embd} wide, vocab {model_cfg.vocab_size}, n_positions "
             f"{model_cfg.block_size}) from {files}{notes}; fresh optimizer state")
 
@@ -391,10 +391,11 @@ def make_view(out_dir: Path, log_every: int, quiet: bool):
 
 
 def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
+    from crystal.config import VOCAB_MULTIPLE
     from crystal.memory import run_estimate
     from crystal.model import ParamLayout, flops_per_token
 
-    n = ParamLayout(model_cfg).size
+    layout = ParamLayout(model_cfg)
     bf16 = cfg.precision == "bf16"
     flash = bf16 and _cudnn_reason() is None
     shard = ranks > 1 and cfg.shard_optimizer is not False
@@ -412,7 +413,10 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     lines = [
         f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
         f"vocab {model_cfg.vocab_size}, block {model_cfg.block_size}",
-        f"parameters: {n:,}",
+        f"parameters: {layout.n_params:,}" + (
+            f" (+{layout.size - layout.n_params:,} zeros in memory: the LM head's vocabulary padded "
+            f"{model_cfg.vocab_size:,} -> {model_cfg.padded_vocab_size:,}, a multiple of {VOCAB_MULTIPLE}; "
+            "in no file)" if layout.size > layout.n_params else ""),
         f"tokens per step: {cfg.tokens_per_step:,} ({cfg.micro_batches} micro-batches x "
         f"{cfg.batch_size} x {cfg.seq_len})",
         f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",

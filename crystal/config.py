@@ -17,6 +17,9 @@ MAX_SPHERES = 64
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")
 CUDA_GRAPHS = ("auto", "on", "off")
+# The LM head's rows in memory are the vocabulary rounded up to a multiple of this (llm.c's
+# 50257 -> 50304): a layout choice of every backend, invisible outside the flat buffer.
+VOCAB_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,14 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding / LM head in the flat buffer: vocab_size rounded up to a
+        multiple of VOCAB_MULTIPLE. Rows vocab_size.. are zero, get zero gradient and stay
+        zero; the softmax, the loss and sampling see the first vocab_size logits only, and
+        checkpoints and exports hold the vocab_size real rows (crystal.model.ParamLayout)."""
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     def to_hf(self) -> dict:
         """The fields of a Hugging Face `GPT2Config` (config.json of a checkpoint)."""

@@ -5,6 +5,14 @@ on numpy (cpu) and cupy (cuda) arrays. Parameters and gradients each live in one
 buffer; `ParamLayout` gives the Hugging Face GPT-2 name, shape and offset of every tensor, so
 the reducer, the optimizer, the gradient norm and a checkpoint are each one pass over one
 buffer, and a checkpoint *is* an HF GPT-2 state dict (LM head tied to `transformer.wte`).
+
+The token embedding (the tied LM head) holds `cfg.padded_vocab_size` rows in the buffer, the
+vocabulary rounded up to a multiple of 64 as llm.c pads 50257 to 50304: the products of the LM
+head get aligned shapes. The padding rows are zero and stay zero: the cross-entropy ops give
+their logits probability 0 and gradient 0, so the LM head writes zero gradient rows, the encoder
+adds only into real tokens' rows, and AdamW of a zero weight with zero gradient and zero moments
+(eps > 0) is zero, weight decay included. Every name -> tensor view (`ParamLayout.views`,
+checkpoints, `GPT.params`, exports) shows the vocab_size real rows only.
 """
 
 from __future__ import annotations
@@ -24,12 +32,19 @@ from crystal.dropout import ATTENTION_PROBS, ATTENTION_PROJ, EMBEDDING, MLP_PROJ
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the Hugging Face tensor's
     offset: int
+    stored: tuple[int, ...]  # in the buffer: shape, or the token embedding's padded [Vp, C]
 
     @property
     def size(self) -> int:
+        """Values of the tensor (its parameters)."""
         return math.prod(self.shape)
+
+    @property
+    def span(self) -> int:
+        """Values it takes in the buffer (size, plus the padding rows after the real ones)."""
+        return math.prod(self.stored)
 
     @property
     def decay(self) -> bool:
@@ -55,40 +70,80 @@ def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+WTE = "transformer.wte.weight"
+
+
 class ParamLayout:
-    """Names, shapes and offsets of every tensor in the flat parameter buffer."""
+    """Names, shapes and offsets of every tensor in the flat parameter buffer.
+
+    size: the buffer's length (the LM head's padding rows included); n_params: the model's
+    parameters (the Hugging Face tensors' values, what a checkpoint holds)."""
 
     def __init__(self, cfg: ModelConfig):
         self.config = cfg
         self.specs: list[ParamSpec] = []
         offset = 0
         for name, shape in param_shapes(cfg):
-            spec = ParamSpec(name, shape, offset)
+            stored = (cfg.padded_vocab_size, *shape[1:]) if name == WTE else shape
+            spec = ParamSpec(name, shape, offset, stored)
             self.specs.append(spec)
-            offset += spec.size
+            offset += spec.span
         self.size = offset
+        self.n_params = sum(s.size for s in self.specs)
         self.by_name = {s.name: s for s in self.specs}
+        wte = self.by_name[WTE]
+        self.padding = (wte.offset + wte.size, wte.offset + wte.span)  # [start, end) of the zero rows
 
     def views(self, flat) -> dict:
-        """name -> view into `flat` (numpy or cupy), HF shapes, no copies."""
+        """name -> view into `flat` (numpy or cupy), HF shapes (the real rows), no copies."""
         return {s.name: flat[s.offset:s.offset + s.size].reshape(s.shape) for s in self.specs}
 
+    def zeros(self) -> np.ndarray:
+        """A zero float32 buffer (host): what every parameter buffer starts from, so that its
+        padding rows are zero."""
+        return np.zeros(self.size, dtype=np.float32)
+
+    def check(self, flat, what: str = "flat parameter buffer") -> None:
+        """ValueError unless `flat` (host) is a buffer of this layout with zero padding rows."""
+        if np.shape(flat) != (self.size,):
+            raise ValueError(f"{what} has shape {list(np.shape(flat))}, the layout needs [{self.size}] "
+                             f"({self.n_params} parameters and the LM head's padding)")
+        lo, hi = self.padding
+        if bool(flat[lo:hi].any()):
+            raise ValueError(f"{what}: the LM head's padding rows {self.config.vocab_size}.."
+                             f"{self.config.padded_vocab_size - 1} must be zero")
+
+    def unpadded(self, flat: np.ndarray) -> np.ndarray:
+        """The tensors' values in buffer order without the padding (a host copy): a flat
+        buffer as files hold it (the AdamW moments of a checkpoint)."""
+        lo, hi = self.padding
+        return np.concatenate([flat[:lo], flat[hi:]])
+
+    def padded(self, values: np.ndarray) -> np.ndarray:
+        """The inverse of `unpadded`: a new buffer, zero padding rows."""
+        lo, hi = self.padding
+        flat = self.zeros()
+        flat[:lo], flat[hi:] = values[:lo], values[lo:]
+        return flat
+
     def decay_ranges(self) -> np.ndarray:
-        """[K,3] int64 rows (start, end, decay 0/1) covering the buffer, merged where adjacent."""
+        """[K,3] int64 rows (start, end, decay 0/1) covering the buffer, merged where adjacent
+        (the padding rows are the embedding's: decayed, and zero times the decay stays zero)."""
         rows: list[list[int]] = []
         for s in self.specs:
             if rows and rows[-1][2] == int(s.decay) and rows[-1][1] == s.offset:
-                rows[-1][1] = s.offset + s.size
+                rows[-1][1] = s.offset + s.span
             else:
-                rows.append([s.offset, s.offset + s.size, int(s.decay)])
+                rows.append([s.offset, s.offset + s.span, int(s.decay)])
         return np.array(rows, dtype=np.int64)
 
 
 def init_params(cfg: ModelConfig, seed: int) -> np.ndarray:
     """GPT-2 init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer),
-    zero biases, LayerNorm weights one. Deterministic for a seed, in buffer order."""
+    zero biases, LayerNorm weights one. Deterministic for a seed, in buffer order; the LM head's
+    padding rows zero."""
     layout = ParamLayout(cfg)
-    flat = np.empty(layout.size, dtype=np.float32)
+    flat = layout.zeros()
     rng = np.random.default_rng(seed)
     views = layout.views(flat)
     for s in layout.specs:
@@ -137,7 +192,8 @@ class Tensors:
     def __init__(self, layout: ParamLayout, flat):
         v = layout.views(flat)
         self.flat = flat
-        self.wte = v["transformer.wte.weight"]
+        wte = layout.by_name[WTE]
+        self.wte = flat[wte.offset:wte.offset + wte.span].reshape(wte.stored)  # [Vp, C]: padding rows too
         self.wpe = v["transformer.wpe.weight"]
         self.lnf_w = v["transformer.ln_f.weight"]
         self.lnf_b = v["transformer.ln_f.bias"]
@@ -155,7 +211,7 @@ class Activations:
     layernorm statistics and the per-token losses are always float32."""
 
     def __init__(self, be, cfg: ModelConfig, B: int, T: int):
-        C, L, NH, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+        C, L, NH, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.padded_vocab_size
         self.B, self.T = B, T
         act, f32 = be.act_dtype, np.float32
         att_shape, att_dtype = be.attention_saved(B, NH, T, cfg.head_size)
@@ -178,7 +234,8 @@ class Activations:
         self.fcproj = per_layer((B, T, C))
         self.res3 = per_layer((B, T, C))
         self.lnf, self.lnf_mean, self.lnf_rstd = be.empty((B, T, C), act), be.empty((B, T), f32), be.empty((B, T), f32)
-        self.logits = be.empty((B, T, V), act)  # softmax probs after a forward with targets, then dlogits
+        # [B,T,Vp]: softmax probs after a forward with targets, then dlogits (0 in the padding columns)
+        self.logits = be.empty((B, T, V), act)
         self.losses = be.empty((B, T), f32)
         # backward scratch, reused by every layer
         self.dres = be.empty((B, T, C), act)  # gradient of the residual stream
@@ -190,8 +247,9 @@ class Activations:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (parameters - position embeddings) + 12 n_layer T C
-    (the PaLM convention; the tied LM head counts once, attention over full T x T)."""
-    return 6 * (ParamLayout(cfg).size - cfg.block_size * cfg.n_embd) + 12 * cfg.n_layer * seq_len * cfg.n_embd
+    (the PaLM convention; the tied LM head counts once, attention over full T x T; the model's
+    FLOPs: the LM head's padding rows are not counted)."""
+    return 6 * (ParamLayout(cfg).n_params - cfg.block_size * cfg.n_embd) + 12 * cfg.n_layer * seq_len * cfg.n_embd
 
 
 class _ShapeOnly:
@@ -271,13 +329,14 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
             be.residual_layernorm_forward(a.res3[l], a.lnf, a.lnf_mean, a.lnf_rstd, a.res2[l], a.fcproj[l],
                                           w.lnf_w, w.lnf_b, eps)
         x = a.res3[l]
-    be.lm_head_forward(a.logits, a.lnf, w.wte)
+    be.lm_head_forward(a.logits, a.lnf, w.wte)  # [B,T,Vp]; the padding columns are not logits
     if targets is None:
         return None
+    V = cfg.vocab_size  # the softmax over the first V columns; the others get probability and gradient 0
     if grad:  # losses and dlogits = (softmax - onehot) / (B T) in one pass, in place of the logits
-        be.crossentropy_forward_backward(a.losses, a.logits, a.logits, targets, 1.0 / (B * T))
+        be.crossentropy_forward_backward(a.losses, a.logits, a.logits, targets, 1.0 / (B * T), V)
     else:
-        be.crossentropy_forward(a.losses, a.logits, a.logits, targets)
+        be.crossentropy_forward(a.losses, a.logits, a.logits, targets, V)
     if loss_out is not None:
         be.sum_losses(a.losses, out=loss_out)
         return None
@@ -289,7 +348,8 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
     """Gradient of the mean loss of the last `forward(..., targets, drop, grad=True)` into every
     tensor of g (drop: the same as the forward's).
 
-    Every gradient tensor is written (not accumulated), so g needs no zeroing beforehand."""
+    Every gradient tensor is written (not accumulated), so g needs no zeroing beforehand; the LM
+    head's padding rows of g.wte are written zero (their dlogits columns are zero)."""
     B, T = idx.shape
     NH = cfg.n_head
     be.lm_head_backward(a.dln, g.wte, a.logits, a.lnf, w.wte)
@@ -314,7 +374,7 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
         be.layernorm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
     if drop:  # encoded = drop(wte[idx] + wpe)
         drop.apply(be, a.dres, a.dres, 0, EMBEDDING)
-    be.encoder_backward(g.wte, g.wpe, a.dres, idx)
+    be.encoder_backward(g.wte[:cfg.vocab_size], g.wpe, a.dres, idx)  # the real tokens' rows
 
 
 def _through_dropout(be, drop: Dropout | None, a: Activations, layer: int, site: int):
@@ -330,15 +390,15 @@ def _through_dropout(be, drop: Dropout | None, a: Activations, layer: int, site:
 
 class GPT:
     """A GPT-2 model on a backend: `.config`, `.params` (name -> array views), `.logits`,
-    `.loss_and_grads`. Activation buffers are cached per batch shape."""
+    `.loss_and_grads`. Activation buffers are cached per batch shape. `flat`: a buffer of
+    ParamLayout(config) (init_params, crystal.checkpoint.read_params), padding rows zero."""
 
     def __init__(self, config: ModelConfig, flat: np.ndarray, backend=None):
         from crystal.backends import get_backend
 
         self.config = config
         self.layout = ParamLayout(config)
-        if flat.shape != (self.layout.size,):
-            raise ValueError(f"flat parameter buffer has {flat.size} values, layout needs {self.layout.size}")
+        self.layout.check(flat)
         self.backend = backend or get_backend("cpu")
         self.flat = self.backend.to_device(np.ascontiguousarray(flat, dtype=np.float32))
         self.params = self.layout.views(self.flat)
@@ -371,7 +431,7 @@ class GPT:
         a = self._activations(*idx.shape)
         be = self.backend
         forward(be, self.config, self._tensors, a, be.to_device(idx))
-        return np.array(be.to_host(a.logits), dtype=np.float32)
+        return np.array(be.to_host(a.logits[..., :self.config.vocab_size]), dtype=np.float32)  # the real tokens
 
     def loss(self, idx, targets) -> float:
         """Mean cross-entropy of next-token predictions (forward only)."""

@@ -37,7 +37,7 @@ from crystal.checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAIN_F
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json, read_json
-from crystal.model import GPT, ParamLayout
+from crystal.model import GPT, WTE, ParamLayout
 
 WEIGHTS = MODEL_FILE
 INDEX = "model.safetensors.index.json"
@@ -45,7 +45,6 @@ PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 RUN_MARK = TRAIN_FILE  # what makes a directory a crystal run
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers: not parameters
 LM_HEAD = "lm_head.weight"
-WTE = "transformer.wte.weight"
 # safetensors dtype -> (its bytes as numpy reads them, its name)
 DTYPES = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", "bfloat16"),
           "F64": ("<f8", "float64"), "I64": ("<i8", "int64"), "I32": ("<i4", "int32"), "I16": ("<i2", "int16"),
@@ -264,7 +263,7 @@ def _read_hf(pre: Pretrained) -> np.ndarray:
         _check(found[s.name], s.shape, "config.json")
     if head is not None:
         _check(head, layout.by_name[WTE].shape, "a head tied to wte")
-    flat = np.empty(layout.size, dtype=np.float32)
+    flat = layout.zeros()  # the LM head's padding rows zero
     views = layout.views(flat)
     for s in layout.specs:
         _read_into(found[s.name], views[s.name])

@@ -49,7 +49,7 @@ class StepRecord:
 class TrainResult:
     model: ModelConfig
     train: TrainConfig  # resolved: steps filled in from --epochs when given
-    params: np.ndarray  # final flat float32 parameters (host)
+    params: np.ndarray  # final flat float32 parameters (host), a buffer of crystal.model.ParamLayout
     losses: list[float]  # this call's steps
     spheres: list[dict]
     root: dict
@@ -126,8 +126,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if resume is not None:
         start = resume.params
     elif init is not None:  # bitwise the given parameters (the cpu backend trains them in place); fresh AdamW
-        if init.shape != (layout.size,) or init.dtype != np.float32:
-            raise ValueError(f"init must be float32[{layout.size}], got {init.dtype}{list(init.shape)}")
+        if init.dtype != np.float32:
+            raise ValueError(f"init must be float32, got {init.dtype}")
+        layout.check(init, "init")  # a buffer of the layout, the LM head's padding rows zero
         start = init
     else:
         start = init_params(model_cfg, cfg.seed)
@@ -161,7 +162,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         else:
             run_dir.truncate_metrics(resume.step)
     if on_start is not None:
-        on_start({"params": layout.size, "tokens": len(dataset.train), "val_tokens": len(dataset.val),
+        on_start({"params": layout.n_params, "tokens": len(dataset.train), "val_tokens": len(dataset.val),
                   "data": dataset.name, "steps": cfg.steps, "first": first, "last": last,
                   "device": be.name, "config": cfg, "model": model_cfg, "ranks": comm.size})
 

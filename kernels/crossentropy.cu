@@ -1,7 +1,10 @@
-// Fused softmax + cross-entropy over logits[N,V]. The forward runs one block per row; any
-// blockDim.x that is a multiple of 32 (up to 1024) works, and the reduction order is fixed by it.
-// Bodies are templates over the activation type A of logits, probs and dlogits (float, or bf16
-// through load/store: softmax and loss in float, probs rounded once); losses are float32 in both.
+// Fused softmax + cross-entropy over logits[N,Vp] (rows Vp apart), whose first V columns are the
+// vocabulary; columns V..Vp-1 are the LM head's padding (crystal.model.ParamLayout): never read,
+// written 0 (probability 0, gradient 0), so the padded rows of dwte = dlogits^T inp are zero.
+// The forward runs one block per row; any blockDim.x that is a multiple of 32 (up to 1024)
+// works, and the reduction order is fixed by it. Bodies are templates over the activation type
+// A of logits, probs and dlogits (float, or bf16 through load/store: softmax and loss in float,
+// probs rounded once); losses are float32 in both.
 
 #include "bf16.cuh"
 #include "block_reduce.cuh"
@@ -12,10 +15,10 @@
 // in the last loop, where each thread reads a logit and then writes that same element.
 template <class A>
 __device__ void crossentropy_forward_impl(float* losses, A* probs, const A* logits,
-                                          const int* targets, int N, int V) {
+                                          const int* targets, int N, int V, int Vp) {
   int i = blockIdx.x;
   if (i >= N) return;  // uniform: the whole block leaves
-  const A* x = logits + (long long)i * V;
+  const A* x = logits + (long long)i * Vp;
   float target_logit = load(x + targets[i]);
   float m = -3.402823466e+38f;
   for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, load(x + v));
@@ -24,41 +27,48 @@ __device__ void crossentropy_forward_impl(float* losses, A* probs, const A* logi
   for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(load(x + v) - m);
   float lse = m + logf(block_sum(s));
   if (threadIdx.x == 0) losses[i] = lse - target_logit;
-  A* p = probs + (long long)i * V;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) store(p + v, expf(load(x + v) - lse));
+  A* p = probs + (long long)i * Vp;
+  for (int v = threadIdx.x; v < Vp; v += blockDim.x)
+    store(p + v, v < V ? expf(load(x + v) - lse) : 0.0f);
 }
 
 extern "C" __global__ void crossentropy_forward(float* losses, float* probs, const float* logits,
-                                                const int* targets, int N, int V) {
-  crossentropy_forward_impl(losses, probs, logits, targets, N, V);
+                                                const int* targets, int N, int V, int Vp) {
+  crossentropy_forward_impl(losses, probs, logits, targets, N, V, Vp);
 }
 
 extern "C" __global__ void crossentropy_forward_bf16(float* losses, bf16* probs,
                                                      const bf16* logits, const int* targets,
-                                                     int N, int V) {
-  crossentropy_forward_impl(losses, probs, logits, targets, N, V);
+                                                     int N, int V, int Vp) {
+  crossentropy_forward_impl(losses, probs, logits, targets, N, V, Vp);
 }
 
-// dlogits[i,v] = probs[i,v]*dloss - (v == targets[i] ? dloss : 0); grid_1d(N*V).
-// dlogits may alias probs.
+// dlogits[i,v] = probs[i,v]*dloss - (v == targets[i] ? dloss : 0) for v < V, 0 for the padding
+// columns; grid_1d(N*Vp). dlogits may alias probs.
 template <class A>
 __device__ void crossentropy_backward_impl(A* dlogits, const A* probs, const int* targets, int N,
-                                           int V, float dloss) {
+                                           int V, int Vp, float dloss) {
   long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= (long long)N * V) return;
+  if (j >= (long long)N * Vp) return;
+  int v = (int)(j % Vp);
+  if (v >= V) {
+    store(dlogits + j, 0.0f);
+    return;
+  }
   float d = load(probs + j) * dloss;
-  store(dlogits + j, j % V == targets[j / V] ? d - dloss : d);
+  store(dlogits + j, v == targets[j / Vp] ? d - dloss : d);
 }
 
 extern "C" __global__ void crossentropy_backward(float* dlogits, const float* probs,
-                                                 const int* targets, int N, int V, float dloss) {
-  crossentropy_backward_impl(dlogits, probs, targets, N, V, dloss);
+                                                 const int* targets, int N, int V, int Vp,
+                                                 float dloss) {
+  crossentropy_backward_impl(dlogits, probs, targets, N, V, Vp, dloss);
 }
 
 extern "C" __global__ void crossentropy_backward_bf16(bf16* dlogits, const bf16* probs,
-                                                      const int* targets, int N, int V,
+                                                      const int* targets, int N, int V, int Vp,
                                                       float dloss) {
-  crossentropy_backward_impl(dlogits, probs, targets, N, V, dloss);
+  crossentropy_backward_impl(dlogits, probs, targets, N, V, Vp, dloss);
 }
 
 // Forward and backward in one launch, two passes over the row (crossentropy_forward reads it
@@ -72,11 +82,11 @@ extern "C" __global__ void crossentropy_backward_bf16(bf16* dlogits, const bf16*
 // reads a logit and then writes that same element. grid_rows(N): one block per row.
 template <class A>
 __device__ void crossentropy_forward_backward_impl(float* losses, A* dlogits, const A* logits,
-                                                   const int* targets, int N, int V,
+                                                   const int* targets, int N, int V, int Vp,
                                                    float dloss) {
   int i = blockIdx.x;
   if (i >= N) return;  // uniform: the whole block leaves
-  const A* x = logits + (long long)i * V;
+  const A* x = logits + (long long)i * Vp;
   int target = targets[i];
   float target_logit = load(x + target);
   float m = -3.402823466e+38f, s = 0.0f;
@@ -92,8 +102,12 @@ __device__ void crossentropy_forward_backward_impl(float* losses, A* dlogits, co
   block_max_sum(m, s);
   float lse = m + logf(s);
   if (threadIdx.x == 0) losses[i] = lse - target_logit;
-  A* d = dlogits + (long long)i * V;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) {
+  A* d = dlogits + (long long)i * Vp;
+  for (int v = threadIdx.x; v < Vp; v += blockDim.x) {
+    if (v >= V) {  // the padding: gradient 0
+      store(d + v, 0.0f);
+      continue;
+    }
     float g = expf(load(x + v) - lse) * dloss;
     store(d + v, v == target ? g - dloss : g);
   }
@@ -101,13 +115,13 @@ __device__ void crossentropy_forward_backward_impl(float* losses, A* dlogits, co
 
 extern "C" __global__ void crossentropy_forward_backward(float* losses, float* dlogits,
                                                          const float* logits, const int* targets,
-                                                         int N, int V, float dloss) {
-  crossentropy_forward_backward_impl(losses, dlogits, logits, targets, N, V, dloss);
+                                                         int N, int V, int Vp, float dloss) {
+  crossentropy_forward_backward_impl(losses, dlogits, logits, targets, N, V, Vp, dloss);
 }
 
 extern "C" __global__ void crossentropy_forward_backward_bf16(float* losses, bf16* dlogits,
                                                               const bf16* logits,
                                                               const int* targets, int N, int V,
-                                                              float dloss) {
-  crossentropy_forward_backward_impl(losses, dlogits, logits, targets, N, V, dloss);
+                                                              int Vp, float dloss) {
+  crossentropy_forward_backward_impl(losses, dlogits, logits, targets, N, V, Vp, dloss);
 }

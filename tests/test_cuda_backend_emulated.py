@@ -4,7 +4,8 @@ On a GPU, crystal.backends.cuda launches kernels/*.cu through cupy; here the ver
 class runs with numpy standing in for cupy (numpy's matmul for cuBLAS) and the kernels compiled
 by g++ under tests/emu/emu.h. This checks what the kernel tests alone cannot: the argument
 order, launch geometry, buffer layouts and the attention/encoder compositions of the backend,
-against the cpu backend, for a whole model and for training steps.
+against the cpu backend, for a whole model and for training steps. Both vocabularies here (259,
+300) are padded in the LM head (to 320), as every vocabulary that is no multiple of 64 is.
 """
 
 import dataclasses
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from crystal.config import ModelConfig, resolve
-from crystal.model import GPT, init_params
+from crystal.data import default_corpus, load_dataset, prepare
+from crystal.model import GPT, ParamLayout, init_params
 from crystal.trainer import train
 from emu.backend import EmulatedCudaBackend
 from compare import rel_err, worst_rel_err
@@ -26,6 +28,7 @@ def pair():
     rng = np.random.default_rng(5)
     flat = init_params(CFG, 3)
     flat += rng.standard_normal(flat.shape).astype(np.float32) * 0.02
+    flat[slice(*ParamLayout(CFG).padding)] = 0  # the LM head's padding rows are zero
     idx = rng.integers(0, CFG.vocab_size, (3, 37))
     targets = rng.integers(0, CFG.vocab_size, (3, 37))
     return GPT(CFG, flat), GPT(CFG, flat, EmulatedCudaBackend()), idx, targets
@@ -50,16 +53,21 @@ def test_emulated_cuda_backend_gradients_match_cpu(pair):
     assert err <= 1e-4, (worst, err)
 
 
-def test_emulated_cuda_training_with_dropout_follows_the_cpu_trajectory_for_any_sphere_count():
-    small = dict(n_layer=1, n_head=2, n_embd=16, block_size=8)  # emulation is slow: keep it tiny
+def test_emulated_cuda_training_with_dropout_follows_the_cpu_trajectory_for_any_sphere_count(tmp_path):
+    """On 300 BPE tokens: the LM head's rows padded to 320, which stay zero."""
+    (tmp_path / "input.txt").write_bytes(default_corpus()[:50_000])
+    prepare([str(tmp_path / "input.txt")], str(tmp_path / "data"), "bpe", vocab_size=300)
+    data = load_dataset(str(tmp_path / "data"))
+    small = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=300)  # emulation is slow: keep it tiny
     model_cfg, cfg = resolve("tiny", small, dict(steps=2, spheres=3, micro_batches=3, batch_size=1,
                                                  dropout=0.2))
-    cpu_run = train(model_cfg, cfg)
+    cpu_run = train(model_cfg, cfg, dataset=data)
     backend = EmulatedCudaBackend()
-    one = train(model_cfg, dataclasses.replace(cfg, spheres=1), backend=backend)
-    three = train(model_cfg, cfg, backend=backend)
+    one = train(model_cfg, dataclasses.replace(cfg, spheres=1), dataset=data, backend=backend)
+    three = train(model_cfg, cfg, dataset=data, backend=backend)
     assert max(abs(x - y) / x for x, y in zip(cpu_run.losses, three.losses)) <= 1e-4
     assert one.losses == three.losses and one.params.tobytes() == three.params.tobytes()
+    assert not three.params[slice(*ParamLayout(model_cfg).padding)].any()
 
 
 def test_matmul_precision_call_fits_the_installed_cupy_api(monkeypatch):

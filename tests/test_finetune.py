@@ -35,14 +35,14 @@ SHAPE = dict(n_positions=40, n_embd=36, n_layer=2, n_head=3)
 PROMPT = "ROMEO:"
 
 
-def train_tokenizer(text: str):
+def train_tokenizer(text: str, vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOT], show_progress=False,
+        vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
 
@@ -81,7 +81,8 @@ def gpt2(tmp_path_factory):
 
 
 def stored_flat(directory: Path) -> np.ndarray:
-    """The checkpoint's tensors as transformers stored them, in crystal's buffer order, float32."""
+    """The checkpoint's tensors as transformers stored them, in crystal's flat buffer (float32,
+    the LM head's padding rows zero)."""
     from safetensors.torch import load_file
 
     tensors = {}
@@ -89,7 +90,7 @@ def stored_flat(directory: Path) -> np.ndarray:
         for k, v in load_file(str(f)).items():
             tensors[k if k.startswith("transformer.") else "transformer." + k] = v.float().numpy()
     cfg = ModelConfig.from_hf(json.loads((directory / "config.json").read_text()))
-    return np.concatenate([tensors[name].reshape(-1) for name, _ in param_shapes(cfg)])
+    return ParamLayout(cfg).padded(np.concatenate([tensors[name].reshape(-1) for name, _ in param_shapes(cfg)]))
 
 
 def bits(a) -> np.ndarray:
@@ -366,7 +367,7 @@ RELEASED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_0
 
 @pytest.mark.parametrize("preset", list(RELEASED))
 def test_the_gpt2_presets_have_the_released_models_parameter_counts(preset):
-    assert ParamLayout(dataclasses.replace(PRESETS[preset].model, vocab_size=50257)).size == RELEASED[preset]
+    assert ParamLayout(dataclasses.replace(PRESETS[preset].model, vocab_size=50257)).n_params == RELEASED[preset]
 
 
 @pytest.mark.parametrize("preset", list(RELEASED))
@@ -375,7 +376,7 @@ def test_dry_run_of_each_gpt2_size_prints_its_shape_and_memory(preset, capsys):
     out = capsys.readouterr().out
     m = PRESETS[preset].model
     assert f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, vocab 256, block 1024" in out
-    assert f"parameters: {ParamLayout(dataclasses.replace(m, vocab_size=256)).size:,}" in out
+    assert f"parameters: {ParamLayout(dataclasses.replace(m, vocab_size=256)).n_params:,}" in out
     assert "total" in out.splitlines()[-1]
 
 
@@ -383,4 +384,4 @@ def test_dry_run_of_a_fine_tune_prints_the_checkpoints_shape(gpt2, capsys):
     assert main(["train", "--init-from", str(gpt2 / "sharded"), "--data", str(gpt2 / "data"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "model: 2 layers, 3 heads, 36 wide, vocab 300, block 40" in out
-    assert f"parameters: {ParamLayout(load_checkpoint(gpt2 / 'hf').config).size:,}" in out
+    assert f"parameters: {ParamLayout(load_checkpoint(gpt2 / 'hf').config).n_params:,}" in out

@@ -400,25 +400,27 @@ def test_dropout_bf16_emulated_drops_the_elements_the_cpu_drops(rng, block, in_p
 @pytest.mark.parametrize("block, in_place", [(32, True), (64, False)])
 @covers("crossentropy_forward_bf16", "crossentropy_backward_bf16")
 def test_crossentropy_forward_and_backward_bf16_emulated(rng, block, in_place):
-    logits, targets = randbf(rng, N, V, scale=3.0), rng.integers(0, V, N).astype(np.int32)
+    VP = 192  # V = 131 logits a row, then the LM head's padding columns: ignored, written 0
+    logits, targets = randbf(rng, N, VP, scale=3.0), rng.integers(0, V, N).astype(np.int32)
     targets[:3] = [0, V - 1, 1]  # both ends of the vocabulary
     dloss = 1.0 / N
-    e_losses, e_probs = np.empty(N, np.float32), np.empty((N, V), np.float32)
-    be.crossentropy_forward(e_losses, e_probs, widen(logits), targets)
+    e_losses, e_probs = np.empty(N, np.float32), np.empty((N, VP), np.float32)
+    be.crossentropy_forward(e_losses, e_probs, widen(logits), targets, V)
 
     # in place: probs alias logits, then dlogits alias probs
     losses = np.full(N, np.nan, np.float32)
-    probs = logits if in_place else nan_bf16(N, V)
-    launch_twins("crossentropy_forward", grid_rows(N), block, losses, probs, logits, targets, N, V)
+    probs = logits if in_place else nan_bf16(N, VP)
+    launch_twins("crossentropy_forward", grid_rows(N), block, losses, probs, logits, targets, N, V, VP)
     assert rel_err(losses, e_losses) <= TOL_F32
     assert_within_ulp(probs, e_probs)
 
-    e_dlogits = np.empty((N, V), np.float32)
-    be.crossentropy_backward(e_dlogits, widen(probs), targets, dloss)
-    dlogits = probs if in_place else nan_bf16(N, V)
-    launch_twins("crossentropy_backward", grid_1d(N * V, block), block, dlogits, probs, targets,
-                 N, V, dloss)
+    e_dlogits = np.empty((N, VP), np.float32)
+    be.crossentropy_backward(e_dlogits, widen(probs), targets, dloss, V)
+    dlogits = probs if in_place else nan_bf16(N, VP)
+    launch_twins("crossentropy_backward", grid_1d(N * VP, block), block, dlogits, probs, targets,
+                 N, V, VP, dloss)
     assert_bitwise(dlogits, e_dlogits)  # p*dloss (- dloss at the target): the same float ops
+    assert not widen(dlogits)[:, V:].any()
 
 
 # --- the weight cast --------------------------------------------------------------------------
@@ -453,7 +455,7 @@ def test_bf16_row_kernels_emulated_with_1024_threads_per_block(rng):
     logits, targets = randbf(rng, rows, 2 * block + 7), np.array([0, 5, 2 * block + 6], np.int32)
     losses, probs = np.empty(rows, np.float32), nan_bf16(*logits.shape)
     launch_twins("crossentropy_forward", grid_rows(rows), block, losses, probs, logits, targets,
-                 rows, logits.shape[1])
+                 rows, logits.shape[1], logits.shape[1])
     e_losses, e_probs = np.empty_like(losses), np.empty(logits.shape, np.float32)
     be.crossentropy_forward(e_losses, e_probs, widen(logits), targets)
     assert rel_err(losses, e_losses) <= TOL_F32
@@ -523,7 +525,7 @@ def fp32_outputs(block):
     targets = (np.abs(lcg_floats(N, 13)) * 1000).astype(np.int32) % V
     dlogits = np.empty_like(probs)
     gpu_.launch("crossentropy_backward", grid_1d(N * V, block), block, dlogits, probs, targets,
-                N, V, 1.0 / N)
+                N, V, V, 1.0 / N)
     return [enc, dwpe, dwte, ln, mean, rstd, dinp, dw, db, qkv, dbias, q, k, v, y, dy, dqkv, datt,
             res, drop, dlogits]
 

@@ -295,23 +295,26 @@ def test_dropout_emulated_drops_the_elements_the_cpu_drops(rng, block, in_place)
 @pytest.mark.parametrize("block, in_place", [(32, True), (64, False)])
 @covers("crossentropy_forward", "crossentropy_backward")
 def test_crossentropy_forward_and_backward_emulated_match_cpu(rng, block, in_place):
-    logits, targets = randn(rng, N, V, scale=3.0), rng.integers(0, V, N).astype(np.int32)
+    VP = 320  # rows of V = 259 logits and the LM head's padding columns, NaN here: never read, written 0
+    logits, targets = randn(rng, N, VP, scale=3.0), rng.integers(0, V, N).astype(np.int32)
+    logits[:, V:] = np.nan
     targets[:3] = [0, V - 1, 1]  # both ends of the vocabulary
     dloss = 1.0 / N
     e_losses, e_probs = np.empty(N, np.float32), np.empty_like(logits)
-    be.crossentropy_forward(e_losses, e_probs, logits, targets)
+    be.crossentropy_forward(e_losses, e_probs, logits, targets, V)
     e_dlogits = np.empty_like(logits)
-    be.crossentropy_backward(e_dlogits, e_probs, targets, dloss)
+    be.crossentropy_backward(e_dlogits, e_probs, targets, dloss, V)
+    assert not e_probs[:, V:].any() and not e_dlogits[:, V:].any()
 
     # in place: probs alias logits, then dlogits alias probs
     losses = np.full(N, np.nan, np.float32)
     probs = logits if in_place else np.full_like(logits, np.nan)
-    gpu().launch("crossentropy_forward", grid_rows(N), block, losses, probs, logits, targets, N, V)
+    gpu().launch("crossentropy_forward", grid_rows(N), block, losses, probs, logits, targets, N, V, VP)
     assert rel_err(losses, e_losses) <= TOL
     assert rel_err(probs, e_probs) <= TOL
     dlogits = probs if in_place else np.full_like(probs, np.nan)
-    gpu().launch("crossentropy_backward", grid_1d(N * V, block), block, dlogits, probs, targets,
-                 N, V, dloss)
+    gpu().launch("crossentropy_backward", grid_1d(N * VP, block), block, dlogits, probs, targets,
+                 N, V, VP, dloss)
     assert rel_err(dlogits, e_dlogits) <= TOL
 
 
@@ -434,7 +437,7 @@ def test_block_reductions_emulated_with_1024_threads_per_block(rng):
     logits, targets = randn(rng, rows, 2 * block + 7), np.array([0, 5, 2 * block + 6], np.int32)
     losses, probs = np.empty(rows, np.float32), np.empty_like(logits)
     gpu().launch("crossentropy_forward", grid_rows(rows), block, losses, probs, logits, targets,
-                 rows, logits.shape[1])
+                 rows, logits.shape[1], logits.shape[1])
     e_losses, e_probs = np.empty_like(losses), np.empty_like(probs)
     be.crossentropy_forward(e_losses, e_probs, logits, targets)
     assert rel_err(losses, e_losses) <= TOL and rel_err(probs, e_probs) <= TOL
@@ -458,7 +461,7 @@ def run_reductions(rng_seed: int, block: int):
     out, att = emulated_attention_forward(randn(rng, B, T, 3 * C), block)
     logits, losses = randn(rng, N, V, scale=3.0), np.empty(N, np.float32)
     targets = rng.integers(0, V, N).astype(np.int32)
-    gpu().launch("crossentropy_forward", grid_rows(N), block, losses, logits, logits, targets, N, V)
+    gpu().launch("crossentropy_forward", grid_rows(N), block, losses, logits, logits, targets, N, V, V)
     total = emulated_sum("sum_squares_partial", randn(rng, 20011), block)
     return [*ln, dinp, out, att, logits, losses, np.array(total)]
 

@@ -35,9 +35,9 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 FUSED = {
     "residual_layernorm_forward": ("layernorm.cu", ("ptr",) * 8 + ("i32", "i32", "f32")),
     "residual_layernorm_forward_bf16": ("layernorm.cu", ("ptr",) * 8 + ("i32", "i32", "f32")),
-    "crossentropy_forward_backward": ("crossentropy.cu", ("ptr",) * 4 + ("i32", "i32", "f32")),
+    "crossentropy_forward_backward": ("crossentropy.cu", ("ptr",) * 4 + ("i32", "i32", "i32", "f32")),
     "crossentropy_forward_backward_bf16": ("crossentropy.cu",
-                                           ("ptr",) * 4 + ("i32", "i32", "f32")),
+                                           ("ptr",) * 4 + ("i32", "i32", "i32", "f32")),
     "adamw_update_copy_bf16": ("adamw.cu", ("ptr",) * 6 + ("i32", "i64", "ptr")),
     "add_scale_sum_squares_partial": ("norm.cu", ("ptr", "ptr", "f64", "ptr", "i64")),
 }
@@ -146,10 +146,13 @@ def test_residual_layernorm_forward_emulated_in_place_matches_cpu(rng, block):
 
 # --- cross-entropy forward + backward ---------------------------------------------------------
 
-def crossentropy_inputs(rng, n, v, dtype):
-    logits = rng.standard_normal((n, v)) * 3.0
-    logits[0] = np.linspace(-5.0, 9.0, v)  # increasing: every thread's max grows at each element
-    logits[1] = np.linspace(9.0, -5.0, v)  # decreasing: the max never moves
+def crossentropy_inputs(rng, n, v, dtype, vp=None):
+    """[n, vp] logits whose first v columns are the vocabulary; the LM head's padding columns
+    after them hold 60, which would dominate any softmax that read them."""
+    logits = np.full((n, vp or v), 60.0)
+    logits[:, :v] = rng.standard_normal((n, v)) * 3.0
+    logits[0, :v] = np.linspace(-5.0, 9.0, v)  # increasing: every thread's max grows at each element
+    logits[1, :v] = np.linspace(9.0, -5.0, v)  # decreasing: the max never moves
     logits[2, v // 2] = 40.0  # one dominant logit
     targets = rng.integers(0, v, n).astype(np.int32)
     targets[:4] = [0, v - 1, v // 2, 1][:n]  # both ends of the vocabulary, the dominant logit
@@ -157,13 +160,14 @@ def crossentropy_inputs(rng, n, v, dtype):
     return cast(logits), targets
 
 
-def cpu_crossentropy(logits, targets, dloss):
-    """The cpu backend's crossentropy_forward then crossentropy_backward, on float32."""
+def cpu_crossentropy(logits, targets, dloss, v=None):
+    """The cpu backend's crossentropy_forward then crossentropy_backward, on float32 (the
+    vocabulary: the first v columns)."""
     n = logits.shape[0]
     losses, probs = np.empty(n, np.float32), np.empty(logits.shape, np.float32)
-    be.crossentropy_forward(losses, probs, widen(logits), targets)
+    be.crossentropy_forward(losses, probs, widen(logits), targets, v)
     dlogits = np.empty_like(probs)
-    be.crossentropy_backward(dlogits, probs, targets, dloss)
+    be.crossentropy_backward(dlogits, probs, targets, dloss, v)
     return losses, dlogits
 
 
@@ -177,20 +181,22 @@ def row_rel_err(actual, expected, dloss) -> float:
     return max(rel_err(a, e) for a, e in zip(actual[keep], expected[keep]))
 
 
-@pytest.mark.parametrize("block, in_place, v", [(32, True, 259), (64, False, 259),
-                                                 (64, True, 21)])  # 21: most threads idle
+@pytest.mark.parametrize("block, in_place, v, vp", [(32, True, 259, 320), (64, False, 259, 259),
+                                                     (64, True, 21, 64)])  # 21: most threads idle
 @covers("crossentropy_forward_backward", "crossentropy_forward_backward_bf16")
-def test_crossentropy_forward_backward_emulated_matches_cpu(rng, block, in_place, v):
+def test_crossentropy_forward_backward_emulated_matches_cpu(rng, block, in_place, v, vp):
+    """vp > v: rows of vp logits whose first v are the vocabulary (LM-head padding after them)."""
     n, dloss = 29, 1.0 / 29
     for dtype, suffix, tol in ((np.float32, "", TOL), (BF16, "_bf16", TOL_ROUND)):
-        logits, targets = crossentropy_inputs(rng, n, v, dtype)
-        e_losses, e_dlogits = cpu_crossentropy(logits, targets, dloss)
+        logits, targets = crossentropy_inputs(rng, n, v, dtype, vp)
+        e_losses, e_dlogits = cpu_crossentropy(logits, targets, dloss, v)
         losses = np.full(n, np.nan, np.float32)
         dlogits = logits.copy() if in_place else nan_like(logits)
         gpu().launch("crossentropy_forward_backward" + suffix, grid_rows(n), block, losses,
-                     dlogits, dlogits if in_place else logits, targets, n, v, dloss)
+                     dlogits, dlogits if in_place else logits, targets, n, v, vp, dloss)
         assert rel_err(losses, e_losses) <= TOL  # float32 in both precisions
         assert rel_err(widen(dlogits), e_dlogits) <= tol
+        assert not widen(dlogits)[:, v:].any()  # the padding's gradient: 0
         assert row_rel_err(widen(dlogits), e_dlogits, dloss) <= tol
         # each row of the gradient sums to 0 (the softmax sums to 1), up to its roundings (and
         # an ulp of 1 times dloss, where the target's probability is ~1)
@@ -210,7 +216,7 @@ def test_crossentropy_forward_backward_emulated_in_place_bitwise_out_of_place_an
             losses = np.full(n, np.nan, np.float32)
             dlogits = logits.copy() if in_place else nan_like(logits)
             gpu().launch("crossentropy_forward_backward" + suffix, grid_rows(n), block, losses,
-                         dlogits, dlogits if in_place else logits, targets, n, v, dloss)
+                         dlogits, dlogits if in_place else logits, targets, n, v, v, dloss)
             runs.append(bits(losses) + bits(dlogits))
         assert runs[0] == runs[1] == runs[2]
 
@@ -225,9 +231,9 @@ def test_crossentropy_forward_backward_bf16_is_the_fp32_kernel_rounded_once(rng,
     dlogits = logits.copy() if in_place else nan_like(logits)
     dlogits32 = f32.copy() if in_place else np.full_like(f32, np.nan)
     gpu().launch("crossentropy_forward_backward_bf16", grid_rows(n), block, losses, dlogits,
-                 dlogits if in_place else logits, targets, n, v, dloss)
+                 dlogits if in_place else logits, targets, n, v, v, dloss)
     gpu().launch("crossentropy_forward_backward", grid_rows(n), block, losses32, dlogits32,
-                 dlogits32 if in_place else f32, targets, n, v, dloss)
+                 dlogits32 if in_place else f32, targets, n, v, v, dloss)
     assert bits(losses) == bits(losses32)
     assert bits(dlogits) == bits(to_bf16(dlogits32))
 
@@ -240,7 +246,7 @@ def test_fused_row_kernels_emulated_with_1024_threads_per_block(rng):
     e_losses, e_dlogits = cpu_crossentropy(logits, targets, 0.5)
     losses, dlogits = np.empty(rows, np.float32), nan_like(logits)
     gpu().launch("crossentropy_forward_backward", grid_rows(rows), block, losses, dlogits, logits,
-                 targets, rows, v, 0.5)
+                 targets, rows, v, v, 0.5)
     assert rel_err(losses, e_losses) <= TOL
     assert rel_err(dlogits, e_dlogits) <= TOL
     assert row_rel_err(dlogits, e_dlogits, 0.5) <= TOL

@@ -120,7 +120,7 @@ def test_dry_run_counts_the_real_parameters(capsys):
     assert main(["train", "--preset", "shakespeare-char", "--dry-run"]) == 0
     out = capsys.readouterr().out
     m, _ = resolve("shakespeare-char")
-    assert f"parameters: {ParamLayout(m).size:,}" in out
+    assert f"parameters: {ParamLayout(m).n_params:,}" in out
     assert "FLOPs per token" in out and "tokens per step: 16,384" in out and "total" in out
 
 

@@ -48,6 +48,16 @@ class AdamWScalars(NamedTuple):
         return np.array([*self, 1.0 if skip else 0.0], dtype=np.float32)
 
 
+def vocab_columns(logits, vocab: int | None) -> int:
+    """The cross-entropy ops' vocabulary V: the first `vocab` columns of logits[..., Vp] (None:
+    all of them). Columns V..Vp-1 are the LM head's padding (crystal.model.ParamLayout)."""
+    Vp = logits.shape[-1]
+    V = Vp if vocab is None else int(vocab)
+    if not 0 < V <= Vp:
+        raise ValueError(f"vocabulary {V} outside the logits' {Vp} columns")
+    return V
+
+
 class Backend(Protocol):
     name: str
 
@@ -73,7 +83,8 @@ class Backend(Protocol):
 
     # out[b,t] = wte[idx[b,t]] + wpe[t]
     def encoder_forward(self, out, idx, wte, wpe) -> None: ...
-    # dwte[idx[b,t]] += dout[b,t] in (b,t) order; dwpe[t] = sum_b dout[b,t]
+    # dwte[idx[b,t]] += dout[b,t] in (b,t) order; dwpe[t] = sum_b dout[b,t] (dwte: the V real
+    # rows, a view of the padded gradient; its row count is the vocabulary `stage` was given)
     def encoder_backward(self, dwte, dwpe, dout, idx) -> None: ...
 
     # out = (inp - mean) * rstd * w + b over the last axis; saves mean, rstd [N]
@@ -87,7 +98,7 @@ class Backend(Protocol):
     def matmul_gelu_forward(self, out, pre, inp, w, bias) -> None: ...
     # dinp = dout @ w.T, dw = inp.T @ dout, dbias = sum_rows dout (all written; dbias may be None)
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w) -> None: ...
-    # logits[N,V] = inp[N,C] @ wte.T  (LM head tied to the token embedding)
+    # logits[N,Vp] = inp[N,C] @ wte.T  (LM head tied to the token embedding, its padded rows too)
     def lm_head_forward(self, logits, inp, wte) -> None: ...
     # dinp = dlogits @ wte, dwte = dlogits.T @ inp (written)
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte) -> None: ...
@@ -113,13 +124,16 @@ class Backend(Protocol):
     # out = inp * keep * scale, keep from crystal.dropout's hash of (key, i); out may be inp
     def dropout(self, out, inp, key: int, threshold: int, scale: float) -> None: ...
 
-    # probs[N,V] = softmax(logits) (may alias logits); losses[N] = -log probs[target]
-    def crossentropy_forward(self, losses, probs, logits, targets) -> None: ...
+    # Over logits[N,Vp] whose first `vocab` columns are the vocabulary (vocab_columns: None, all
+    # Vp); the columns after it (the LM head's padding) get probability 0 and gradient 0 (written).
+    # probs[N,:V] = softmax(logits[:, :V]) (may alias logits); losses[N] = -log probs[target]
+    def crossentropy_forward(self, losses, probs, logits, targets, vocab: int | None = None) -> None: ...
     # losses as crossentropy_forward and dlogits = (softmax - onehot(target)) * dloss, in one op
     # (dlogits may alias logits)
-    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss: float) -> None: ...
+    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss: float,
+                                      vocab: int | None = None) -> None: ...
     # dlogits = (probs - onehot(target)) * dloss (may alias probs)
-    def crossentropy_backward(self, dlogits, probs, targets, dloss: float) -> None: ...
+    def crossentropy_backward(self, dlogits, probs, targets, dloss: float, vocab: int | None = None) -> None: ...
     # sum of losses in index order, as a Python float (or into out[0], a float64 array: nothing read back)
     def sum_losses(self, losses, out=None) -> float | None: ...
 

@@ -23,6 +23,7 @@ import threading
 import numpy as np
 from numba import njit
 
+from crystal.backends.base import vocab_columns
 from crystal.backends.cpu_blas import gemm
 from crystal.backends.cpu_math import fexp, ftanh
 from crystal.dropout import GOLDEN, MIX1, MIX2
@@ -319,12 +320,13 @@ def residual_forward(out, a, b):
         out[i] = a[i] + b[i]
 
 
-# --- fused softmax + cross-entropy over logits[N,V] --------------------------------------------
+# --- fused softmax + cross-entropy over logits[N,Vp], the vocabulary the first V columns ------
+# (columns V..Vp-1 are the LM head's padding: probability 0 and gradient 0, never read)
 
 @reduce_kernel
-def crossentropy_forward(losses, logits, targets):
-    # loss_i = logsumexp(logits_i) - logits_i[target_i]; logits <- softmax(logits) in place
-    N, V = logits.shape
+def crossentropy_forward(losses, logits, targets, V):
+    # loss_i = logsumexp(logits_i[:V]) - logits_i[target_i]; logits <- softmax(logits[:V]) in place, 0 after V
+    N, Vp = logits.shape
     for i in range(N):
         maxv = logits[i, 0]
         for v in range(1, V):
@@ -339,14 +341,19 @@ def crossentropy_forward(losses, logits, targets):
         inv = logits.dtype.type(1.0 / total)
         for v in range(V):
             logits[i, v] *= inv
+        for v in range(V, Vp):
+            logits[i, v] = 0.0
 
 
 @kernel
-def crossentropy_backward(dlogits, probs, targets, dloss):
-    N, V = probs.shape
+def crossentropy_backward(dlogits, probs, targets, dloss, V):
+    # dlogits = (probs - onehot(target)) dloss on the first V columns, 0 on the padding
+    N, Vp = probs.shape
     for i in range(N):
         for v in range(V):
             dlogits[i, v] = probs[i, v] * dloss
+        for v in range(V, Vp):
+            dlogits[i, v] = 0.0
         dlogits[i, targets[i]] -= dloss
 
 
@@ -551,17 +558,17 @@ class CpuBackend:
         dropout(out.reshape(-1), inp.reshape(-1), np.uint64(key), np.uint64(threshold),
                 inp.dtype.type(scale))
 
-    def crossentropy_forward(self, losses, probs, logits, targets):
+    def crossentropy_forward(self, losses, probs, logits, targets, vocab=None):
         if probs is not logits:
             np.copyto(probs, logits)
-        crossentropy_forward(losses.reshape(-1), _rows(probs), targets.reshape(-1))
+        crossentropy_forward(losses.reshape(-1), _rows(probs), targets.reshape(-1), vocab_columns(probs, vocab))
 
-    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss):
-        self.crossentropy_forward(losses, dlogits, logits, targets)
-        self.crossentropy_backward(dlogits, dlogits, targets, dloss)
+    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss, vocab=None):
+        self.crossentropy_forward(losses, dlogits, logits, targets, vocab)
+        self.crossentropy_backward(dlogits, dlogits, targets, dloss, vocab)
 
-    def crossentropy_backward(self, dlogits, probs, targets, dloss):
-        crossentropy_backward(_rows(dlogits), _rows(probs), targets.reshape(-1), float(dloss))
+    def crossentropy_backward(self, dlogits, probs, targets, dloss, vocab=None):
+        crossentropy_backward(_rows(dlogits), _rows(probs), targets.reshape(-1), float(dloss), vocab_columns(probs, vocab))
 
     def sum_losses(self, losses, out=None):
         total = float(sum_vector(losses.reshape(-1)))

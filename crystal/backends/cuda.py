@@ -42,7 +42,7 @@ import threading
 
 import numpy as np
 
-from crystal.backends.base import AdamWScalars
+from crystal.backends.base import AdamWScalars, vocab_columns
 from crystal.errors import GraphCaptureError
 from crystal.backends.kernels import (ADAMW_SCALARS, KERNELS, REDUCE_BLOCKS, cdiv, column_sum_grids, grid_1d,
                                       grid_rows, kernels_dir)
@@ -547,23 +547,25 @@ class CudaBackend:
         self.upload(spare, np.array([key], np.int64))
         return spare, 0
 
-    # --- loss ---
-    def crossentropy_forward(self, losses, probs, logits, targets):
-        V = logits.shape[-1]
-        N = logits.size // V
-        self._launch(self._k("crossentropy_forward"), grid_rows(N), losses, probs, logits, targets, N, V)
+    # --- loss: rows of Vp logits, the vocabulary the first V (vocab_columns), the padding written 0 ---
+    def crossentropy_forward(self, losses, probs, logits, targets, vocab=None):
+        Vp = logits.shape[-1]
+        N = logits.size // Vp
+        self._launch(self._k("crossentropy_forward"), grid_rows(N), losses, probs, logits, targets, N,
+                     vocab_columns(logits, vocab), Vp)
 
-    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss):
+    def crossentropy_forward_backward(self, losses, dlogits, logits, targets, dloss, vocab=None):
         """Losses and dlogits in two passes over each row (online max and sum, then the write)."""
-        V = logits.shape[-1]
-        N = logits.size // V
+        Vp = logits.shape[-1]
+        N = logits.size // Vp
         self._launch(self._k("crossentropy_forward_backward"), grid_rows(N), losses, dlogits, logits, targets,
-                     N, V, dloss)
+                     N, vocab_columns(logits, vocab), Vp, dloss)
 
-    def crossentropy_backward(self, dlogits, probs, targets, dloss):
-        V = probs.shape[-1]
-        N = probs.size // V
-        self._launch(self._k("crossentropy_backward"), grid_1d(N * V, self.block), dlogits, probs, targets, N, V, dloss)
+    def crossentropy_backward(self, dlogits, probs, targets, dloss, vocab=None):
+        Vp = probs.shape[-1]
+        N = probs.size // Vp
+        self._launch(self._k("crossentropy_backward"), grid_1d(N * Vp, self.block), dlogits, probs, targets, N,
+                     vocab_columns(probs, vocab), Vp, dloss)
 
     def _reduce(self, kernel: str, x, out=None) -> float | None:
         partial = self._scratch("partial", (REDUCE_BLOCKS,), "float64")

@@ -106,15 +106,16 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("dropout", "dropout.cu", ("ptr", "ptr", "ptr", "i32", "i64", "f32", "i32")),
     Kernel("dropout_bf16", "dropout.cu", ("ptr", "ptr", "ptr", "i32", "i64", "f32", "i32")),
     # crossentropy.cu
-    Kernel("crossentropy_forward", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
-    Kernel("crossentropy_forward_bf16", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32")),
-    Kernel("crossentropy_backward", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),
-    Kernel("crossentropy_backward_bf16", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "f32")),
+    # (N, V, Vp): rows Vp apart, the vocabulary their first V columns (the rest: LM-head padding)
+    Kernel("crossentropy_forward", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32", "i32")),
+    Kernel("crossentropy_forward_bf16", "crossentropy.cu", ("ptr",) * 4 + ("i32", "i32", "i32")),
+    Kernel("crossentropy_backward", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "i32", "f32")),
+    Kernel("crossentropy_backward_bf16", "crossentropy.cu", ("ptr",) * 3 + ("i32", "i32", "i32", "f32")),
     # fused: losses and dlogits in two passes over the logits (online softmax statistics)
     Kernel("crossentropy_forward_backward", "crossentropy.cu",
-           ("ptr",) * 4 + ("i32", "i32", "f32")),
+           ("ptr",) * 4 + ("i32", "i32", "i32", "f32")),
     Kernel("crossentropy_forward_backward_bf16", "crossentropy.cu",
-           ("ptr",) * 4 + ("i32", "i32", "f32")),
+           ("ptr",) * 4 + ("i32", "i32", "i32", "f32")),
     # cast.cu (the bf16 copy of the float32 weights, after every optimizer step)
     Kernel("cast_to_bf16", "cast.cu", ("ptr", "ptr", "i64")),
     # adamw.cu
