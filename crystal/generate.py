@@ -34,7 +34,8 @@ from crystal.errors import CrystalError
 
 
 def inference_ops(be):
-    """The backend's inference ops: embed_at, kv_attention, gather_rows."""
+    """The backend's inference ops: embed_at, kv_attention, gather_rows, and threads(decode), the
+    context a forward runs in (the cpu's BLAS thread limit)."""
     if be.name == "cpu":
         from crystal.backends.cpu_infer import CpuInferenceOps
 
@@ -159,7 +160,8 @@ class Decoder:
         be, (B, T) = self.be, idx.shape
         ws = self._workspace(B, T)
         dev = [be.to_device(np.ascontiguousarray(a, dtype=np.int32)) for a in (idx, pos, rows)]
-        forward(be, self.ops, self.config, self.weights, ws, cache, *dev)
+        with self.ops.threads(decode=T == 1):
+            forward(be, self.ops, self.config, self.weights, ws, cache, *dev)
         return np.array(be.to_host(ws.logits[:, :self.config.vocab_size]), dtype=np.float32)  # a copy
 
     def _check_tokens(self, seqs) -> None:

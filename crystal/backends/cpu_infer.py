@@ -10,12 +10,19 @@ inference has, because its rows sit at different positions of different sequence
 - `gather_rows`: one row per sequence (the last prompt token's) for the LM head.
 
 Cache layout: k and v are [B, NH, capacity, hs] per layer, so one head's keys are a contiguous
-[positions, hs] matrix for BLAS. The kernels are single-threaded (nogil); the products call BLAS,
-which uses as many threads as the caller allows (crystal.generate: all cores for a request).
+[positions, hs] matrix for BLAS. The kernels are single-threaded (nogil); the products call BLAS.
+
+BLAS threads (`threads`): a decode step's products have as many rows as sequences, so they are
+small, memory-bound and dominated by the threads' hand-offs: measured on the 2-core VM
+(bench/bench_generate.py --blas-threads-check, bench/RESULTS.md), one BLAS thread decodes GPT-2
+124M at batch 1 faster than two. A prefill (rows = prompt tokens) is compute-bound and uses every
+core the process may use.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import numpy as np
@@ -88,8 +95,24 @@ def kv_attention(out, qkv, kc, vc, pos, B, T, C, NH, cap, scores):
             gemm(False, False, T, hs, L, scores, 0, L, vc, kv, hs, 0.0, out, y, C)
 
 
+DECODE_BLAS_THREADS = 1  # measured (see above); None: every core
+
+
+@functools.lru_cache(maxsize=1)
+def _controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # found once: entering a limit is then ~50 us, not ~0.5 ms
+
+
 class CpuInferenceOps:
     """embed_at, kv_attention and gather_rows on numpy arrays (crystal.generate's protocol)."""
+
+    def threads(self, decode: bool):
+        """The BLAS thread limit of a decode step (DECODE_BLAS_THREADS) or a prefill (none)."""
+        if not decode or DECODE_BLAS_THREADS is None:
+            return contextlib.nullcontext()
+        return _controller().limit(limits=DECODE_BLAS_THREADS, user_api="blas")
 
     def __init__(self, be):
         self.be = be

@@ -9,6 +9,7 @@ twins: bf16 activations and cache, float32 scores and math).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from crystal.backends.kernels import grid_1d, grid_rows
@@ -17,6 +18,9 @@ from crystal.backends.kernels import grid_1d, grid_rows
 class CudaInferenceOps:
     def __init__(self, be):
         self.be = be
+
+    def threads(self, decode: bool):
+        return contextlib.nullcontext()  # host threads play no part
 
     def embed_at(self, out, idx, wte, wpe, pos) -> None:
         be, (B, T) = self.be, idx.shape
