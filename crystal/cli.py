@@ -559,7 +559,10 @@ def eval_cmd(run, data, batches) -> None:
 @click.option("--num-samples", type=int, default=1, show_default=True,
               help=f"samples decoded together as one batch, 1-{MAX_SAMPLES}; sample i is --seed + i's")
 @click.option("--seed", type=int, default=0, show_default=True, help=">= 0")
-def sample(run, prompt, prompt_file, max_tokens, temperature, top_k, top_p, stop, num_samples, seed) -> None:
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="where to decode (cuda: fp32, kernels/kv_cache.cu)")
+def sample(run, prompt, prompt_file, max_tokens, temperature, top_k, top_p, stop, num_samples, seed,
+           device) -> None:
     """Generate text from a trained run, printed as it is decoded (deterministic for a seed).
 
     RUN is a run directory, a Hugging Face GPT-2 directory, or a .safetensors file with the
@@ -574,7 +577,9 @@ def sample(run, prompt, prompt_file, max_tokens, temperature, top_k, top_p, stop
         _utf8_option("--stop", s)
     if not 1 <= num_samples <= MAX_SAMPLES:
         raise CrystalError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {num_samples}")
-    model = load_checkpoint(run)
+    from crystal.backends import get_backend
+
+    model = load_checkpoint(run, get_backend(device))
     tok = checkpoint_tokenizer(run, model)
     sample_text(model, tok, prompt_tokens(tok, text), params, num_samples)
 

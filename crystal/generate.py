@@ -198,14 +198,15 @@ class Decoder:
         return logits[0]
 
     def decode(self, tokens, active=None) -> np.ndarray:
-        """One token per sequence at its next position (tokens[b] is ignored where active[b] is
-        False: that row computes a throwaway token at position 0); the logits after it, [batch, V]."""
+        """One token per sequence at its next position; the logits after it, [batch, V]. Where
+        active[b] is False, tokens[b] is ignored and row b sits out (position -1 for the ops:
+        its cache and length stay as they are; its logits row is meaningless)."""
         active = np.ones(self.batch, dtype=bool) if active is None else np.asarray(active, dtype=bool)
         if np.any(self.lengths[active] >= self.capacity):
             raise ValueError("a sequence's cache is full: refill it with a shorter context first")
         idx = np.where(active, np.asarray(tokens, dtype=np.int64), 0)
         self._check_tokens([idx])
-        pos = np.where(active, self.lengths, 0)
+        pos = np.where(active, self.lengths, -1)
         logits = self._run(self.cache, idx[:, None], pos, np.zeros(self.batch))
         self.lengths[active] += 1
         return logits

@@ -4,6 +4,8 @@
 // Cache layout: k, v [B, NH, cap, hs] per layer; pos[b]: the position of sequence b's first
 // new token (its earlier positions are cached). Each kernel body is a template over the
 // activation type A (float, or bf16 through load/store with float math); scores are float32.
+// pos[b] = -1: sequence b sits out this step (embedded at position 0, nothing stored in its
+// cache, attention output 0), so a finished sequence's cache stays as it was.
 
 #include "bf16.cuh"
 #include "block_reduce.cuh"
@@ -16,7 +18,7 @@ __device__ void embed_at_impl(A* out, const int* idx, const A* wte, const A* wpe
   if (j >= (long long)BT * C) return;
   long long i = j / C;
   int c = (int)(j % C);
-  long long p = (long long)pos[i / T] + i % T;
+  long long p = (long long)(pos[i / T] < 0 ? 0 : pos[i / T]) + i % T;
   store(out + j, load(wte + (long long)idx[i] * C + c) + load(wpe + p * C + c));
 }
 
@@ -40,6 +42,7 @@ __device__ void kv_store_impl(A* k, A* v, const A* qkv, const int* pos, int B, i
   if (j >= (long long)B * T * C) return;
   long long i = j / C;  // the token: b*T + t
   int c = (int)(j % C), b = (int)(i / T), t = (int)(i % T), h = c / hs, d = c % hs;
+  if (pos[b] < 0) return;
   long long dst = (((long long)b * NH + h) * cap + pos[b] + t) * hs + d;
   k[dst] = qkv[i * 3 * C + C + c];
   v[dst] = qkv[i * 3 * C + 2 * C + c];
@@ -67,6 +70,11 @@ __device__ void kv_attention_impl(A* out, const A* qkv, const A* k, const A* v, 
   if (r >= (long long)B * NH * T) return;  // uniform: the whole block leaves
   int t = (int)(r % T), h = (int)((r / T) % NH), b = (int)(r / ((long long)T * NH));
   int C = NH * hs, L = pos[b] + t + 1;
+  if (pos[b] < 0) {  // uniform: the whole block writes zeros and leaves
+    A* y = out + ((long long)b * T + t) * C + h * hs;
+    for (int d = threadIdx.x; d < hs; d += blockDim.x) store(y + d, 0.0f);
+    return;
+  }
   const A* q = qkv + ((long long)b * T + t) * 3 * C + h * hs;
   const A* kh = k + ((long long)b * NH + h) * cap * hs;
   const A* vh = v + ((long long)b * NH + h) * cap * hs;

@@ -97,6 +97,18 @@ def test_the_cache_is_allocated_once_per_batch_and_its_size_is_known(model):
     assert decoder.cache.nbytes == kv_cache_bytes(CFG, 3, 20) == 2 * 2 * 3 * 20 * 48 * 4
 
 
+def test_a_row_that_sits_out_a_decode_step_keeps_its_cache_and_goes_on_where_it_was(model):
+    decoder = Decoder(model, 2)
+    prompts = prompts_of((5, 8), seed=4)
+    decoder.prefill(prompts)
+    before = [a[1].copy() for a in (*decoder.cache.k, *decoder.cache.v)]
+    decoder.decode([3, 99], active=[True, False])
+    assert all(np.array_equal(a[1], b) for a, b in zip((*decoder.cache.k, *decoder.cache.v), before))
+    assert decoder.lengths.tolist() == [6, 8]
+    logits = decoder.decode([4, 9])
+    assert rel_err(logits[1], last_logits(model, prompts[1] + [9])) <= TOL
+
+
 def test_generation_leaves_the_parameter_buffer_bitwise_unchanged(model):
     before = model.flat.tobytes()
     generate(model, [1, 2, 3], 10, temperature=1.0, seed=4)

@@ -21,9 +21,11 @@ from crystal.backends.kernels import KERNELS, grid_1d, grid_rows
 from emu.coverage import Coverage, gpu
 from compare import rel_err
 
-B, T, C, NH, V, CAP = 3, 5, 48, 3, 67, 17
+B, T, C, NH, V, CAP = 4, 5, 48, 3, 67, 17
 HS = C // NH
-POS = np.array([0, 7, 12], dtype=np.int32)  # each sequence's first new position (12 + 5 == CAP)
+# each sequence's first new position (12 + 5 == CAP); -1: the sequence sits out
+POS = np.array([0, 7, -1, 12], dtype=np.int32)
+ROWS = np.array([4, 0, 2, 1], dtype=np.int32)
 BLOCKS = [32, 64]
 TOL = 1e-5
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -71,12 +73,13 @@ def test_kv_attention_stores_the_new_keys_and_attends_causally_to_the_cache(rng,
     ops.kv_attention(expected, qkv, ek, ev, POS, NH)
     assert np.array_equal(k, ek) and np.array_equal(v, ev)
     assert rel_err(out, expected) <= TOL
+    assert np.array_equal(k[2], k0[2]) and not out[2].any()  # the row that sat out
 
 
 @pytest.mark.parametrize("block", BLOCKS)
 @covers("gather_rows")
 def test_gather_rows_takes_one_row_per_sequence(rng, block):
-    x, rows = randn(rng, B, T, C), np.array([4, 0, 2], dtype=np.int32)
+    x, rows = randn(rng, B, T, C), ROWS
     out = np.full((B, C), np.nan, np.float32)
     gpu().launch("gather_rows", grid_1d(B * C, block), block, out, x, rows, B, T, C)
     assert np.array_equal(out, x[np.arange(B), rows])
@@ -120,4 +123,4 @@ def test_bf16_twins_are_the_fp32_kernels_rounded_once(rng, block):
     launch_twins("kv_attention", grid_rows(B * NH * T), block, out, qkv, k, v, scores, POS, B, T, NH, HS, CAP,
                  1.0 / math.sqrt(HS))
     last = to_bf16(np.zeros((B, C)))
-    launch_twins("gather_rows", grid_1d(B * C, block), block, last, out, np.array([4, 0, 2], np.int32), B, T, C)
+    launch_twins("gather_rows", grid_1d(B * C, block), block, last, out, ROWS, B, T, C)

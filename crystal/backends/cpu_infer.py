@@ -34,12 +34,12 @@ from crystal.backends.cpu_math import fexp
 
 @kernel
 def embed_at(out, idx, wte, wpe, pos):
-    # out[b,t] = wte[idx[b,t]] + wpe[pos[b] + t]
+    # out[b,t] = wte[idx[b,t]] + wpe[pos[b] + t]  (pos[b] = -1: as 0)
     B, T = idx.shape
     C = wte.shape[1]
     for b in range(B):
         for t in range(T):
-            ix, p = idx[b, t], pos[b] + t
+            ix, p = idx[b, t], max(pos[b], 0) + t  # pos -1: a row that sits out (position 0)
             for c in range(C):
                 out[b, t, c] = wte[ix, c] + wpe[p, c]
 
@@ -76,10 +76,14 @@ def softmax_rows_upto(s, T, L, first, scale):
 def kv_attention(out, qkv, kc, vc, pos, B, T, C, NH, cap, scores):
     # Store: kc[b,h,pos[b]+t] = k of token (b,t), likewise v. Attend: for query (b,t) at position
     # p = pos[b] + t, y = softmax(q K[0..p]^T / sqrt(hs)) V[0..p], head by head into out[b,t].
+    # pos[b] = -1: row b sits out (nothing stored, out[b] = 0).
     # Flat buffers: qkv [B,T,3C], out [B,T,C], kc/vc [B,NH,cap,hs]; scores: [T*cap] scratch.
     hs = C // NH
     scale = out.dtype.type(1.0 / math.sqrt(hs))
     for b in range(B):
+        if pos[b] < 0:  # a row that sits out: its cache is left as it is, its output is 0
+            out[b * T * C:(b + 1) * T * C] = 0.0
+            continue
         for t in range(T):
             src = (b * T + t) * 3 * C
             for h in range(NH):
@@ -87,6 +91,8 @@ def kv_attention(out, qkv, kc, vc, pos, B, T, C, NH, cap, scores):
                 kc[dst:dst + hs] = qkv[src + C + h * hs:src + C + (h + 1) * hs]
                 vc[dst:dst + hs] = qkv[src + 2 * C + h * hs:src + 2 * C + (h + 1) * hs]
     for b in range(B):
+        if pos[b] < 0:
+            continue
         L = pos[b] + T  # keys 0 .. L-1 are in the cache now
         for h in range(NH):
             q, y, kv = b * T * 3 * C + h * hs, b * T * C + h * hs, (b * NH + h) * cap * hs
