@@ -18,7 +18,7 @@ import click
 from crystal.config import CUDA_GRAPHS, DEVICES, PRECISIONS, PRESETS, resolve
 from crystal.errors import CrystalError, NonFiniteError, SphereFailure
 from crystal.plot import FORMATS as PLOT_FORMATS, MAX_SIZE as PLOT_MAX, MIN_SIZE as PLOT_MIN
-from crystal.sample import MAX_TOKENS
+from crystal.sample import MAX_SAMPLES, MAX_TOKENS
 
 EXIT_USAGE = 2
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
@@ -26,6 +26,7 @@ MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 RESUME_FLAGS = ("device", "precision", "cuda_graphs", "spheres", "log_every", "stop_at", "checkpoint_every",
                 "keep", "on_nonfinite", "shard_optimizer", "cores")
 EXIT_NONFINITE = 3
+MAX_PROMPT_BYTES = 16 << 20  # crystal sample --prompt-file: a prompt, not a corpus
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -549,32 +550,80 @@ def eval_cmd(run, data, batches) -> None:
 
 @cli.command()
 @click.argument("run", type=click.Path())
-@click.option("--prompt", default="\n", show_default=False, help="text to continue  [default: a newline]")
-@click.option("--tokens", type=int, default=200, show_default=True,
-              help=f"tokens to generate, at most {MAX_TOKENS:,} (the text is printed when all are generated)")
+@click.option("--prompt", default=None, help="text to continue  [default: a newline]")
+@click.option("--prompt-file", type=str, default=None, help="read the prompt from FILE (- : standard input)")
+@click.option("--max-tokens", "--tokens", "max_tokens", type=int, default=200, show_default=True,
+              help=f"new tokens per sample, at most {MAX_TOKENS:,} (fewer at end-of-text or a --stop text)")
 @click.option("--temperature", type=float, default=0.8, show_default=True,
               help="0 is greedy; any value > 0 is valid, and as it nears 0 sampling nears greedy")
 @click.option("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="sample among the most likely tokens whose probability reaches P, in (0, 1]")
+@click.option("--stop", multiple=True, help="end a sample before this text (repeatable)")
+@click.option("--num-samples", type=int, default=1, show_default=True,
+              help=f"samples decoded together as one batch, 1-{MAX_SAMPLES}; sample i is --seed + i's")
 @click.option("--seed", type=int, default=0, show_default=True, help=">= 0")
-def sample(run, prompt, tokens, temperature, top_k, seed) -> None:
-    """Generate text from a trained run (deterministic for a seed).
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="where to decode (cuda: fp32, kernels/kv_cache.cu)")
+def sample(run, prompt, prompt_file, max_tokens, temperature, top_k, top_p, stop, num_samples, seed,
+           device) -> None:
+    """Generate text from a trained run, printed as it is decoded (deterministic for a seed).
 
     RUN is a run directory, a Hugging Face GPT-2 directory, or a .safetensors file with the
     model's config.json and tokenizer.json beside it."""
     from crystal.pretrained import checkpoint_tokenizer, load_checkpoint
-    from crystal.sample import generate
+    from crystal.sample import SamplingParams, prompt_tokens, sample_text
 
-    try:  # click hands undecodable argv bytes over as lone surrogates
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise CrystalError(f"--prompt is not valid UTF-8 text (character {e.start})") from None
-    model = load_checkpoint(run)
+    text = _prompt_text(prompt, prompt_file)
+    params = SamplingParams(max_tokens, temperature, top_k, top_p, seed, tuple(stop))
+    params.check()  # before the model loads
+    for s in stop:
+        _utf8_option("--stop", s)
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise CrystalError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {num_samples}")
+    from crystal.backends import get_backend
+
+    model = load_checkpoint(run, get_backend(device))
     tok = checkpoint_tokenizer(run, model)
-    prompt_ids = [int(i) for i in tok.encode(prompt or "\n")]
-    if not prompt_ids:
-        prompt_ids = [int(i) for i in tok.encode("\n")]
-    ids = generate(model, prompt_ids, tokens, temperature, top_k, seed)
-    click.echo(tok.decode(ids))
+    sample_text(model, tok, prompt_tokens(tok, text), params, num_samples)
+
+
+def _utf8_option(name: str, value: str) -> None:
+    try:  # click hands undecodable argv bytes over as lone surrogates
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CrystalError(f"{name} is not valid UTF-8 text (character {e.start})") from None
+
+
+def _prompt_text(prompt: str | None, prompt_file: str | None) -> str:
+    """--prompt, or the UTF-8 text of --prompt-file (- : standard input), which must not be empty."""
+    if prompt is not None and prompt_file is not None:
+        raise CrystalError("give --prompt or --prompt-file, not both")
+    if prompt_file is None:
+        prompt = "\n" if prompt is None else prompt
+        _utf8_option("--prompt", prompt)
+        return prompt
+    name = "standard input" if prompt_file == "-" else prompt_file
+    try:
+        if prompt_file == "-":
+            data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        else:
+            from crystal.atomic import check_regular
+
+            check_regular(Path(prompt_file))
+            with open(prompt_file, "rb") as f:
+                data = f.read(MAX_PROMPT_BYTES + 1)
+    except OSError as e:
+        raise CrystalError(f"cannot read --prompt-file {name}: {e.strerror or e}") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise CrystalError(f"--prompt-file {name} is larger than {MAX_PROMPT_BYTES:,} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CrystalError(f"--prompt-file {name} is not UTF-8 text (byte {e.start})") from None
+    if not text:
+        raise CrystalError(f"--prompt-file {name} is empty")
+    return text
 
 
 @cli.command()

@@ -1,0 +1,212 @@
+"""Inference with a KV cache: prefill a batch of prompts in one forward, then decode one token a
+step per sequence against the cached keys and values.
+
+This is its own path beside training, not a mode of it (DESIGN.md, "Model families, inference
+and adapters"): it reads the model's parameter buffer (the views the training forward reads)
+and calls the same backend ops for everything that is row by row (layernorm, the products,
+GELU, residual additions, the tied LM head), but keeps none of training's activations: one
+small workspace per batch shape, reused by every layer, and a KV cache per layer, allocated
+once per request batch. Three ops are inference's own (the backend's inference ops:
+crystal.backends.cpu_infer, crystal.backends.cuda_infer): the embedding at each sequence's own
+position, attention against the cache (which also stores the new keys and values), and the
+gather of one row per sequence for the LM head.
+
+Sequences of different lengths share a batch: the prefill right-pads them to the longest
+(causal attention keeps the padding out of every real position, and the padding's cache
+entries are overwritten before any query can reach them), and each decode step places each
+sequence's token at its own position. The logits are those of the full forward of each
+sequence (tested within 1e-5), restricted to the tokenizer's vocabulary (the first
+config.vocab_size columns; the token embedding may hold padding rows beyond them).
+
+Architectures: a block is a function of (ops, weights, workspace, cache, positions); `BLOCKS`
+maps an architecture name to its block. GPT-2's is the only one today; a Llama block (RMSNorm,
+rotary positions, SwiGLU, GQA) plugs in beside it with its own embedding of positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crystal.config import ModelConfig
+from crystal.errors import CrystalError
+
+
+def inference_ops(be):
+    """The backend's inference ops: embed_at, kv_attention, gather_rows, and threads(decode), the
+    context a forward runs in (the cpu's BLAS thread limit)."""
+    if be.name == "cpu":
+        from crystal.backends.cpu_infer import CpuInferenceOps
+
+        return CpuInferenceOps(be)
+    from crystal.backends.cuda_infer import CudaInferenceOps  # cuda, and its emulation in the tests
+
+    return CudaInferenceOps(be)
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, capacity: int, itemsize: int = 4) -> int:
+    """Bytes of the KV cache of `batch` sequences of up to `capacity` positions: a key and a
+    value of n_embd numbers per position, per layer."""
+    return 2 * cfg.n_layer * batch * capacity * cfg.n_embd * itemsize
+
+
+@dataclass
+class KVCache:
+    """Per layer, k and v [batch, n_head, capacity, head_size] in the backend's activation dtype."""
+
+    k: list
+    v: list
+    capacity: int
+
+    @classmethod
+    def allocate(cls, be, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
+        shape = (batch, cfg.n_head, capacity, cfg.n_embd // cfg.n_head)
+        return cls([be.zeros(shape, be.act_dtype) for _ in range(cfg.n_layer)],
+                   [be.zeros(shape, be.act_dtype) for _ in range(cfg.n_layer)], capacity)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in (*self.k, *self.v))
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of sequences start..stop-1 (views: contiguous, batch is the leading axis)."""
+        return KVCache([a[start:stop] for a in self.k], [a[start:stop] for a in self.v], self.capacity)
+
+
+class Workspace:
+    """The buffers of one inference forward over [B, T] tokens, reused by every layer."""
+
+    def __init__(self, be, cfg: ModelConfig, B: int, T: int, vocab_rows: int):
+        C, act, f32 = cfg.n_embd, be.act_dtype, np.float32
+        self.x, self.res = be.empty((B, T, C), act), be.empty((B, T, C), act)  # the residual stream
+        self.ln = be.empty((B, T, C), act)
+        self.mean, self.rstd = be.empty((B, T), f32), be.empty((B, T), f32)
+        self.qkv = be.empty((B, T, 3 * C), act)
+        self.atty = be.empty((B, T, C), act)
+        self.proj = be.empty((B, T, C), act)
+        self.fch, self.fch_gelu = be.empty((B, T, 4 * C), act), be.empty((B, T, 4 * C), act)
+        self.last, self.last_ln = be.empty((B, C), act), be.empty((B, C), act)  # one row per sequence
+        self.last_mean, self.last_rstd = be.empty((B,), f32), be.empty((B,), f32)
+        self.logits = be.empty((B, vocab_rows), act)
+
+
+def gpt2_block(be, ops, cfg: ModelConfig, p, next_norm, ws: Workspace, k, v, pos) -> None:
+    """One GPT-2 block on ws.x (whose ln_1 is already in ws.ln): attention over the cache, MLP,
+    each residual addition fused with the layernorm that reads its sum; next_norm: (w, b) of
+    the next block's ln_1, or None after the last block (ws.x then holds the final stream)."""
+    eps = cfg.layer_norm_epsilon
+    be.matmul_forward(ws.qkv, ws.ln, p.qkv_w, p.qkv_b)
+    ops.kv_attention(ws.atty, ws.qkv, k, v, pos, cfg.n_head)
+    be.matmul_forward(ws.proj, ws.atty, p.attproj_w, p.attproj_b)
+    be.residual_layernorm_forward(ws.res, ws.ln, ws.mean, ws.rstd, ws.x, ws.proj, p.ln2_w, p.ln2_b, eps)
+    be.matmul_gelu_forward(ws.fch_gelu, ws.fch, ws.ln, p.fc_w, p.fc_b)
+    be.matmul_forward(ws.proj, ws.fch_gelu, p.fcproj_w, p.fcproj_b)
+    if next_norm is None:
+        be.residual_forward(ws.x, ws.res, ws.proj)
+    else:
+        be.residual_layernorm_forward(ws.x, ws.ln, ws.mean, ws.rstd, ws.res, ws.proj, *next_norm, eps)
+
+
+BLOCKS = {"gpt2": gpt2_block}
+
+
+def forward(be, ops, cfg: ModelConfig, w, ws: Workspace, cache: KVCache, idx, pos, rows) -> None:
+    """Logits of one row per sequence into ws.logits: tokens idx [B,T] at positions pos[b] + t
+    (their keys and values go into the cache), rows[b] the row of sequence b to predict from."""
+    block = BLOCKS[getattr(cfg, "arch", "gpt2")]
+    eps = cfg.layer_norm_epsilon
+    ops.embed_at(ws.x, idx, w.wte, w.wpe, pos)
+    if w.layers:
+        be.layernorm_forward(ws.ln, ws.mean, ws.rstd, ws.x, w.layers[0].ln1_w, w.layers[0].ln1_b, eps)
+    for l, p in enumerate(w.layers):
+        nxt = w.layers[l + 1] if l + 1 < len(w.layers) else None
+        block(be, ops, cfg, p, None if nxt is None else (nxt.ln1_w, nxt.ln1_b), ws, cache.k[l], cache.v[l], pos)
+    ops.gather_rows(ws.last, ws.x, rows)
+    be.layernorm_forward(ws.last_ln, ws.last_mean, ws.last_rstd, ws.last, w.lnf_w, w.lnf_b, eps)
+    be.lm_head_forward(ws.logits, ws.last_ln, w.wte)
+
+
+class Decoder:
+    """A batch of `batch` sequences decoded together against one KV cache of `capacity`
+    positions (at most block_size), allocated here once. `lengths[b]`: positions of sequence b
+    in the cache. Every call returns host float32 logits [rows, vocab_size] (a copy)."""
+
+    def __init__(self, model, batch: int, capacity: int | None = None):
+        cfg = model.config
+        capacity = cfg.block_size if capacity is None else capacity
+        if not 1 <= capacity <= cfg.block_size:
+            raise ValueError(f"capacity {capacity} must be in [1, block_size {cfg.block_size}]")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.model, self.config, self.batch = model, cfg, batch
+        self.be = model.backend
+        self.ops = inference_ops(self.be)
+        self.weights = model._tensors  # the views the training forward reads (fp32, or the bf16 copy)
+        self.cache = KVCache.allocate(self.be, cfg, batch, capacity)
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        self._work: dict[tuple[int, int], Workspace] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def _workspace(self, B: int, T: int) -> Workspace:
+        if (B, T) not in self._work:
+            self._work[(B, T)] = Workspace(self.be, self.config, B, T, self.weights.wte.shape[0])
+        return self._work[(B, T)]
+
+    def _run(self, cache: KVCache, idx: np.ndarray, pos: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        be, (B, T) = self.be, idx.shape
+        ws = self._workspace(B, T)
+        dev = [be.to_device(np.ascontiguousarray(a, dtype=np.int32)) for a in (idx, pos, rows)]
+        with self.ops.threads(decode=T == 1):
+            forward(be, self.ops, self.config, self.weights, ws, cache, *dev)
+        return np.array(be.to_host(ws.logits[:, :self.config.vocab_size]), dtype=np.float32)  # a copy
+
+    def _check_tokens(self, seqs) -> None:
+        V = self.config.vocab_size
+        for s in seqs:
+            if len(s) and not all(0 <= int(t) < V for t in s):
+                raise CrystalError(f"token ids must be in [0, {V})")
+
+    def prefill(self, prompts: list) -> np.ndarray:
+        """Every sequence's prompt (1..capacity tokens each) in one forward, right-padded to the
+        longest; the logits after each prompt's last token, [batch, V]."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch}")
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        if lens.min() < 1 or lens.max() > self.capacity:
+            raise ValueError(f"prompt lengths must be in [1, {self.capacity}], got {lens.min()}..{lens.max()}")
+        self._check_tokens(prompts)
+        idx = np.zeros((self.batch, int(lens.max())), dtype=np.int32)
+        for b, p in enumerate(prompts):
+            idx[b, :len(p)] = p
+        logits = self._run(self.cache, idx, np.zeros(self.batch), lens - 1)
+        self.lengths[:] = lens
+        return logits
+
+    def refill(self, row: int, tokens) -> np.ndarray:
+        """Sequence `row`'s cache recomputed from `tokens` alone (a context that slides); the
+        logits after its last token, [V]."""
+        n = len(tokens)
+        if not 1 <= n <= self.capacity:
+            raise ValueError(f"a refill takes 1..{self.capacity} tokens, got {n}")
+        self._check_tokens([tokens])
+        logits = self._run(self.cache.rows(row, row + 1), np.asarray(tokens)[None, :], np.zeros(1), np.array([n - 1]))
+        self.lengths[row] = n
+        return logits[0]
+
+    def decode(self, tokens, active=None) -> np.ndarray:
+        """One token per sequence at its next position; the logits after it, [batch, V]. Where
+        active[b] is False, tokens[b] is ignored and row b sits out (position -1 for the ops:
+        its cache and length stay as they are; its logits row is meaningless)."""
+        active = np.ones(self.batch, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+        if np.any(self.lengths[active] >= self.capacity):
+            raise ValueError("a sequence's cache is full: refill it with a shorter context first")
+        idx = np.where(active, np.asarray(tokens, dtype=np.int64), 0)
+        self._check_tokens([idx])
+        pos = np.where(active, self.lengths, -1)
+        logits = self._run(self.cache, idx[:, None], pos, np.zeros(self.batch))
+        self.lengths[active] += 1
+        return logits
