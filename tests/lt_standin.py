@@ -56,7 +56,10 @@ OP_N, OP_T = int(cublas.Operation.N), int(cublas.Operation.T)
 SUCCESS, NOT_INITIALIZED, INVALID_VALUE, NOT_SUPPORTED = (
     int(cublas.Status.SUCCESS), int(cublas.Status.NOT_INITIALIZED), int(cublas.Status.INVALID_VALUE),
     int(cublas.Status.NOT_SUPPORTED))
-# cuBLASLt's table for COMPUTE_32F, scale fp32: (A/B type, C/D type) -> the bias type
+# cuBLASLt's table for COMPUTE_32F, scale fp32: (A/B type, C/D type) -> the bias type, which is
+# the output's (cublasLt.h, cuBLAS 13.10: CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE "Bias vector elements
+# are the same type as the elements of output matrix (Dtype)"; CUBLASLT_MATMUL_DESC_BIAS_POINTER
+# "Bias gradient vector elements are the same type as the output elements (Ctype)")
 SUPPORTED_TYPES = {(BF16, BF16): BF16, (BF16, F32): F32, (F32, F32): F32}
 MAX_ALGO_ALIGN = 16  # the widest access a kernel makes (128 bits): alignment beyond it is not required
 
