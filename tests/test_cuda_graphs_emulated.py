@@ -223,6 +223,16 @@ def test_capture_refuses_a_read_back_or_a_synchronization(be, what):
          "sum_squares": lambda: be.sum_squares(x)}[what]()
 
 
+def test_capture_refuses_cupys_own_cublas_product():
+    b = EmulatedCudaBackend()  # fp32 without graphs: products through cupy.matmul, which a capture cannot hold
+    out, x, w = b.zeros((2, 3)), b.zeros((2, 4)), b.zeros((4, 3))
+    with b.sphere_context(0):
+        b.begin_capture()
+        with pytest.raises(GraphCaptureError, match="cupy's matmul inside a CUDA graph capture"):
+            b.matmul_forward(out, x, w, None)
+        b.end_capture()
+
+
 def test_capture_refuses_an_array_made_inside_it_by_an_array_method(be):
     x = be.zeros((4,))
     be.begin_capture()
