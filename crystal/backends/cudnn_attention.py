@@ -19,7 +19,11 @@ and writes y straight into its [B, T, C] layout through strided views (no permut
 
 Arrays are bf16: cupy uint16 storage on a GPU, ml_dtypes.bfloat16 numpy arrays under emulation
 (tests/cudnn_standin.py executes the same graphs on host memory). cuDNN only sees raw pointers
-(`x.data.ptr` for cupy, `x.ctypes.data` for numpy) and the dims/strides declared in the graph.
+(`x.data.ptr` for cupy, `x.ctypes.data` for numpy), the workspace's included (0 when a graph needs
+none), and the dims/strides declared in the graph: the frontend (python/cudnn/__init__.py
+`_library_device_pointer`, pygraph.cpp `extract_data_pointer`) takes an int as the address and
+calls `__dlpack__()` without a stream on anything else, which refuses None and, for a cupy
+array, makes the legacy stream wait on the sphere's stream (cupy's core.pyx): a broken capture.
 
 Dropout on the attention probabilities is cuDNN's own Philox generator: (p, seed, offset) with
 seed and offset int64 pass-by-value tensors read from host memory at execute (the frontend's
