@@ -31,6 +31,9 @@ which the frontend calls WITHOUT a stream (`obj.attr("__dlpack__")()`), so None 
 (ValueError "Object does not have the __dlpack__() method": std::invalid_argument) and an array
 is exported through DLPack, which for a cupy array makes the legacy stream wait on an event of
 the current stream (tests/emu/device.py `export_without_stream`: refused inside a capture).
+Later frontends (1.32: python/cudnn/_pygraph.py `_normalize`) take None as "no workspace" and
+read a cupy array's `.data.ptr`; the stand-in keeps the stricter rule of every frontend crystal
+accepts (>= 1.8): an int address, 0 when a graph needs no workspace.
 execute() issues its device work through the stand-in's `device` (tests/emu/device.py): run now,
 or recorded into the capture of the handle's stream, replayed with the addresses given at capture.
 
