@@ -24,6 +24,19 @@ as the natural-log logsumexp of the scaled masked scores. The backward is the st
 backward from Q, K, V, O, dO and Stats (P = exp(S - Stats), D = rowsum(dO * O) and the dQ
 accumulator kept in float32 in the workspace, dS = P * (dP - D)).
 
+Buffers and the workspace reach execute() as the frontend converts them (nvidia-cudnn-frontend
+python/cudnn/__init__.py `_library_device_pointer`, 1.8 to 1.23, and python/pygraph/pygraph.cpp
+`extract_data_pointer`): an int is the address itself; anything else must have `__dlpack__`,
+which the frontend calls WITHOUT a stream (`obj.attr("__dlpack__")()`), so None is refused
+(ValueError "Object does not have the __dlpack__() method": std::invalid_argument) and an array
+is exported through DLPack, which for a cupy array makes the legacy stream wait on an event of
+the current stream (tests/emu/device.py `export_without_stream`: refused inside a capture).
+Later frontends (1.32: python/cudnn/_pygraph.py `_normalize`) take None as "no workspace" and
+read a cupy array's `.data.ptr`; the stand-in keeps the stricter rule of every frontend crystal
+accepts (>= 1.8): an int address, 0 when a graph needs no workspace.
+execute() issues its device work through the stand-in's `device` (tests/emu/device.py): run now,
+or recorded into the capture of the handle's stream, replayed with the addresses given at capture.
+
 Dropout is NOT cuDNN's Philox: keep (b, h, i, j) <=> u(seed, offset, b, h, i, j) >= p for a
 splitmix64 hash u in [0, 1) (`dropout_keep`), kept probabilities scaled by 1 / (1 - p). Only
 determinism and the algebra around the mask are meaningful under the stand-in.
@@ -40,6 +53,7 @@ import ml_dtypes
 import numpy as np
 
 from crystal.backends.cudnn_attention import split_parameters
+from emu.device import EmulatedDevice
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ALIGNMENT = 16  # bytes: the address alignment assumed of the flash kernels' bf16 operands (128-bit loads)
@@ -130,9 +144,14 @@ def bind(overloads, args, kwargs, what: str) -> None:
 
 # --- host memory at device pointers ---
 
-def _address(data) -> int:
-    if isinstance(data, (int, np.integer)):
-        return int(data)
+def _address(data, device, stream: int, what: str) -> int:
+    """A variant-pack buffer or the workspace as the frontend turns it into an address: an int
+    as it is, else through `__dlpack__()` with no stream (None has none: the frontend's ValueError)."""
+    if type(data) is int:
+        return data
+    if not hasattr(data, "__dlpack__"):
+        raise ValueError(f"{what}: Object does not have the __dlpack__() method")
+    device.export_without_stream(stream, what)
     return int(data.ctypes.data) if isinstance(data, np.ndarray) else int(data.data.ptr)  # numpy, else cupy-like
 
 
@@ -394,7 +413,8 @@ class CudnnStandIn:
     (one dict per execute: tensor name -> (address, dims, strides)), streams (the handle's stream
     at each execute)."""
 
-    def __init__(self, real=None, backend_version: int = 91300, max_backward_head_dim: int = 256):
+    def __init__(self, real=None, backend_version: int = 91300, max_backward_head_dim: int = 256, device=None):
+        self.device = device or EmulatedDevice()  # streams and memory (an emulated backend sets its own)
         self._real = real = real or importlib.import_module("cudnn")
         self._version = backend_version
         self.max_backward_head_dim = max_backward_head_dim
@@ -577,7 +597,8 @@ def _execute(cd, graph: Graph, tensor_dict, workspace, handle):
         uid = key.uid if isinstance(key, Tensor) else key if isinstance(key, int) else None
         if uid is None:
             raise TypeError(f"stand-in execute: variant pack keys are graph tensors or uids, got {key!r}")
-        by_uid[uid] = _address(data)
+        by_uid[uid] = _address(data, cd.device, handle.stream, f"execute: tensor uid {uid}")
+    ws = _address(workspace, cd.device, handle.stream, "execute: workspace")
     tensors = dict(spec["inputs"], **{k: v for k, v in spec["outputs"].items() if v is not None})
     if spec["dropout"]:
         tensors["Seed"], tensors["Offset"] = spec["dropout"][1:]
@@ -590,15 +611,24 @@ def _execute(cd, graph: Graph, tensor_dict, workspace, handle):
                                                  f"addresses and a unit innermost stride")
         record[name] = (by_uid[t.uid], tuple(t.dim), tuple(t.stride))
     need = graph.get_workspace_size()
-    ws = None
-    if need:
-        if workspace is None:
-            raise ValueError(f"stand-in execute: the graph needs {need} workspace bytes, got none")
-        if hasattr(workspace, "nbytes") and workspace.nbytes < need:
-            raise ValueError(f"stand-in execute: workspace of {workspace.nbytes} bytes, the graph needs {need}")
-        ws = _address(workspace)
+    if need and not ws:
+        raise ValueError(f"stand-in execute: the graph needs {need} workspace bytes, got a null pointer")
+    if hasattr(workspace, "nbytes") and workspace.nbytes < need:
+        raise ValueError(f"stand-in execute: workspace of {workspace.nbytes} bytes, the graph needs {need}")
     cd.executions.append(record)
     cd.streams.append(handle.stream)
+    seed_offset = None
+    if spec["dropout"]:  # pass-by-value: read from host memory now (a capture keeps these values)
+        seed_offset = tuple(int(memory(by_uid[tensors[n].uid], [1], [1], _NUMPY[tensors[n].data_type.name])[0])
+                            for n in ("Seed", "Offset"))
+    addresses = [by_uid[t.uid] for name, t in tensors.items() if name not in ("Seed", "Offset")]
+    cd.device.launch(handle.stream, f"cuDNN {spec['op']}",
+                     lambda: _run(graph, tensors, by_uid, ws, seed_offset), addresses + ([ws] if need else []))
+
+
+def _run(graph: Graph, tensors: dict, by_uid: dict, ws: int, seed_offset):
+    """The graph's device work: read the inputs at their addresses, write the outputs."""
+    spec = graph.spec
 
     def read(name):
         t = tensors[name]
@@ -618,7 +648,7 @@ def _execute(cd, graph: Graph, tensor_dict, workspace, handle):
     z = 1.0  # dropout: kept probabilities scaled by 1 / (1 - p), the rest zero
     if spec["dropout"]:
         p = spec["dropout"][0]
-        seed, offset = (int(read(n).reshape(-1)[0]) for n in ("Seed", "Offset"))
+        seed, offset = seed_offset
         z = dropout_keep(seed, offset, B, NH, T, p) / (1.0 - p)
     if spec["op"] == "sdpa":
         m = s.max(axis=-1, keepdims=True)

@@ -21,6 +21,11 @@ algorithm used for another problem, a workspace smaller than the algorithm asks 
 What it does not model (ROW order, batched epilogues, other epilogues, pointer modes, the
 implicit heuristic of algo = NULL) raises NotImplementedError.
 
+matmul issues its device work through the stand-in's `device` (tests/emu/device.py): run now,
+or, while the calling thread captures a stream, recorded into that capture (a product sent to
+another stream than the captured one is refused) and replayed with the addresses, alpha and beta
+given at capture time.
+
 The last matmul is kept (`last_matmul`: handle, descriptor, layouts, preference, algorithm,
 workspace, stream, alpha, beta, pointers) and each function's calls are counted (`counts`).
 """
@@ -42,6 +47,8 @@ from nvmath import CudaDataType
 from nvmath.bindings import cublas
 from nvmath.bindings import cublasLt as real
 
+from emu.device import EmulatedDevice
+
 BF16, F32 = int(CudaDataType.CUDA_R_16BF), int(CudaDataType.CUDA_R_32F)
 NP_TYPE = {BF16: np.dtype(ml_dtypes.bfloat16), F32: np.dtype(np.float32)}
 COMPUTE_32F = int(cublas.ComputeType.COMPUTE_32F)
@@ -49,7 +56,10 @@ OP_N, OP_T = int(cublas.Operation.N), int(cublas.Operation.T)
 SUCCESS, NOT_INITIALIZED, INVALID_VALUE, NOT_SUPPORTED = (
     int(cublas.Status.SUCCESS), int(cublas.Status.NOT_INITIALIZED), int(cublas.Status.INVALID_VALUE),
     int(cublas.Status.NOT_SUPPORTED))
-# cuBLASLt's table for COMPUTE_32F, scale fp32: (A/B type, C/D type) -> the bias type
+# cuBLASLt's table for COMPUTE_32F, scale fp32: (A/B type, C/D type) -> the bias type, which is
+# the output's (cublasLt.h, cuBLAS 13.10: CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE "Bias vector elements
+# are the same type as the elements of output matrix (Dtype)"; CUBLASLT_MATMUL_DESC_BIAS_POINTER
+# "Bias gradient vector elements are the same type as the output elements (Ctype)")
 SUPPORTED_TYPES = {(BF16, BF16): BF16, (BF16, F32): F32, (F32, F32): F32}
 MAX_ALGO_ALIGN = 16  # the widest access a kernel makes (128 bits): alignment beyond it is not required
 
@@ -178,7 +188,8 @@ class LtStandIn:
     get_matrix_layout_attribute_dtype = staticmethod(real.get_matrix_layout_attribute_dtype)
     get_matmul_preference_attribute_dtype = staticmethod(real.get_matmul_preference_attribute_dtype)
 
-    def __init__(self, n_algos: int = 1, algo_workspace: int = 1 << 20):
+    def __init__(self, n_algos: int = 1, algo_workspace: int = 1 << 20, device=None):
+        self.device = device or EmulatedDevice()  # streams and memory (an emulated backend sets its own)
         self.n_algos = n_algos
         self.algo_workspace = algo_workspace
         self.counts: collections.Counter = collections.Counter()
@@ -394,6 +405,21 @@ class LtStandIn:
                 raise StandInError(INVALID_VALUE, f"{name} at {ptr:#x} is less aligned than the algorithm assumes "
                                                   f"({chosen.alignments[name]} bytes)")
 
+        self.last_matmul = {
+            "handle": light_handle, "desc": dict(desc), "layouts": dict(zip("ABCD", map(dict, layouts))),
+            "problem": p, "preference": chosen.preference, "algo_alignments": dict(chosen.alignments),
+            "workspace": workspace, "workspace_size": workspace_size_in_bytes, "stream": stream,
+            "alpha": alpha_v, "beta": beta_v, "pointers": pointers,
+        }
+        frozen = tuple(dict(lay) for lay in layouts)  # what the call was given (a capture keeps it)
+        touched = [ptr for name, ptr in pointers.items() if name != "C" or beta_v != 0]
+        self.device.launch(stream, "cublasLtMatmul",
+                           lambda: self._product(p, frozen, alpha_v, beta_v, a, b, c, d, bias_ptr, aux_ptr),
+                           touched + ([workspace] if workspace_size_in_bytes else []))
+
+    @staticmethod
+    def _product(p: Problem, layouts, alpha_v, beta_v, a, b, c, d, bias_ptr, aux_ptr) -> None:
+        """The device work of one matmul: D (and the epilogue's vector or aux) from memory at the pointers."""
         A, B, C, D = layouts
 
         def view(ptr, lay):
@@ -422,10 +448,3 @@ class LtStandIn:
         if p.epilogue == int(Epi.BGRADB):  # sum over k of op(B): one per column of D
             _raw(bias_ptr, bias_np, p.n)[...] = opB[0].sum(axis=0).astype(bias_np)
         view(d, D)[...] = acc.astype(NP_TYPE[p.cd_type])  # one rounding, to D's type
-
-        self.last_matmul = {
-            "handle": light_handle, "desc": dict(desc), "layouts": dict(zip("ABCD", map(dict, layouts))),
-            "problem": p, "preference": chosen.preference, "algo_alignments": dict(chosen.alignments),
-            "workspace": workspace, "workspace_size": workspace_size_in_bytes, "stream": stream,
-            "alpha": alpha_v, "beta": beta_v, "pointers": pointers,
-        }

@@ -150,14 +150,25 @@ def test_bf16_without_nvmath_is_a_one_line_error(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_bf16_with_nvmath_on_an_sm90_gpu_finds_cublaslt_and_says_whether_cudnn_runs(monkeypatch):
+def test_bf16_with_nvmath_on_an_sm90_gpu_finds_cublaslt_and_cudnn_where_it_runs(monkeypatch):
+    import crystal.backends.cudnn_attention as cudnn_attention
     from crystal.backends.cuda import _lt_libraries
     from nvmath.bindings import cublasLt
 
-    lt, cudnn = _lt_libraries(_Device("90"), True)
-    assert lt is cublasLt and cudnn is None  # no libcudnn on this machine
+    cudnn = pytest.importorskip("cudnn")  # the frontend (without libcudnn, unavailable_reason says so)
+    monkeypatch.setattr(cudnn_attention, "unavailable_reason", lambda: None)  # as where libcudnn loads
+    assert _lt_libraries(_Device("90"), True) == (cublasLt, cudnn)
     monkeypatch.setenv("CRYSTAL_CUDNN", "0")
-    assert _lt_libraries(_Device("90"), True)[1] is None
+    assert _lt_libraries(_Device("90"), True) == (cublasLt, None)
+
+
+def test_bf16_where_cudnn_cannot_run_takes_the_cublas_attention_path(monkeypatch):
+    import crystal.backends.cudnn_attention as cudnn_attention
+    from crystal.backends.cuda import _lt_libraries
+    from nvmath.bindings import cublasLt
+
+    monkeypatch.setattr(cudnn_attention, "unavailable_reason", lambda: "the cuDNN library (libcudnn) is not loadable")
+    assert _lt_libraries(_Device("90"), True) == (cublasLt, None)
 
 
 def test_memory_estimate_of_bf16_flash_attention_drops_the_t_squared_activations():

@@ -17,6 +17,7 @@ from nvmath.bindings import cublasLt as real
 import crystal.backends.cublaslt as cublaslt
 from crystal.backends.cublaslt import LtError, LtMatmul, device_pointer
 from compare import rel_err
+from emu.device import StreamCaptureError
 from lt_standin import BF16, F32, INVALID_VALUE, NOT_SUPPORTED, LtStandIn, StandInError, gelu_tanh
 
 bf16 = np.dtype(ml_dtypes.bfloat16)
@@ -476,7 +477,8 @@ class Raw:
         buf = np.array(value, dtype=dtype_of(attr))
         setter(obj, attr, buf.ctypes.data, buf.nbytes)
 
-    def run(self, A, B, D, *, transa=0, transb=0, epilogue=1, bias=None, aux=None, aux_ld=0, alpha=1.0, ld_pad=0):
+    def run(self, A, B, D, *, transa=0, transb=0, epilogue=1, bias=None, aux=None, aux_ld=0, alpha=1.0, ld_pad=0,
+            bias_type=None):
         """D (Fortran order, m x n) = alpha op(A) op(B) with an epilogue; each matrix's ld padded by ld_pad rows."""
         s = self.s
         desc = s.matmul_desc_create(68, F32)
@@ -489,6 +491,8 @@ class Raw:
         sd(Desc.EPILOGUE, epilogue)
         if bias is not None:
             sd(Desc.BIAS_POINTER, bias.ctypes.data)
+        if bias_type is not None:
+            sd(Desc.BIAS_DATA_TYPE, bias_type)
         if aux is not None:
             sd(Desc.EPILOGUE_AUX_POINTER, aux.ctypes.data)
             sd(Desc.EPILOGUE_AUX_LD, aux_ld)
@@ -557,3 +561,48 @@ def test_standin_epilogues_on_their_own(standin):
     with pytest.raises(real.cuBLASLtError) as e:  # GELU aux ld below m
         raw.run(A, B, D, epilogue=int(real.Epilogue.GELU_AUX_BIAS), bias=bias, aux=aux, aux_ld=4)
     assert e.value.status == INVALID_VALUE
+
+
+def test_standin_bias_gradient_has_the_output_type_as_cublaslt_h_documents(standin):
+    """cublasLt.h (cuBLAS 13.10), CUBLASLT_MATMUL_DESC_BIAS_POINTER: "Bias gradient vector elements
+    are the same type as the output elements (Ctype)": crystal's dW product, bf16 A/B into fp32
+    C/D with BGRADA, writes an fp32 bias gradient; a bf16 one is not in the table."""
+    rng = np.random.default_rng(30)
+    m, k, n = 6, 5, 4
+    A, B, D = rand(rng, (m, k), ints=3), rand(rng, (k, n), ints=3), np.zeros((m, n), np.float32)
+    raw = Raw(standin)
+    grad = np.full(m, np.nan, np.float32)
+    raw.run(A, B, D, epilogue=int(real.Epilogue.BGRADA), bias=grad, bias_type=F32)
+    np.testing.assert_array_equal(grad, f64(A).sum(1))
+    with pytest.raises(real.cuBLASLtError) as e:
+        raw.run(A, B, D, epilogue=int(real.Epilogue.BGRADA), bias=np.zeros(m, bf16), bias_type=BF16)
+    assert e.value.status == NOT_SUPPORTED
+
+
+# --- under a capture (tests/emu/device.py): the product joins the graph of its stream ---
+
+def capture(standin, stream, body):
+    record = []
+    standin.device.begin_capture(stream, record)
+    try:
+        body()
+    finally:
+        standin.device.end_capture(stream)
+    return record
+
+
+def test_standin_records_a_product_made_during_a_capture_and_replays_it_on_the_values_then(standin, lt):
+    rng = np.random.default_rng(31)
+    a, b, out = operands(rng, *ODD, ints=3, out_dtype=np.dtype(np.float32))
+    record = capture(standin, STREAM, lambda: lt.gemm(out, a, b))
+    assert np.isnan(out).all()  # captured, not run
+    a[...] = rand(rng, a.shape, ints=3)  # the next step's values, in the same memory
+    for fn, args, kwargs in record:
+        fn(*args, **kwargs)
+    np.testing.assert_array_equal(out, f64(a) @ f64(b))
+
+
+def test_standin_refuses_a_product_on_another_stream_than_the_one_captured(standin, lt):
+    a, b, out = operands(np.random.default_rng(32), *ODD)
+    with pytest.raises(StreamCaptureError, match=f"stream {STREAM} while this thread captures"):
+        capture(standin, STREAM + 1, lambda: lt.gemm(out, a, b))

@@ -128,6 +128,19 @@ class FailingCapture(EmulatedCudaBackend):
         raise GraphCaptureError("injected")
 
 
+def test_a_bf16_step_with_cudnn_attention_and_cublaslt_is_captured_and_replays_the_eager_bits():
+    from cudnn_standin import CudnnStandIn
+    from lt_standin import LtStandIn
+
+    def run(graphs):  # cuDNN's dropout reads a host seed: graphs need --dropout 0 with it
+        be = EmulatedCudaBackend("bf16", lt=LtStandIn(), cudnn=CudnnStandIn(), graphs=True)
+        return train(*configs(2, graphs, dropout=0.0, precision="bf16", steps=2), backend=be), be
+
+    (eager, _), (replayed, be) = run("off"), run("on")
+    assert be.flash and replayed.root["graph_steps"] == 1 and be.device.legacy_waits == 0
+    assert replayed.losses == eager.losses and replayed.params.tobytes() == eager.params.tobytes()
+
+
 def test_a_failed_capture_under_auto_warns_once_and_trains_on_eagerly(eager):
     warnings = []
     run = train(*configs(3, "auto"), backend=FailingCapture(graphs=True), on_warning=warnings.append)
@@ -171,9 +184,16 @@ def test_cuda_graphs_on_across_ranks_is_a_one_line_error():
 @pytest.fixture
 def be():
     b = EmulatedCudaBackend(graphs=True)
-    yield b
-    if b.capturing():
-        b.end_capture()
+    with b.sphere_context(0):  # a capture needs a stream of its own, as crystal.graphs gives it
+        yield b
+        if b.capturing():
+            b.end_capture()
+
+
+def test_capture_refuses_the_legacy_default_stream():
+    b = EmulatedCudaBackend(graphs=True)  # outside sphere_context: cupy's null stream
+    with pytest.raises(GraphCaptureError, match="legacy default stream cannot be captured"):
+        b.begin_capture()
 
 
 def test_capture_records_the_work_and_a_launch_replays_it(be):
@@ -201,6 +221,16 @@ def test_capture_refuses_a_read_back_or_a_synchronization(be, what):
     with pytest.raises(GraphCaptureError, match="inside a CUDA graph capture"):
         {"to_host": lambda: be.to_host(x), "synchronize": be.synchronize,
          "sum_squares": lambda: be.sum_squares(x)}[what]()
+
+
+def test_capture_refuses_cupys_own_cublas_product():
+    b = EmulatedCudaBackend()  # fp32 without graphs: products through cupy.matmul, which a capture cannot hold
+    out, x, w = b.zeros((2, 3)), b.zeros((2, 4)), b.zeros((4, 3))
+    with b.sphere_context(0):
+        b.begin_capture()
+        with pytest.raises(GraphCaptureError, match="cupy's matmul inside a CUDA graph capture"):
+            b.matmul_forward(out, x, w, None)
+        b.end_capture()
 
 
 def test_capture_refuses_an_array_made_inside_it_by_an_array_method(be):

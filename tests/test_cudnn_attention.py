@@ -13,6 +13,7 @@ import cudnn_standin
 from compare import rel_err
 from crystal.backends.cudnn_attention import FlashAttention, FlashAttentionError, parameter_names, unavailable_reason
 from cudnn_standin import CudnnStandIn
+from emu.device import StreamCaptureError
 
 cudnn = pytest.importorskip("cudnn")  # the real frontend: the stand-in's signatures and enums come from it
 BF16 = ml_dtypes.bfloat16
@@ -20,20 +21,40 @@ B, T, C, NH = 2, 19, 48, 3  # hs = 16
 
 
 class Allocator:
-    """alloc(nbytes) -> a uint8 host array (the emulated device memory), counting calls."""
+    """alloc(nbytes) -> a uint8 host array (the emulated device memory, registered with the
+    stand-in's device, which then knows when it is freed), counting calls. Holds no reference."""
 
-    def __init__(self):
+    def __init__(self, device):
+        self.device = device
         self.sizes = []
 
     def __call__(self, n):
         self.sizes.append(n)
-        return np.zeros(n, dtype=np.uint8)
+        a = np.zeros(n, dtype=np.uint8)
+        self.device.register(a)
+        return a
 
 
 def make(stream=lambda: 0, **standin):
     sd = CudnnStandIn(**standin)
-    alloc = Allocator()
+    alloc = Allocator(sd.device)
     return sd, FlashAttention(sd, alloc, stream), alloc
+
+
+def captured(sd, stream, body):
+    """The record of what body() issues while the calling thread captures `stream`."""
+    record = []
+    sd.device.begin_capture(stream, record)
+    try:
+        body()
+    finally:
+        sd.device.end_capture(stream)
+    return record
+
+
+def replay(record):
+    for fn, args, kwargs in record:
+        fn(*args, **kwargs)
 
 
 def inputs(seed=0, b=B, t=T, c=C):
@@ -270,6 +291,109 @@ def test_cudnn_views_point_into_crystal_buffers():
     # element (b, h, t, d) of the K view is qkv[b, t, C + h*hs + d]
     k = cudnn_standin.memory(base + 2 * C, *qkv_view, BF16)
     assert np.array_equal(k[1, 2, 5], qkv[1, 5, C + 2 * hs:C + 3 * hs])
+
+
+# --- the workspace and captures: what the frontend does with execute's arguments ---
+
+def test_a_graph_that_needs_no_workspace_is_given_a_null_pointer():
+    sd, fa, alloc = make()
+    qkv, _ = inputs(20)
+    out, stats, _ = buffers()
+    fa.forward(out, stats, qkv, NH)  # the frontend refuses None: it has no __dlpack__
+    assert sd.graphs[0].get_workspace_size() == 0 and alloc.sizes == []
+    assert rel_err(out, reference(qkv, NH)[0]) <= 1e-2
+
+
+def test_the_workspace_reaches_cudnn_as_an_address_so_the_legacy_stream_never_waits():
+    sd, fa, _ = make(stream=lambda: 7)
+    qkv, dout = inputs(21)
+    out, stats, eager = run(fa, qkv, dout, None)
+    assert sd.graphs[1].get_workspace_size() > 0
+    assert sd.device.legacy_waits == 0  # an array would be exported by __dlpack__() without a stream
+    dqkv = np.zeros_like(eager)
+    record = captured(sd, 7, lambda: fa.backward(dqkv, dout, qkv, out, stats, NH))
+    assert not dqkv.any()  # captured, not run
+    replay(record)
+    assert dqkv.tobytes() == eager.tobytes()
+
+
+def test_a_captured_graph_keeps_its_workspace_when_a_larger_graph_is_built():
+    sd, fa, alloc = make(stream=lambda: 7)
+    small_qkv, small_dout = inputs(22, 1, 8, C)
+    out, stats, eager = buffers(1, 8)
+    fa.forward(out, stats, small_qkv, NH)
+    fa.backward(eager, small_dout, small_qkv, out, stats, NH)
+    dqkv = np.zeros_like(eager)
+    record = captured(sd, 7, lambda: fa.backward(dqkv, small_dout, small_qkv, out, stats, NH))
+    run(fa, *inputs(23), None)  # a larger backward: a larger workspace
+    assert alloc.sizes[0] < alloc.sizes[1]
+    replay(record)  # the captured graph still points at the first workspace
+    assert dqkv.tobytes() == eager.tobytes()
+
+
+# --- the stand-in refuses what the frontend and CUDA refuse ---
+
+@pytest.fixture
+def built():
+    """A stand-in that ran one forward and one backward on stream 7, and that backward's pack
+    (its buffers held until the test ends)."""
+    def make_built(stream=7):
+        sd, fa, _ = make(stream=lambda: stream)
+        qkv, dout = inputs(24)
+        held.append((qkv, dout, *run(fa, qkv, dout, None)))
+        g = sd.graphs[1]
+        tensors = dict(g.spec["inputs"], **g.spec["outputs"])
+        pack = {t: sd.executions[-1][name][0] for name, t in tensors.items()}
+        return sd, g, pack
+
+    held = []
+    return make_built
+
+
+def test_standin_refuses_none_as_the_workspace_as_the_frontend_does(built):
+    sd, g, pack = built()
+    with pytest.raises(ValueError, match="__dlpack__"):
+        g.execute(pack, None, handle=g.handle)
+
+
+def test_standin_refuses_a_null_workspace_for_a_graph_that_needs_one(built):
+    sd, g, pack = built()
+    with pytest.raises(ValueError, match="workspace bytes"):
+        g.execute(pack, 0, handle=g.handle)
+
+
+def test_standin_exports_an_array_through_dlpack_without_a_stream_so_the_legacy_stream_waits(built):
+    sd, g, pack = built()
+    workspace = np.zeros(g.get_workspace_size(), np.uint8)
+    g.execute(pack, workspace, handle=g.handle)
+    assert sd.device.legacy_waits == 1
+    with pytest.raises(StreamCaptureError, match="legacy stream wait"):
+        captured(sd, 7, lambda: g.execute(pack, workspace, handle=g.handle))
+
+
+def test_standin_refuses_a_graph_run_on_another_stream_than_the_one_captured(built):
+    sd, g, pack = built(stream=8)
+    workspace = np.zeros(g.get_workspace_size(), np.uint8)
+    with pytest.raises(StreamCaptureError, match="stream 8 while this thread captures stream 7"):
+        captured(sd, 7, lambda: g.execute(pack, int(workspace.ctypes.data), handle=g.handle))
+
+
+def test_standin_refuses_to_replay_a_graph_into_memory_freed_since_the_capture(built):
+    sd, g, pack = built()
+    workspace = np.zeros(g.get_workspace_size(), np.uint8)
+    sd.device.register(workspace)
+    record = captured(sd, 7, lambda: g.execute(pack, int(workspace.ctypes.data), handle=g.handle))
+    replay(record)
+    del workspace
+    with pytest.raises(StreamCaptureError, match="freed since the capture"):
+        replay(record)
+
+
+def test_standin_device_refuses_to_capture_the_legacy_stream():
+    sd, _, _ = make()
+    for legacy in (0, 1, 2):
+        with pytest.raises(StreamCaptureError, match="cudaErrorStreamCaptureUnsupported"):
+            sd.device.begin_capture(legacy, [])
 
 
 # --- errors and availability ---

@@ -20,6 +20,12 @@ The epilogues, in cuBLASLt's terms:
   trans_b=False. dW = inp^T @ dout then is D = dout (N) . inp^T (T) with BGRADA: llm.c's
   weight-gradient product (D = inp (N) . dout^T (T) with BGRADB, llm.c's weights being
   [OC, C]) with A and B swapped, because crystal's weights are [C, OC].
+  Types: A/B bf16, C/D fp32 (dW goes straight into an fp32 gradient slot), COMPUTE_32F with an
+  fp32 scale (a row of cublasLtMatmul's type table), and dbias fp32: cublasLt.h (cuBLAS 13.10,
+  CUBLASLT_MATMUL_DESC_BIAS_POINTER) says "Bias gradient vector elements are the same type as
+  the output elements (Ctype)", and of BIAS_DATA_TYPE "Bias vector elements are the same type as
+  the elements of output matrix (Dtype)" (IMMA and fp8 kernels excepted). llm.c writes a bf16 dW
+  (C/D and dbias bf16); crystal's bf16-in/fp32-out product keeps that same rule, with fp32.
 
 Determinism: one handle per sphere thread; per (shapes, types, transposes, epilogue, pointer
 alignments) one descriptor set and one algorithm, the heuristic's first with split-K
@@ -283,7 +289,8 @@ def _check_shapes(out, a, b, trans_a: bool, trans_b: bool) -> tuple[int, int, in
 
 
 def _check_vector(v, name: str, N: int, out_type: int) -> None:
-    """A bias or bias gradient: [N], contiguous, out's type (cuBLASLt's bias type for bf16/fp32 inputs)."""
+    """A bias or bias gradient: [N], contiguous, out's type (cublasLt.h: bias and bias-gradient
+    elements have the output's type, for bf16 and fp32 inputs alike)."""
     if tuple(v.shape) != (N,) or not v.flags.c_contiguous:
         raise ValueError(f"cuBLASLt gemm: {name} must be a contiguous [{N}] vector, got {tuple(v.shape)}")
     if _data_type(v, name) != out_type:

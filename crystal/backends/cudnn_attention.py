@@ -19,7 +19,11 @@ and writes y straight into its [B, T, C] layout through strided views (no permut
 
 Arrays are bf16: cupy uint16 storage on a GPU, ml_dtypes.bfloat16 numpy arrays under emulation
 (tests/cudnn_standin.py executes the same graphs on host memory). cuDNN only sees raw pointers
-(`x.data.ptr` for cupy, `x.ctypes.data` for numpy) and the dims/strides declared in the graph.
+(`x.data.ptr` for cupy, `x.ctypes.data` for numpy), the workspace's included (0 when a graph needs
+none), and the dims/strides declared in the graph: the frontend (python/cudnn/__init__.py
+`_library_device_pointer`, pygraph.cpp `extract_data_pointer`) takes an int as the address and
+calls `__dlpack__()` without a stream on anything else, which refuses None and, for a cupy
+array, makes the legacy stream wait on the sphere's stream (cupy's core.pyx): a broken capture.
 
 Dropout on the attention probabilities is cuDNN's own Philox generator: (p, seed, offset) with
 seed and offset int64 pass-by-value tensors read from host memory at execute (the frontend's
@@ -153,15 +157,20 @@ def _int64(x: int) -> int:
 
 
 class _Graph:
-    """One built graph, its tensors (variant-pack keys) and workspace need."""
+    """One built graph, its tensors (variant-pack keys), its workspace need and the workspace it
+    runs in: held as long as the graph is, since a CUDA graph captured with it keeps its address."""
 
     def __init__(self, graph, tensors: dict, workspace: int):
         self.graph, self.tensors, self.workspace = graph, tensors, workspace
+        self.buffer = None  # the workspace array (None when the graph needs none)
+        self.workspace_ptr = 0  # its address, what execute is given
 
 
 class FlashAttention:
     """cuDNN fused attention for one sphere thread: one cuDNN handle on the thread's stream, graphs
-    built once per shape and cached, a workspace grown once to the largest a graph needs.
+    built once per shape and cached, a workspace grown to the largest a graph needs. A graph runs
+    in the workspace current when it was built and holds it: a CUDA graph captured from it keeps
+    that address, so a larger workspace made later never frees it under the capture.
 
     cudnn: the cudnn module or the stand-in; alloc(nbytes) -> a 1-D uint8 device array (cupy on a
     GPU, numpy under emulation); stream(): the current stream handle (an int).
@@ -218,6 +227,7 @@ class FlashAttention:
             destroy(self.handle)
         self.handle = None
         self._graphs.clear()
+        self._workspace, self._workspace_bytes = None, 0
 
     # --- internals ---
     @staticmethod
@@ -246,7 +256,10 @@ class FlashAttention:
             base = int(self._rng.ctypes.data)
             pack[g.tensors["Seed"]], pack[g.tensors["Offset"]] = base, base + 8
         self.cudnn.set_stream(self.handle, self._stream())
-        g.graph.execute(pack, self._workspace if g.workspace else None, handle=self.handle)
+        # the workspace as an address (0: the graph needs none). The frontend turns any other
+        # object into one through __dlpack__() with no stream: None has none (ValueError), and
+        # a cupy array makes the legacy stream wait on this stream (illegal inside a capture)
+        g.graph.execute(pack, g.workspace_ptr, handle=self.handle)
 
     def _graph(self, which: str, B: int, T: int, NH: int, hs: int, p: float) -> _Graph:
         """The cached graph for this shape (the dropout probability is a graph constant)."""
@@ -254,10 +267,12 @@ class FlashAttention:
         g = self._graphs.get(key)
         if g is None:
             g = self._build(which, B, T, NH, hs, p)
-            self._graphs[key] = g
-            if g.workspace > self._workspace_bytes:  # grows only: every cached graph still fits
+            if g.workspace > self._workspace_bytes:  # grows only: later smaller graphs share the largest
                 self._workspace = self._alloc(g.workspace)
                 self._workspace_bytes = g.workspace
+            if g.workspace:  # the graph keeps the one it was given, even once a larger one replaces it
+                g.buffer, g.workspace_ptr = self._workspace, _pointer(self._workspace)
+            self._graphs[key] = g
         return g
 
     def _build(self, which, B, T, NH, hs, p) -> _Graph:
