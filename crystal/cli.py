@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from crystal.config import CUDA_GRAPHS, DEVICES, PRECISIONS, PRESETS, resolve
+from crystal.config import CUDA_GRAPHS, DEVICES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PRESETS, resolve
 from crystal.errors import CrystalError, NonFiniteError, SphereFailure
 from crystal.plot import FORMATS as PLOT_FORMATS, MAX_SIZE as PLOT_MAX, MIN_SIZE as PLOT_MIN
 from crystal.sample import MAX_TOKENS
@@ -73,6 +73,24 @@ def _preset_help() -> str:
 @click.option("--beta2", type=float, default=None, help="AdamW beta2  [default: 0.95]")
 @click.option("--eps", type=float, default=None, help="AdamW epsilon  [default: 1e-8]")
 @click.option("--grad-clip", type=float, default=None, help="global gradient-norm clip (0 disables)")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=None,
+              help="after the warmup: cosine decay to --min-lr, or linear-cooldown: constant, then linear "
+                   "to --min-lr over the last --cooldown-frac of the steps (modded-nanogpt's)  [default: cosine]")
+@click.option("--cooldown-frac", type=float, default=None,
+              help="linear-cooldown: fraction of the steps that cools down  [default: 0.4]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
+              help="adamw, or muon: Muon on the blocks' matrices, AdamW (--lr) on embeddings, biases and "
+                   "norms  [default: adamw]")
+@click.option("--muon-lr", type=float, default=None, help="Muon's peak learning rate  [default: 0.02]")
+@click.option("--muon-momentum", type=float, default=None, help="Muon's momentum  [default: 0.95]")
+@click.option("--muon-momentum-start", type=float, default=None,
+              help="Muon's momentum at step 0, warmed up linearly to --muon-momentum  [default: 0.85]")
+@click.option("--muon-momentum-warmup", type=int, default=None,
+              help="steps of Muon's momentum warmup (0: none)  [default: 300]")
+@click.option("--muon-nesterov/--no-muon-nesterov", default=None, help="Nesterov momentum  [default: on]")
+@click.option("--muon-ns-steps", type=int, default=None, help="Newton-Schulz iterations  [default: 5]")
+@click.option("--muon-weight-decay", type=float, default=None,
+              help="decoupled weight decay on Muon's matrices, p *= 1 - lr wd  [default: 0]")
 @click.option("--dropout", type=float, default=None,
               help="dropout probability while training: embeddings, attention probabilities and "
                    "residual branches (0 disables)")
