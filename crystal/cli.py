@@ -458,6 +458,8 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         + f"activations {mib['activations_per_sphere']} per "
         f"sphere x {at_once}{' computing at once' if at_once < cfg.spheres else ''} = {mib['activations']} | "
         f"total {mib['total']}")
+    if cfg.optimizer == "muon":
+        lines.append(_muon_dry_run(model_cfg, cfg, ranks, shard))
     if ranks > 1:  # the other choice, for comparison
         other = estimate(not shard)
         lines.append(f"memory per rank with{'out' if shard else ''} --shard-optimizer: grads "
@@ -473,6 +475,22 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
                      + (f" (+{extra / 2**20:,.1f} MiB over the pool; total {(mem['total'] + extra) / 2**20:,.1f} MiB)"
                         if extra else ""))
     return "\n".join(lines)
+
+
+def _muon_dry_run(model_cfg, cfg, ranks: int, shard: bool) -> str:
+    """--optimizer muon: who updates what, the optimizer's memory by role, Newton-Schulz's FLOPs."""
+    from crystal.model import ParamLayout
+    from crystal.muon import muon_matrices, muon_parameters, ns_flops_per_step
+
+    layout = ParamLayout(model_cfg)
+    k, n = muon_parameters(layout), layout.size
+    mib = lambda floats: f"{4 * floats / 2**20:,.1f} MiB"  # noqa: E731
+    flops = ns_flops_per_step(layout, cfg.muon("ns_steps"))
+    per = f"; {'each rank its own matrices' if shard else 'every rank all of them'}" if ranks > 1 else ""
+    return (f"optimizer: Muon on {len(muon_matrices(layout))} matrices ({k:,} params: momentum {mib(k)}), "
+            f"AdamW on {n - k:,} params (two moments {mib(2 * (n - k))}); AdamW's v also spans Muon's "
+            f"matrices, unused ({mib(k)}){' (whole buffer; a rank keeps its span)' if shard else ''}; "
+            f"Newton-Schulz {flops / 1e9:,.3f} GFLOPs per step ({cfg.muon('ns_steps')} iterations{per})")
 
 
 def _cudnn_reason() -> str | None:
