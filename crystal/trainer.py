@@ -403,8 +403,8 @@ def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks:
 
     agree = blas_threads_agree(n, product_shapes(model_cfg.n_embd, model_cfg.vocab_size, cfg.batch_size * cfg.seq_len))
     if agree and cfg.optimizer == "muon":  # Muon's Newton-Schulz products too
-        from crystal.muon import muon_matrices
+        from crystal.muon import NS_COEFFS, muon_matrices
 
         shapes = tuple(sorted({(m.rows, m.cols) for m in muon_matrices(ParamLayout(model_cfg))}))
-        agree = newton_schulz_threads_agree(n, shapes, cfg.muon("ns_steps"))
+        agree = newton_schulz_threads_agree(n, shapes, cfg.muon("ns_steps"), NS_COEFFS)
     return n if agree else 1

@@ -701,11 +701,10 @@ def blas_threads_agree(n: int, shapes: tuple[tuple[int, int, int, bool], ...]) -
 
 
 @functools.lru_cache(maxsize=16)
-def newton_schulz_threads_agree(n: int, shapes: tuple[tuple[int, int], ...], steps: int) -> bool:
+def newton_schulz_threads_agree(n: int, shapes: tuple[tuple[int, int], ...], steps: int,
+                                coeffs: tuple[float, float, float]) -> bool:
     """Whether Muon's orthogonal update (muon_orthogonal_update) of matrices of these (rows, cols)
     has bitwise the same values at 1 and n BLAS threads (as blas_threads_agree, for Newton-Schulz)."""
-    from crystal.muon import NS_COEFFS
-
     rng = np.random.default_rng(0)
     for rows, cols in shapes:
         u = rng.standard_normal((rows, cols), dtype=np.float32)
@@ -713,7 +712,7 @@ def newton_schulz_threads_agree(n: int, shapes: tuple[tuple[int, int], ...], ste
         for threads in (1, n):
             p = np.zeros((rows, cols), dtype=np.float32)
             with blas_threads(threads):
-                muon_orthogonal_update(p, u.copy(), steps, *NS_COEFFS, np.float32(1), np.float32(1))
+                muon_orthogonal_update(p, u.copy(), steps, *coeffs, np.float32(1), np.float32(1))
             results.append(p.tobytes())
         if results[0] != results[1]:
             return False
