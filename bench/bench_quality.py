@@ -4,7 +4,9 @@ Usage: python bench/bench_quality.py [--preset small] [--spheres 2] [--steps 500
                                      [--eval-every 250] [--target 1.88] [--json OUT]
                                      [--device cpu|cuda] [--precision fp32|tf32|bf16]
                                      [--batch-size B --micro-batches M] [--max-seconds S]
-                                     [--stop-at-target]
+                                     [--stop-at-target] [--optimizer adamw|muon] [--lr LR]
+                                     [--muon-lr LR] [--lr-schedule cosine|linear-cooldown]
+                                     [--warmup W] [--seed S]
 
 Trains the preset on the embedded corpus (last 10% held out, as nanoGPT) and prints one row per
 evaluation: step, tokens seen, seconds, train loss, val loss; then the first time the val loss
@@ -36,16 +38,26 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, default=None)
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--stop-at-target", action="store_true")
+    ap.add_argument("--optimizer", default=None, choices=["adamw", "muon"])
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--muon-lr", type=float, default=None)
+    ap.add_argument("--lr-schedule", default=None, choices=["cosine", "linear-cooldown"])
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
     over = dict(spheres=args.spheres, eval_every=args.eval_every, device=args.device, precision=args.precision,
-                steps=args.steps, batch_size=args.batch_size, micro_batches=args.micro_batches)
+                steps=args.steps, batch_size=args.batch_size, micro_batches=args.micro_batches,
+                optimizer=args.optimizer, lr=args.lr, muon_lr=args.muon_lr, lr_schedule=args.lr_schedule,
+                warmup=args.warmup, seed=args.seed)
     model_cfg, cfg = resolve(args.preset, train_overrides=over)
     t0 = time.perf_counter()
     losses, rows = [], []
 
     def report(stopped_at=None) -> dict:
         hit = next((r for r in rows if r["val_loss"] <= args.target), None)
-        out = {"preset": args.preset, "device": args.device, "precision": args.precision, "spheres": args.spheres,
+        out = {"preset": args.preset, "optimizer": cfg.optimizer, "lr": cfg.lr,
+               "muon_lr": cfg.muon("lr") if cfg.optimizer == "muon" else None, "seed": cfg.seed,
+               "lr_schedule": cfg.lr_schedule, "device": args.device, "precision": args.precision, "spheres": args.spheres,
                "batch_size": cfg.batch_size, "micro_batches": cfg.micro_batches, "steps": cfg.steps,
                "stopped_at": stopped_at, "target": args.target, "reached": hit,
                "best": min(rows, key=lambda r: r["val_loss"]) if rows else None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from crystal.config import CUDA_GRAPHS, DEVICES, PRECISIONS, PRESETS, resolve
+from crystal.config import CUDA_GRAPHS, DEVICES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PRESETS, resolve
 from crystal.errors import CrystalError, NonFiniteError, SphereFailure
 from crystal.plot import FORMATS as PLOT_FORMATS, MAX_SIZE as PLOT_MAX, MIN_SIZE as PLOT_MIN
 from crystal.sample import MAX_SAMPLES, MAX_TOKENS
@@ -74,6 +74,24 @@ def _preset_help() -> str:
 @click.option("--beta2", type=float, default=None, help="AdamW beta2  [default: 0.95]")
 @click.option("--eps", type=float, default=None, help="AdamW epsilon  [default: 1e-8]")
 @click.option("--grad-clip", type=float, default=None, help="global gradient-norm clip (0 disables)")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=None,
+              help="after the warmup: cosine decay to --min-lr, or linear-cooldown: constant, then linear "
+                   "to --min-lr over the last --cooldown-frac of the steps (modded-nanogpt's)  [default: cosine]")
+@click.option("--cooldown-frac", type=float, default=None,
+              help="linear-cooldown: fraction of the steps that cools down  [default: 0.4]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
+              help="adamw, or muon: Muon on the blocks' matrices, AdamW (--lr) on embeddings, biases and "
+                   "norms  [default: adamw]")
+@click.option("--muon-lr", type=float, default=None, help="Muon's peak learning rate  [default: 0.02]")
+@click.option("--muon-momentum", type=float, default=None, help="Muon's momentum  [default: 0.95]")
+@click.option("--muon-momentum-start", type=float, default=None,
+              help="Muon's momentum at step 0, warmed up linearly to --muon-momentum  [default: 0.85]")
+@click.option("--muon-momentum-warmup", type=int, default=None,
+              help="steps of Muon's momentum warmup (0: none)  [default: 300]")
+@click.option("--muon-nesterov/--no-muon-nesterov", default=None, help="Nesterov momentum  [default: on]")
+@click.option("--muon-ns-steps", type=int, default=None, help="Newton-Schulz iterations  [default: 5]")
+@click.option("--muon-weight-decay", type=float, default=None,
+              help="decoupled weight decay on Muon's matrices, p *= 1 - lr wd  [default: 0]")
 @click.option("--dropout", type=float, default=None,
               help="dropout probability while training: embeddings, attention probabilities and "
                    "residual branches (0 disables)")
@@ -445,6 +463,8 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         + f"activations {mib['activations_per_sphere']} per "
         f"sphere x {at_once}{' computing at once' if at_once < cfg.spheres else ''} = {mib['activations']} | "
         f"total {mib['total']}")
+    if cfg.optimizer == "muon":
+        lines.append(_muon_dry_run(model_cfg, cfg, ranks, shard))
     if ranks > 1:  # the other choice, for comparison
         other = estimate(not shard)
         lines.append(f"memory per rank with{'out' if shard else ''} --shard-optimizer: grads "
@@ -460,6 +480,22 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
                      + (f" (+{extra / 2**20:,.1f} MiB over the pool; total {(mem['total'] + extra) / 2**20:,.1f} MiB)"
                         if extra else ""))
     return "\n".join(lines)
+
+
+def _muon_dry_run(model_cfg, cfg, ranks: int, shard: bool) -> str:
+    """--optimizer muon: who updates what, the optimizer's memory by role, Newton-Schulz's FLOPs."""
+    from crystal.model import ParamLayout
+    from crystal.muon import muon_matrices, muon_parameters, ns_flops_per_step
+
+    layout = ParamLayout(model_cfg)
+    k, n = muon_parameters(layout), layout.size
+    mib = lambda floats: f"{4 * floats / 2**20:,.1f} MiB"  # noqa: E731
+    flops = ns_flops_per_step(layout, cfg.muon("ns_steps"))
+    per = f"; {'each rank its own matrices' if shard else 'every rank all of them'}" if ranks > 1 else ""
+    return (f"optimizer: Muon on {len(muon_matrices(layout))} matrices ({k:,} params: momentum {mib(k)}), "
+            f"AdamW on {n - k:,} params (two moments {mib(2 * (n - k))}); AdamW's v also spans Muon's "
+            f"matrices, unused ({mib(k)}){' (whole buffer; a rank keeps its span)' if shard else ''}; "
+            f"Newton-Schulz {flops / 1e9:,.3f} GFLOPs per step ({cfg.muon('ns_steps')} iterations{per})")
 
 
 def _cudnn_reason() -> str | None:

@@ -17,6 +17,8 @@ MAX_SPHERES = 64
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")
 CUDA_GRAPHS = ("auto", "on", "off")
+OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "linear-cooldown")
 # The LM head's rows in memory are the vocabulary rounded up to a multiple of this (llm.c's
 # 50257 -> 50304): a layout choice of every backend, invisible outside the flat buffer.
 VOCAB_MULTIPLE = 64
@@ -198,6 +200,17 @@ class TrainConfig:
     keep: int = 3  # resumable checkpoints kept (newest)
     stop_at: int | None = None  # stop after this step with a checkpoint, as if interrupted
     on_nonfinite: str = "stop"  # a step with a non-finite loss or gradient: stop (exit 3) or skip it
+    optimizer: str = "adamw"  # adamw, or muon: Muon on the blocks' matrices, AdamW on the rest (crystal.muon)
+    lr_schedule: str = "cosine"  # after the warmup: cosine to final_lr, or linear-cooldown (constant, then linear)
+    cooldown_frac: float | None = None  # linear-cooldown: the last fraction of the steps that decays (None: 0.4)
+    # Muon's settings (--optimizer muon only; None: modded-nanogpt's reference values, MUON_DEFAULTS)
+    muon_lr: float | None = None  # the Muon matrices' peak lr, on the same schedule as lr (AdamW's)
+    muon_momentum: float | None = None  # 0.95
+    muon_momentum_start: float | None = None  # 0.85: momentum warms up linearly from this
+    muon_momentum_warmup: int | None = None  # 300 steps of momentum warmup (0: none)
+    muon_nesterov: bool | None = None  # True: Nesterov momentum
+    muon_ns_steps: int | None = None  # 5 Newton-Schulz iterations
+    muon_weight_decay: float | None = None  # 0.0: decoupled decay p *= 1 - lr wd on Muon's matrices
     # ranks: each rank keeps the AdamW state of its share of the buffer only (ZeRO-1); None: on with 2+ ranks
     shard_optimizer: bool | None = None
     out: str | None = None
@@ -210,6 +223,21 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.micro_batches * self.batch_size * self.seq_len
+
+    def muon(self, key: str):
+        """A Muon setting (key without the muon_ prefix): the config's, else MUON_DEFAULTS'."""
+        v = getattr(self, "muon_" + key)
+        return MUON_DEFAULTS[key] if v is None else v
+
+    @property
+    def cooldown(self) -> float:
+        return 0.4 if self.cooldown_frac is None else self.cooldown_frac
+
+
+# modded-nanogpt's reference Muon (train_gpt.py of its 2025 records, KellerJordan/Muon): lr 0.05
+# there at batch 0.5M tokens; 0.02 is Muon's own default and crystal's (see bench/RESULTS.md)
+MUON_DEFAULTS = {"lr": 0.02, "momentum": 0.95, "momentum_start": 0.85, "momentum_warmup": 300,
+                 "nesterov": True, "ns_steps": 5, "weight_decay": 0.0}
 
 
 @dataclass(frozen=True)
@@ -423,9 +451,42 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError(f"--dropout must be in [0, 1), got {t.dropout}")
     if t.init_from is not None and not isinstance(t.init_from, str):
         raise CrystalError(f"--init-from must be a directory, got {t.init_from!r}")
+    _validate_optimizer(t)
     if t.preset == "finetune" and t.init_from is None:
         raise CrystalError("the finetune preset fine-tunes a trained model: give it with --init-from DIR "
                            "(a Hugging Face GPT-2 directory or a crystal run)")
+
+
+def _validate_optimizer(t: TrainConfig) -> None:
+    if t.optimizer not in OPTIMIZERS:
+        raise CrystalError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise CrystalError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
+    if t.cooldown_frac is not None:
+        if t.lr_schedule != "linear-cooldown":
+            raise CrystalError("--cooldown-frac needs --lr-schedule linear-cooldown")
+        if not (0 < t.cooldown_frac <= 1):
+            raise CrystalError(f"--cooldown-frac must be in (0, 1], got {t.cooldown_frac}")
+    given = [k for k in MUON_DEFAULTS if getattr(t, "muon_" + k) is not None]
+    if given and t.optimizer != "muon":
+        raise CrystalError(f"--muon-{given[0].replace('_', '-')} needs --optimizer muon")
+    if t.optimizer != "muon":
+        return
+    lr = t.muon("lr")
+    if not (lr > 0) or lr == float("inf"):
+        raise CrystalError(f"--muon-lr must be a positive number, got {lr}")
+    for key in ("momentum", "momentum_start"):
+        if not (0 < t.muon(key) < 1):
+            raise CrystalError(f"--muon-{key.replace('_', '-')} must be in (0, 1), got {t.muon(key)}")
+    if not isinstance(t.muon("momentum_warmup"), int) or t.muon("momentum_warmup") < 0:
+        raise CrystalError(f"--muon-momentum-warmup must be a non-negative integer, got {t.muon('momentum_warmup')!r}")
+    steps = t.muon("ns_steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not (1 <= steps <= 100):
+        raise CrystalError(f"--muon-ns-steps must be between 1 and 100, got {steps!r}")
+    if not (0 <= t.muon("weight_decay") < 1):
+        raise CrystalError(f"--muon-weight-decay must be in [0, 1), got {t.muon('weight_decay')}")
+    if t.cuda_graphs == "on":
+        raise CrystalError("--cuda-graphs on needs --optimizer adamw (Muon's steps run eagerly)")
 
 
 # --- TOML files ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from crystal.config import TRAIN_LIMITS, ModelConfig, TrainConfig
 from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, GraphCaptureError, NonFiniteError
 from crystal.model import ParamLayout, init_params, warm_up
+from crystal.muon import Muon
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
@@ -141,7 +142,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     at_once = computing_at_once(cfg.spheres, cfg.cores, be.name)  # the core gate
     reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=at_once, rows=rows,
                               shard=cfg.shard_optimizer is not False)
-    optimizer = AdamW(be, layout, cfg, reducer.chunks, span=reducer.span)
+    optimizer = make_optimizer(be, layout, cfg, reducer, comm)
     first = 0
     if resume is not None:
         if not (0 < resume.step <= cfg.steps):
@@ -219,11 +220,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                 compute = spheres.weights.flat  # params, or their bf16 copy: AdamW refreshes it in the same pass
                 mine = reducer.my_chunks  # every chunk, or this rank's shard
                 spheres.map(len(mine), lambda i, c: optimizer.update_chunk(mine[c], params, reducer.grad, compute))
-                optimizer_s += time.perf_counter() - t_opt
-                if reducer.sharded:  # every rank's updated span to every rank, then its bf16 copy
+                if isinstance(optimizer, Muon):  # each matrix whole, then (sharded) the all-gathers
+                    optimizer.orthogonalize(params, reducer, spheres.map, compute)
+                elif reducer.sharded:  # every rank's updated span to every rank, then its bf16 copy
                     reducer.gather_params(params)
                     if compute is not params:
                         be.compute_weights(params, out=compute)
+                optimizer_s += time.perf_counter() - t_opt
             dt = time.perf_counter() - t0
             losses.append(loss)
             norms.append(norm)
@@ -272,7 +275,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         "wall_s": wall,
         "tokens_per_s": cfg.tokens_per_step * len(losses) / wall if wall > 0 else 0.0,
         "ms_per_step": 1e3 * wall / n,
-        "optimizer_ms_per_step": 1e3 * optimizer_s / n,  # AdamW on this rank's chunks (eager steps)
+        "optimizer": cfg.optimizer,
+        "optimizer_ms_per_step": 1e3 * optimizer_s / n,  # the update on this rank (eager steps; sharded: the all-gathers too)
         "peak_rss_mib": _peak_rss_mib(),  # this process's (rank 0's, with ranks)
     }
     if launches_at_start is not None and losses:  # cuda: what Python issued (evaluation included)
@@ -296,6 +300,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                        finished, checkpoint, interrupted and not finished, skipped)
 
 
+def make_optimizer(be, layout: ParamLayout, cfg: TrainConfig, reducer: GradientReducer, comm: Comm):
+    """AdamW over the whole buffer, or Muon on the blocks' matrices with AdamW on the rest
+    (crystal.muon), on the reducer's chunks and this rank's span."""
+    if cfg.optimizer == "muon":
+        from crystal.muon import warm_up as warm_up_muon
+
+        warm_up_muon(be)
+        return Muon(be, layout, cfg, reducer.chunks, span=reducer.span, comm=comm, sharded=reducer.sharded)
+    return AdamW(be, layout, cfg, reducer.chunks, span=reducer.span)
+
+
 def _gate(cfg: TrainConfig, be) -> int | None:
     """The core gate's tokens on the cpu (crystal.spheres.gate_cores); none on cuda, where a
     sphere mostly launches work on its stream."""
@@ -307,7 +322,9 @@ def _graphs_wanted(cfg: TrainConfig, be, comm: Comm) -> bool:
     if cfg.cuda_graphs == "off":
         return False
     why = None
-    if not getattr(be, "graphs", False):
+    if cfg.optimizer != "adamw":
+        why = "--optimizer adamw (Muon's steps run eagerly)"
+    elif not getattr(be, "graphs", False):
         why = "a CUDA GPU (the device is cpu)" if be.name == "cpu" else "a backend made for graphs"
     elif comm.size > 1:
         why = "a single process (ranks exchange gradients through the host)"
@@ -383,7 +400,12 @@ def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks:
     n = min(gate_cores(cfg.cores) or usable_cores(), usable_cores()) // computing_at_once(cfg.spheres, cfg.cores)
     if n <= 1:
         return 1
-    from crystal.backends.cpu import blas_threads_agree, product_shapes
+    from crystal.backends.cpu import blas_threads_agree, newton_schulz_threads_agree, product_shapes
 
-    return n if blas_threads_agree(n, product_shapes(model_cfg.n_embd, model_cfg.vocab_size,
-                                                     cfg.batch_size * cfg.seq_len)) else 1
+    agree = blas_threads_agree(n, product_shapes(model_cfg.n_embd, model_cfg.vocab_size, cfg.batch_size * cfg.seq_len))
+    if agree and cfg.optimizer == "muon":  # Muon's Newton-Schulz products too
+        from crystal.muon import NS_COEFFS, muon_matrices
+
+        shapes = tuple(sorted({(m.rows, m.cols) for m in muon_matrices(ParamLayout(model_cfg))}))
+        agree = newton_schulz_threads_agree(n, shapes, cfg.muon("ns_steps"), NS_COEFFS)
+    return n if agree else 1

@@ -131,6 +131,15 @@ def test_a_sharded_two_rank_run_resumes_bitwise_under_four_ranks_and_under_one_p
     assert same_run(four, single) and same_run(one, single)
 
 
+@pytest.mark.parametrize("ranks, shard", [(2, "--no-shard-optimizer"), (4, "--shard-optimizer")])
+def test_muon_on_ranks_gives_bitwise_the_single_process_run(tmp_path, ranks, shard):
+    muon = [*TINY, "--optimizer", "muon", "--steps", "6"]
+    one, many = tmp_path / "one", tmp_path / "many"
+    run(crystal(*muon, "--spheres", "1", "--out", str(one)))
+    mpirun(ranks, *muon, "--spheres", "1", shard, "--out", str(many))
+    assert same_run(many, one)
+
+
 def test_only_rank_zero_prints_and_writes(tmp_path):
     out = tmp_path / "run"
     done = mpirun(2, *TINY, "--spheres", "1", "--steps", "4", "--out", str(out))

@@ -148,3 +148,11 @@ class Backend(Protocol):
     # cover [start, end) contiguously (the optimizer passes one chunk at a time); compute: the
     # weights the spheres read (compute_weights(params)), refreshed on the same range in the same pass
     def adamw_update(self, params, grads, m, v, ranges, scalars: AdamWScalars, compute=None) -> None: ...
+    # Muon (crystal.muon), float32: on the (start, end) rows of ranges (host int64 [K,2+]),
+    # m = momentum m + (1-momentum) g with g = grad_scale grads, and grads <- the update
+    # (Nesterov: momentum m + (1-momentum) g; else m)
+    def muon_momentum(self, m, grads, ranges, momentum: float, nesterov: bool, grad_scale: float) -> None: ...
+    # one matrix: p = p decay - step_size NS(u), NS the quintic Newton-Schulz orthogonalization
+    # (coeffs (a, b, c), `steps` iterations, on the wide orientation); p, u 2-D views of the flat
+    # buffers (rows may be strided); u is scratch afterwards (a bf16 weight copy is the caller's to refresh)
+    def muon_orthogonal_update(self, p, u, steps: int, coeffs, decay: float, step_size: float) -> None: ...

@@ -428,6 +428,66 @@ def adamw_update(params, grads, m, v, ranges, b1, b2, ob1, ob2, step_size, inv_b
             params[i] = params[i] * d - step_size * mi / (np.sqrt(vi) * inv_bc2_sqrt + eps)
 
 
+# --- Muon: momentum (elementwise, any chunk) and the Newton-Schulz orthogonal update (whole matrices) ---
+
+@kernel
+def muon_momentum(m, grads, ranges, momentum, one_minus, nesterov, grad_scale):
+    # on each (start, end) row of ranges, in float32: g = grad_scale grads;
+    # m = momentum m + (1 - momentum) g; grads <- the update u = momentum m + (1 - momentum) g
+    # (Nesterov), or m
+    for r in range(ranges.shape[0]):
+        for i in range(ranges[r, 0], ranges[r, 1]):
+            g = grads[i] * grad_scale
+            mi = momentum * m[i] + one_minus * g
+            m[i] = mi
+            grads[i] = momentum * mi + one_minus * g if nesterov else mi
+
+
+@kernel
+def newton_schulz(x, steps, a, b, c):
+    # x[r, n] (r <= n, contiguous) <- its orthogonalization by `steps` quintic Newton-Schulz
+    # iterations: X = X / (|X|_F + 1e-7); then A = X X^T, B = b A + c A A, X = a X + B X
+    r, n = x.shape
+    flat = x.reshape(-1)
+    norm = x.dtype.type(math.sqrt(sum_squares(flat)) + 1e-7)
+    for i in range(flat.size):
+        flat[i] = flat[i] / norm
+    A = np.empty((r, r), dtype=x.dtype)
+    B = np.empty((r, r), dtype=x.dtype)
+    Y = np.empty((r, n), dtype=x.dtype)
+    fa, fb, fc = x.dtype.type(a), x.dtype.type(b), x.dtype.type(c)
+    for _ in range(steps):
+        gemm(False, True, r, r, n, x, 0, n, x, 0, n, 0.0, A, 0, r)  # A = X X^T
+        gemm(False, False, r, r, r, A, 0, r, A, 0, r, 0.0, B, 0, r)  # B = A A
+        for i in range(r):
+            for j in range(r):
+                B[i, j] = fb * A[i, j] + fc * B[i, j]
+        gemm(False, False, r, n, r, B, 0, r, x, 0, n, 0.0, Y, 0, n)  # Y = B X
+        for i in range(r):
+            for j in range(n):
+                x[i, j] = fa * x[i, j] + Y[i, j]
+
+
+@kernel
+def muon_orthogonal_update(p, u, steps, a, b, c, decay, step_size):
+    # p <- p decay - step_size NS(u) for one matrix (p, u: 2-D views, rows may be strided); the
+    # iteration runs on the wide orientation (u^T when u has more rows), as the reference does
+    rows, cols = u.shape
+    wide = rows <= cols
+    x = np.empty((rows, cols) if wide else (cols, rows), dtype=u.dtype)
+    for i in range(rows):
+        for j in range(cols):
+            if wide:
+                x[i, j] = u[i, j]
+            else:
+                x[j, i] = u[i, j]
+    newton_schulz(x, steps, a, b, c)
+    for i in range(rows):
+        for j in range(cols):
+            o = x[i, j] if wide else x[j, i]
+            p[i, j] = p[i, j] * decay - step_size * o
+
+
 # --- the backend object --------------------------------------------------------------------------
 
 def _rows(a):
@@ -591,6 +651,14 @@ class CpuBackend:
     def adamw_update(self, params, grads, m, v, ranges, scalars, compute=None):  # compute: params itself
         adamw_update(params, grads, m, v, ranges, *scalars)
 
+    def muon_momentum(self, m, grads, ranges, momentum, nesterov, grad_scale):
+        f = np.float32
+        muon_momentum(m, grads, ranges, f(momentum), f(1.0 - momentum), bool(nesterov), f(grad_scale))
+
+    def muon_orthogonal_update(self, p, u, steps, coeffs, decay, step_size):
+        f = np.float32
+        muon_orthogonal_update(p, u, int(steps), *(float(k) for k in coeffs), f(decay), f(step_size))
+
 
 @contextlib.contextmanager
 def blas_threads(n: int = 1):
@@ -634,6 +702,25 @@ def blas_threads_agree(n: int, shapes: tuple[tuple[int, int, int, bool], ...]) -
                     matmul_forward(out, inp, w, bias)
                     matmul_backward(dinp, dw, dbias, dout, inp, w)
             results.append(b"".join(a.tobytes() for a in (out, dinp, dw)))
+        if results[0] != results[1]:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def newton_schulz_threads_agree(n: int, shapes: tuple[tuple[int, int], ...], steps: int,
+                                coeffs: tuple[float, float, float]) -> bool:
+    """Whether Muon's orthogonal update (muon_orthogonal_update) of matrices of these (rows, cols)
+    has bitwise the same values at 1 and n BLAS threads (as blas_threads_agree, for Newton-Schulz)."""
+    rng = np.random.default_rng(0)
+    for rows, cols in shapes:
+        u = rng.standard_normal((rows, cols), dtype=np.float32)
+        results = []
+        for threads in (1, n):
+            p = np.zeros((rows, cols), dtype=np.float32)
+            with blas_threads(threads):
+                muon_orthogonal_update(p, u.copy(), steps, *coeffs, np.float32(1), np.float32(1))
+            results.append(p.tobytes())
         if results[0] != results[1]:
             return False
     return True

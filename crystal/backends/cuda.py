@@ -632,6 +632,39 @@ class CudaBackend:
         self._launch("adamw_update", grid_1d(n, self.block), params[start:end], grads[start:end],
                      m[start:end], v[start:end], dev, dev.shape[0], n, s)
 
+    def muon_momentum(self, m, grads, ranges, momentum, nesterov, grad_scale):
+        # float32 array expressions on each range (elementwise: any order gives the same bits)
+        self._no_capture("Muon's momentum")
+        f = np.float32
+        mom, one_minus = f(momentum), f(1.0 - momentum)
+        for start, end in ranges[:, :2].tolist():
+            g = grads[start:end] * f(grad_scale)
+            mi = m[start:end]
+            mi *= mom
+            mi += one_minus * g
+            if nesterov:
+                g *= one_minus
+                g += mom * mi
+                grads[start:end] = g
+            else:
+                grads[start:end] = mi
+
+    def muon_orthogonal_update(self, p, u, steps, coeffs, decay, step_size):
+        # Newton-Schulz through cupy's cuBLAS products in float32 (the run's compute type: fp32
+        # pedantic, tf32 under --precision tf32), on this thread's stream: deterministic
+        self._no_capture("Muon's Newton-Schulz")
+        f = np.float32
+        a, b, c = (f(k) for k in coeffs)
+        wide = u.shape[0] <= u.shape[1]
+        x = (u if wide else u.T).copy()  # contiguous
+        x /= f(math.sqrt(self.sum_squares(x.reshape(-1))) + 1e-7)
+        for _ in range(steps):
+            A = self.cp.matmul(x, x.T)
+            B = b * A + c * self.cp.matmul(A, A)
+            x = a * x + self.cp.matmul(B, x)
+        p *= f(decay)
+        p -= f(step_size) * (x if wide else x.T)
+
     def reserve_flat_ops(self, ranges) -> None:
         """Allocate, for the calling thread, what its flat-buffer ops use (the reduction partials,
         the device copy of AdamW's ranges), so that a capture of them allocates nothing."""

@@ -1,0 +1,273 @@
+"""Muon on the blocks' matrices, AdamW on everything else: `--optimizer muon`.
+
+Muon (MomentUm Orthogonalized by Newton-Schulz; Keller Jordan, modded-nanogpt) as its reference
+writes it (KellerJordan/Muon muon.py, modded-nanogpt train_gpt.py), for one matrix W with
+gradient G at step t:
+
+    g   = s G                             (s: the step's clipping factor, as AdamW's)
+    M   = mu_t M + (1 - mu_t) g           (momentum; M starts at 0)
+    U   = mu_t M + (1 - mu_t) g           (Nesterov; without it U = M)
+    O   = NS_k(U)                         (k quintic Newton-Schulz iterations, below)
+    W   = W (1 - lr_t wd) - lr_t max(1, out/in)^0.5 O
+
+NS_k: X = U / (|U|_F + 1e-7) on the wide orientation (U^T when U has more rows than columns),
+then k times A = X X^T, B = b A + c A A, X = a X + B X with (a, b, c) = NS_COEFFS; the result
+has U's singular vectors and singular values near 1 (in about [0.7, 1.2], not exactly 1: the
+reference's coefficients trade convergence for slope at zero). out/in is the matrix's output over
+input size: the reference's rows/cols of a torch Linear weight [out, in]; crystal's weights are
+Conv1D [in, out], so it is cols/rows here. mu_t warms up from momentum_start to momentum over
+momentum_warmup steps (crystal.optim.momentum_at); lr_t = muon_lr x (the schedule's lr / lr).
+
+Which tensors. Muon: every 2-D tensor inside the blocks (attention c_attn and c_proj, MLP c_fc
+and c_proj). The fused c_attn [C, 3C] is orthogonalized as three [C, C] blocks q, k, v (the
+reference's separate q, k, v weights; its later fused qkv weight is orthogonalized per block as
+a batch too): each is one linear map, and orthogonalizing the fused matrix would couple their
+scales (q and k set the attention's temperature, v the values'). AdamW (--lr, its own learning
+rate, crystal's betas and weight decay): the token and position embeddings (the tied LM head is
+the token embedding: the embedding's rule), biases and LayerNorm weights.
+
+State. Muon's momentum M lives in AdamW's first-moment buffer `m` at its matrices' offsets (one
+flat buffer, checkpointed as AdamW's is: adamw.m); AdamW's second moment `v` spans the whole
+buffer too and stays zero on Muon's matrices (4 bytes a Muon parameter, the price of one layout
+for both optimizers' checkpoints and shards).
+
+Order of work. Momentum is elementwise: it runs on the reducer's chunks beside AdamW, in the
+chunk pass (any chunking gives the same bits), and writes U over the finished gradient in place.
+Then each matrix is orthogonalized whole by one sphere (`orthogonalize`). Every product is one
+BLAS / cuBLAS call with a fixed thread count on the cpu, so the bits are the same for any sphere
+count and across a resume.
+
+Ranks. Replicated: every rank runs every matrix. Sharded (--shard-optimizer, ZeRO-1): rank r
+keeps m, v and the finished gradient of its span (crystal.reducer) and runs the chunk pass
+there, Muon's momentum included; Muon's tensors are then dealt to ranks in buffer order as R
+contiguous groups balanced by size (`owner_blocks`), every rank sends each owner U over the
+part of the owner's block its span holds (one all-to-all), the parameter all-gather of the spans
+follows, each owner orthogonalizes and updates its whole matrices, and one more all-gather
+gives every rank the owners' blocks. Each matrix's U, and so its update, is bitwise the single
+process's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crystal.config import TrainConfig
+from crystal.model import ParamLayout, ParamSpec
+from crystal.optim import AdamW, clip_ranges, momentum_at
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # the reference's quintic (a, b, c)
+
+
+@dataclass(frozen=True)
+class MuonMatrix:
+    """One matrix Muon orthogonalizes: columns [col, col + cols) of a 2-D tensor [rows, ld] at
+    `offset` of the flat buffer (c_attn's q, k or v block; the whole tensor otherwise)."""
+
+    name: str
+    offset: int
+    rows: int
+    ld: int
+    col: int
+    cols: int
+
+    def view(self, flat, base: int = 0):
+        """The matrix in `flat`, a buffer that starts at element `base` of the parameters'."""
+        at = self.offset - base
+        return flat[at:at + self.rows * self.ld].reshape(self.rows, self.ld)[:, self.col:self.col + self.cols]
+
+    @property
+    def scale(self) -> float:
+        """max(1, out/in)^0.5 (Conv1D [in, out]: out/in = cols/rows)."""
+        return max(1.0, self.cols / self.rows) ** 0.5
+
+    def ns_flops(self, steps: int) -> int:
+        """FLOPs of `steps` Newton-Schulz iterations on it (r <= n: X X^T, A A, B X)."""
+        r, n = sorted((self.rows, self.cols))
+        return steps * (2 * r * r * n + 2 * r * r * r + 2 * r * r * n)
+
+
+def muon_tensors(layout: ParamLayout) -> list[ParamSpec]:
+    """The tensors Muon updates: every 2-D tensor inside the blocks, in buffer order."""
+    return [s for s in layout.specs if s.name.startswith("transformer.h.") and len(s.shape) == 2]
+
+
+def muon_matrices(layout: ParamLayout) -> list[MuonMatrix]:
+    """The matrices Muon orthogonalizes, in buffer order: c_attn as its q, k, v blocks."""
+    out = []
+    for s in muon_tensors(layout):
+        rows, ld = s.shape
+        if s.name.endswith("attn.c_attn.weight"):
+            c = ld // 3
+            out += [MuonMatrix(f"{s.name}[{part}]", s.offset, rows, ld, i * c, c) for i, part in enumerate("qkv")]
+        else:
+            out.append(MuonMatrix(s.name, s.offset, rows, ld, 0, ld))
+    return out
+
+
+def optimizer_ranges(layout: ParamLayout) -> tuple[np.ndarray, np.ndarray]:
+    """([K,3] AdamW rows (start, end, decay), [J,3] Muon rows (start, end, 0)): the buffer split
+    between the two optimizers, adjacent rows of one kind merged."""
+    muon = {s.name for s in muon_tensors(layout)}
+    rows: dict[bool, list[list[int]]] = {True: [], False: []}
+    for s in layout.specs:
+        kind, decay = s.name in muon, 0 if s.name in muon else int(s.decay)
+        r = rows[kind]
+        if r and r[-1][1] == s.offset and r[-1][2] == decay:
+            r[-1][1] = s.offset + s.span
+        else:  # span: the LM head's padding rows go with wte to AdamW (zero stays zero there)
+            r.append([s.offset, s.offset + s.span, decay])
+    as_array = lambda r: np.array(r, dtype=np.int64).reshape(-1, 3)  # noqa: E731
+    return as_array(rows[False]), as_array(rows[True])
+
+
+def owner_blocks(layout: ParamLayout, ranks: int) -> list[tuple[int, int]]:
+    """Each rank's [lo, hi) of the buffer whose Muon tensors it orthogonalizes (sharded): Muon's
+    tensors in buffer order cut into `ranks` contiguous groups, each cut where the running size
+    first reaches r/R of the total (whole tensors; an empty block (lo, lo) for a rank without)."""
+    tensors = muon_tensors(layout)
+    total = sum(s.size for s in tensors)
+    groups: list[list[ParamSpec]] = [[] for _ in range(ranks)]
+    done = 0
+    for s in tensors:
+        r = min(ranks - 1, (2 * done + s.size) * ranks // (2 * total))  # the group of its midpoint
+        groups[r].append(s)
+        done += s.size
+    blocks, at = [], tensors[0].offset if tensors else 0
+    for g in groups:
+        if g:
+            blocks.append((g[0].offset, g[-1].offset + g[-1].size))
+            at = blocks[-1][1]
+        else:
+            blocks.append((at, at))
+    return blocks
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, max(lo, hi))
+
+
+class Muon:
+    """Muon on `muon_matrices`, AdamW (crystal.optim.AdamW, its ranges only) on the rest; the
+    AdamW interface the trainer drives (begin_step, update_chunk, m, v, t), plus `orthogonalize`
+    after the chunk pass. chunks, span: the reducer's (see AdamW); comm, sharded: the ranks'."""
+
+    def __init__(self, be, layout: ParamLayout, cfg: TrainConfig, chunks: list[tuple[int, int]] | None = None,
+                 span: tuple[int, int] | None = None, comm=None, sharded: bool = False):
+        self.be, self.cfg, self.layout = be, cfg, layout
+        adamw_rows, muon_rows = optimizer_ranges(layout)
+        self.adamw = AdamW(be, layout, cfg, chunks, span, ranges=adamw_rows)
+        self.lo, self.hi = self.adamw.lo, self.adamw.hi
+        self.m, self.v = self.adamw.m, self.adamw.v  # Muon's momentum: m at its matrices
+        shift = np.array([self.lo, self.lo, 0], dtype=np.int64)
+        self.momentum_ranges = [clip_ranges(muon_rows, max(s, self.lo), min(e, self.hi)) - shift
+                                for s, e in (chunks or [(0, layout.size)])]
+        self.matrices = muon_matrices(layout)
+        self.steps, self.nesterov = cfg.muon("ns_steps"), cfg.muon("nesterov")
+        self.comm, self.sharded = comm, sharded and comm is not None and comm.size > 1
+        self.mine = list(range(len(self.matrices)))  # the matrices this rank orthogonalizes
+        if self.sharded:
+            self._plan(layout)
+        self.momentum = self.lr = 0.0
+        self.decay = 1.0
+
+    # --- the AdamW interface ---
+    @property
+    def t(self) -> int:
+        return self.adamw.t
+
+    @t.setter
+    def t(self, value: int) -> None:
+        self.adamw.t = value
+
+    @property
+    def scalars(self):
+        return self.adamw.scalars
+
+    def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """The step's scalars: AdamW's at lr, Muon's at muon_lr x lr / --lr (the same schedule)
+        with the momentum of its 0-based step t - 1 (steps applied so far, as AdamW counts)."""
+        self.adamw.begin_step(lr, grad_scale)
+        self.grad_scale = grad_scale
+        self.momentum = momentum_at(self.t - 1, self.cfg)
+        self.lr = self.cfg.muon("lr") * lr / self.cfg.lr
+        self.decay = 1.0 - self.lr * self.cfg.muon("weight_decay")
+
+    def update_chunk(self, c: int, params, grads, compute=None) -> None:
+        """AdamW on chunk c's AdamW rows; Muon's momentum on its Muon rows (grads there become U)."""
+        self.adamw.update_chunk(c, params, grads, compute)
+        ranges = self.momentum_ranges[c]
+        if ranges.shape[0]:
+            self.be.muon_momentum(self.m, grads, ranges, self.momentum, self.nesterov, self.grad_scale)
+
+    def step(self, params, grads, lr: float, grad_scale: float = 1.0) -> None:
+        """One whole step on one process (tests): the chunk pass, then every matrix."""
+        self.begin_step(lr, grad_scale)
+        for c in range(len(self.momentum_ranges)):
+            self.update_chunk(c, params, grads)
+        for k in self.mine:
+            self.update_matrix(k, params, grads)
+
+    # --- the matrices ---
+    def update_matrix(self, k: int, params, u, base: int = 0) -> None:
+        """W = W decay - lr scale NS(U) for matrix k; u: U's buffer, starting at element `base`."""
+        mat = self.matrices[k]
+        self.be.muon_orthogonal_update(mat.view(params), mat.view(u, base), self.steps, NS_COEFFS,
+                                       self.decay, self.lr * mat.scale)
+
+    def orthogonalize(self, params, reducer, map_items, compute=None) -> None:
+        """After the chunk pass: every matrix (replicated), or the owners' (sharded), run by the
+        spheres through map_items(n, work(i, item)); then every rank's parameters are the step's
+        (sharded: the parameter all-gathers) and compute, a bf16 weight copy, is refreshed."""
+        if not self.sharded:
+            map_items(len(self.mine), lambda i, j: self.update_matrix(self.mine[j], params, reducer.grad))
+        else:
+            x = self._exchange
+            self.comm.alltoallv(reducer.grad, x["send_counts"], x["send_displs"], self._u, x["recv_counts"],
+                                x["recv_displs"], x["block"])
+            reducer.gather_params(params)  # AdamW's spans (Muon's tensors still the last step's everywhere)
+            lo = self.block[0]
+            map_items(len(self.mine), lambda i, j: self.update_matrix(self.mine[j], params, self._u, lo))
+            self.comm.allgatherv(params, [hi - lo for lo, hi in self.blocks], [lo for lo, _ in self.blocks],
+                                 "the Muon all-gather")
+        if compute is not None and compute is not params:
+            self.be.compute_weights(params, out=compute)
+
+    def _plan(self, layout: ParamLayout) -> None:
+        """The sharded exchange: rank r's span of U goes, cut by owner block, to the owners."""
+        R, rank = self.comm.size, self.comm.rank
+        from crystal.reducer import shard_spans
+
+        spans = shard_spans(layout.size, R)
+        self.blocks = owner_blocks(layout, R)
+        self.block = self.blocks[rank]
+        self.mine = [k for k, mat in enumerate(self.matrices) if self.block[0] <= mat.offset < self.block[1]]
+        span = spans[rank]
+        cuts = [[_overlap(spans[r], self.blocks[o]) for o in range(R)] for r in range(R)]
+        self._exchange = dict(
+            send_counts=[hi - lo for lo, hi in cuts[rank]], send_displs=[lo - span[0] for lo, _ in cuts[rank]],
+            recv_counts=[hi - lo for lo, hi in (cuts[r][rank] for r in range(R))],
+            recv_displs=[lo - self.block[0] for lo, _ in (cuts[r][rank] for r in range(R))],
+            block=max(hi - lo for row in cuts for lo, hi in row))
+        self._u = self.be.empty(max(1, self.block[1] - self.block[0]))
+
+
+def ns_flops_per_step(layout: ParamLayout, steps: int) -> int:
+    """Newton-Schulz FLOPs of one optimizer step (every matrix, all ranks together)."""
+    return sum(m.ns_flops(steps) for m in muon_matrices(layout))
+
+
+def muon_parameters(layout: ParamLayout) -> int:
+    return sum(s.size for s in muon_tensors(layout))
+
+
+def warm_up(be) -> None:
+    """Compile Muon's ops once (a sphere then never compiles): both orientations, strided rows."""
+    grads, m = be.to_device(np.linspace(-1, 1, 24, dtype=np.float32)), be.zeros(24)
+    be.muon_momentum(m, grads, np.array([[0, 24, 0]], dtype=np.int64), 0.9, True, 1.0)
+    p = be.zeros((4, 6))
+    be.muon_orthogonal_update(p[:, :3], grads.reshape(4, 6)[:, 3:], 1, NS_COEFFS, 1.0, 0.1)  # c_attn's blocks
+    be.muon_orthogonal_update(p[:2, :], grads[:12].reshape(2, 6), 1, NS_COEFFS, 1.0, 0.1)  # whole matrices
+    be.synchronize()

@@ -1,0 +1,326 @@
+"""--optimizer muon: Newton-Schulz against float64, a whole Muon step against a PyTorch Muon written
+here from the reference's equations, bitwise across spheres, thread-ranks (replicated and
+sharded) and a resume, the cuda backend's ops under the emulator, the schedules, bad inputs."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from crystal.backends.cpu import CpuBackend
+from crystal.cli import main
+from crystal.config import ModelConfig, TrainConfig, resolve
+from crystal.model import ParamLayout
+from crystal.muon import NS_COEFFS, Muon, muon_matrices, muon_tensors, optimizer_ranges, owner_blocks
+from crystal.optim import lr_at, momentum_at
+from crystal.trainer import train
+from thread_ranks import ThreadComm
+
+A, B, C = NS_COEFFS
+
+
+def ns_reference(g: np.ndarray, steps: int = 5) -> np.ndarray:
+    """The reference's zeropower_via_newtonschulz5 in float64: X = G / (|G|_F + 1e-7) on the wide
+    orientation; X <- a X + (b A + c A A) X with A = X X^T."""
+    x = g.astype(np.float64)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (np.linalg.norm(x) + 1e-7)
+    for _ in range(steps):
+        a = x @ x.T
+        x = A * x + (B * a + C * a @ a) @ x
+    return x.T if tall else x
+
+
+def cpu_ns(be, g: np.ndarray, steps: int = 5) -> np.ndarray:
+    """The backend op's orthogonalization alone: p = 0 - (-1) NS(g)."""
+    p = np.zeros_like(g)
+    be.muon_orthogonal_update(p, g.copy(), steps, NS_COEFFS, 1.0, -1.0)
+    return p
+
+
+def ill_conditioned(rows: int, cols: int, cond: float, rng) -> np.ndarray:
+    u, _ = np.linalg.qr(rng.standard_normal((rows, rows)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, cols)))
+    k = min(rows, cols)
+    s = np.geomspace(1.0, 1.0 / cond, k)
+    return (u[:, :k] * s) @ v[:k, :]
+
+
+# the model's shapes (tiny and small presets), both orientations: c_attn's blocks and c_proj
+# [C, C], c_fc [C, 4C], the MLP's c_proj [4C, C]
+SHAPES = [(32, 32), (32, 128), (128, 32), (128, 512), (512, 128)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["random", "ill-conditioned"])
+def test_newton_schulz_agrees_with_a_float64_reference(shape, kind):
+    rng = np.random.default_rng(sum(shape))
+    g = (rng.standard_normal(shape) if kind == "random" else ill_conditioned(*shape, 1e4, rng)).astype(np.float32)
+    got, want = cpu_ns(CpuBackend(), g), ns_reference(g)
+    assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32)])
+def test_newton_schulz_keeps_the_singular_vectors_and_brings_singular_values_near_one(shape):
+    # the reference's quintic, 5 steps: singular values down to ~1/10 of the largest land in
+    # about [0.68, 1.2] (not exactly 1: its coefficients trade convergence for slope at zero)
+    rng = np.random.default_rng(3)
+    g = ill_conditioned(*shape, 10.0, rng).astype(np.float32)
+    o = cpu_ns(CpuBackend(), g).astype(np.float64)
+    s = np.linalg.svd(o, compute_uv=False)
+    assert 0.6 < s.min() and s.max() < 1.25
+    u, _, vt = np.linalg.svd(g.astype(np.float64), full_matrices=False)
+    core = u.T @ o @ vt.T
+    assert np.allclose(core, np.diag(np.diag(core)), atol=2e-3)  # the same singular vectors
+
+
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32)])
+def test_newton_schulz_of_an_ill_conditioned_matrix_has_the_float64_singular_values(shape):
+    # condition 1e4: the small singular values are still on their way up after 5 steps, in
+    # float32 as in float64
+    g = ill_conditioned(*shape, 1e4, np.random.default_rng(6)).astype(np.float32)
+    got = np.linalg.svd(cpu_ns(CpuBackend(), g).astype(np.float64), compute_uv=False)
+    want = np.linalg.svd(ns_reference(g), compute_uv=False)
+    assert np.abs(got - want).max() < 1e-4 and want.min() < 0.1
+
+
+def test_newton_schulz_of_a_strided_block_equals_that_of_its_copy():
+    rng = np.random.default_rng(4)
+    fused = rng.standard_normal((32, 96)).astype(np.float32)
+    be = CpuBackend()
+    p = np.zeros((32, 96), np.float32)
+    be.muon_orthogonal_update(p[:, 32:64], fused.copy()[:, 32:64], 5, NS_COEFFS, 1.0, -1.0)
+    assert p[:, 32:64].tobytes() == cpu_ns(be, np.ascontiguousarray(fused[:, 32:64])).tobytes()
+    assert not p[:, :32].any() and not p[:, 64:].any()
+
+
+# --- the whole step against PyTorch -------------------------------------------------------------
+
+MODEL = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=24)
+CFG = TrainConfig(lr=3e-3, optimizer="muon", muon_lr=0.02, grad_clip=1.0, muon_momentum_warmup=3,
+                  weight_decay=0.1, muon_weight_decay=0.05)
+
+
+def torch_muon_steps(params: np.ndarray, grads: list[np.ndarray], lrs: list[float], scales: list[float]):
+    """The reference's Muon (momentum.lerp_(g, 1-mu); update = g.lerp_(momentum, mu); NS in
+    float32; p.mul_(1 - lr wd); p.add_(update, alpha=-lr max(1, out/in)^0.5)) on each q, k, v block
+    and matrix, with torch.optim.AdamW on the rest (weight decay on 2-D tensors only)."""
+    layout = ParamLayout(MODEL)
+    flat = torch.tensor(params)
+    muon_names = {s.name for s in muon_tensors(layout)}
+    adam_params, decays = [], []
+    for s in layout.specs:
+        if s.name not in muon_names:
+            adam_params.append(torch.nn.Parameter(flat[s.offset:s.offset + s.size].clone()))
+            decays.append(len(s.shape) == 2)
+    adam = torch.optim.AdamW([{"params": [p for p, d in zip(adam_params, decays) if d], "weight_decay": 0.1},
+                              {"params": [p for p, d in zip(adam_params, decays) if not d], "weight_decay": 0.0}],
+                             lr=CFG.lr, betas=(CFG.beta1, CFG.beta2), eps=CFG.eps)
+    mats = muon_matrices(layout)
+    momentum = {m.name: torch.zeros(m.rows, m.cols) for m in mats}
+    for step, (g, lr, scale) in enumerate(zip(grads, lrs, scales)):
+        gt = torch.tensor(g) * scale
+        i = 0
+        for s in layout.specs:
+            if s.name not in muon_names:
+                adam_params[i].grad = gt[s.offset:s.offset + s.size].clone()
+                i += 1
+        for group in adam.param_groups:
+            group["lr"] = lr
+        adam.step()
+        mu = momentum_at(step, CFG)
+        muon_lr = CFG.muon("lr") * lr / CFG.lr
+        for m in mats:
+            w = m.view(flat)
+            grad = m.view(gt).clone()
+            buf = momentum[m.name]
+            buf.lerp_(grad, 1 - mu)
+            update = grad.lerp_(buf, mu)
+            o = torch.tensor(ns_reference(update.numpy()), dtype=torch.float32)
+            w.mul_(1 - muon_lr * CFG.muon("weight_decay"))
+            w.add_(o, alpha=-muon_lr * max(1, m.cols / m.rows) ** 0.5)
+        i = 0
+        for s in layout.specs:
+            if s.name not in muon_names:
+                flat[s.offset:s.offset + s.size] = adam_params[i].detach()
+                i += 1
+    return flat.numpy(), momentum
+
+
+def test_muon_steps_match_pytorch_muon_and_adamw_written_from_the_equations():
+    layout = ParamLayout(MODEL)
+    rng = np.random.default_rng(0)
+    params = (rng.standard_normal(layout.size) * 0.02).astype(np.float32)
+    grads = [(rng.standard_normal(layout.size) * 0.01).astype(np.float32) for _ in range(5)]
+    for a in (params, *grads):  # the LM head's padding rows: zero values, zero gradients
+        a[slice(*layout.padding)] = 0
+    lrs, scales = [1e-3, 2e-3, 3e-3, 3e-3, 2e-3], [1.0, 0.5, 1.0, 0.8, 1.0]
+    opt = Muon(CpuBackend(), layout, CFG)
+    got = params.copy()
+    for g, lr, scale in zip(grads, lrs, scales):
+        opt.step(got, g.copy(), lr, scale)
+    want, momentum = torch_muon_steps(params, grads, lrs, scales)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    for m in muon_matrices(layout):
+        ref = momentum[m.name].numpy()
+        assert np.abs(m.view(opt.m) - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_the_buffer_splits_into_muons_block_matrices_and_adamws_rest():
+    layout = ParamLayout(MODEL)
+    adamw, muon = optimizer_ranges(layout)
+    assert [s.name.split(".", 3)[-1] for s in muon_tensors(layout)] == 2 * [
+        "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+    covered = sorted([tuple(r[:2]) for r in adamw] + [tuple(r[:2]) for r in muon])
+    assert covered[0][0] == 0 and covered[-1][1] == layout.size
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # together, the whole buffer once
+    names = [m.name for m in muon_matrices(layout)]
+    assert names[:3] == [f"transformer.h.0.attn.c_attn.weight[{p}]" for p in "qkv"] and len(names) == 12
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_owner_blocks_are_whole_tensors_in_order_balanced_by_size(ranks):
+    layout = ParamLayout(ModelConfig(n_layer=4, n_embd=64, n_head=4))
+    blocks = owner_blocks(layout, ranks)
+    starts = {s.offset for s in muon_tensors(layout)}
+    ends = {s.offset + s.size for s in muon_tensors(layout)}
+    sizes = [sum(s.size for s in muon_tensors(layout) if lo <= s.offset < hi) for lo, hi in blocks]
+    assert all(lo in starts and hi in ends for lo, hi in blocks)
+    assert all(a[1] <= b[0] for a, b in zip(blocks, blocks[1:]))
+    assert max(sizes) - min(sizes) <= max(s.size for s in muon_tensors(layout))
+
+
+# --- schedules ------------------------------------------------------------------------------------
+
+def test_linear_cooldown_is_constant_then_linear_to_the_final_lr_as_the_reference():
+    cfg = TrainConfig(lr=1.0, steps=100, warmup=0, lr_schedule="linear-cooldown", cooldown_frac=0.4)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[:61] == [1.0] * 61
+    assert all(a > b for a, b in zip(lrs[60:], lrs[61:]))
+    assert lrs[80] == pytest.approx(0.5 * 1.0 + 0.5 * 0.1)
+
+
+def test_momentum_warms_up_linearly_from_its_start():
+    cfg = TrainConfig(optimizer="muon")
+    assert momentum_at(0, cfg) == 0.85 and momentum_at(150, cfg) == pytest.approx(0.9)
+    assert momentum_at(300, cfg) == momentum_at(5000, cfg) == 0.95
+
+
+# --- bitwise: spheres, resume, ranks ------------------------------------------------------------
+
+def tiny(**overrides):
+    return resolve("tiny", train_overrides={"device": "cpu", "optimizer": "muon", "steps": 4, **overrides})
+
+
+@pytest.fixture(scope="module")
+def runs_by_sphere_count():
+    return {s: train(*tiny(spheres=s)) for s in (1, 3, 12)}
+
+
+@pytest.mark.parametrize("spheres", [3, 12])
+def test_muon_runs_are_bitwise_identical_for_any_sphere_count(runs_by_sphere_count, spheres):
+    a, b = runs_by_sphere_count[1], runs_by_sphere_count[spheres]
+    assert a.losses == b.losses and a.params.tobytes() == b.params.tobytes()
+
+
+def test_muon_trains_other_parameters_than_adamw(runs_by_sphere_count):
+    adamw = train(*resolve("tiny", train_overrides={"device": "cpu", "steps": 4, "spheres": 3}))
+    assert adamw.params.tobytes() != runs_by_sphere_count[1].params.tobytes()
+    assert runs_by_sphere_count[1].root["optimizer"] == "muon" and adamw.root["optimizer"] == "adamw"
+
+
+TRAIN = ["train", "--preset", "tiny", "--device", "cpu", "--quiet", "--optimizer", "muon", "--steps", "6",
+         "--spheres", "3", "--checkpoint-every", "2"]
+
+
+def test_a_resumed_muon_run_is_bitwise_the_uninterrupted_one(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*TRAIN, "--out", str(a)]) == 0
+    assert main([*TRAIN, "--out", str(b), "--stop-at", "3"]) == 0
+    assert main(["train", "--resume", str(b), "--quiet", "--spheres", "12"]) == 0
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    losses = [[json.loads(l).get("loss") for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert losses[0] == losses[1]
+
+
+def train_thread_ranks(ranks: int, shard: bool):
+    """train() on `ranks` thread-ranks; rank 0's result."""
+    shared = {"barrier": threading.Barrier(ranks)}
+    out, errors = [None] * ranks, []
+
+    def rank(i):
+        try:
+            model, cfg = tiny(spheres=2, shard_optimizer=shard)
+            out[i] = train(model, cfg, comm=ThreadComm(i, ranks, shared))
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert all(r.params.tobytes() == out[0].params.tobytes() for r in out)  # every rank's replica
+    return out[0]
+
+
+@pytest.mark.parametrize("ranks, shard", [(2, False), (2, True), (4, True)])
+def test_muon_on_thread_ranks_is_bitwise_the_single_process(runs_by_sphere_count, ranks, shard):
+    r = train_thread_ranks(ranks, shard)
+    one = runs_by_sphere_count[1]
+    assert r.losses == one.losses and r.params.tobytes() == one.params.tobytes()
+
+
+# --- the cuda backend's ops under the emulator ----------------------------------------------------
+
+def test_emulated_cuda_muon_ops_agree_with_the_cpu_backend():
+    pytest.importorskip("emu.build")
+    from emu.backend import EmulatedCudaBackend
+
+    cuda, cpu = EmulatedCudaBackend(), CpuBackend()
+    rng = np.random.default_rng(5)
+    n = 24 * 96
+    grads, m = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    ranges = np.array([[0, 1000, 0], [1200, n, 0]], dtype=np.int64)
+    outs = []
+    for be in (cuda, cpu):
+        g, mm = grads.copy(), m.copy()
+        be.muon_momentum(mm, g, ranges, 0.9, True, 0.5)
+        p = np.ones((24, 96), np.float32)
+        be.muon_orthogonal_update(p[:, 24:48], g.reshape(24, 96)[:, 24:48], 5, NS_COEFFS, 0.99, 0.02)
+        be.muon_orthogonal_update(p[:, 48:].T, g[:24 * 48].reshape(48, 24), 5, NS_COEFFS, 0.99, 0.02)
+        outs.append((g, mm, p))
+    for x, y in zip(*outs):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+# --- bad inputs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--muon-lr", "0.02"], "--muon-lr needs --optimizer muon"),
+    (["--optimizer", "adamw", "--muon-ns-steps", "5"], "--muon-ns-steps needs --optimizer muon"),
+    (["--optimizer", "muon", "--muon-momentum", "0"], "--muon-momentum must be in (0, 1)"),
+    (["--optimizer", "muon", "--muon-momentum", "-0.5"], "--muon-momentum must be in (0, 1)"),
+    (["--optimizer", "muon", "--muon-ns-steps", "0"], "--muon-ns-steps must be between 1 and 100"),
+    (["--optimizer", "muon", "--muon-lr", "-1"], "--muon-lr must be a positive number"),
+    (["--cooldown-frac", "0.3"], "--cooldown-frac needs --lr-schedule linear-cooldown"),
+])
+def test_bad_muon_settings_exit_2_with_one_line(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--device", "cpu", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def test_dry_run_shows_muons_memory_and_newton_schulz_flops(capsys):
+    assert main(["train", "--preset", "tiny", "--device", "cpu", "--optimizer", "muon", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("optimizer: Muon"))
+    assert "on 12 matrices (24,576 params: momentum 0.1 MiB)" in line and "Newton-Schulz" in line
