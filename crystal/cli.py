@@ -709,6 +709,36 @@ def watch(run, host, port) -> None:
 
 
 @cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (another: every machine that reaches it, with a warning)")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="where to decode")
+def serve(run, host, port, api_key, device) -> None:
+    """An OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) for RUN.
+
+    RUN is a run directory or a Hugging Face GPT-2 directory (chat needs its tokenizer's
+    chat_template). Requests are decoded one at a time, in order of arrival."""
+    from crystal.serve import Server, ServedModel, host_warning
+    from crystal.watch import bind, check_port
+
+    check_port(port)
+    if api_key is not None and (not api_key or api_key != api_key.strip() or not api_key.isprintable()):
+        raise CrystalError("--api-key must be a non-empty printable text without surrounding spaces")
+    if not Path(run).exists():
+        raise CrystalError(f"{run} does not exist: give a run directory or a Hugging Face GPT-2 directory")
+    sock = bind(host, port)
+    from crystal.backends import get_backend
+
+    server = Server(ServedModel(run, get_backend(device)), sock, host, api_key)
+    if (warning := host_warning(host, api_key)) is not None:
+        click.echo(warning, err=True)
+    click.echo(f"serving {server.served.name} at {server.url} (Ctrl-C stops)")
+    server.serve()
+
+
+@cli.command()
 def info() -> None:
     """Versions, BLAS, cores, numba threading, GPU and nvcc of this machine."""
     from crystal.info import describe

@@ -1,0 +1,594 @@
+"""`crystal serve RUN_OR_HF_DIR`: an OpenAI-compatible HTTP API for a trained model.
+
+    GET  /v1/models             the one model, named after the directory
+    POST /v1/completions        a prompt (text, or a list of token ids) continued
+    POST /v1/chat/completions   messages rendered with the tokenizer's own chat template
+
+both streamed (server-sent events, `data: [DONE]` last) and not, with max_tokens (chat also
+max_completion_tokens), temperature, top_p, n, stop (a text or up to MAX_STOPS), seed, stream,
+stream_options.include_usage, and `usage` counts (prompt tokens; completion tokens: every
+token generated, over the n choices). Other fields are ignored, except those that would change
+the answer and that this server does not do (logprobs, echo, suffix, best_of > n, tools): 400.
+
+Generation reuses crystal.sample: the n choices of a request are one `Generation` batch (choice
+i draws with seed + i, so it equals `crystal sample --seed S+i`), the text comes through a
+`TextStream` per choice (whole UTF-8 characters, cut before a stop text), and the tokenizer's
+end-of-text ends a choice (finish_reason "stop"; max_tokens: "length"). Without a seed, a
+request draws a random one. A prompt longer than block_size continues from its last block_size
+tokens, and a context that fills block_size slides (crystal.sample).
+
+Concurrency: one worker thread owns the model and decodes one request at a time (its n choices
+as one batch); requests wait in a FIFO queue. Requests are not batched with each other: the
+simplest correct design. Bounds (`Limits`): the body, the prompt's tokens, max_tokens, n, the
+stop texts, and the requests queued or running; beyond one, the OpenAI error JSON with 400, 413
+(body) or 429 (queue full), at once. A client that disconnects (mid-stream or while waiting)
+cancels its request: the worker skips it or ends its batch at the next token.
+
+Chat: the template is tokenizer_config.json's `chat_template` (or chat_template.jinja beside
+it), rendered as transformers' apply_chat_template renders it (a sandboxed jinja2 environment
+with trim_blocks and lstrip_blocks, `raise_exception`, `tojson`; messages, add_generation_prompt
+true, the special tokens); the text is then encoded without adding special tokens. A model
+without a template answers chat with 400 and completions as usual.
+
+Security: binds 127.0.0.1 unless told; another host prints a warning. `--api-key KEY` requires
+`Authorization: Bearer KEY` on every /v1 request (401 otherwise). Only Host headers naming the
+bound address are answered (crystal.hostcheck; 421 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crystal.errors import CrystalError
+
+MAX_STOPS = 4  # OpenAI's bound on stop texts
+MAX_SEED = 2**63  # seeds are taken modulo this (OpenAI's are 64-bit integers)
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+               "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
+               "logit_bias": (None, {})}  # a field and the values it may have here
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how many may wait."""
+
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 32_768  # longer than block_size continues from the last block_size
+    max_tokens: int = 4096  # per choice
+    max_n: int = 16
+    max_queue: int = 64  # requests queued or running
+    default_max_tokens: int = 16  # completions, as OpenAI's; chat defaults to max_tokens's bound
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error format: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# --- the model and its tokenizer -------------------------------------------------------------------
+
+def read_chat_template(where: Path) -> tuple[str | None, dict]:
+    """The chat template of a model directory and its tokenizer_config.json (or {}):
+    chat_template.jinja where there is one, else the config's `chat_template` (a text, or a list
+    of {name, template} of which "default" is taken)."""
+    config = {}
+    cfg_file = where / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CrystalError(f"cannot read {cfg_file}: {e}") from None
+        if not isinstance(config, dict):
+            raise CrystalError(f"{cfg_file} is not a JSON object")
+    jinja_file = where / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8"), config
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return (template if isinstance(template, str) and template else None), config
+
+
+def _special_token(config: dict, name: str) -> str | None:
+    """tokenizer_config.json's bos_token, eos_token...: a text or an AddedToken-like {content}."""
+    value = config.get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class ChatTemplate:
+    """A chat template compiled as transformers compiles it (its `_compile_jinja_template`)."""
+
+    def __init__(self, source: str, special: dict[str, str]):
+        try:
+            from jinja2 import TemplateError
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError as e:
+            raise CrystalError(f"chat templates need jinja2 (pip install 'crystal[serve]'): {e}") from None
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        self.TemplateError = TemplateError
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as e:
+            raise CrystalError(f"the tokenizer's chat_template does not compile: {e}") from None
+        self.special = special
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+        except self.TemplateError as e:
+            raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
+        except Exception as e:  # a template's own error (an undefined attribute, a type)
+            raise ApiError(400, f"the chat template failed on these messages: {type(e).__name__}: {e}",
+                           "messages") from None
+
+
+class ServedModel:
+    """The model of RUN_OR_HF_DIR, its tokenizer, end-of-text token and chat template."""
+
+    def __init__(self, path: str | Path, backend=None):
+        from crystal.pretrained import checkpoint_tokenizer, load_checkpoint
+        from crystal.sample import eos_token_id
+
+        self.path = path = Path(path)
+        if not path.exists():
+            raise CrystalError(f"{path} does not exist: give a run directory or a Hugging Face GPT-2 directory")
+        self.model = load_checkpoint(path, backend)
+        self.tok = checkpoint_tokenizer(path, self.model)
+        where = path if path.is_dir() else path.parent
+        self.name = path.resolve().name or "crystal"
+        source, config = read_chat_template(where)
+        special = {k: v for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+                   if (v := _special_token(config, k)) is not None}
+        self.chat = None if source is None else ChatTemplate(source, special)
+        eos_text, inner = special.get("eos_token"), getattr(self.tok, "tok", None)
+        eos = inner.token_to_id(eos_text) if eos_text and inner is not None else None
+        self.eos = eos if eos is not None else eos_token_id(self.tok)
+        self.block_size = self.model.config.block_size
+
+    def encode(self, text: str) -> list[int]:
+        """A prompt's ids as the tokenizer gives them (no special tokens added)."""
+        from crystal.sample import prompt_tokens
+
+        return prompt_tokens(self.tok, text)
+
+
+# --- the worker ------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One request: its prompt's ids, sampling and n, and where its events go (`emit`, called
+    from the worker thread: ("text", i, piece), ("end", i, finish_reason), ("done", usage) or
+    ("error", message))."""
+
+    prompt: list[int]
+    params: object  # crystal.sample.SamplingParams
+    n: int
+    emit: object
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """One thread that owns the model and runs jobs one after another from a bounded queue."""
+
+    def __init__(self, served: ServedModel, max_queue: int):
+        self.served, self.max_queue = served, max_queue
+        self.jobs: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self.pending = 0  # queued or running
+        self.cancelled = 0  # jobs given up because their client left
+        self._thread = threading.Thread(target=self._loop, name="crystal-serve-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.pending >= self.max_queue:
+                raise ApiError(429, f"the server is busy: {self.max_queue} requests are queued or running; "
+                                    "retry later", code="queue_full")
+            self.pending += 1
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                if job.cancelled.is_set() or not self._run(job):
+                    self.cancelled += 1
+            except Exception as e:  # a request's failure is its answer, never the server's end
+                job.emit(("error", f"{type(e).__name__}: {e}" if not isinstance(e, CrystalError) else str(e)))
+            finally:
+                with self._lock:
+                    self.pending -= 1
+
+    def _run(self, job: Job) -> bool:
+        """The job's events; False when its client left before the end."""
+        from crystal.sample import Generation, TextStream
+
+        s = self.served
+        gen = Generation(s.model, [job.prompt] * job.n, job.params, s.eos)
+        streams = [TextStream(s.tok, job.prompt, job.params.stop) for _ in range(job.n)]
+        reason = ["length"] * job.n
+        ended = [False] * job.n
+        while not all(ended):
+            if job.cancelled.is_set():
+                return False
+            for i, token in gen.step():
+                if token == gen.eos:
+                    reason[i] = "stop"
+                    continue
+                if piece := streams[i].push(token):
+                    job.emit(("text", i, piece))
+                if streams[i].stopped:
+                    reason[i] = "stop"
+                    gen.end(i)
+            for i in range(job.n):
+                if not gen.live[i] and not ended[i]:
+                    ended[i] = True
+                    if piece := streams[i].finish():
+                        job.emit(("text", i, piece))
+                    job.emit(("end", i, reason[i]))
+        completion = sum(gen.n_new)
+        job.emit(("done", {"prompt_tokens": len(job.prompt), "completion_tokens": completion,
+                           "total_tokens": len(job.prompt) + completion}))
+        return True
+
+
+# --- requests --------------------------------------------------------------------------------------
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked completions or chat request: the prompt's ids and how to sample."""
+
+    prompt: list[int]
+    params: object
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(body: dict, served: ServedModel, limits: Limits, chat: bool) -> Request:
+    """The request of a JSON body, or an ApiError(400/404) naming the field at fault."""
+    from crystal.sample import SamplingParams
+
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string: the name /v1/models lists", "model")
+    if model != served.name:
+        raise ApiError(404, f"the model '{model}' does not exist; this server has '{served.name}'", "model",
+                       "model_not_found")
+    for name, allowed in UNSUPPORTED.items():
+        if name in body and not any(body[name] == a and type(body[name]) is type(a) for a in allowed):
+            raise ApiError(400, f"'{name}' is not supported by this server", name)
+
+    def number(name, default, lo, hi, lo_open=False):
+        x = body.get(name)
+        if x is None:
+            return default
+        if not _is_number(x) or not (lo < x if lo_open else lo <= x) or not x <= hi:
+            raise ApiError(400, f"'{name}' must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {x!r}", name)
+        return float(x)
+
+    def integer(name, default, lo, hi):
+        x = body.get(name)
+        if x is None:
+            return default
+        if not _is_int(x) or not lo <= x <= hi:
+            raise ApiError(400, f"'{name}' must be an integer in [{lo}, {hi}], got {x!r}", name)
+        return x
+
+    temperature = number("temperature", 1.0, 0, 2)
+    top_p = number("top_p", 1.0, 0, 1, lo_open=True)
+    n = integer("n", 1, 1, limits.max_n)
+    max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    default_max = limits.max_tokens if chat else limits.default_max_tokens
+    max_tokens = integer(max_name, default_max, 1, limits.max_tokens)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    seed = secrets.randbelow(MAX_SEED) if seed is None else seed % MAX_SEED
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stop, list) or len(stop) > MAX_STOPS
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, f"'stop' must be a non-empty text or a list of up to {MAX_STOPS}", "stop")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    include_usage = bool((options or {}).get("include_usage", False))
+
+    prompt = chat_prompt(body.get("messages"), served) if chat else completion_prompt(body.get("prompt"), served)
+    if len(prompt) > limits.max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {len(prompt):,} tokens; this server takes at most "
+                            f"{limits.max_prompt_tokens:,}", "messages" if chat else "prompt",
+                       "context_length_exceeded")
+    params = SamplingParams(max_tokens, temperature, None, top_p, seed, tuple(stop))
+    return Request(prompt, params, n, stream, include_usage)
+
+
+def completion_prompt(prompt, served: ServedModel) -> list[int]:
+    """A text (or a list of one text), or a list of token ids (or a list of one such list)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return served.encode(prompt)
+    V = served.model.config.vocab_size
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if not all(0 <= t < V for t in prompt):
+            raise ApiError(400, f"token ids in 'prompt' must be in [0, {V})", "prompt")
+        return list(prompt)
+    raise ApiError(400, "'prompt' must be a text or a non-empty list of token ids (one prompt per request)",
+                   "prompt")
+
+
+def chat_prompt(messages, served: ServedModel) -> list[int]:
+    if served.chat is None:
+        raise ApiError(400, f"the model '{served.name}' has no chat template (tokenizer_config.json's "
+                            "chat_template): use /v1/completions", "messages", "no_chat_template")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    checked = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, "each message must be an object with a 'role' text", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text here
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, "only text content parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, "each message's 'content' must be a text", "messages")
+        checked.append({**m, "content": content})
+    text = served.chat.render(checked)
+    ids = [int(i) for i in served.tok.encode(text)]
+    if not ids:
+        raise ApiError(400, "the chat template rendered these messages as no tokens", "messages")
+    return ids
+
+
+# --- the application -------------------------------------------------------------------------------
+
+def make_app(served: ServedModel, worker: Worker, limits: Limits, api_key: str | None, hosts):
+    """The ASGI application: the three endpoints behind the Host rule and the API key."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from crystal.hostcheck import HostCheck
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def authorize(request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def read_json(request) -> object:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            raise ApiError(413, f"the request body is larger than {limits.max_body_bytes:,} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limits.max_body_bytes:
+                raise ApiError(413, f"the request body is larger than {limits.max_body_bytes:,} bytes")
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+
+    async def models(request):
+        try:
+            authorize(request)
+        except ApiError as e:
+            return error(e)
+        return JSONResponse({"object": "list", "data": [
+            {"id": served.name, "object": "model", "created": created, "owned_by": "crystal"}]})
+
+    created = int(time.time())
+
+    def endpoint(chat: bool):
+        async def handle(request):
+            try:
+                authorize(request)
+                body = await read_json(request)
+                req = await run_in_threadpool(parse_request, body, served, limits, chat)
+                return await answer(request, req, chat)
+            except ApiError as e:
+                return error(e)
+        return handle
+
+    async def answer(request, req: Request, chat: bool):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(req.prompt, req.params, req.n, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        worker.submit(job)  # 429 when full
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        now = int(time.time())
+        if req.stream:
+            return StreamingResponse(stream(request, job, events, req, chat, rid, now), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store"})
+        try:
+            texts, reasons = [[] for _ in range(req.n)], [None] * req.n
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({})  # nobody reads it
+                    continue
+                if ev[0] == "text":
+                    texts[ev[1]].append(ev[2])
+                elif ev[0] == "end":
+                    reasons[ev[1]] = ev[2]
+                elif ev[0] == "error":
+                    raise ApiError(500, ev[1])
+                else:
+                    usage = ev[1]
+                    break
+        finally:
+            job.cancelled.set()  # a no-op once done; frees the worker when the client left
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)},
+                        "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+        else:
+            choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, reasons))]
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": now, "model": served.name, "choices": choices, "usage": usage})
+
+    async def stream(request, job: Job, events: asyncio.Queue, req: Request, chat: bool, rid: str, now: int):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, usage=None) -> str:
+            out = {"id": rid, "object": obj, "created": now, "model": served.name, "choices": choices}
+            if usage is not None or (req.include_usage and choices):
+                out["usage"] = usage
+            return f"data: {json.dumps(out)}\n\n"
+
+        def choice(i, text=None, reason=None, role=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+        try:
+            for i in range(req.n if chat else 0):  # a chunk per choice, as OpenAI sends them
+                yield chunk([choice(i, role=True)])
+            while True:
+                ev = await events.get()
+                if ev[0] == "text":
+                    yield chunk([choice(ev[1], ev[2])])
+                elif ev[0] == "end":
+                    yield chunk([choice(ev[1], reason=ev[2])])
+                elif ev[0] == "error":
+                    yield f"data: {json.dumps(ApiError(500, ev[1]).body())}\n\n"
+                    break
+                else:
+                    if req.include_usage:
+                        yield chunk([], ev[1])
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # the client left mid-stream (the generator is closed): free the worker
+
+    async def not_found(request, exc):
+        return error(ApiError(404, f"no such endpoint: {request.method} {request.url.path}"))
+
+    async def not_allowed(request, exc):
+        return error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
+                            Route("/v1/completions", endpoint(False), methods=["POST"]),
+                            Route("/v1/chat/completions", endpoint(True), methods=["POST"])],
+                    exception_handlers={404: not_found, 405: not_allowed})
+    return HostCheck(app, hosts)
+
+
+class Server:
+    """uvicorn serving the API of `served` on a socket already bound (crystal.watch.bind), in this
+    thread (`serve`) or a daemon thread (`start`, for tests)."""
+
+    def __init__(self, served: ServedModel, sock, host: str = "127.0.0.1", api_key: str | None = None,
+                 limits: Limits = Limits()):
+        try:
+            import uvicorn
+        except ImportError as e:
+            raise CrystalError(f"crystal serve needs starlette, uvicorn and jinja2 (pip install 'crystal[serve]'): "
+                               f"{e}") from None
+        from crystal.hostcheck import HostRule
+
+        self.sock, self.served = sock, served
+        self.worker = Worker(served, limits.max_queue)
+        app = make_app(served, self.worker, limits, api_key, HostRule.bound(host, sock.getsockname()[1]))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                    timeout_graceful_shutdown=1))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+
+    def serve(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.worker.stop()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve, name="crystal-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def host_warning(host: str, api_key: str | None) -> str | None:
+    """One line when the API would be reachable from other machines."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    key = ("requests need the --api-key bearer token" if api_key else
+           "anyone who can reach it may use it; add --api-key KEY")
+    return f"warning: --host {host} serves the model to every machine that can reach this one ({key})"
