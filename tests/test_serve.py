@@ -326,3 +326,21 @@ def test_a_port_in_use_exits_2_with_one_line(model_dirs, capsys):
         taken.close()
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "in use" in err
+
+
+def test_another_host_than_loopback_prints_a_warning():
+    from crystal.serve import host_warning
+
+    assert host_warning("127.0.0.1", None) is None and host_warning("localhost", KEY) is None
+    assert "--api-key" in host_warning("0.0.0.0", None)
+    assert "bearer token" in host_warning("0.0.0.0", KEY)
+
+
+def test_a_chat_template_is_read_from_tokenizer_config_json_too(tmp_path):
+    from crystal.serve import read_chat_template
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "T"}, {"name": "default", "template": TEMPLATE}]}))
+    assert read_chat_template(tmp_path)[0] == TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOT}))
+    assert read_chat_template(tmp_path) == (None, {"eos_token": EOT})
