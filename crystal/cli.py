@@ -719,7 +719,7 @@ def serve(run, host, port, api_key, device) -> None:
     """An OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) for RUN.
 
     RUN is a run directory or a Hugging Face GPT-2 directory (chat needs its tokenizer's
-    chat_template). Requests are decoded one at a time, in order of arrival."""
+    chat_template). The running requests are decoded together as one batch."""
     from crystal.serve import Server, ServedModel, host_warning
     from crystal.watch import bind, check_port
 
@@ -734,7 +734,9 @@ def serve(run, host, port, api_key, device) -> None:
     server = Server(ServedModel(run, get_backend(device)), sock, host, api_key)
     if (warning := host_warning(host, api_key)) is not None:
         click.echo(warning, err=True)
-    click.echo(f"serving {server.served.name} at {server.url} (Ctrl-C stops)")
+    dec = server.worker.decoder
+    click.echo(f"serving {server.served.name} at {server.url} (Ctrl-C stops); KV cache "
+               f"{dec.cache.nbytes / 2**20:,.1f} MiB: {dec.batch} sequences x {dec.capacity} positions")
     server.serve()
 
 

@@ -156,6 +156,11 @@ class Decoder:
             self._work[(B, T)] = Workspace(self.be, self.config, B, T, self.weights.wte.shape[0])
         return self._work[(B, T)]
 
+    def release_workspaces(self) -> None:
+        """Forget the workspaces of every shape but the decode step's [batch, 1] (a server that
+        refills prompts of many lengths would otherwise keep one per length)."""
+        self._work = {k: w for k, w in self._work.items() if k == (self.batch, 1)}
+
     def _run(self, cache: KVCache, idx: np.ndarray, pos: np.ndarray, rows: np.ndarray) -> np.ndarray:
         be, (B, T) = self.be, idx.shape
         ws = self._workspace(B, T)

@@ -17,9 +17,10 @@ end-of-text ends a choice (finish_reason "stop"; max_tokens: "length"). Without 
 request draws a random one. A prompt longer than block_size continues from its last block_size
 tokens, and a context that fills block_size slides (crystal.sample).
 
-Concurrency: one worker thread owns the model and decodes one request at a time (its n choices
-as one batch); requests wait in a FIFO queue. Requests are not batched with each other: the
-simplest correct design. Bounds (`Limits`): the body, the prompt's tokens, max_tokens, n, the
+Concurrency: one worker thread owns the model and decodes the running requests together, as
+rows of one KV-cache decoder (`Worker`): a request waits in a FIFO queue until its n rows are
+free, joins the batch (its prompt computed into its rows), and leaves it when its choices end,
+so a short request does not wait for a long one to finish. Bounds (`Limits`): the body, the prompt's tokens, max_tokens, n, the
 stop texts, and the requests queued or running; beyond one, the OpenAI error JSON with 400, 413
 (body) or 429 (queue full), at once. A client that disconnects (mid-stream or while waiting)
 cancels its request: the worker skips it or ends its batch at the next token.
@@ -45,8 +46,11 @@ import secrets
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from crystal.errors import CrystalError
 
@@ -66,6 +70,7 @@ class Limits:
     max_tokens: int = 4096  # per choice
     max_n: int = 16
     max_queue: int = 64  # requests queued or running
+    max_batch: int = 16  # choices decoded together (rows of the decoder's KV cache); >= max_n
     default_max_tokens: int = 16  # completions, as OpenAI's; chat defaults to max_tokens's bound
 
 
@@ -202,15 +207,44 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-class Worker:
-    """One thread that owns the model and runs jobs one after another from a bounded queue."""
+@dataclass
+class Sequence:
+    """One choice of a running job, in row `row` of the shared decoder."""
 
-    def __init__(self, served: ServedModel, max_queue: int):
+    job: Job
+    index: int
+    row: int
+    ids: list[int]  # the prompt and the tokens drawn
+    rng: object  # numpy Generator, seeded seed + index (crystal.sample's rule)
+    stream: object  # crystal.sample.TextStream
+    n_new: int = 0
+    reason: str = "length"
+    live: bool = True
+
+
+class Worker:
+    """One thread that owns the model and decodes every running request's choices together, as
+    rows of one Decoder of `max_batch` rows and block_size positions (its KV cache allocated
+    once, here). A request waits in a FIFO queue until `n` rows are free; it then joins the
+    running batch: each choice's prompt (its last block_size tokens) is computed into its row
+    (Decoder.refill), and from then on each step decodes one token for every live row at once;
+    a row that fills block_size slides (crystal.sample.context_window). Each row draws exactly
+    as crystal.sample.Generation draws (choose, its own generator seeded seed + i), so a choice
+    is the same text whether or not other requests were decoded beside it."""
+
+    def __init__(self, served: ServedModel, max_queue: int, max_batch: int):
+        from crystal.generate import Decoder
+
         self.served, self.max_queue = served, max_queue
+        self.decoder = Decoder(served.model, max_batch, served.block_size)
+        self.rows: list[Sequence | None] = [None] * max_batch
         self.jobs: queue.Queue = queue.Queue()
+        self.waiting: deque[Job] = deque()
+        self.running: dict[int, list[Sequence]] = {}  # id(job) -> its choices
         self._lock = threading.Lock()
         self.pending = 0  # queued or running
         self.cancelled = 0  # jobs given up because their client left
+        self.peak_jobs = 0  # the most requests decoded in one step
         self._thread = threading.Thread(target=self._loop, name="crystal-serve-worker", daemon=True)
         self._thread.start()
 
@@ -225,48 +259,103 @@ class Worker:
     def stop(self) -> None:
         self.jobs.put(None)
 
+    def _finished(self, job: Job, cancelled: bool = False) -> None:
+        for s in self.running.pop(id(job), []):
+            self.rows[s.row] = None
+        self.cancelled += cancelled
+        with self._lock:
+            self.pending -= 1
+
     def _loop(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while True:
+            try:  # wait for work only when nothing runs
+                while True:
+                    job = self.jobs.get(block=not self.running and not self.waiting)
+                    if job is None:
+                        return
+                    self.waiting.append(job)
+            except queue.Empty:
+                pass
             try:
-                if job.cancelled.is_set() or not self._run(job):
-                    self.cancelled += 1
-            except Exception as e:  # a request's failure is its answer, never the server's end
-                job.emit(("error", f"{type(e).__name__}: {e}" if not isinstance(e, CrystalError) else str(e)))
-            finally:
-                with self._lock:
-                    self.pending -= 1
+                self._step()
+            except Exception as e:  # the running requests' failure is their answer, never the server's end
+                message = str(e) if isinstance(e, CrystalError) else f"{type(e).__name__}: {e}"
+                for seqs in list(self.running.values()):
+                    seqs[0].job.emit(("error", message))
+                    self._finished(seqs[0].job)
 
-    def _run(self, job: Job) -> bool:
-        """The job's events; False when its client left before the end."""
-        from crystal.sample import Generation, TextStream
+    def _step(self) -> None:
+        from crystal.sample import context_window
 
-        s = self.served
-        gen = Generation(s.model, [job.prompt] * job.n, job.params, s.eos)
-        streams = [TextStream(s.tok, job.prompt, job.params.stop) for _ in range(job.n)]
-        reason = ["length"] * job.n
-        ended = [False] * job.n
-        while not all(ended):
+        for seqs in list(self.running.values()):  # clients that left
+            if seqs[0].job.cancelled.is_set():
+                self._finished(seqs[0].job, cancelled=True)
+        while self.waiting and (self.waiting[0].cancelled.is_set()
+                                or self.waiting[0].n <= self.rows.count(None)):
+            job = self.waiting.popleft()
             if job.cancelled.is_set():
-                return False
-            for i, token in gen.step():
-                if token == gen.eos:
-                    reason[i] = "stop"
-                    continue
-                if piece := streams[i].push(token):
-                    job.emit(("text", i, piece))
-                if streams[i].stopped:
-                    reason[i] = "stop"
-                    gen.end(i)
-            for i in range(job.n):
-                if not gen.live[i] and not ended[i]:
-                    ended[i] = True
-                    if piece := streams[i].finish():
-                        job.emit(("text", i, piece))
-                    job.emit(("end", i, reason[i]))
-        completion = sum(gen.n_new)
-        job.emit(("done", {"prompt_tokens": len(job.prompt), "completion_tokens": completion,
-                           "total_tokens": len(job.prompt) + completion}))
-        return True
+                self._finished(job, cancelled=True)
+            else:
+                self._admit(job)
+        if not self.running:
+            return
+        self.peak_jobs = max(self.peak_jobs, len(self.running))
+        dec, T = self.decoder, self.served.block_size
+        live = [s for s in self.rows if s is not None and s.live]
+        full = [s for s in live if dec.lengths[s.row] >= dec.capacity]  # these slide
+        step = [s for s in live if dec.lengths[s.row] < dec.capacity]
+        if step:
+            active = np.zeros(len(self.rows), dtype=bool)
+            tokens = np.zeros(len(self.rows), dtype=np.int64)
+            for s in step:
+                active[s.row], tokens[s.row] = True, s.ids[-1]
+            logits = dec.decode(tokens, active)
+            for s in step:
+                self._draw(s, logits[s.row])
+        for s in full:
+            self._draw(s, dec.refill(s.row, context_window(s.ids, T)))
+        for seqs in list(self.running.values()):
+            if not any(s.live for s in seqs):
+                completion, prompt = sum(s.n_new for s in seqs), len(seqs[0].job.prompt)
+                seqs[0].job.emit(("done", {"prompt_tokens": prompt, "completion_tokens": completion,
+                                           "total_tokens": prompt + completion}))
+                self._finished(seqs[0].job)
+
+    def _admit(self, job: Job) -> None:
+        """The job's choices in free rows, their prompts computed and first tokens drawn."""
+        from crystal.sample import TextStream
+
+        free = [r for r, s in enumerate(self.rows) if s is None][:job.n]
+        seqs = [Sequence(job, i, r, list(job.prompt), np.random.default_rng(job.params.seed + i),
+                         TextStream(self.served.tok, job.prompt, job.params.stop)) for i, r in enumerate(free)]
+        self.running[id(job)] = seqs
+        for s in seqs:
+            self.rows[s.row] = s
+        for s in seqs:
+            self._draw(s, self.decoder.refill(s.row, job.prompt[-self.served.block_size:]))
+        self.decoder.release_workspaces()  # prompts of every length: keep none of their shapes
+
+    def _draw(self, s: Sequence, logits) -> None:
+        """The next token of `s` from its logits, its text sent; `s` ends at the end-of-text
+        token, a stop text or max_tokens (as Generation and crystal sample end a sample)."""
+        from crystal.sample import choose
+
+        token = choose(logits, s.job.params, s.rng)
+        s.ids.append(token)
+        s.n_new += 1
+        if token == self.served.eos:
+            s.live, s.reason = False, "stop"
+        else:
+            if piece := s.stream.push(token):
+                s.job.emit(("text", s.index, piece))
+            if s.stream.stopped:
+                s.live, s.reason = False, "stop"
+        if s.n_new >= s.job.params.max_tokens:
+            s.live = False
+        if not s.live:
+            if piece := s.stream.finish():
+                s.job.emit(("text", s.index, piece))
+            s.job.emit(("end", s.index, s.reason))
 
 
 # --- requests --------------------------------------------------------------------------------------
@@ -555,7 +644,9 @@ class Server:
         from crystal.hostcheck import HostRule
 
         self.sock, self.served = sock, served
-        self.worker = Worker(served, limits.max_queue)
+        if limits.max_n > limits.max_batch:
+            raise ValueError(f"max_n {limits.max_n} must be <= max_batch {limits.max_batch}")
+        self.worker = Worker(served, limits.max_queue, limits.max_batch)
         app = make_app(served, self.worker, limits, api_key, HostRule.bound(host, sock.getsockname()[1]))
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                                     timeout_graceful_shutdown=1))

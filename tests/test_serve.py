@@ -290,6 +290,26 @@ def test_concurrent_clients_are_each_answered_or_told_the_queue_is_full(plain_se
     assert [m.id for m in c.models.list()] == ["plain"]  # still up
 
 
+def test_requests_decoded_together_give_the_texts_they_give_alone(chat_server):
+    c = client(chat_server)
+    asks = [dict(prompt="ROMEO:", seed=1, n=2), dict(prompt="JULIET: O", seed=2, n=1),
+            dict(prompt="To be", seed=3, n=3, stop="e"), dict(prompt="x", seed=4, n=1, temperature=0)]
+
+    def ask(kw):
+        return [ch.text for ch in c.completions.create(model="chat", max_tokens=150, **kw).choices]
+
+    alone = [ask(kw) for kw in asks]
+    chat_server.worker.peak_jobs = 0
+    together = [None] * len(asks)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(asks[i]))) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert together == alone
+    assert chat_server.worker.peak_jobs >= 2  # they did share decode steps
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(chat_server):
     worker = chat_server.worker
     before = worker.cancelled
