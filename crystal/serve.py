@@ -54,6 +54,7 @@ import numpy as np
 
 from crystal.errors import CrystalError
 
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks that its client is there
 MAX_STOPS = 4  # OpenAI's bound on stop texts
 MAX_SEED = 2**63  # seeds are taken modulo this (OpenAI's are 64-bit integers)
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
@@ -557,7 +558,7 @@ def make_app(served: ServedModel, worker: Worker, limits: Limits, api_key: str |
             texts, reasons = [[] for _ in range(req.n)], [None] * req.n
             while True:
                 try:
-                    ev = await asyncio.wait_for(events.get(), 0.5)
+                    ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return JSONResponse({})  # nobody reads it
@@ -623,10 +624,13 @@ def make_app(served: ServedModel, worker: Worker, limits: Limits, api_key: str |
     async def not_allowed(request, exc):
         return error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
 
+    async def server_error(request, exc):  # a bug: still OpenAI's error JSON, no traceback sent
+        return error(ApiError(500, f"internal error: {type(exc).__name__}"))
+
     app = Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
                             Route("/v1/completions", endpoint(False), methods=["POST"]),
                             Route("/v1/chat/completions", endpoint(True), methods=["POST"])],
-                    exception_handlers={404: not_found, 405: not_allowed})
+                    exception_handlers={404: not_found, 405: not_allowed, Exception: server_error})
     return HostCheck(app, hosts)
 
 

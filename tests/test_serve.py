@@ -6,7 +6,11 @@ clients at once, a client that leaves mid-stream, and the command line's bad inp
 import http.client
 import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -310,27 +314,59 @@ def test_requests_decoded_together_give_the_texts_they_give_alone(chat_server):
     assert chat_server.worker.peak_jobs >= 2  # they did share decode steps
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(chat_server):
-    worker = chat_server.worker
-    before = worker.cancelled
-    port = chat_server.sock.getsockname()[1]
+def send_long_request(server, stream: bool) -> socket.socket:
+    """A request of max_tokens 2048 (seconds of decoding) on a raw connection."""
+    port = server.sock.getsockname()[1]
     conn = socket.create_connection(("127.0.0.1", port), timeout=10)
-    body = json.dumps({"model": "chat", "prompt": "ROMEO:", "max_tokens": 2048, "stream": True}).encode()
+    body = json.dumps({"model": "chat", "prompt": "ROMEO:", "max_tokens": 2048, "stream": stream}).encode()
     conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                  % (port, KEY.encode(), len(body), body))
-    got = b""
-    while b"data: " not in got:  # the headers, then the first event: the worker is decoding
-        got += conn.recv(4096)
-    conn.close()
+    return conn
+
+
+def wait_for_cancel(worker, before):
     deadline = time.monotonic() + 20
     while (worker.pending or worker.cancelled == before) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert worker.cancelled == before + 1 and worker.pending == 0
+
+
+def test_a_client_that_leaves_while_waiting_for_its_answer_frees_its_slot(chat_server):
+    before = chat_server.worker.cancelled
+    send_long_request(chat_server, stream=False).close()
+    wait_for_cancel(chat_server.worker, before)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(chat_server):
+    worker = chat_server.worker
+    before = worker.cancelled
+    conn = send_long_request(chat_server, stream=True)
+    got = b""
+    while b"data: " not in got:  # the headers, then the first event: the worker is decoding
+        got += conn.recv(4096)
+    conn.close()
+    wait_for_cancel(worker, before)
     assert client(chat_server).completions.create(model="chat", prompt="x", max_tokens=2).choices[0].text is not None
 
 
 # --- the command line ------------------------------------------------------------------------------
+
+def test_the_command_serves_until_interrupted(model_dirs):
+    proc = subprocess.Popen([sys.executable, "-m", "crystal", "serve", str(model_dirs / "plain"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"at (http://127\.0\.0\.1:\d+/v1) ", line).group(1)
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=30)
+        assert c.completions.create(model="plain", prompt="ROMEO:", max_tokens=4).usage.completion_tokens == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) in (0, 130)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
 
 def test_a_missing_run_directory_exits_2_with_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope")]) == 2
