@@ -556,12 +556,17 @@ def make_app(served: ServedModel, worker: Worker, limits: Limits, api_key: str |
                                      headers={"Cache-Control": "no-store"})
         try:
             texts, reasons = [[] for _ in range(req.n)], [None] * req.n
-            while True:
+            check = loop.time() + DISCONNECT_POLL_S
+            while True:  # the events, and every DISCONNECT_POLL_S whether the client is still there
                 try:
-                    ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                    ev = await asyncio.wait_for(events.get(), max(0.0, check - loop.time()))
                 except asyncio.TimeoutError:
+                    ev = None
+                if loop.time() >= check:
                     if await request.is_disconnected():
                         return JSONResponse({})  # nobody reads it
+                    check = loop.time() + DISCONNECT_POLL_S
+                if ev is None:
                     continue
                 if ev[0] == "text":
                     texts[ev[1]].append(ev[2])
