@@ -10,20 +10,22 @@ stream_options.include_usage, and `usage` counts (prompt tokens; completion toke
 token generated, over the n choices). Other fields are ignored, except those that would change
 the answer and that this server does not do (logprobs, echo, suffix, best_of > n, tools): 400.
 
-Generation reuses crystal.sample: the n choices of a request are one `Generation` batch (choice
-i draws with seed + i, so it equals `crystal sample --seed S+i`), the text comes through a
-`TextStream` per choice (whole UTF-8 characters, cut before a stop text), and the tokenizer's
-end-of-text ends a choice (finish_reason "stop"; max_tokens: "length"). Without a seed, a
-request draws a random one. A prompt longer than block_size continues from its last block_size
-tokens, and a context that fills block_size slides (crystal.sample).
+Sampling reuses crystal.sample and crystal.generate (`Worker`): choice i of a request draws
+with `choose` from its own generator seeded seed + i, so it equals `crystal sample --seed S+i`
+(a greedy completion is `crystal sample --temperature 0`'s); its text comes through a
+`TextStream` (whole UTF-8 characters, cut before a stop text); the tokenizer's end-of-text ends
+it (finish_reason "stop"; max_tokens: "length"). Without a seed, a request draws a random one.
+A prompt longer than block_size continues from its last block_size tokens, and a context that
+fills block_size slides (crystal.sample.context_window).
 
 Concurrency: one worker thread owns the model and decodes the running requests together, as
-rows of one KV-cache decoder (`Worker`): a request waits in a FIFO queue until its n rows are
-free, joins the batch (its prompt computed into its rows), and leaves it when its choices end,
-so a short request does not wait for a long one to finish. Bounds (`Limits`): the body, the prompt's tokens, max_tokens, n, the
-stop texts, and the requests queued or running; beyond one, the OpenAI error JSON with 400, 413
-(body) or 429 (queue full), at once. A client that disconnects (mid-stream or while waiting)
-cancels its request: the worker skips it or ends its batch at the next token.
+rows of one KV-cache decoder: a request waits in a FIFO queue until its n rows are free, joins
+the batch (its prompt computed into its rows), and leaves it when its choices end, so a short
+request does not wait for a long one to finish. Bounds (`Limits`): the body, the prompt's
+tokens, max_tokens, n, the stop texts, and the requests queued or running; beyond one, the
+OpenAI error JSON with 400, 413 (body) or 429 (queue full), at once. A client that disconnects
+(mid-stream, or while its answer is decoded) cancels its request: its rows are freed before
+the next decode step.
 
 Chat: the template is tokenizer_config.json's `chat_template` (or chat_template.jinja beside
 it), rendered as transformers' apply_chat_template renders it (a sandboxed jinja2 environment
@@ -412,6 +414,9 @@ def parse_request(body: dict, served: ServedModel, limits: Limits, chat: bool) -
             raise ApiError(400, f"'{name}' must be an integer in [{lo}, {hi}], got {x!r}", name)
         return x
 
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise ApiError(400, "'best_of' other than n is not supported by this server", "best_of")
     temperature = number("temperature", 1.0, 0, 2)
     top_p = number("top_p", 1.0, 0, 1, lo_open=True)
     n = integer("n", 1, 1, limits.max_n)

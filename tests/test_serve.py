@@ -212,6 +212,7 @@ def test_a_model_without_a_chat_template_refuses_chat_and_completes(plain_server
     ({"model": "chat", "prompt": 5}, 400, "prompt"),
     ({"model": "chat", "prompt": [1, 300]}, 400, "prompt"),
     ({"model": "chat", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": "chat", "prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"model": 7, "prompt": "x"}, 400, "model"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
 ])
