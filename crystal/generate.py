@@ -157,9 +157,9 @@ class Decoder:
         return self._work[(B, T)]
 
     def release_workspaces(self) -> None:
-        """Forget the workspaces of every shape but the decode step's [batch, 1] (a server that
+        """Forget the workspaces of every shape but the decode steps' [B, 1] (a server that
         refills prompts of many lengths would otherwise keep one per length)."""
-        self._work = {k: w for k, w in self._work.items() if k == (self.batch, 1)}
+        self._work = {k: w for k, w in self._work.items() if k[1] == 1}
 
     def _run(self, cache: KVCache, idx: np.ndarray, pos: np.ndarray, rows: np.ndarray) -> np.ndarray:
         be, (B, T) = self.be, idx.shape
@@ -203,15 +203,21 @@ class Decoder:
         return logits[0]
 
     def decode(self, tokens, active=None) -> np.ndarray:
-        """One token per sequence at its next position; the logits after it, [batch, V]. Where
-        active[b] is False, tokens[b] is ignored and row b sits out (position -1 for the ops:
-        its cache and length stay as they are; its logits row is meaningless)."""
-        active = np.ones(self.batch, dtype=bool) if active is None else np.asarray(active, dtype=bool)
-        if np.any(self.lengths[active] >= self.capacity):
+        """One token per sequence at its next position; the logits after it, [len(tokens), V].
+        Where active[b] is False, tokens[b] is ignored and row b sits out (position -1 for the ops:
+        its cache and length stay as they are; its logits row is meaningless). Fewer tokens than
+        the batch decode rows 0..len(tokens)-1 only; the rows after them are not computed."""
+        B = len(tokens)
+        if not 1 <= B <= self.batch:
+            raise ValueError(f"decode takes 1..{self.batch} tokens, got {B}")
+        active = np.ones(B, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+        lengths = self.lengths[:B]  # a view: the increment below lands in self.lengths
+        if np.any(lengths[active] >= self.capacity):
             raise ValueError("a sequence's cache is full: refill it with a shorter context first")
         idx = np.where(active, np.asarray(tokens, dtype=np.int64), 0)
         self._check_tokens([idx])
-        pos = np.where(active, self.lengths, -1)
-        logits = self._run(self.cache, idx[:, None], pos, np.zeros(self.batch))
-        self.lengths[active] += 1
+        pos = np.where(active, lengths, -1)
+        cache = self.cache if B == self.batch else self.cache.rows(0, B)
+        logits = self._run(cache, idx[:, None], pos, np.zeros(B))
+        lengths[active] += 1
         return logits

@@ -307,9 +307,9 @@ class Worker:
         live = [s for s in self.rows if s is not None and s.live]
         full = [s for s in live if dec.lengths[s.row] >= dec.capacity]  # these slide
         step = [s for s in live if dec.lengths[s.row] < dec.capacity]
-        if step:
-            active = np.zeros(len(self.rows), dtype=bool)
-            tokens = np.zeros(len(self.rows), dtype=np.int64)
+        if step:  # rows 0..the last in use (free rows are taken lowest first): the others are not computed
+            used = max(s.row for s in step) + 1
+            active, tokens = np.zeros(used, dtype=bool), np.zeros(used, dtype=np.int64)
             for s in step:
                 active[s.row], tokens[s.row] = True, s.ids[-1]
             logits = dec.decode(tokens, active)

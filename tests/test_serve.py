@@ -195,6 +195,23 @@ def test_a_model_without_a_chat_template_refuses_chat_and_completes(plain_server
     assert c.completions.create(model="plain", prompt="ROMEO:", max_tokens=3).usage.completion_tokens == 3
 
 
+def test_decoding_the_first_rows_of_a_decoder_gives_their_rows_of_a_whole_decode(model_dirs):
+    import numpy as np
+
+    from crystal import load_checkpoint
+    from crystal.generate import Decoder
+
+    model = load_checkpoint(model_dirs / "plain")
+    whole, part = Decoder(model, 4), Decoder(model, 4)
+    prompts = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
+    whole.prefill(prompts)
+    part.prefill(prompts)
+    full = whole.decode([1, 2, 3, 4], [True, False, True, True])
+    first = part.decode([1, 2, 3], [True, False, True])
+    np.testing.assert_allclose(first[[0, 2]], full[[0, 2]], rtol=1e-5, atol=1e-5)  # BLAS: other shapes, other rounding
+    assert part.lengths.tolist() == [4, 1, 3, 4] and whole.lengths.tolist() == [4, 1, 3, 5]
+
+
 # --- bad requests and bounds ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body,status,param", [
