@@ -714,8 +714,10 @@ def watch(run, host, port) -> None:
               help="address to listen on (another: every machine that reaches it, with a warning)")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+@click.option("--max-batch", type=int, default=16, show_default=True,
+              help="sequences decoded together (the KV cache's rows, allocated at start); bounds n")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="where to decode")
-def serve(run, host, port, api_key, device) -> None:
+def serve(run, host, port, api_key, max_batch, device) -> None:
     """An OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) for RUN.
 
     RUN is a run directory or a Hugging Face GPT-2 directory (chat needs its tokenizer's
@@ -724,6 +726,8 @@ def serve(run, host, port, api_key, device) -> None:
     from crystal.watch import bind, check_port
 
     check_port(port)
+    if not 1 <= max_batch <= MAX_SAMPLES:
+        raise CrystalError(f"--max-batch must be in [1, {MAX_SAMPLES}], got {max_batch}")
     if api_key is not None and (not api_key or api_key != api_key.strip() or not api_key.isprintable()):
         raise CrystalError("--api-key must be a non-empty printable text without surrounding spaces")
     if not Path(run).exists():
@@ -731,7 +735,10 @@ def serve(run, host, port, api_key, device) -> None:
     sock = bind(host, port)
     from crystal.backends import get_backend
 
-    server = Server(ServedModel(run, get_backend(device)), sock, host, api_key)
+    from crystal.serve import Limits
+
+    limits = Limits(max_batch=max_batch, max_n=min(Limits.max_n, max_batch))
+    server = Server(ServedModel(run, get_backend(device)), sock, host, api_key, limits)
     if (warning := host_warning(host, api_key)) is not None:
         click.echo(warning, err=True)
     dec = server.worker.decoder
