@@ -498,6 +498,7 @@ def make_app(served: ServedModel, worker: Worker, limits: Limits, api_key: str |
     """The ASGI application: the three endpoints behind the Host rule and the API key."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
@@ -519,10 +520,13 @@ def make_app(served: ServedModel, worker: Worker, limits: Limits, api_key: str |
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
             raise ApiError(413, f"the request body is larger than {limits.max_body_bytes:,} bytes")
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limits.max_body_bytes:
-                raise ApiError(413, f"the request body is larger than {limits.max_body_bytes:,} bytes")
+        try:
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > limits.max_body_bytes:
+                    raise ApiError(413, f"the request body is larger than {limits.max_body_bytes:,} bytes")
+        except ClientDisconnect:  # gone before its body came: nobody reads the answer
+            raise ApiError(400, "the client disconnected before the request's end") from None
         try:
             return json.loads(bytes(data))
         except (ValueError, UnicodeDecodeError, RecursionError) as e:

@@ -351,9 +351,14 @@ def wait_for_cancel(worker, before):
 
 
 def test_a_client_that_leaves_while_waiting_for_its_answer_frees_its_slot(chat_server):
-    before = chat_server.worker.cancelled
-    send_long_request(chat_server, stream=False).close()
-    wait_for_cancel(chat_server.worker, before)
+    worker = chat_server.worker
+    before = worker.cancelled
+    conn = send_long_request(chat_server, stream=False)
+    deadline = time.monotonic() + 10
+    while not worker.running and time.monotonic() < deadline:  # being decoded
+        time.sleep(0.005)
+    conn.close()
+    wait_for_cancel(worker, before)
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(chat_server):
