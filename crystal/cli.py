@@ -601,8 +601,9 @@ def eval_cmd(run, data, batches) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help=">= 0")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="where to decode (cuda: fp32, kernels/kv_cache.cu)")
+@click.option("--dry-run", is_flag=True, help="print the model, the prompt's tokens and the KV cache's size, then exit")
 def sample(run, prompt, prompt_file, max_tokens, temperature, top_k, top_p, stop, num_samples, seed,
-           device) -> None:
+           device, dry_run) -> None:
     """Generate text from a trained run, printed as it is decoded (deterministic for a seed).
 
     RUN is a run directory, a Hugging Face GPT-2 directory, or a .safetensors file with the
@@ -617,11 +618,42 @@ def sample(run, prompt, prompt_file, max_tokens, temperature, top_k, top_p, stop
         _utf8_option("--stop", s)
     if not 1 <= num_samples <= MAX_SAMPLES:
         raise CrystalError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {num_samples}")
+    if dry_run:  # no tensor is read, nothing is allocated
+        from crystal.pretrained import checkpoint_config
+
+        cfg = checkpoint_config(run)
+        ids = prompt_tokens(checkpoint_tokenizer(run, cfg), text)
+        click.echo(format_sample_dry_run(cfg, len(ids), num_samples, max_tokens))
+        return
     from crystal.backends import get_backend
 
     model = load_checkpoint(run, get_backend(device))
-    tok = checkpoint_tokenizer(run, model)
+    tok = checkpoint_tokenizer(run, model.config)
     sample_text(model, tok, prompt_tokens(tok, text), params, num_samples)
+
+
+def format_sample_dry_run(model_cfg, prompt_len: int, num_samples: int, max_tokens: int) -> str:
+    """`crystal sample --dry-run`: the KV cache the decoder would allocate (crystal.sample.
+    cache_capacity positions for each of the num_samples rows; crystal.generate.kv_cache_bytes,
+    fp32 as `crystal sample` decodes on either device) beside the parameters."""
+    from crystal.generate import kv_cache_bytes
+    from crystal.model import ParamLayout
+    from crystal.sample import cache_capacity
+
+    capacity = cache_capacity([prompt_len], max_tokens, model_cfg.block_size)
+    cache = kv_cache_bytes(model_cfg, num_samples, capacity)
+    per_position = kv_cache_bytes(model_cfg, 1, 1)
+    params = 4 * ParamLayout(model_cfg).size
+    kept = f", its last {model_cfg.block_size} kept" if prompt_len > model_cfg.block_size else ""
+    return "\n".join([
+        f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
+        f"vocab {model_cfg.vocab_size}, block {model_cfg.block_size}",
+        f"prompt: {prompt_len:,} tokens{kept}; {num_samples} sample(s) x up to {max_tokens:,} new tokens",
+        f"KV cache: {num_samples} sequence(s) x {capacity:,} positions x {per_position:,} bytes "
+        f"(2 x {model_cfg.n_layer} layers x {model_cfg.n_embd} fp32) = {cache / 2**20:,.1f} MiB ({cache:,} bytes)",
+        f"memory: params {params / 2**20:,.1f} MiB | KV cache {cache / 2**20:,.1f} MiB | "
+        f"total {(params + cache) / 2**20:,.1f} MiB (+ one forward's activations)",
+    ])
 
 
 def _utf8_option(name: str, value: str) -> None:

@@ -45,10 +45,16 @@ def inference_ops(be):
     return CudaInferenceOps(be)
 
 
+def kv_cache_shape(cfg: ModelConfig, batch: int, capacity: int) -> tuple[int, int, int, int]:
+    """The shape of one layer's k (and of its v): [batch, n_head, capacity, head_size]."""
+    return (batch, cfg.n_head, capacity, cfg.n_embd // cfg.n_head)
+
+
 def kv_cache_bytes(cfg: ModelConfig, batch: int, capacity: int, itemsize: int = 4) -> int:
-    """Bytes of the KV cache of `batch` sequences of up to `capacity` positions: a key and a
-    value of n_embd numbers per position, per layer."""
-    return 2 * cfg.n_layer * batch * capacity * cfg.n_embd * itemsize
+    """Bytes of the KV cache KVCache.allocate makes for `batch` sequences of up to `capacity`
+    positions: a key and a value of n_embd numbers per position, per layer
+    (2 x n_layer x batch x capacity x n_embd x itemsize)."""
+    return 2 * cfg.n_layer * int(np.prod(kv_cache_shape(cfg, batch, capacity))) * itemsize
 
 
 @dataclass
@@ -61,7 +67,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, be, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
-        shape = (batch, cfg.n_head, capacity, cfg.n_embd // cfg.n_head)
+        shape = kv_cache_shape(cfg, batch, capacity)
         return cls([be.zeros(shape, be.act_dtype) for _ in range(cfg.n_layer)],
                    [be.zeros(shape, be.act_dtype) for _ in range(cfg.n_layer)], capacity)
 

@@ -302,21 +302,30 @@ def load_checkpoint(path: str | Path, backend=None) -> GPT:
     return GPT(cfg, read_params(model_file, cfg), backend)
 
 
-def checkpoint_tokenizer(path: str | Path, model: GPT):
+def checkpoint_config(path: str | Path) -> ModelConfig:
+    """The model shape of the checkpoint load_checkpoint(path) reads, from its config.json
+    alone (no tensor is read)."""
+    path = Path(path)
+    if path.is_dir() and not (path / TRAIN_FILE).exists():
+        return open_pretrained(path).config
+    return read_config(path / CONFIG_FILE if path.is_dir() else path.parent / CONFIG_FILE)
+
+
+def checkpoint_tokenizer(path: str | Path, cfg: ModelConfig):
     """The tokenizer of the checkpoint at `path` (crystal.data.run_tokenizer of the directory
-    that holds its config.json), refused unless its vocabulary is the model's: a token the
-    model draws is always one the tokenizer decodes."""
+    that holds its config.json), refused unless its vocabulary is the model's (config `cfg`):
+    a token the model draws is always one the tokenizer decodes."""
     from crystal.data import run_tokenizer
 
     path = Path(path)
     where = path if path.is_dir() else path.parent
     tok = run_tokenizer(where)
-    if tok.vocab_size != model.config.vocab_size:
+    if tok.vocab_size != cfg.vocab_size:
         if (where / TOKENIZER_FILE).exists():
             found = f"{where / TOKENIZER_FILE} has {tok.vocab_size}"
         else:
             found = f"{where} has no {TOKENIZER_FILE} (bytes, {tok.vocab_size} tokens)"
-        raise CrystalError(f"{path}: the model has {model.config.vocab_size} tokens but {found}; "
+        raise CrystalError(f"{path}: the model has {cfg.vocab_size} tokens but {found}; "
                            "give the run directory, which holds the model's tokenizer")
     return tok
 
@@ -332,7 +341,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     _check_export_target(out)
     model = load_checkpoint(run)
     cfg = model.config
-    tokenizer_json = checkpoint_tokenizer(run, model).to_json()  # a fine-tuned GPT-2's: the released one, verbatim
+    tokenizer_json = checkpoint_tokenizer(run, model.config).to_json()  # a fine-tuned GPT-2's: the released one, verbatim
     # The end-of-text token (GPT-2's <|endoftext|>, 50256; 0 in crystal's bpe) is the first special one.
     try:
         specials = [(int(t["id"]), str(t["content"])) for t in parse_json(tokenizer_json, "tokenizer.json").get("added_tokens", [])]

@@ -78,6 +78,12 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return int(rng.choice(V, p=p))
 
 
+def cache_capacity(prompt_lengths, max_tokens: int, block_size: int) -> int:
+    """The positions of the KV cache of a batch: the longest prompt (its last block_size
+    tokens) and max_tokens new tokens, at most block_size (a longer sample slides)."""
+    return min(block_size, min(max(prompt_lengths), block_size) + max_tokens)
+
+
 def context_window(ids: list[int], block_size: int) -> list[int]:
     """The tokens a sequence's cache is recomputed from when it no longer fits: its last
     SLIDE_KEEP * block_size (at least one)."""
@@ -104,7 +110,7 @@ class Generation:
         self.live = [params.max_tokens > 0] * len(prompts)
         self.rngs = [np.random.default_rng(params.seed + i) for i in range(len(prompts))]
         self._first = [ids[-T:] for ids in self.ids]
-        capacity = min(T, max(map(len, self._first)) + params.max_tokens)
+        capacity = cache_capacity([len(p) for p in self._first], params.max_tokens, T)
         self.decoder = Decoder(model, len(prompts), capacity)
         self._started = False
 

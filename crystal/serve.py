@@ -176,7 +176,7 @@ class ServedModel:
         if not path.exists():
             raise CrystalError(f"{path} does not exist: give a run directory or a Hugging Face GPT-2 directory")
         self.model = load_checkpoint(path, backend)
-        self.tok = checkpoint_tokenizer(path, self.model)
+        self.tok = checkpoint_tokenizer(path, self.model.config)
         where = path if path.is_dir() else path.parent
         self.name = path.resolve().name or "crystal"
         source, config = read_chat_template(where)

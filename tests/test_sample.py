@@ -180,6 +180,23 @@ def test_a_prompt_longer_than_block_size_continues_from_its_last_block_size_toke
         generate(model, ids[-T:], 10, temperature=0)[T:]
 
 
+# --- dry run --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,max_tokens,prompt", [(3, 25, PROMPT), (2, 1000, "x" * 300)])
+def test_dry_run_prints_the_kv_cache_the_decoder_allocates_without_loading_the_model(
+        n, max_tokens, prompt, runs, capsys, monkeypatch):
+    from crystal.sample import Generation
+
+    model = load_checkpoint(runs / "bytes")
+    ids = ByteTokenizer().encode(prompt).tolist()
+    nbytes = Generation(model, [ids] * n, SamplingParams(max_tokens)).decoder.cache.nbytes
+    monkeypatch.setattr("crystal.pretrained.load_checkpoint", None)  # a dry run reads no tensor
+    out = run_cli([str(runs / "bytes"), "--prompt", prompt, "--num-samples", str(n), "--max-tokens",
+                   str(max_tokens), "--dry-run"], capsys)
+    assert f"KV cache {nbytes / 2**20:,.1f} MiB" in out and f"({nbytes:,} bytes)" in out
+    assert f"{n} sequence(s) x {min(len(ids) + max_tokens, model.config.block_size):,} positions" in out
+
+
 # --- bad inputs -----------------------------------------------------------------------------------
 
 BAD = {
