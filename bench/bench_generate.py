@@ -15,6 +15,11 @@ token). crystal: torch and NumPy's BLAS both limited to --threads. --full-window
 path (every token recomputes a [1, block_size] window), for the record.
 --blas-threads-check: crystal at batch 1, prefill and decode both at 1 BLAS thread, then both at
 --threads, twice, alternating.
+
+--device cuda (bench/device_check.sh): crystal alone (kernels/kv_cache.cu), once per precision of
+--precisions (fp32, bf16: bf16 weights, activations and cache), no transformers and no full
+window; the same timing rules (each step's logits come back to the host, so every step ends
+synchronized). One JSON line per row, tagged {"bench": "generate", ...}.
 """
 
 from __future__ import annotations
@@ -80,8 +85,43 @@ def rates(B, new_tokens, ttft, total):
     return {"ttft_s": round(ttft, 4), "decode_tok_per_s": round(B * (new_tokens - 1) / (total - ttft), 2)}
 
 
+def gpu_name() -> str | None:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    except Exception:  # no GPU (the emulated backend in a check of this script)
+        return None
+
+
+def cuda_main(args, cfg, flat, rng) -> dict:
+    """Decode tokens/s and time to first token on the GPU, per precision and batch."""
+    from crystal.backends import get_backend
+    from crystal.model import GPT
+
+    result = {"bench": "generate", "device": "cuda", "date": time.strftime("%Y-%m-%d"),
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "n_layer": cfg.n_layer,
+              "n_embd": cfg.n_embd, "vocab": cfg.vocab_size, "graphs": "off", "rows": []}
+    for precision in args.precisions.split(","):
+        be = get_backend("cuda", precision)
+        result.setdefault("gpu", gpu_name())
+        model = GPT(cfg, flat, be)
+        crystal_run(model, [[1, 2, 3]], 3)  # compile the kernels
+        for B in (int(b) for b in args.batches.split(",")):
+            prompts = rng.integers(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+            for r in range(args.rounds):
+                ttft, total, _ = crystal_run(model, prompts, args.new_tokens)
+                row = {"precision": precision, "batch": B, "round": r, **rates(B, args.new_tokens, ttft, total)}
+                result["rows"].append(row)
+                print(json.dumps({"bench": "generate", **row}), flush=True)
+        del model
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--precisions", default="fp32,bf16", help="--device cuda: the backends to decode on")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -90,8 +130,23 @@ def main() -> None:
     ap.add_argument("--full-window-tokens", type=int, default=2)
     ap.add_argument("--blas-threads-check", action="store_true")
     ap.add_argument("--n-layer", type=int, default=12, help="smaller models for a quick look (124M: 12)")
+    ap.add_argument("--n-embd", type=int, default=768)
+    ap.add_argument("--n-head", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=V)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+
+    from crystal.config import ModelConfig
+    from crystal.model import init_params
+
+    cfg = ModelConfig(vocab_size=args.vocab, block_size=1024, n_layer=args.n_layer, n_head=args.n_head,
+                      n_embd=args.n_embd)
+    if args.device == "cuda":
+        result = cuda_main(args, cfg, init_params(cfg, 0), np.random.default_rng(0))
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     import torch
     from threadpoolctl import threadpool_limits
@@ -99,15 +154,14 @@ def main() -> None:
 
     from crystal.backends import cpu_infer
     from crystal.backends.cpu import blas_threads
-    from crystal.config import ModelConfig
-    from crystal.model import GPT, ParamLayout, init_params
+    from crystal.model import GPT, ParamLayout
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads, user_api="blas")
-    cfg = ModelConfig(vocab_size=V, block_size=1024, n_layer=args.n_layer, n_head=12, n_embd=768)
     flat = init_params(cfg, 0)
     model = GPT(cfg, flat)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=1024, n_embd=768, n_layer=args.n_layer, n_head=12,
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=1024, n_embd=cfg.n_embd,
+                                    n_layer=cfg.n_layer, n_head=cfg.n_head,
                                     activation_function="gelu_new", tie_word_embeddings=True)).eval()
     hf.load_state_dict({k: torch.tensor(v.copy()) for k, v in ParamLayout(cfg).views(flat).items()}, strict=False)
     hf.tie_weights()
@@ -116,7 +170,7 @@ def main() -> None:
               "new_tokens": args.new_tokens, "n_layer": args.n_layer, "torch": torch.__version__, "batches": {}}
     crystal_run(model, [[1, 2, 3]], 3)  # compile the kernels
     for B in (int(b) for b in args.batches.split(",")):
-        prompts = rng.integers(0, V, (B, args.prompt_len)).tolist()
+        prompts = rng.integers(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
         rows = []
         for _ in range(args.rounds):  # alternating
             c_ttft, c_total, c_ids = crystal_run(model, prompts, args.new_tokens)
@@ -129,7 +183,7 @@ def main() -> None:
             print(json.dumps({"batch": B, **row}), flush=True)
         result["batches"][B] = rows
     if args.blas_threads_check:
-        prompts = rng.integers(0, V, (1, args.prompt_len)).tolist()
+        prompts = rng.integers(0, cfg.vocab_size, (1, args.prompt_len)).tolist()
         check, decode_threads = {}, cpu_infer.DECODE_BLAS_THREADS
         for n in (1, args.threads, 1, args.threads):  # prefill and decode both at n BLAS threads
             cpu_infer.DECODE_BLAS_THREADS = n
@@ -140,7 +194,7 @@ def main() -> None:
         result["blas_threads_batch1"] = check
         print(json.dumps({"blas_threads_batch1": check}), flush=True)
     if args.full_window_tokens:
-        s = full_window_run(model, rng.integers(0, V, args.prompt_len).tolist(), args.full_window_tokens)
+        s = full_window_run(model, rng.integers(0, cfg.vocab_size, args.prompt_len).tolist(), args.full_window_tokens)
         result["full_window_s_per_token"] = round(s, 3)
         print(json.dumps({"full_window_s_per_token": s}), flush=True)
     print(json.dumps(result, indent=2))
