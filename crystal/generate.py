@@ -138,7 +138,7 @@ class Decoder:
     positions (at most block_size), allocated here once. `lengths[b]`: positions of sequence b
     in the cache. Every call returns host float32 logits [rows, vocab_size] (a copy)."""
 
-    def __init__(self, model, batch: int, capacity: int | None = None):
+    def __init__(self, model, batch: int, capacity: int | None = None, graphs: bool = False):
         cfg = model.config
         capacity = cfg.block_size if capacity is None else capacity
         if not 1 <= capacity <= cfg.block_size:
@@ -152,6 +152,13 @@ class Decoder:
         self.cache = KVCache.allocate(self.be, cfg, batch, capacity)
         self.lengths = np.zeros(batch, dtype=np.int64)
         self._work: dict[tuple[int, int], Workspace] = {}
+        # graphs: decode steps replayed as CUDA graphs (crystal.decode_graphs), on a cuda backend
+        # made for graphs (be.graphs: its products capturable); elsewhere eager
+        self.graphs = None
+        if graphs and getattr(self.be, "graphs", False):
+            from crystal.decode_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
 
     @property
     def capacity(self) -> int:
@@ -167,12 +174,16 @@ class Decoder:
         refills prompts of many lengths would otherwise keep one per length)."""
         self._work = {k: w for k, w in self._work.items() if k[1] == 1}
 
-    def _run(self, cache: KVCache, idx: np.ndarray, pos: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _run(self, cache: KVCache, idx: np.ndarray, pos: np.ndarray, rows: np.ndarray,
+             step: bool = False) -> np.ndarray:
         be, (B, T) = self.be, idx.shape
         ws = self._workspace(B, T)
-        dev = [be.to_device(np.ascontiguousarray(a, dtype=np.int32)) for a in (idx, pos, rows)]
-        with self.ops.threads(decode=T == 1):
-            forward(be, self.ops, self.config, self.weights, ws, cache, *dev)
+        if step and self.graphs is not None:  # a decode step: rows 0..B-1, every row's own 0
+            self.graphs.run(ws, idx, pos)
+        else:
+            dev = [be.to_device(np.ascontiguousarray(a, dtype=np.int32)) for a in (idx, pos, rows)]
+            with self.ops.threads(decode=T == 1):
+                forward(be, self.ops, self.config, self.weights, ws, cache, *dev)
         return np.array(be.to_host(ws.logits[:, :self.config.vocab_size]), dtype=np.float32)  # a copy
 
     def _check_tokens(self, seqs) -> None:
@@ -224,6 +235,6 @@ class Decoder:
         self._check_tokens([idx])
         pos = np.where(active, lengths, -1)
         cache = self.cache if B == self.batch else self.cache.rows(0, B)
-        logits = self._run(cache, idx[:, None], pos, np.zeros(B))
+        logits = self._run(cache, idx[:, None], pos, np.zeros(B), step=True)
         lengths[active] += 1
         return logits
