@@ -17,7 +17,10 @@ path (every token recomputes a [1, block_size] window), for the record.
 --threads, twice, alternating.
 
 --device cuda (bench/device_check.sh): crystal alone (kernels/kv_cache.cu), once per precision of
---precisions (fp32, bf16: bf16 weights, activations and cache), no transformers and no full
+--precisions (fp32, bf16: bf16 weights, activations and cache) and per --graphs mode (off: eager
+decode steps, on: replayed as CUDA graphs, crystal/decode_graphs.py; both on a backend made for
+graphs, so the products are cuBLASLt's either way; each run is a new Decoder, so its first step
+eager and its capture count in its decode time, as in one `crystal sample`), alternating; no transformers and no full
 window; the same timing rules (each step's logits come back to the host, so every step ends
 synchronized). One JSON line per row, tagged {"bench": "generate", ...}.
 """
@@ -39,11 +42,11 @@ import numpy as np  # noqa: E402
 V = 50257
 
 
-def crystal_run(model, prompts, new_tokens):
+def crystal_run(model, prompts, new_tokens, graphs=False):
     from crystal.generate import Decoder
 
     t0 = time.perf_counter()
-    dec = Decoder(model, len(prompts), min(model.config.block_size, len(prompts[0]) + new_tokens))
+    dec = Decoder(model, len(prompts), min(model.config.block_size, len(prompts[0]) + new_tokens), graphs)
     tok = dec.prefill(prompts).argmax(-1)
     ttft = time.perf_counter() - t0
     out = [tok]
@@ -101,19 +104,30 @@ def cuda_main(args, cfg, flat, rng) -> dict:
 
     result = {"bench": "generate", "device": "cuda", "date": time.strftime("%Y-%m-%d"),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "n_layer": cfg.n_layer,
-              "n_embd": cfg.n_embd, "vocab": cfg.vocab_size, "graphs": "off", "rows": []}
+              "n_embd": cfg.n_embd, "vocab": cfg.vocab_size, "rows": []}
+    modes = [m == "on" for m in args.graphs.split(",")]
     for precision in args.precisions.split(","):
-        be = get_backend("cuda", precision)
+        try:  # graphs need a backend made for them (cuBLASLt products); both modes run on it
+            be = get_backend("cuda", precision, graphs=any(modes))
+        except Exception as e:
+            print(json.dumps({"bench": "generate", "precision": precision, "error": str(e).splitlines()[0]}))
+            continue
         result.setdefault("gpu", gpu_name())
         model = GPT(cfg, flat, be)
-        crystal_run(model, [[1, 2, 3]], 3)  # compile the kernels
+        for graphs in modes:
+            crystal_run(model, [[1, 2, 3]], 4, graphs)  # compile the kernels (and capture)
         for B in (int(b) for b in args.batches.split(",")):
             prompts = rng.integers(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
             for r in range(args.rounds):
-                ttft, total, _ = crystal_run(model, prompts, args.new_tokens)
-                row = {"precision": precision, "batch": B, "round": r, **rates(B, args.new_tokens, ttft, total)}
-                result["rows"].append(row)
-                print(json.dumps({"bench": "generate", **row}), flush=True)
+                tokens = {}
+                for graphs in modes:  # alternating
+                    ttft, total, tokens[graphs] = crystal_run(model, prompts, args.new_tokens, graphs)
+                    row = {"precision": precision, "graphs": graphs, "batch": B, "round": r,
+                           **rates(B, args.new_tokens, ttft, total)}
+                    if graphs and False in tokens:  # replayed steps: the eager steps' bits, so its tokens
+                        row["same_tokens_as_eager"] = bool(np.array_equal(tokens[True], tokens[False]))
+                    result["rows"].append(row)
+                    print(json.dumps({"bench": "generate", **row}), flush=True)
         del model
     return result
 
@@ -122,6 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--precisions", default="fp32,bf16", help="--device cuda: the backends to decode on")
+    ap.add_argument("--graphs", default="off,on", help="--device cuda: decode steps eager (off) and/or as CUDA graphs (on)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
