@@ -27,6 +27,7 @@ RESUME_FLAGS = ("device", "precision", "cuda_graphs", "spheres", "log_every", "s
                 "keep", "on_nonfinite", "shard_optimizer", "cores")
 EXIT_NONFINITE = 3
 MAX_PROMPT_BYTES = 16 << 20  # crystal sample --prompt-file: a prompt, not a corpus
+DECODE_GRAPHS = ("off", "auto")  # crystal sample/serve --cuda-graphs: a failed capture decodes eagerly (crystal.decode_graphs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -601,9 +602,11 @@ def eval_cmd(run, data, batches) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help=">= 0")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="where to decode (cuda: fp32, kernels/kv_cache.cu)")
+@click.option("--cuda-graphs", type=click.Choice(DECODE_GRAPHS), default="off", show_default=True,
+              help="cuda: replay decode steps as CUDA graphs (auto: where the capture works, else eagerly)")
 @click.option("--dry-run", is_flag=True, help="print the model, the prompt's tokens and the KV cache's size, then exit")
 def sample(run, prompt, prompt_file, max_tokens, temperature, top_k, top_p, stop, num_samples, seed,
-           device, dry_run) -> None:
+           device, cuda_graphs, dry_run) -> None:
     """Generate text from a trained run, printed as it is decoded (deterministic for a seed).
 
     RUN is a run directory, a Hugging Face GPT-2 directory, or a .safetensors file with the
@@ -627,7 +630,7 @@ def sample(run, prompt, prompt_file, max_tokens, temperature, top_k, top_p, stop
         return
     from crystal.backends import get_backend
 
-    model = load_checkpoint(run, get_backend(device))
+    model = load_checkpoint(run, get_backend(device, graphs=cuda_graphs != "off"))
     tok = checkpoint_tokenizer(run, model.config)
     sample_text(model, tok, prompt_tokens(tok, text), params, num_samples)
 
@@ -749,7 +752,9 @@ def watch(run, host, port) -> None:
 @click.option("--max-batch", type=int, default=16, show_default=True,
               help="sequences decoded together (the KV cache's rows, allocated at start); bounds n")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="where to decode")
-def serve(run, host, port, api_key, max_batch, device) -> None:
+@click.option("--cuda-graphs", type=click.Choice(DECODE_GRAPHS), default="off", show_default=True,
+              help="cuda: replay decode steps as CUDA graphs (auto: where the capture works, else eagerly)")
+def serve(run, host, port, api_key, max_batch, device, cuda_graphs) -> None:
     """An OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) for RUN.
 
     RUN is a run directory or a Hugging Face GPT-2 directory (chat needs its tokenizer's
@@ -770,7 +775,7 @@ def serve(run, host, port, api_key, max_batch, device) -> None:
     from crystal.serve import Limits
 
     limits = Limits(max_batch=max_batch, max_n=min(Limits.max_n, max_batch))
-    server = Server(ServedModel(run, get_backend(device)), sock, host, api_key, limits)
+    server = Server(ServedModel(run, get_backend(device, graphs=cuda_graphs != "off")), sock, host, api_key, limits)
     if (warning := host_warning(host, api_key)) is not None:
         click.echo(warning, err=True)
     dec = server.worker.decoder

@@ -135,10 +135,11 @@ def forward(be, ops, cfg: ModelConfig, w, ws: Workspace, cache: KVCache, idx, po
 
 class Decoder:
     """A batch of `batch` sequences decoded together against one KV cache of `capacity`
-    positions (at most block_size), allocated here once. `lengths[b]`: positions of sequence b
+    positions (at most block_size), allocated here once. On a cuda backend made for graphs
+    (`--cuda-graphs`), decode steps are replayed as CUDA graphs unless graphs=False. `lengths[b]`: positions of sequence b
     in the cache. Every call returns host float32 logits [rows, vocab_size] (a copy)."""
 
-    def __init__(self, model, batch: int, capacity: int | None = None, graphs: bool = False):
+    def __init__(self, model, batch: int, capacity: int | None = None, graphs: bool | None = None):
         cfg = model.config
         capacity = cfg.block_size if capacity is None else capacity
         if not 1 <= capacity <= cfg.block_size:
@@ -153,9 +154,9 @@ class Decoder:
         self.lengths = np.zeros(batch, dtype=np.int64)
         self._work: dict[tuple[int, int], Workspace] = {}
         # graphs: decode steps replayed as CUDA graphs (crystal.decode_graphs), on a cuda backend
-        # made for graphs (be.graphs: its products capturable); elsewhere eager
+        # made for graphs (be.graphs: its products capturable; None: whenever it is); elsewhere eager
         self.graphs = None
-        if graphs and getattr(self.be, "graphs", False):
+        if graphs is not False and getattr(self.be, "graphs", False):
             from crystal.decode_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)

@@ -92,3 +92,20 @@ def test_a_failed_capture_goes_on_eagerly_with_the_same_bits(eager):
     dec, out = decoded(FailingCapture(graphs=True), graphs=True)
     assert dec.graphs.failed == "injected" and dec.graphs.replays == 0
     assert all(a.tobytes() == b.tobytes() for a, b in zip(out, eager[1]))
+
+
+def test_sampling_on_a_backend_made_for_graphs_replays_its_decode_steps_and_draws_the_eager_tokens():
+    from crystal.sample import Generation, SamplingParams
+
+    def tokens(be, graphs=None):
+        model = GPT(CFG, init_params(CFG, 1), be)
+        gen = Generation(model, PROMPTS, SamplingParams(max_tokens=6, temperature=1.0, seed=3))
+        if graphs is False:
+            gen.decoder.graphs = None
+        while gen.step():
+            pass
+        return gen.ids, gen.decoder.graphs
+
+    ids, graphs = tokens(EmulatedCudaBackend(graphs=True))  # `--cuda-graphs auto`: the default there
+    assert graphs is not None and graphs.replays == 4
+    assert ids == tokens(EmulatedCudaBackend(graphs=True), graphs=False)[0]

@@ -225,3 +225,8 @@ def test_bad_sample_input_exits_2_with_one_line(case, runs, tmp_path, capsys, mo
     assert main(["sample", str(runs / "bytes"), *args]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
+
+
+def test_cuda_graphs_auto_on_the_cpu_samples_as_without(runs, capsys):
+    args = [str(runs / "bytes"), "--prompt", PROMPT, "--max-tokens", "8", "--seed", "3"]
+    assert run_cli([*args, "--cuda-graphs", "auto"], capsys) == run_cli(args, capsys)
