@@ -35,8 +35,6 @@ def test_graph_steps_on_the_gpu_are_bitwise_the_eager_steps(precision, dropout, 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_replayed_decode_steps_on_the_gpu_are_bitwise_the_eager_steps(precision):
-    import numpy as np
-
     from crystal.backends.cuda import CudaBackend
     from crystal.config import ModelConfig
     from crystal.generate import Decoder

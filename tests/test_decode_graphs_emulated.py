@@ -6,7 +6,6 @@ back."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from crystal.config import ModelConfig
