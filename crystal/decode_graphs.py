@@ -35,8 +35,9 @@ class _Step:
 
 
 class DecodeGraphs:
-    def __init__(self, decoder):
+    def __init__(self, decoder, forward):
         self.decoder = decoder
+        self.forward = forward  # crystal.generate.forward, handed in (generate imports this module)
         self.steps: dict[int, _Step] = {}
         self.failed: str | None = None
         self.captures = 0
@@ -47,7 +48,6 @@ class DecodeGraphs:
         [B, 1]); the logits stay in ws.logits (the caller reads them back)."""
         from crystal.backends.cuda import ROOT_STREAM
         from crystal.errors import GraphCaptureError
-        from crystal.generate import forward
 
         dec, be = self.decoder, self.decoder.be
         B = idx.shape[0]
@@ -65,7 +65,7 @@ class DecodeGraphs:
             tokens, positions, rows = step.inputs[0][:, None], step.inputs[1], step.inputs[2]
 
             def body():
-                forward(be, dec.ops, dec.config, dec.weights, ws, step.cache, tokens, positions, rows)
+                self.forward(be, dec.ops, dec.config, dec.weights, ws, step.cache, tokens, positions, rows)
 
             if first or self.failed is not None:
                 body()

@@ -159,7 +159,7 @@ class Decoder:
         if graphs is not False and getattr(self.be, "graphs", False):
             from crystal.decode_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self)
+            self.graphs = DecodeGraphs(self, forward)
 
     @property
     def capacity(self) -> int:
