@@ -356,14 +356,10 @@ def test_the_table_has_more_than_a_hundred_cases():
     assert len(CASES) > 100
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line_and_changes_no_file(case, reference, tmp_path, capsys):
-    root = tmp_path / "copy"
-    shutil.copytree(reference, root)
-    damage, argv = CASES[case]
-    if damage:
-        damage(root)
-    before = hashes(root)
+def refused(root: Path, argv: list[str], capsys, snapshot=hashes) -> list[str]:
+    """Runs `crystal argv` (R standing for root) and checks the refusal: exit 2, one `error:`
+    line, no traceback, and snapshot(root) unchanged. Returns the error lines."""
+    before = snapshot(root)
     capsys.readouterr()
     code = main([a.replace(R, str(root)) for a in argv])
     out = capsys.readouterr()
@@ -371,4 +367,15 @@ def test_bad_input_exits_2_with_one_line_and_changes_no_file(case, reference, tm
     assert code == 2, out.err + out.out
     assert len(lines) == 1 and lines[0].startswith("error: "), out.err
     assert "Traceback" not in out.err + out.out
-    assert hashes(root) == before
+    assert snapshot(root) == before
+    return lines
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_changes_no_file(case, reference, tmp_path, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(reference, root)
+    damage, argv = CASES[case]
+    if damage:
+        damage(root)
+    refused(root, argv, capsys)

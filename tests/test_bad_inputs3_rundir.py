@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import R, TRAIN, reference  # noqa: F401  (the module-scoped reference run)
+from test_bad_inputs import R, TRAIN, reference, refused  # noqa: F401  (the module-scoped reference run)
 
 from crystal.backends import cuda_unavailable_reason
 from crystal.checkpoint import RunDir, read_config
@@ -95,15 +95,7 @@ def test_refused_exits_2_with_one_line_and_changes_no_file_or_directory(case, re
     shutil.copytree(reference, root, symlinks=True)
     damage, argv = CASES[case]
     held = damage(root) if damage else None  # kept alive: a RunLock holds its run while it lives
-    before = tree(root)
-    capsys.readouterr()
-    code = main([a.replace(R, str(root)) for a in argv])
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    assert code == 2, out.err + out.out
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    assert "Traceback" not in out.err + out.out
-    assert tree(root) == before
+    lines = refused(root, argv, capsys, snapshot=tree)
     if isinstance(held, RunLock):
         assert f"process {os.getpid()}" in lines[0], lines[0]
 
