@@ -581,20 +581,11 @@ def test_standin_bias_gradient_has_the_output_type_as_cublaslt_h_documents(stand
 
 # --- under a capture (tests/emu/device.py): the product joins the graph of its stream ---
 
-def capture(standin, stream, body):
-    record = []
-    standin.device.begin_capture(stream, record)
-    try:
-        body()
-    finally:
-        standin.device.end_capture(stream)
-    return record
-
 
 def test_standin_records_a_product_made_during_a_capture_and_replays_it_on_the_values_then(standin, lt):
     rng = np.random.default_rng(31)
     a, b, out = operands(rng, *ODD, ints=3, out_dtype=np.dtype(np.float32))
-    record = capture(standin, STREAM, lambda: lt.gemm(out, a, b))
+    record = standin.device.captured(STREAM, lambda: lt.gemm(out, a, b))
     assert np.isnan(out).all()  # captured, not run
     a[...] = rand(rng, a.shape, ints=3)  # the next step's values, in the same memory
     for fn, args, kwargs in record:
@@ -605,4 +596,4 @@ def test_standin_records_a_product_made_during_a_capture_and_replays_it_on_the_v
 def test_standin_refuses_a_product_on_another_stream_than_the_one_captured(standin, lt):
     a, b, out = operands(np.random.default_rng(32), *ODD)
     with pytest.raises(StreamCaptureError, match=f"stream {STREAM} while this thread captures"):
-        capture(standin, STREAM + 1, lambda: lt.gemm(out, a, b))
+        standin.device.captured(STREAM + 1, lambda: lt.gemm(out, a, b))

@@ -41,16 +41,6 @@ def make(stream=lambda: 0, **standin):
     return sd, FlashAttention(sd, alloc, stream), alloc
 
 
-def captured(sd, stream, body):
-    """The record of what body() issues while the calling thread captures `stream`."""
-    record = []
-    sd.device.begin_capture(stream, record)
-    try:
-        body()
-    finally:
-        sd.device.end_capture(stream)
-    return record
-
 
 def replay(record):
     for fn, args, kwargs in record:
@@ -311,7 +301,7 @@ def test_the_workspace_reaches_cudnn_as_an_address_so_the_legacy_stream_never_wa
     assert sd.graphs[1].get_workspace_size() > 0
     assert sd.device.legacy_waits == 0  # an array would be exported by __dlpack__() without a stream
     dqkv = np.zeros_like(eager)
-    record = captured(sd, 7, lambda: fa.backward(dqkv, dout, qkv, out, stats, NH))
+    record = sd.device.captured(7, lambda: fa.backward(dqkv, dout, qkv, out, stats, NH))
     assert not dqkv.any()  # captured, not run
     replay(record)
     assert dqkv.tobytes() == eager.tobytes()
@@ -324,7 +314,7 @@ def test_a_captured_graph_keeps_its_workspace_when_a_larger_graph_is_built():
     fa.forward(out, stats, small_qkv, NH)
     fa.backward(eager, small_dout, small_qkv, out, stats, NH)
     dqkv = np.zeros_like(eager)
-    record = captured(sd, 7, lambda: fa.backward(dqkv, small_dout, small_qkv, out, stats, NH))
+    record = sd.device.captured(7, lambda: fa.backward(dqkv, small_dout, small_qkv, out, stats, NH))
     run(fa, *inputs(23), None)  # a larger backward: a larger workspace
     assert alloc.sizes[0] < alloc.sizes[1]
     replay(record)  # the captured graph still points at the first workspace
@@ -368,21 +358,21 @@ def test_standin_exports_an_array_through_dlpack_without_a_stream_so_the_legacy_
     g.execute(pack, workspace, handle=g.handle)
     assert sd.device.legacy_waits == 1
     with pytest.raises(StreamCaptureError, match="legacy stream wait"):
-        captured(sd, 7, lambda: g.execute(pack, workspace, handle=g.handle))
+        sd.device.captured(7, lambda: g.execute(pack, workspace, handle=g.handle))
 
 
 def test_standin_refuses_a_graph_run_on_another_stream_than_the_one_captured(built):
     sd, g, pack = built(stream=8)
     workspace = np.zeros(g.get_workspace_size(), np.uint8)
     with pytest.raises(StreamCaptureError, match="stream 8 while this thread captures stream 7"):
-        captured(sd, 7, lambda: g.execute(pack, int(workspace.ctypes.data), handle=g.handle))
+        sd.device.captured(7, lambda: g.execute(pack, int(workspace.ctypes.data), handle=g.handle))
 
 
 def test_standin_refuses_to_replay_a_graph_into_memory_freed_since_the_capture(built):
     sd, g, pack = built()
     workspace = np.zeros(g.get_workspace_size(), np.uint8)
     sd.device.register(workspace)
-    record = captured(sd, 7, lambda: g.execute(pack, int(workspace.ctypes.data), handle=g.handle))
+    record = sd.device.captured(7, lambda: g.execute(pack, int(workspace.ctypes.data), handle=g.handle))
     replay(record)
     del workspace
     with pytest.raises(StreamCaptureError, match="freed since the capture"):

@@ -62,6 +62,16 @@ class EmulatedDevice:
         with self._lock:
             self._captures.pop(stream, None)
 
+    def captured(self, stream: int, body) -> list:
+        """The record of what body() issues while the calling thread captures `stream`."""
+        record = []
+        self.begin_capture(stream, record)
+        try:
+            body()
+        finally:
+            self.end_capture(stream)
+        return record
+
     def capturing(self) -> int | None:
         """The stream the calling thread is capturing, or None."""
         me = threading.get_ident()
