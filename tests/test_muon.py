@@ -16,7 +16,7 @@ from crystal.model import ParamLayout
 from crystal.muon import NS_COEFFS, Muon, muon_matrices, muon_tensors, optimizer_ranges, owner_blocks
 from crystal.optim import lr_at, momentum_at
 from crystal.trainer import train
-from thread_ranks import ThreadComm
+from thread_ranks import ThreadComm, run_ranks
 
 A, B, C = NS_COEFFS
 
@@ -249,23 +249,12 @@ def test_a_resumed_muon_run_is_bitwise_the_uninterrupted_one(tmp_path):
 def train_thread_ranks(ranks: int, shard: bool):
     """train() on `ranks` thread-ranks; rank 0's result."""
     shared = {"barrier": threading.Barrier(ranks)}
-    out, errors = [None] * ranks, []
 
     def rank(i):
-        try:
-            model, cfg = tiny(spheres=2, shard_optimizer=shard)
-            out[i] = train(model, cfg, comm=ThreadComm(i, ranks, shared))
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-            shared["barrier"].abort()
+        model, cfg = tiny(spheres=2, shard_optimizer=shard)
+        return train(model, cfg, comm=ThreadComm(i, ranks, shared))
 
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    out = run_ranks(ranks, rank, shared)
     assert all(r.params.tobytes() == out[0].params.tobytes() for r in out)  # every rank's replica
     return out[0]
 

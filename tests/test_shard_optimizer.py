@@ -14,7 +14,7 @@ from crystal.model import ParamLayout
 from crystal.optim import AdamW, clip_scale
 from crystal.reducer import CHUNKS, GradientReducer, chunk_bounds, shard_spans
 from crystal.world import Comm, World
-from thread_ranks import ThreadComm, fake_cupy_modules
+from thread_ranks import ThreadComm, fake_cupy_modules, run_ranks
 
 MODEL = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=24)
 SIZE = ParamLayout(MODEL).size
@@ -33,37 +33,25 @@ def train_steps(m: int, ranks: int, grads: list[np.ndarray], shard: bool, make_c
     shared = {"barrier": threading.Barrier(ranks)}
     make_comm = make_comm or (lambda i: ThreadComm(i, ranks, shared) if ranks > 1 else Comm())
     start = np.random.default_rng(1).standard_normal(SIZE).astype(np.float32) * 0.02 if init is None else init
-    out, errors = [None] * ranks, []
 
     def rank(i):
-        try:
-            comm = make_comm(i)
-            red = GradientReducer(be, SIZE, m, comm, spheres=2, shard=shard)
-            opt = AdamW(be, layout, CFG, red.chunks, span=red.span)
-            params, norms = start.copy(), []
-            for step, g in enumerate(grads):
-                for j, mb in enumerate(red.owned):
-                    red.put(j, g[mb])
-                norm = red.reduce()
-                opt.begin_step(1e-3 * (step + 1), clip_scale(norm, CFG.grad_clip))
-                for c in red.my_chunks:
-                    opt.update_chunk(c, params, red.grad)
-                red.gather_params(params)
-                norms.append(norm)
-            sent = comm.bytes_sent
-            out[i] = (params, norms, red.gather_shards(opt.m), red.gather_shards(opt.v), opt, comm, sent)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-            shared["barrier"].abort()
+        comm = make_comm(i)
+        red = GradientReducer(be, SIZE, m, comm, spheres=2, shard=shard)
+        opt = AdamW(be, layout, CFG, red.chunks, span=red.span)
+        params, norms = start.copy(), []
+        for step, g in enumerate(grads):
+            for j, mb in enumerate(red.owned):
+                red.put(j, g[mb])
+            norm = red.reduce()
+            opt.begin_step(1e-3 * (step + 1), clip_scale(norm, CFG.grad_clip))
+            for c in red.my_chunks:
+                opt.update_chunk(c, params, red.grad)
+            red.gather_params(params)
+            norms.append(norm)
+        sent = comm.bytes_sent
+        return params, norms, red.gather_shards(opt.m), red.gather_shards(opt.v), opt, comm, sent
 
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+    return run_ranks(ranks, rank, shared)
 
 
 def random_steps(m: int, steps: int = 2, seed: int = 0) -> list[np.ndarray]:

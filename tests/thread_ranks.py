@@ -19,6 +19,30 @@ def meet(shared: dict, key, rank: int, size: int, value) -> list:
     return out
 
 
+def run_ranks(ranks: int, body, shared: dict | None = None) -> list:
+    """[body(0), ..., body(ranks - 1)], each on its own thread sharing `shared` (made with the
+    barrier the collectives meet at); the first exception is raised after every thread ended
+    (the barrier aborted, so no rank waits for it)."""
+    shared = {"barrier": threading.Barrier(ranks)} if shared is None else shared
+    out, errors = [None] * ranks, []
+
+    def rank(i):
+        try:
+            out[i] = body(i)
+        except BaseException as e:  # noqa: BLE001 - raised below
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
 class ThreadComm(Comm):
     """R ranks as threads of one process: the collectives meet at a barrier (MPI's semantics)."""
 
