@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from crystal.errors import CrystalError
+from crystal.jsonio import parse_json, read_json
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks that its client is there
 MAX_STOPS = 4  # OpenAI's bound on stop texts
@@ -103,9 +104,9 @@ def read_chat_template(where: Path) -> tuple[str | None, dict]:
     cfg_file = where / "tokenizer_config.json"
     if cfg_file.is_file():
         try:
-            config = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise CrystalError(f"cannot read {cfg_file}: {e}") from None
+            config = read_json(cfg_file)
+        except OSError as e:
+            raise CrystalError(f"cannot read {cfg_file}: {e.strerror or e}") from None
         if not isinstance(config, dict):
             raise CrystalError(f"{cfg_file} is not a JSON object")
     jinja_file = where / "chat_template.jinja"
@@ -528,9 +529,9 @@ def make_app(served: ServedModel, worker: Worker, limits: Limits, api_key: str |
         except ClientDisconnect:  # gone before its body came: nobody reads the answer
             raise ApiError(400, "the client disconnected before the request's end") from None
         try:
-            return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+            return parse_json(bytes(data), "the request body")
+        except CrystalError as e:  # not JSON, or nested too deep to answer
+            raise ApiError(400, str(e)[:300]) from None
 
     async def models(request):
         try:
