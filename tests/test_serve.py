@@ -333,7 +333,11 @@ def test_requests_decoded_together_give_the_texts_they_give_alone(chat_server):
 
 
 def send_long_request(server, stream: bool) -> socket.socket:
-    """A request of max_tokens 2048 (seconds of decoding) on a raw connection."""
+    """A request of max_tokens 2048 (seconds of decoding) on a raw connection, sent once the
+    worker is idle (so `worker.running` then means this request is being decoded)."""
+    deadline = time.monotonic() + 20
+    while (server.worker.pending or server.worker.running) and time.monotonic() < deadline:
+        time.sleep(0.01)
     port = server.sock.getsockname()[1]
     conn = socket.create_connection(("127.0.0.1", port), timeout=10)
     body = json.dumps({"model": "chat", "prompt": "ROMEO:", "max_tokens": 2048, "stream": stream}).encode()
