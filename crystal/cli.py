@@ -541,18 +541,42 @@ def format_summary(result) -> str:
               help="bytes, bpe (trained on the inputs), or a tokenizer.json file or a directory holding one "
                    "(e.g. a Hugging Face GPT-2 directory: the tokenizer of the model to fine-tune)")
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size  [default: 1024]")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="tail held out for validation")
-def prepare(inputs, out, tokenizer, vocab_size, val_fraction) -> None:
-    """Tokenize text files into a data directory for `crystal train --data`."""
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="tail held out for validation (of the tokens; of the records for alpaca and chat)")
+@click.option("--format", "fmt", type=click.Choice(("text", "alpaca", "chat")), default="text", show_default=True,
+              help="text files, or instruction records (FILE.json array or FILE.jsonl): alpaca "
+                   "{instruction, input?, output} or chat {messages: [{role, content}]}, the loss on the "
+                   "responses only (needs --tokenizer DIR; chat: its chat_template)")
+@click.option("--max-seq-len", type=int, default=None,
+              help="alpaca/chat: most tokens a record may have (see --on-long)  [default: no limit]")
+@click.option("--on-long", type=click.Choice(("truncate", "drop")), default=None,
+              help="alpaca/chat: a record above --max-seq-len keeps its first tokens, or is dropped  "
+                   "[default: truncate]")
+def prepare(inputs, out, tokenizer, vocab_size, val_fraction, fmt, max_seq_len, on_long) -> None:
+    """Tokenize text files (or instruction records) into a data directory for `crystal train --data`."""
     from crystal.data import prepare as run_prepare
 
     if vocab_size is not None and tokenizer not in ("bytes", "bpe"):
         raise CrystalError(f"--vocab-size trains a bpe tokenizer; --tokenizer {tokenizer} has its own vocabulary")
     t0 = time.perf_counter()
-    meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction)
+    if fmt == "text":
+        if max_seq_len is not None or on_long is not None:
+            raise CrystalError("--max-seq-len and --on-long bound instruction records (--format alpaca or chat)")
+        meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction)
+    else:
+        from crystal.instruct import prepare_instruct
+
+        if vocab_size is not None:
+            raise CrystalError(f"--vocab-size trains a bpe tokenizer; --format {fmt} needs the model's own (--tokenizer DIR)")
+        meta = prepare_instruct(list(inputs), out, fmt, tokenizer, val_fraction, max_seq_len, on_long or "truncate")
     kind = f"tokenizer {meta['tokenizer_from']}" if "tokenizer_from" in meta else f"{meta['tokenizer']} tokenizer"
+    records = ""
+    if "records" in meta:
+        r, n = meta["records"], meta["response_tokens"]
+        records = (f", {r['train']:,} train / {r['val']:,} val records ({r['truncated']:,} truncated, "
+                   f"{r['dropped']:,} dropped), {n['train']:,} / {n['val']:,} response tokens")
     click.echo(f"prepared {out}: {kind}, vocab {meta['vocab_size']}, "
-               f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+               f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens{records} "
                f"in {time.perf_counter() - t0:.1f} s")
 
 

@@ -424,10 +424,20 @@ class DataSet:
     val_bytes: int  # UTF-8 bytes the val tokens stand for (bits per byte)
     sha256: str = ""  # of the token ids, train then val (train.json keeps it: changed data is reported)
     tokenizer_identity: str = ""  # as meta.json records it; "" where it does not (then: the tokenizer's own)
+    # instruction data (crystal.instruct): 1 where a token is a response token, the loss's targets;
+    # None: every token is a target
+    train_mask: np.ndarray | None = None
+    val_mask: np.ndarray | None = None
+
+    @property
+    def masked(self) -> bool:
+        return self.train_mask is not None
 
     @property
     def bytes_per_token(self) -> float:
-        return self.val_bytes / len(self.val) if len(self.val) else 1.0
+        """UTF-8 bytes per target token of the val split (masked: per response token)."""
+        n = int(np.count_nonzero(self.val_mask)) if self.val_mask is not None else len(self.val)
+        return self.val_bytes / n if n else 1.0
 
 
 def tokens_sha256(*arrays: np.ndarray) -> str:
@@ -480,6 +490,38 @@ def load_dataset(path: str | None, val_fraction: float = 0.1) -> DataSet:
     return DataSet(train, val, tok, tok.vocab_size, name, len(val), tokens_sha256(train, val))
 
 
+def mask_sha256(mask: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(mask, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def data_sha256(tokens_sha: str, mask_shas: dict | None) -> str:
+    """What identifies a data set (train.json records it): its tokens' hash, and with masks a
+    hash of that and the masks' (so a changed mask is changed data)."""
+    if not mask_shas:
+        return tokens_sha
+    text = tokens_sha + "".join(mask_shas[name] for name in MASK_FILES)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_mask(path: Path, count: int, sha: str) -> np.ndarray:
+    """A mask file: `count` bytes, each 0 or 1, whose sha256 meta.json records."""
+    check_regular(path)
+    try:
+        mask = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise CrystalError(f"mask file not found: {path}") from None
+    except OSError as e:
+        raise CrystalError(f"cannot read mask file {path}: {e.strerror or e}") from None
+    if mask.size != count:
+        raise CrystalError(f"{path}: {mask.size:,} mask bytes for {count:,} tokens; prepare the data set again")
+    if mask.size and int(mask.max()) > 1:
+        raise CrystalError(f"{path}: a mask byte is {int(mask.max())}, not 0 or 1")
+    if mask_sha256(mask) != sha:
+        raise CrystalError(f"{path}: not the mask meta.json describes (its sha256 differs); prepare the "
+                           "data set again")
+    return mask
+
+
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -498,6 +540,10 @@ def load_prepared(directory: Path) -> DataSet:
         recorded = {k: meta.get(k, "") for k in ("tokens_sha256", "tokenizer_identity")}
         if not all(isinstance(v, str) for v in recorded.values()):
             raise ValueError(f"tokens_sha256 and tokenizer_identity must be strings, got {recorded}")
+        masks = meta.get("masks")  # instruction data: {file name: sha256}
+        if masks is not None and not (isinstance(masks, dict) and set(masks) == set(MASK_FILES)
+                                      and all(isinstance(v, str) for v in masks.values())):
+            raise ValueError(f"masks must map {' and '.join(MASK_FILES)} to their sha256, got {masks!r}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CrystalError(f"{directory / META_FILE}: not a valid data set description ({e})") from None
     if kind not in ("bytes", "bpe", "hf"):
@@ -517,10 +563,18 @@ def load_prepared(directory: Path) -> DataSet:
     tok = load_tokenizer(directory, kind)
     if tok.vocab_size != vocab:
         raise CrystalError(f"{directory}: tokenizer.json has {tok.vocab_size} tokens, meta.json {vocab}")
-    return DataSet(train, val, tok, vocab, str(directory), val_bytes, sha, recorded["tokenizer_identity"])
+    train_mask = val_mask = None
+    if masks is not None:
+        train_mask, val_mask = (read_mask(directory / name, len(ids), masks[name])
+                                for name, ids in zip(MASK_FILES, (train, val)))
+        if not train_mask.any():
+            raise CrystalError(f"{directory}: the masks leave no response token to train on in the training split")
+    return DataSet(train, val, tok, vocab, str(directory), val_bytes, data_sha256(sha, masks),
+                   recorded["tokenizer_identity"], train_mask, val_mask)
 
 
-PREPARED_FILES = {"train.bin", "val.bin", TOKENIZER_FILE, META_FILE}
+MASK_FILES = ("train.mask", "val.mask")
+PREPARED_FILES = {"train.bin", "val.bin", *MASK_FILES, TOKENIZER_FILE, META_FILE}
 
 
 def _check_prepare_out(out: Path) -> None:
@@ -621,6 +675,8 @@ def _replace_dir(out: Path, write) -> None:
 
 # --- batches ---------------------------------------------------------------------------------
 
+IGNORE = -1  # a target the loss skips (PyTorch's ignore_index; the ops skip every target < 0)
+
 @dataclass(frozen=True)
 class Position:
     """Where the iterator stands: the next batch is batch `cursor` of epoch `epoch`."""
@@ -630,11 +686,17 @@ class Position:
 
 
 class BatchIterator:
-    """Shuffled [B, T] (inputs, targets) batches of int32 token ids from one token stream."""
+    """Shuffled [B, T] (inputs, targets) batches of int32 token ids from one token stream.
+    mask (instruction data): a uint8 array beside the tokens, 0 where a token is no target (a
+    prompt's); its target is served as IGNORE (-1), which the cross-entropy ops skip. The windows
+    are the same with or without it."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
-                 vocab_size: int | None = None, what: str = "data"):
+                 vocab_size: int | None = None, what: str = "data", mask: np.ndarray | None = None):
         tokens = np.asarray(tokens)
+        if mask is not None and np.shape(mask) != tokens.shape:
+            raise ValueError(f"a mask of shape {np.shape(mask)} for {tokens.shape} tokens")
+        self.mask = mask
         self.B, self.T, self.seed = batch_size, seq_len, seed
         # Epoch e cuts the stream into windows at its own seeded phase in [0, T): window k starts
         # at phase + k*T. Successive epochs then see differently aligned windows, not the same
@@ -674,7 +736,10 @@ class BatchIterator:
         if cursor == self.batches_per_epoch:
             epoch, cursor = epoch + 1, 0
         self.position = Position(epoch, cursor)
-        return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+        targets = rows[:, 1:]
+        if self.mask is not None:  # a prompt token is no target
+            targets = np.where(self.mask[starts[:, None] + self._offsets[1:]] != 0, targets, IGNORE)
+        return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(targets, dtype=np.int32)
 
     def state(self) -> dict:
         return {"epoch": self.position.epoch, "cursor": self.position.cursor}
@@ -691,9 +756,10 @@ class BatchIterator:
         self.position = Position(epoch, cursor)
 
 
-def eval_batches(val: np.ndarray, batch_size: int, seq_len: int, seed: int, count: int) -> list:
+def eval_batches(val: np.ndarray, batch_size: int, seq_len: int, seed: int, count: int,
+                 mask: np.ndarray | None = None) -> list:
     """The fixed validation set: the first `count` batches (at most one epoch) of the val split."""
-    it = BatchIterator(val, batch_size, seq_len, seed, what="the validation split")
+    it = BatchIterator(val, batch_size, seq_len, seed, what="the validation split", mask=mask)
     return [it.next_batch() for _ in range(min(count, it.batches_per_epoch))]
 
 

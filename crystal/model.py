@@ -287,9 +287,23 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, precision: str = "fp32", 
 
 # --- forward and backward ----------------------------------------------------------------------
 
+def loss_denominator(batches) -> float:
+    """What each of these batches' loss sum is divided by (`forward`'s denom) so that the mean of
+    their losses (tree_mean, over len(batches)) is the mean over every target of them all that is
+    not ignored (>= 0): N / len(batches), N that count (at least 1: batches with no target left
+    give loss 0 and gradient 0). Counted on the host from the batches (x, y) before any forward.
+    A step's micro-batches: the dloss scale len/N, then the reducer's 1/M, weigh every unmasked
+    target of the step alike, whichever micro-batch, sphere or rank holds it. Without ignored
+    targets N / len is exactly B*T, so the bits are those of the plain per-batch mean."""
+    n = sum(int(np.count_nonzero(np.asarray(y) >= 0)) for _, y in batches)
+    return max(n, 1) / len(batches)
+
+
 def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
-            drop: Dropout | None = None, grad: bool = False, loss_out=None):
-    """Logits into a.logits; with targets, also the mean cross-entropy (returned as a float).
+            drop: Dropout | None = None, grad: bool = False, loss_out=None, denom: float | None = None):
+    """Logits into a.logits; with targets, also the loss: the cross-entropies' sum over the
+    targets / denom (default B*T, the mean when no target is ignored; a target < 0 is ignored
+    and adds 0; see `loss_denominator`), returned as a float.
     grad (training, with targets): a.logits ends as d loss / d logits instead, computed in the
     same pass as the loss, which is what `backward` starts from.
     drop: this micro-batch's dropout (training only), applied in place to the embedding sum and
@@ -299,6 +313,7 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     ln_1, or ln_f after the last layer). loss_out (a device float64[1]): the losses' sum goes
     there and nothing is read back (a CUDA-graph step; the mean is sum / (B T)); returns None."""
     B, T = idx.shape
+    denom = B * T if denom is None else denom
     NH, eps = cfg.n_head, cfg.layer_norm_epsilon
     be.encoder_forward(a.encoded, idx, w.wte, w.wpe[:T])
     if drop:
@@ -333,14 +348,14 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     if targets is None:
         return None
     V = cfg.vocab_size  # the softmax over the first V columns; the others get probability and gradient 0
-    if grad:  # losses and dlogits = (softmax - onehot) / (B T) in one pass, in place of the logits
-        be.crossentropy_forward_backward(a.losses, a.logits, a.logits, targets, 1.0 / (B * T), V)
+    if grad:  # losses and dlogits = (softmax - onehot) / denom in one pass, in place of the logits
+        be.crossentropy_forward_backward(a.losses, a.logits, a.logits, targets, 1.0 / denom, V)
     else:
         be.crossentropy_forward(a.losses, a.logits, a.logits, targets, V)
     if loss_out is not None:
         be.sum_losses(a.losses, out=loss_out)
         return None
-    return be.sum_losses(a.losses) / (B * T)
+    return be.sum_losses(a.losses) / denom
 
 
 def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, targets,
@@ -409,7 +424,8 @@ class GPT:
     def init(cls, config: ModelConfig, seed: int = 0, backend=None) -> "GPT":
         return cls(config, init_params(config, seed), backend)
 
-    def _check(self, idx) -> np.ndarray:
+    def _check(self, idx, targets: bool = False) -> np.ndarray:
+        """[B, T] int32 token ids (targets: an id < 0 is an ignored target)."""
         idx = np.asarray(idx)
         if idx.ndim == 1:
             idx = idx[None, :]
@@ -417,8 +433,9 @@ class GPT:
             raise ValueError(f"token ids must have shape [B, T], got {idx.shape}")
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
-        if idx.size and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        if idx.size and ((idx.min() < 0 and not targets) or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})"
+                             + (" (or < 0: ignored)" if targets else ""))
         return np.ascontiguousarray(idx, dtype=np.int32)
 
     def _activations(self, B: int, T: int) -> Activations:
@@ -433,29 +450,33 @@ class GPT:
         forward(be, self.config, self._tensors, a, be.to_device(idx))
         return np.array(be.to_host(a.logits[..., :self.config.vocab_size]), dtype=np.float32)  # the real tokens
 
-    def loss(self, idx, targets) -> float:
-        """Mean cross-entropy of next-token predictions (forward only)."""
+    def loss(self, idx, targets, denom: float | None = None) -> float:
+        """Mean cross-entropy of next-token predictions over the targets not ignored (< 0:
+        ignored, PyTorch's ignore_index), forward only. denom: divide the sum by it instead (see
+        loss_denominator)."""
         idx, targets = self._check_pair(idx, targets)
         be = self.backend
         a = self._activations(*idx.shape)
-        return forward(be, self.config, self._tensors, a, be.to_device(idx), be.to_device(targets))
+        denom = loss_denominator([(idx, targets)]) if denom is None else denom
+        return forward(be, self.config, self._tensors, a, be.to_device(idx), be.to_device(targets), denom=denom)
 
     def _check_pair(self, idx, targets):
-        idx, targets = self._check(idx), self._check(targets)
+        idx, targets = self._check(idx), self._check(targets, targets=True)
         if targets.shape != idx.shape:
             raise ValueError(f"targets {targets.shape} must match idx {idx.shape}")
         return idx, targets
 
     def loss_and_grads(self, idx, targets, drop: Dropout | None = None) -> tuple[float, dict]:
-        """Mean cross-entropy and its gradient per parameter name (with drop: under that
-        micro-batch's dropout masks)."""
+        """Mean cross-entropy (over the targets not ignored, as `loss`) and its gradient per
+        parameter name (with drop: under that micro-batch's dropout masks)."""
         idx, targets = self._check_pair(idx, targets)
         be = self.backend
         a = self._activations(*idx.shape)
         gflat = be.empty(self.layout.size)
         grads = Tensors(self.layout, gflat)
         didx, dtgt = be.to_device(idx), be.to_device(targets)
-        loss = forward(be, self.config, self._tensors, a, didx, dtgt, drop, grad=True)
+        loss = forward(be, self.config, self._tensors, a, didx, dtgt, drop, grad=True,
+                       denom=loss_denominator([(idx, targets)]))
         backward(be, self.config, self._tensors, grads, a, didx, dtgt, drop)
         host = np.array(be.to_host(gflat), dtype=np.float32)
         return loss, {k: v.copy() for k, v in self.layout.views(host).items()}

@@ -54,8 +54,9 @@ from pathlib import Path
 
 import numpy as np
 
+from crystal.chat import ChatTemplate, TemplateRefused, read_chat_template, special_tokens
 from crystal.errors import CrystalError
-from crystal.jsonio import parse_json, read_json
+from crystal.jsonio import parse_json
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks that its client is there
 MAX_STOPS = 4  # OpenAI's bound on stop texts
@@ -96,76 +97,6 @@ class ApiError(Exception):
 
 # --- the model and its tokenizer -------------------------------------------------------------------
 
-def read_chat_template(where: Path) -> tuple[str | None, dict]:
-    """The chat template of a model directory and its tokenizer_config.json (or {}):
-    chat_template.jinja where there is one, else the config's `chat_template` (a text, or a list
-    of {name, template} of which "default" is taken)."""
-    config = {}
-    cfg_file = where / "tokenizer_config.json"
-    if cfg_file.is_file():
-        try:
-            config = read_json(cfg_file)
-        except OSError as e:
-            raise CrystalError(f"cannot read {cfg_file}: {e.strerror or e}") from None
-        if not isinstance(config, dict):
-            raise CrystalError(f"{cfg_file} is not a JSON object")
-    jinja_file = where / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8"), config
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return (template if isinstance(template, str) and template else None), config
-
-
-def _special_token(config: dict, name: str) -> str | None:
-    """tokenizer_config.json's bos_token, eos_token...: a text or an AddedToken-like {content}."""
-    value = config.get(name)
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-class ChatTemplate:
-    """A chat template compiled as transformers compiles it (its `_compile_jinja_template`)."""
-
-    def __init__(self, source: str, special: dict[str, str]):
-        try:
-            from jinja2 import TemplateError
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError as e:
-            raise CrystalError(f"chat templates need jinja2 (pip install 'crystal[serve]'): {e}") from None
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                              sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        self.TemplateError = TemplateError
-        try:
-            self.template = env.from_string(source)
-        except TemplateError as e:
-            raise CrystalError(f"the tokenizer's chat_template does not compile: {e}") from None
-        self.special = special
-
-    def render(self, messages: list[dict]) -> str:
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
-        except self.TemplateError as e:
-            raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
-        except Exception as e:  # a template's own error (an undefined attribute, a type)
-            raise ApiError(400, f"the chat template failed on these messages: {type(e).__name__}: {e}",
-                           "messages") from None
-
-
 class ServedModel:
     """The model of RUN_OR_HF_DIR, its tokenizer, end-of-text token and chat template."""
 
@@ -181,8 +112,7 @@ class ServedModel:
         where = path if path.is_dir() else path.parent
         self.name = path.resolve().name or "crystal"
         source, config = read_chat_template(where)
-        special = {k: v for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-                   if (v := _special_token(config, k)) is not None}
+        special = special_tokens(config)
         self.chat = None if source is None else ChatTemplate(source, special)
         eos_text, inner = special.get("eos_token"), getattr(self.tok, "tok", None)
         eos = inner.token_to_id(eos_text) if eos_text and inner is not None else None
@@ -486,7 +416,10 @@ def chat_prompt(messages, served: ServedModel) -> list[int]:
         if not isinstance(content, str):
             raise ApiError(400, "each message's 'content' must be a text", "messages")
         checked.append({**m, "content": content})
-    text = served.chat.render(checked)
+    try:
+        text = served.chat.render(checked)
+    except TemplateRefused as e:
+        raise ApiError(400, str(e), "messages") from None
     ids = [int(i) for i in served.tok.encode(text)]
     if not ids:
         raise ApiError(400, "the chat template rendered these messages as no tokens", "messages")

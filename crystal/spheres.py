@@ -349,7 +349,7 @@ class SphereSystem:
         finally:
             self.gate.give(i)
 
-    def _train_micro_batch(self, i: int, x, y, m: int, drop: Dropout | None) -> float:
+    def _train_micro_batch(self, i: int, x, y, m: int, drop: Dropout | None, denom: float | None) -> float:
         be, stats = self.be, self.stats[i]
         stats.active = True
         keys = [drop.keys(self.cfg.n_layer)] if drop else None
@@ -359,7 +359,7 @@ class SphereSystem:
         with self._core(i, m, held=gated) as acts:
             x, y = be.stage([(x, y)], self.cfg.vocab_size, keys)[0]
             issued = be.thread_launches() if self.counts_launches else 0
-            loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True)
+            loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True, denom=denom)
             if not gated:
                 row = self.reducer.acquire(m)
             backward(be, self.cfg, self.weights, self.row_grads[row], acts, x, y, drop)
@@ -372,24 +372,27 @@ class SphereSystem:
         stats.tokens += x.size
         return loss
 
-    def _eval_batch(self, i: int, x, y, k: int) -> float:
+    def _eval_batch(self, i: int, x, y, k: int, denom: float | None) -> float:
         be = self.be
         with self._core(i, k) as acts:
-            return forward(be, self.cfg, self.weights, acts, be.to_device(x), be.to_device(y))
+            return forward(be, self.cfg, self.weights, acts, be.to_device(x), be.to_device(y), denom=denom)
 
     # --- the root side ---
-    def step(self, batches: list, drops: list[Dropout] | None = None) -> list[float]:
+    def step(self, batches: list, drops: list[Dropout] | None = None, denom: float | None = None) -> list[float]:
         """Forward/backward of every micro-batch (with drops[m], its dropout, when given);
-        gradients are summed in the reducer's pool. Returns the per-micro-batch losses, in order."""
+        gradients are summed in the reducer's pool. Returns the per-micro-batch losses, in order.
+        denom: each micro-batch's loss sum is divided by it (crystal.model.loss_denominator of the
+        whole step's micro-batches; default B*T)."""
         if len(batches) != self.reducer.local_count:
             raise ValueError(f"{len(batches)} micro-batches for the reducer's {self.reducer.local_count}")
         self.reducer.begin_step()
         return self.map(len(batches), lambda i, m: self._train_micro_batch(
-            i, *batches[m], m, drops[m] if drops else None), gated=True)
+            i, *batches[m], m, drops[m] if drops else None, denom), gated=True)
 
-    def evaluate(self, batches: list) -> list[float]:
-        """Forward-only losses of any number of batches, spread over the spheres likewise."""
-        return self.map(len(batches), lambda i, m: self._eval_batch(i, *batches[m], m), gated=True)
+    def evaluate(self, batches: list, denom: float | None = None) -> list[float]:
+        """Forward-only losses of any number of batches, spread over the spheres likewise
+        (denom: as step's)."""
+        return self.map(len(batches), lambda i, m: self._eval_batch(i, *batches[m], m, denom), gated=True)
 
     def map(self, n_items: int, work: Callable[[int, int], float], gated: bool = False) -> list:
         """[work(sphere, item) for item in range(n_items)], items spread round-robin: over every

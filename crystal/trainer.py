@@ -23,7 +23,7 @@ from crystal import dropout
 from crystal.config import TRAIN_LIMITS, ModelConfig, TrainConfig
 from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, GraphCaptureError, NonFiniteError
-from crystal.model import ParamLayout, init_params, warm_up
+from crystal.model import ParamLayout, init_params, loss_denominator, warm_up
 from crystal.muon import Muon
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
@@ -112,14 +112,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         raise CrystalError(f"the data's vocabulary has {dataset.vocab_size} tokens, "
                            f"the model {model_cfg.vocab_size}")
     batches = BatchIterator(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed,
-                            model_cfg.vocab_size, what="the training split")
+                            model_cfg.vocab_size, what="the training split", mask=dataset.train_mask)
     cfg = resolve_steps(cfg, batches.batches_per_epoch)
     val = []
     if cfg.eval_every:
         if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
             raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one "
                                "batch; raise --val-fraction or pass --eval-every 0")
-        val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
+        val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, dataset.val_mask)
+    val_denom = loss_denominator(val) if val else None  # the val loss: a mean over every unmasked target
     be = backend if backend is not None else get_backend(cfg.device, cfg.precision)
     warm_up(be)  # every kernel compiled before a sphere starts
 
@@ -135,7 +136,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         start = init_params(model_cfg, cfg.seed)
     params = be.to_device(start)
     comm = comm if comm is not None else Comm()
-    graphs = _graphs_wanted(cfg, be, comm)
+    graphs = _graphs_wanted(cfg, be, comm, dataset.masked)
     rows = None
     if graphs:  # the graphs' fixed rows (crystal.graphs), at least the pool's own
         rows = max(pool_rows(cfg.micro_batches, cfg.spheres), graph_plan(cfg.micro_batches, cfg.spheres).rows)
@@ -185,6 +186,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         for step in range(first, last):
             t0 = time.perf_counter()
             micro = [batches.next_batch() for _ in range(cfg.micro_batches)]  # all, on every rank
+            denom = loss_denominator(micro)  # the step's unmasked targets / M (B*T without a mask)
             drops = dropout.for_step(cfg.dropout, cfg.seed, step, reducer.owned)
             lr = lr_at(step, cfg)
             done = step + 1
@@ -203,7 +205,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                 losses_m, norm = replayed
                 loss = reducer.reduce_losses(losses_m)
             else:
-                loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop], drops))
+                loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop], drops, denom))
                 norm = reducer.reduce(spheres.map)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # (a graph step skipped AdamW on the device)
                 if replayed is not None:
@@ -239,7 +241,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                 on_step(rec, spheres)
             if val and (done % cfg.eval_every == 0 or done == cfg.steps):
                 share = comm.share(len(val))
-                val_loss = tree_mean(comm.gather(spheres.evaluate(val[share.start:share.stop]), len(val)))
+                val_loss = tree_mean(comm.gather(spheres.evaluate(val[share.start:share.stop], val_denom), len(val)))
                 val_losses.append((done, val_loss))
                 if run_dir is not None:
                     run_dir.log({"step": done, "val_loss": val_loss, "eval_batches": len(val)})
@@ -317,12 +319,14 @@ def _gate(cfg: TrainConfig, be) -> int | None:
     return gate_cores(cfg.cores) if be.name == "cpu" else None
 
 
-def _graphs_wanted(cfg: TrainConfig, be, comm: Comm) -> bool:
+def _graphs_wanted(cfg: TrainConfig, be, comm: Comm, masked: bool = False) -> bool:
     """Whether this run captures CUDA graphs; "on" where they cannot run is a one-line error."""
     if cfg.cuda_graphs == "off":
         return False
     why = None
-    if cfg.optimizer != "adamw":
+    if masked:  # the captured loss scale is 1/(B T); a masked step's depends on its batches
+        why = "data without a loss mask (instruction data scales each step's loss by its own count)"
+    elif cfg.optimizer != "adamw":
         why = "--optimizer adamw (Muon's steps run eagerly)"
     elif not getattr(be, "graphs", False):
         why = "a CUDA GPU (the device is cpu)" if be.name == "cpu" else "a backend made for graphs"
@@ -374,9 +378,10 @@ def evaluate(model, dataset: DataSet, cfg: TrainConfig) -> tuple[float, int]:
     Returns (loss, number of batches)."""
     if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
         raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one batch")
-    val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
+    val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, dataset.val_mask)
+    denom = loss_denominator(val)  # the mean over every unmasked target, as training's evaluation
     with _blas_limits(model.backend):
-        losses = [model.loss(x, y) for x, y in val]
+        losses = [model.loss(x, y, denom) for x, y in val]
     return tree_mean(losses), len(val)
 
 

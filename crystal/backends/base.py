@@ -126,7 +126,8 @@ class Backend(Protocol):
 
     # Over logits[N,Vp] whose first `vocab` columns are the vocabulary (vocab_columns: None, all
     # Vp); the columns after it (the LM head's padding) get probability 0 and gradient 0 (written).
-    # probs[N,:V] = softmax(logits[:, :V]) (may alias logits); losses[N] = -log probs[target]
+    # probs[N,:V] = softmax(logits[:, :V]) (may alias logits); losses[N] = -log probs[target].
+    # A target < 0 is ignored (crystal.data.IGNORE, a prompt token): its loss and its dlogits row are 0
     def crossentropy_forward(self, losses, probs, logits, targets, vocab: int | None = None) -> None: ...
     # losses as crossentropy_forward and dlogits = (softmax - onehot(target)) * dloss, in one op
     # (dlogits may alias logits)

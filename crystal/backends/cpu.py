@@ -325,19 +325,22 @@ def residual_forward(out, a, b):
 
 @reduce_kernel
 def crossentropy_forward(losses, logits, targets, V):
-    # loss_i = logsumexp(logits_i[:V]) - logits_i[target_i]; logits <- softmax(logits[:V]) in place, 0 after V
+    # loss_i = logsumexp(logits_i[:V]) - logits_i[target_i], 0 where target_i < 0 (ignored);
+    # logits <- softmax(logits[:V]) in place, 0 after V
     N, Vp = logits.shape
     for i in range(N):
+        t = targets[i]
         maxv = logits[i, 0]
         for v in range(1, V):
             maxv = max(maxv, logits[i, v])
-        losses[i] = maxv - logits[i, targets[i]]
+        losses[i] = maxv - logits[i, t] if t >= 0 else 0.0
         total = 0.0
         for v in range(V):
             e = fexp(logits[i, v] - maxv)
             logits[i, v] = e
             total += e
-        losses[i] += math.log(total)
+        if t >= 0:
+            losses[i] += math.log(total)
         inv = logits.dtype.type(1.0 / total)
         for v in range(V):
             logits[i, v] *= inv
@@ -347,9 +350,14 @@ def crossentropy_forward(losses, logits, targets, V):
 
 @kernel
 def crossentropy_backward(dlogits, probs, targets, dloss, V):
-    # dlogits = (probs - onehot(target)) dloss on the first V columns, 0 on the padding
+    # dlogits = (probs - onehot(target)) dloss on the first V columns, 0 on the padding; a row
+    # whose target is < 0 (ignored) is 0
     N, Vp = probs.shape
     for i in range(N):
+        if targets[i] < 0:
+            for v in range(Vp):
+                dlogits[i, v] = 0.0
+            continue
         for v in range(V):
             dlogits[i, v] = probs[i, v] * dloss
         for v in range(V, Vp):
