@@ -405,6 +405,7 @@ def test_crossentropy_forward_and_backward_bf16_emulated(rng, block, in_place):
     VP = 192  # V = 131 logits a row, then the LM head's padding columns: ignored, written 0
     logits, targets = randbf(rng, N, VP, scale=3.0), rng.integers(0, V, N).astype(np.int32)
     targets[:3] = [0, V - 1, 1]  # both ends of the vocabulary
+    targets[-2:] = -1  # ignored (a prompt token): loss 0, gradient row 0
     dloss = 1.0 / N
     e_losses, e_probs = np.empty(N, np.float32), np.empty((N, VP), np.float32)
     be.crossentropy_forward(e_losses, e_probs, widen(logits), targets, V)
@@ -423,6 +424,7 @@ def test_crossentropy_forward_and_backward_bf16_emulated(rng, block, in_place):
                  N, V, VP, dloss)
     assert_bitwise(dlogits, e_dlogits)  # p*dloss (- dloss at the target): the same float ops
     assert not widen(dlogits)[:, V:].any()
+    assert not losses[-2:].any() and not widen(dlogits)[-2:].any()  # the ignored targets': exactly 0
 
 
 # --- the weight cast --------------------------------------------------------------------------

@@ -300,6 +300,7 @@ def test_crossentropy_forward_and_backward_emulated_match_cpu(rng, block, in_pla
     logits, targets = randn(rng, N, VP, scale=3.0), rng.integers(0, V, N).astype(np.int32)
     logits[:, V:] = np.nan
     targets[:3] = [0, V - 1, 1]  # both ends of the vocabulary
+    targets[-2:] = -1  # ignored (a prompt token): loss 0, gradient row 0
     dloss = 1.0 / N
     e_losses, e_probs = np.empty(N, np.float32), np.empty_like(logits)
     be.crossentropy_forward(e_losses, e_probs, logits, targets, V)
@@ -317,6 +318,8 @@ def test_crossentropy_forward_and_backward_emulated_match_cpu(rng, block, in_pla
     gpu().launch("crossentropy_backward", grid_1d(N * VP, block), block, dlogits, probs, targets,
                  N, V, VP, dloss)
     assert rel_err(dlogits, e_dlogits) <= TOL
+    assert not losses[-2:].any() and not e_losses[-2:].any()  # the ignored targets': exactly 0
+    assert not dlogits[-2:].any() and not e_dlogits[-2:].any()
 
 
 # --- AdamW, sums, reducer --------------------------------------------------------------------

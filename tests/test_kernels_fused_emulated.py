@@ -156,6 +156,7 @@ def crossentropy_inputs(rng, n, v, dtype, vp=None):
     logits[2, v // 2] = 40.0  # one dominant logit
     targets = rng.integers(0, v, n).astype(np.int32)
     targets[:4] = [0, v - 1, v // 2, 1][:n]  # both ends of the vocabulary, the dominant logit
+    targets[-2:] = -1  # ignored (a prompt token): loss 0 and gradient row 0, the row never read
     cast = to_bf16 if dtype == BF16 else (lambda x: np.asarray(x, np.float32))
     return cast(logits), targets
 
@@ -197,6 +198,7 @@ def test_crossentropy_forward_backward_emulated_matches_cpu(rng, block, in_place
         assert rel_err(losses, e_losses) <= TOL  # float32 in both precisions
         assert rel_err(widen(dlogits), e_dlogits) <= tol
         assert not widen(dlogits)[:, v:].any()  # the padding's gradient: 0
+        assert not losses[-2:].any() and not widen(dlogits)[-2:].any()  # the ignored targets': exactly 0
         assert row_rel_err(widen(dlogits), e_dlogits, dloss) <= tol
         # each row of the gradient sums to 0 (the softmax sums to 1), up to its roundings (and
         # an ulp of 1 times dloss, where the target's probability is ~1)
