@@ -18,6 +18,11 @@ to it, and its tokenizer identity ties them to the tokenizer (`tokenizer_identit
 file (or the embedded corpus) is prepared on the fly with the byte tokenizer; its last
 `val_fraction` of tokens is the validation split, as nanoGPT does.
 
+Instruction data (crystal.instruct, `prepare --format alpaca|chat`) adds train.mask and val.mask:
+one byte per token, 1 where the token is a response token (a target of the loss), 0 on prompt
+tokens; meta.json's `masks` records their sha256. The iterator serves a masked target as IGNORE
+(-1), which the cross-entropy ops skip.
+
 BatchIterator: the token stream is cut into windows of T+1 tokens that overlap by one (window
 k starts at k*T), so every token after the first is a target exactly once per epoch. Each
 epoch visits the windows in a fresh order drawn from a generator seeded by (seed, epoch);

@@ -28,7 +28,7 @@ OpenAI error JSON with 400, 413 (body) or 429 (queue full), at once. A client th
 the next decode step.
 
 Chat: the template is tokenizer_config.json's `chat_template` (or chat_template.jinja beside
-it), rendered as transformers' apply_chat_template renders it (a sandboxed jinja2 environment
+it), rendered as transformers' apply_chat_template renders it (crystal.chat) (a sandboxed jinja2 environment
 with trim_blocks and lstrip_blocks, `raise_exception`, `tojson`; messages, add_generation_prompt
 true, the special tokens); the text is then encoded without adding special tokens. A model
 without a template answers chat with 400 and completions as usual.

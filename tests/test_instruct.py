@@ -216,6 +216,25 @@ def test_the_step_loss_and_gradient_are_the_mean_over_the_steps_unmasked_targets
     assert rel_err(r.history[0].grad_norm, norm) <= 1e-5
 
 
+@pytest.mark.parametrize("shard", [False, True])
+def test_masked_runs_on_two_thread_ranks_are_bitwise_the_single_process(shard):
+    import threading
+
+    from crystal.config import resolve
+    from crystal.trainer import train
+    from thread_ranks import ThreadComm, run_ranks
+
+    ds = masked_set()
+    m, t = resolve("tiny", train_overrides=dict(steps=3, batch_size=1, seq_len=16, micro_batches=6, spheres=2,
+                                                eval_every=3, eval_batches=3, shard_optimizer=shard))
+    one = train(m, t, dataset=ds)
+    shared = {"barrier": threading.Barrier(2)}
+    two = run_ranks(2, lambda i: train(m, t, dataset=ds, comm=ThreadComm(i, 2, shared)), shared)
+    for r in two:
+        assert r.params.tobytes() == one.params.tobytes()
+        assert r.losses == one.losses and r.val_losses == one.val_losses != []
+
+
 def test_masked_runs_are_bitwise_for_1_3_and_12_spheres_and_across_a_resume(world, tmp_path):
     common = ["train", "--preset", "tiny", "--data", str(world / "chat"), "--steps", "4", "--seq-len", "16",
               "--checkpoint-every", "2", "--eval-every", "2", "--eval-batches", "2", "--quiet"]
