@@ -19,6 +19,8 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 CUDA_GRAPHS = ("auto", "on", "off")
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "linear-cooldown")
+ARCHS = ("gpt2", "llama")  # crystal.model's two block definitions
+ROPE_SCALINGS = ("llama3",)  # besides none: Llama-3.1/3.2's frequency-dependent scaling
 # The LM head's rows in memory are the vocabulary rounded up to a multiple of this (llm.c's
 # 50257 -> 50304): a layout choice of every backend, invisible outside the flat buffer.
 VOCAB_MULTIPLE = 64
@@ -26,18 +28,73 @@ VOCAB_MULTIPLE = 64
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """GPT-2 shape. Field names follow nanoGPT; `to_hf` gives Hugging Face GPT2Config names."""
+    """The model's shape. GPT-2 field names follow nanoGPT; `to_hf` gives Hugging Face names.
+
+    arch "gpt2": LayerNorm, learned positions, GELU MLP 4 n_embd wide, Conv1D weights, tied head.
+    arch "llama": RMSNorm (eps: layer_norm_epsilon, HF's rms_norm_eps), rotary positions
+    (rope_theta, optional llama3 scaling), SwiGLU MLP intermediate_size wide, grouped-query
+    attention (n_kv_head), nn.Linear weights, no biases but optional q/k/v biases (Qwen2's
+    attention_bias), tied or untied head. The llama-only fields keep their defaults for gpt2."""
 
     vocab_size: int = 256
-    block_size: int = 64  # max sequence length (n_positions)
+    block_size: int = 64  # max sequence length (n_positions / max_position_embeddings)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = 1e-5  # the norm's eps (LayerNorm, or llama's RMSNorm)
+    arch: str = "gpt2"
+    # --- llama only ---
+    n_kv_head: int | None = None  # KV heads of grouped-query attention (1: MQA); None: n_head
+    head_dim: int | None = None  # None: n_embd // n_head
+    intermediate_size: int | None = None  # SwiGLU width; None: 8/3 n_embd rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    rope_scaling: str | None = None  # None, or "llama3" with the four rope_* values below
+    rope_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_position: int | None = None
+    tie_word_embeddings: bool = True  # llama: the LM head is the token embedding (gpt2: always)
+    attention_bias: bool = False  # llama: biases on q, k and v (Qwen2), none on o
+
+    @property
+    def llama(self) -> bool:
+        return self.arch == "llama"
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_size(self) -> int:
+        """The MLP's hidden width: 4 n_embd (gpt2); intermediate_size (llama)."""
+        if not self.llama:
+            return 4 * self.n_embd
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return -(-(8 * self.n_embd) // (3 * 64)) * 64
+
+    @property
+    def qkv_size(self) -> int:
+        """Width of the fused q|k|v activation: (n_head + 2 n_kv_head) head_size."""
+        return (self.n_head + 2 * self.kv_heads) * self.head_size
+
+    @property
+    def tied(self) -> bool:
+        """The LM head is the token embedding (always for gpt2)."""
+        return self.tie_word_embeddings or not self.llama
+
+    def settings(self) -> dict:
+        """The fields that apply to this arch (a gpt2 config leaves the llama ones out): what a
+        config file and the printed config show."""
+        d = dataclasses.asdict(self)
+        if not self.llama:
+            for k in LLAMA_FIELDS:
+                d.pop(k)
+        return {k: v for k, v in d.items() if v is not None}
 
     @property
     def padded_vocab_size(self) -> int:
@@ -99,6 +156,11 @@ class ModelConfig:
 
 
 # transformers' GPT2Config.attribute_map: each alias reads and writes the field it names.
+LLAMA_FIELDS = ("n_kv_head", "head_dim", "intermediate_size", "rope_theta", "rope_scaling", "rope_factor",
+                "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position",
+                "tie_word_embeddings", "attention_bias")
+LLAMA3_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position")
+
 GPT2_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
                 "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 # The JSON types of GPT2Config's fields as transformers declares them (its strict dataclass
@@ -389,10 +451,58 @@ def validate_model(m: ModelConfig) -> None:
         if getattr(m, name) > MODEL_LIMITS[name]:
             raise CrystalError(f"--{name.replace('_', '-')} {getattr(m, name)} is above the limit "
                                f"{MODEL_LIMITS[name]}")
-    if m.n_embd % m.n_head:
-        raise CrystalError(f"--n-embd ({m.n_embd}) must be divisible by --n-head ({m.n_head})")
     if not (0 < m.layer_norm_epsilon < 1):
         raise CrystalError(f"layer_norm_epsilon must be in (0, 1), got {m.layer_norm_epsilon}")
+    if m.arch not in ARCHS:
+        raise CrystalError(f"--arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
+    if not m.llama:
+        defaults = ModelConfig()
+        for k in LLAMA_FIELDS:
+            if getattr(m, k) != getattr(defaults, k):
+                raise CrystalError(f"--{k.replace('_', '-')} is a llama setting (--arch llama); gpt2 has none")
+        if m.n_embd % m.n_head:
+            raise CrystalError(f"--n-embd ({m.n_embd}) must be divisible by --n-head ({m.n_head})")
+        return
+    _validate_llama(m)
+
+
+def _validate_llama(m: ModelConfig) -> None:
+    for name in ("n_kv_head", "head_dim", "intermediate_size"):
+        v = getattr(m, name)
+        if v is not None:
+            _positive_int(f"--{name.replace('_', '-')}", v)
+            if v > MODEL_LIMITS["n_embd"] * 16:
+                raise CrystalError(f"--{name.replace('_', '-')} {v} is above the limit {MODEL_LIMITS['n_embd'] * 16}")
+    if m.head_dim is None and m.n_embd % m.n_head:
+        raise CrystalError(f"--n-embd ({m.n_embd}) must be divisible by --n-head ({m.n_head}) "
+                           "unless --head-dim is given")
+    if m.head_size % 2:
+        raise CrystalError(f"the head size ({m.head_size}) must be even for rotary embeddings")
+    if m.n_head % m.kv_heads:
+        raise CrystalError(f"--n-head ({m.n_head}) must be a multiple of --n-kv-head ({m.kv_heads})")
+    for k in ("tie_word_embeddings", "attention_bias"):
+        if not isinstance(getattr(m, k), bool):
+            raise CrystalError(f"--{k.replace('_', '-')} must be true or false, got {getattr(m, k)!r}")
+    if not (isinstance(m.rope_theta, (int, float)) and math.isfinite(m.rope_theta) and m.rope_theta > 0):
+        raise CrystalError(f"--rope-theta must be a positive number, got {m.rope_theta!r}")
+    if m.rope_scaling is None:
+        given = [k for k in LLAMA3_ROPE_FIELDS if getattr(m, k) is not None]
+        if given:
+            raise CrystalError(f"--{given[0].replace('_', '-')} needs --rope-scaling llama3")
+        return
+    if m.rope_scaling not in ROPE_SCALINGS:
+        raise CrystalError(f"rope_scaling {m.rope_scaling!r} cannot be represented: crystal computes no scaling "
+                           f"or {', '.join(ROPE_SCALINGS)}")
+    missing = [k for k in LLAMA3_ROPE_FIELDS if getattr(m, k) is None]
+    if missing:
+        raise CrystalError(f"--rope-scaling llama3 needs --{missing[0].replace('_', '-')}")
+    for k in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        v = getattr(m, k)
+        if not (math.isfinite(v) and v > 0):
+            raise CrystalError(f"--{k.replace('_', '-')} must be a positive number, got {v!r}")
+    if m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise CrystalError("--rope-high-freq-factor must be above --rope-low-freq-factor (llama3 scaling)")
+    _positive_int("--rope-original-max-position", m.rope_original_max_position)
 
 
 def validate_train(t: TrainConfig, m: ModelConfig) -> None:
@@ -513,7 +623,7 @@ def to_toml(model: ModelConfig, train: TrainConfig) -> str:
     """The resolved config as a TOML file that `--config` reads back to the same config
     (unset optional values are left out)."""
     lines = [f"preset = {_toml_value(train.preset)}", "", "[model]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(model).items() if v is not None]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in model.settings().items()]
     lines += ["", "[train]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(train).items()
               if v is not None and k != "preset"]

@@ -53,7 +53,12 @@ class ParamSpec:
 
 
 def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """HF GPT-2 names and shapes, in buffer order. Linear weights use Conv1D layout [in, out]."""
+    """Hugging Face names and shapes, in buffer order (gpt2_shapes or llama_shapes)."""
+    return llama_shapes(cfg) if cfg.llama else gpt2_shapes(cfg)
+
+
+def gpt2_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """HF GPT-2 names and shapes. Linear weights use Conv1D layout [in, out]."""
     V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
     shapes = [("transformer.wte.weight", (V, C)), ("transformer.wpe.weight", (T, C))]
     for l in range(cfg.n_layer):
@@ -70,7 +75,39 @@ def param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+def llama_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """HF Llama / Qwen2 names and shapes. Linear weights use nn.Linear layout [out, in]. Buffer
+    order makes fused products possible: q, k, v weights adjacent are one [(NH+2KV) hd, C]
+    matrix (and their biases one vector), gate and up adjacent one [2I, C] matrix."""
+    V, C, I = cfg.vocab_size, cfg.n_embd, cfg.mlp_size
+    Q, KV = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
+    shapes = [("model.embed_tokens.weight", (V, C))]
+    for l in range(cfg.n_layer):
+        p = f"model.layers.{l}."
+        shapes += [(p + "input_layernorm.weight", (C,)),
+                   (p + "self_attn.q_proj.weight", (Q, C)), (p + "self_attn.k_proj.weight", (KV, C)),
+                   (p + "self_attn.v_proj.weight", (KV, C))]
+        if cfg.attention_bias:
+            shapes += [(p + "self_attn.q_proj.bias", (Q,)), (p + "self_attn.k_proj.bias", (KV,)),
+                       (p + "self_attn.v_proj.bias", (KV,))]
+        shapes += [(p + "self_attn.o_proj.weight", (C, Q)), (p + "post_attention_layernorm.weight", (C,)),
+                   (p + "mlp.gate_proj.weight", (I, C)), (p + "mlp.up_proj.weight", (I, C)),
+                   (p + "mlp.down_proj.weight", (C, I))]
+    shapes += [("model.norm.weight", (C,))]
+    if not cfg.tied:
+        shapes += [("lm_head.weight", (V, C))]
+    return shapes
+
+
 WTE = "transformer.wte.weight"
+
+
+def head_name(cfg: ModelConfig) -> str:
+    """The tensor the LM head's product reads (held with padding rows): GPT-2's wte, a tied
+    llama's embed_tokens, or an untied llama's lm_head."""
+    if not cfg.llama:
+        return WTE
+    return "model.embed_tokens.weight" if cfg.tied else "lm_head.weight"
 
 
 class ParamLayout:
@@ -82,17 +119,18 @@ class ParamLayout:
     def __init__(self, cfg: ModelConfig):
         self.config = cfg
         self.specs: list[ParamSpec] = []
+        self.head = head_name(cfg)
         offset = 0
         for name, shape in param_shapes(cfg):
-            stored = (cfg.padded_vocab_size, *shape[1:]) if name == WTE else shape
+            stored = (cfg.padded_vocab_size, *shape[1:]) if name == self.head else shape
             spec = ParamSpec(name, shape, offset, stored)
             self.specs.append(spec)
             offset += spec.span
         self.size = offset
         self.n_params = sum(s.size for s in self.specs)
         self.by_name = {s.name: s for s in self.specs}
-        wte = self.by_name[WTE]
-        self.padding = (wte.offset + wte.size, wte.offset + wte.span)  # [start, end) of the zero rows
+        head = self.by_name[self.head]
+        self.padding = (head.offset + head.size, head.offset + head.span)  # [start, end) of the zero rows
 
     def views(self, flat) -> dict:
         """name -> view into `flat` (numpy or cupy), HF shapes (the real rows), no copies."""
