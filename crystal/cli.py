@@ -561,18 +561,21 @@ def format_summary(result) -> str:
                    "(e.g. a Hugging Face GPT-2 directory: the tokenizer of the model to fine-tune)")
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size  [default: 1024]")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="tail held out for validation")
-def prepare(inputs, out, tokenizer, vocab_size, val_fraction) -> None:
+@click.option("--shard-tokens", type=int, default=None,
+              help="write each split as shards train_000000.bin, ... of this many tokens  [default: one file each]")
+def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens) -> None:
     """Tokenize text files into a data directory for `crystal train --data`."""
     from crystal.data import prepare as run_prepare
 
     if vocab_size is not None and tokenizer not in ("bytes", "bpe"):
         raise CrystalError(f"--vocab-size trains a bpe tokenizer; --tokenizer {tokenizer} has its own vocabulary")
     t0 = time.perf_counter()
-    meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction)
+    meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction,
+                       shard_tokens)
     kind = f"tokenizer {meta['tokenizer_from']}" if "tokenizer_from" in meta else f"{meta['tokenizer']} tokenizer"
     click.echo(f"prepared {out}: {kind}, vocab {meta['vocab_size']}, "
                f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
-               f"in {time.perf_counter() - t0:.1f} s")
+               f"({len(meta['train_shards'])} + {len(meta['val_shards'])} files) in {time.perf_counter() - t0:.1f} s")
 
 
 @cli.group()

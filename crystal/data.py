@@ -6,24 +6,29 @@ Tokenizers: `bytes` (UTF-8 bytes, vocabulary 256, the default), `bpe` (byte-leve
 offline with the `tokenizers` library), or a given Hugging Face `tokenizer.json` (`hf`: e.g. a
 released GPT-2's, to fine-tune it). All are written as a `tokenizer.json`; a given one verbatim.
 
-Token file: a 32-byte little-endian header, then the ids:
-    magic b"CRYSTOK1" | version u32 = 1 | itemsize u32 (2: uint16, 4: uint32) |
-    count u64 | vocab_size u32 | 4 zero bytes
-uint16 when the vocabulary fits (<= 65,536), else uint32. Readers check every field, the exact
-file size and that every id is below vocab_size.
+Token files (crystal.shards): crystal's (a 32-byte header: magic, version, itemsize, count,
+vocab_size; uint16 ids when the vocabulary fits in 65,536, else uint32) and llm.c's (a 1024-byte
+header; uint16 or uint32 ids). Readers check the header and the exact file size, and map the ids
+(np.memmap): a run's resident data is what its batches touch. Every id below the vocabulary is
+checked where the tokens are made (prepare), by `crystal data verify`, and in each batch.
 
-A prepared directory holds train.bin, val.bin, tokenizer.json and meta.json, written as a whole
-(a sibling directory renamed into place); meta.json's token counts and hash tie the token files
-to it, and its tokenizer identity ties them to the tokenizer (`tokenizer_identity`). A plain text
-file (or the embedded corpus) is prepared on the fly with the byte tokenizer; its last
-`val_fraction` of tokens is the validation split, as nanoGPT does.
+A prepared directory holds its token shards (train.bin and val.bin, or train_000000.bin, ... with
+--shard-tokens), tokenizer.json and meta.json, written as a whole (a sibling directory renamed
+into place). meta.json lists each split's shards with their token counts and sampled sha256
+(header, size and 8 blocks: checked at load without reading every id) and the sha256 of all the
+tokens (the data's fingerprint in train.json; `crystal data verify` recomputes it); its
+tokenizer identity ties them to the tokenizer (`tokenizer_identity`). Token shards may also be
+named directly (--data a token file or a glob, --val-data another). A plain text file (or the
+embedded corpus) is prepared on the fly with the byte tokenizer; the last `val_fraction` of the
+tokens of a text file or of named shards is the validation split, as nanoGPT does.
 
-BatchIterator: the token stream is cut into windows of T+1 tokens that overlap by one (window
-k starts at k*T), so every token after the first is a target exactly once per epoch. Each
-epoch visits the windows in a fresh order drawn from a generator seeded by (seed, epoch);
-batches of B windows are taken in that order and the last partial batch is dropped. The
-iterator's whole state is (epoch, cursor), so a resumed run sees exactly the batches it would
-have seen.
+BatchIterator: the token stream (shards read as one, a window may cross from one into the next)
+is cut into windows of T+1 tokens that overlap by one (window k starts at phase + k*T), so every
+token after the first is a target exactly once per epoch. Each epoch visits the windows in a
+fresh order seeded by (seed, epoch) (crystal.shards.WindowOrder: computed per position, no array
+of every window); batches of B windows are taken in that order and the last partial batch is
+dropped. The iterator's whole state is (epoch, cursor), so a resumed run sees exactly the batches
+it would have seen.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -619,6 +625,7 @@ def verify(path: str | None, vocab_size: int | None = None, val_data: str | None
 
 
 PREPARED_FILES = {"train.bin", "val.bin", TOKENIZER_FILE, META_FILE}
+SHARD_NAME = re.compile(r"(train|val)_[0-9]{6}\.bin")  # prepare --shard-tokens
 
 
 def _check_prepare_out(out: Path) -> None:
@@ -627,7 +634,7 @@ def _check_prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CrystalError(f"--out {out} exists and is not a directory")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES and not SHARD_NAME.fullmatch(p.name)
                          and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # a killed write's
         if foreign or (any(out.iterdir()) and not (out / META_FILE).exists()):
             raise CrystalError(f"--out {out} holds files that are not a prepared data set "
@@ -636,14 +643,18 @@ def _check_prepare_out(out: Path) -> None:
 
 
 def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: int = 1024,
-            val_fraction: float = 0.1) -> dict:
+            val_fraction: float = 0.1, shard_tokens: int | None = None) -> dict:
     """Tokenize text files into a prepared directory; returns its meta.json contents.
     tokenizer: "bytes", "bpe" (trained here, vocab_size tokens), or the path of a tokenizer.json
     or of a directory holding one (its own vocabulary; written to `out` verbatim).
+    shard_tokens: None writes train.bin and val.bin; N writes each split as shards
+    train_000000.bin, ... of N tokens (the last fewer).
     Everything is read and encoded before anything is written; the data set is then written
     into a sibling directory that replaces `out` whole (see `_replace_dir`)."""
     if not inputs:
         raise CrystalError("give at least one input file")
+    if shard_tokens is not None and not (isinstance(shard_tokens, int) and shard_tokens >= 1):
+        raise CrystalError(f"--shard-tokens must be a positive number of tokens, got {shard_tokens!r}")
     _check_prepare_out(Path(out))
     given = None if tokenizer in ("bytes", "bpe") else BPETokenizer.from_file(tokenizer)
     if given is not None and given.vocab_size > MAX_VOCAB:
@@ -673,9 +684,16 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
 
     def write(d: Path) -> None:
         for name, ids in (("train", train), ("val", val)):
-            write_tokens(d / f"{name}.bin", ids, tok.vocab_size)
-            sample = sample_sha256(open_token_file(d / f"{name}.bin"))
-            meta[f"{name}_shards"] = [{"file": f"{name}.bin", "tokens": int(ids.size), "sample_sha256": sample}]
+            if shard_tokens is None:
+                pieces = [(f"{name}.bin", ids)]
+            else:  # at least one shard, empty where the split is
+                pieces = [(f"{name}_{i:06d}.bin", ids[lo:lo + shard_tokens])
+                          for i, lo in enumerate(range(0, max(len(ids), 1), shard_tokens))]
+            meta[f"{name}_shards"] = []
+            for file, part in pieces:
+                write_tokens(d / file, part, tok.vocab_size)
+                meta[f"{name}_shards"].append({"file": file, "tokens": int(part.size),
+                                               "sample_sha256": sample_sha256(open_token_file(d / file))})
         atomic_write_text(d / TOKENIZER_FILE, tok_json)
         atomic_write_json(d / META_FILE, meta)
 

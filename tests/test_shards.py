@@ -255,3 +255,21 @@ def test_peak_rss_of_startup_does_not_grow_with_the_data(tmp_path):
             f.truncate(32 + 2 * count)  # sparse: no disk, zeros when read
     small, large = startup_rss_kib(tmp_path / "small.bin"), startup_rss_kib(tmp_path / "large.bin")
     assert large - small < 100 * 1024, (small, large)
+
+
+def test_a_prepared_directory_of_many_shards_is_the_same_data_as_one_of_two_files(tmp_path, capsys):
+    (tmp_path / "t.txt").write_bytes((TOKENS % 256).astype(np.uint8).tobytes())
+    one = prepare([str(tmp_path / "t.txt")], str(tmp_path / "one"), "bytes")
+    many = prepare([str(tmp_path / "t.txt")], str(tmp_path / "many"), "bytes", shard_tokens=700)
+    assert [s["tokens"] for s in many["train_shards"]] == [700] * 11 + [8_100 - 7_700]
+    assert [s["file"] for s in many["val_shards"]] == ["val_000000.bin", "val_000001.bin"]
+    assert many["tokens_sha256"] == one["tokens_sha256"]
+    a, b = (load_dataset(str(tmp_path / d)) for d in ("one", "many"))
+    assert a.sha256 == b.sha256 and len(b.train.parts) == 12
+    for x, y in zip(batches(str(tmp_path / "one")), batches(str(tmp_path / "many"))):
+        assert np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])
+    assert main(["data", "verify", str(tmp_path / "many")]) == 0
+    (tmp_path / "many" / "train_000003.bin").unlink()
+    capsys.readouterr()
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "many"), "--print-config"]) == 2
+    assert "train_000003.bin" in capsys.readouterr().err
