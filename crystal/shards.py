@@ -20,6 +20,7 @@ batches touch, and checks those (BatchIterator).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,13 +120,21 @@ def _llmc_file(path: Path, head: bytes, size: int) -> TokenFile:
 
 
 def map_tokens(tf: TokenFile) -> np.ndarray:
-    """The file's ids as a read-only memory map: pages are read when a window touches them."""
+    """The file's ids as a read-only array over a memory map: pages are read when a window
+    touches them. Windows are taken in random order, so the kernel is told not to read ahead
+    (MADV_RANDOM): the resident data is the pages the batches touch, not their neighbourhoods."""
     if tf.count == 0:
         return np.empty(0, dtype=tf.dtype)
     try:
-        return np.memmap(tf.path, dtype=tf.dtype, mode="r", offset=tf.offset, shape=(tf.count,))
+        with open(tf.path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as e:
         raise CrystalError(f"cannot map token file {tf.path}: {getattr(e, 'strerror', None) or e}") from None
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        m.madvise(mmap.MADV_RANDOM)
+    if len(m) != tf.offset + tf.count * tf.dtype.itemsize:
+        raise CrystalError(f"{tf.path}: changed size since its header was read")
+    return np.frombuffer(m, dtype=tf.dtype, count=tf.count, offset=tf.offset)
 
 
 def sample_sha256(tf: TokenFile) -> str:
