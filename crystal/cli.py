@@ -578,12 +578,12 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens) -> N
                f"({len(meta['train_shards'])} + {len(meta['val_shards'])} files) in {time.perf_counter() - t0:.1f} s")
 
 
-@cli.group()
-def data() -> None:
+@cli.group(name="data")
+def data_group() -> None:
     """Data sets: check the token files training does not read whole."""
 
 
-@data.command(name="verify")
+@data_group.command(name="verify")
 @click.argument("path", type=str)
 @click.option("--val-data", type=str, default=None, help="token shards to validate on, checked too")
 @click.option("--vocab-size", type=int, default=None,

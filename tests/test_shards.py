@@ -280,3 +280,10 @@ def test_a_prepared_directory_of_many_shards_is_the_same_data_as_one_of_two_file
     capsys.readouterr()
     assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "many"), "--print-config"]) == 2
     assert "train_000003.bin" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_on_shards_reads_its_shards_and_reports_no_bits_per_byte(runs, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(runs / "seven"), "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "bits per byte" not in out and "part_*.bin" in out
