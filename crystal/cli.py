@@ -54,7 +54,14 @@ def _preset_help() -> str:
               help="cpu: at most this many spheres compute at once, the others wait for a core "
                    "(the core gate); 0: no gate  [default: the usable cores]")
 @click.option("--data", type=str, default=None,
-              help="text file (bytes) or a directory from `crystal prepare`  [default: embedded Tiny Shakespeare]")
+              help="text file (bytes), a directory from `crystal prepare`, or token shards: a token file or a "
+                   "quoted glob of them (crystal's or llm.c's .bin)  [default: embedded Tiny Shakespeare]")
+@click.option("--val-data", type=str, default=None,
+              help="token shards (a file or a quoted glob) to validate on; every token of --data then trains  "
+                   "[default: the data's own validation split]")
+@click.option("--vocab-size", type=int, default=None,
+              help="vocabulary of llm.c token shards, whose header has none  [default: the one their magic "
+                   "names: 50257 (GPT-2, uint16) or 128256 (LLaMA 3, uint32)]")
 @click.option("--val-fraction", type=float, default=None,
               help="tail of a text file held out for validation  [default: 0.1]")
 @click.option("--preset", type=str, default=None, help=f"[default: small] {_preset_help()}")
@@ -184,19 +191,20 @@ class Outputs:
 def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags,
            outputs: Outputs = Outputs(), memory_check: bool = True):
     from crystal.backends import cuda_unavailable_reason, get_backend, resolve_device
-    from crystal.checkpoint import RunDir
+    from crystal.checkpoint import RunDir, data_order_of
     from crystal.config import read_toml, to_toml
-    from crystal.data import load_dataset
+    from crystal.data import DATA_ORDER, load_dataset
     from crystal.pretrained import check_data_tokenizer, load_params, open_pretrained, require_tokenizer
     from crystal.trainer import train as run_training
     from crystal.world import DEFAULT_TIMEOUT_S, connect
 
     given = {k: v for k, v in flags.items() if v is not None}
+    shard_vocab = given.pop("vocab_size", None)  # llm.c shards' vocabulary (the model's: the data's)
     pretrained = None  # --init-from's checkpoint
     if resume_dir is not None:
         fixed = sorted(set(given) - set(RESUME_FLAGS))
-        if fixed or config_file:
-            name = fixed[0].replace("_", "-") if fixed else "config"
+        if fixed or config_file or shard_vocab is not None:
+            name = fixed[0].replace("_", "-") if fixed else "config" if config_file else "vocab-size"
             raise CrystalError(f"--resume continues a run with its own config; it cannot change --{name}")
         run_dir = RunDir(resume_dir, resume=True)
         model_cfg, cfg = run_dir.read_configs()
@@ -227,7 +235,15 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
     if backend is not None:
         comm = connect(world, resolve_device(cfg.device),
                        DEFAULT_TIMEOUT_S if comm_timeout is None else comm_timeout)
-    dataset = load_dataset(cfg.data, cfg.val_fraction)
+    if resume_dir is not None:  # llm.c shards: the run's vocabulary
+        shard_vocab = model_cfg.vocab_size
+    elif shard_vocab is None and pretrained is not None:
+        shard_vocab = pretrained.config.vocab_size
+    given_vocab = shard_vocab if resume_dir is None and pretrained is None else None
+    dataset = load_dataset(cfg.data, cfg.val_fraction, cfg.val_data, shard_vocab)
+    if given_vocab is not None and given_vocab != dataset.vocab_size:
+        raise CrystalError(f"--vocab-size {given_vocab}: the data's vocabulary is its own, {dataset.vocab_size} "
+                           "(--vocab-size is for llm.c shards, whose header has none)")
     if pretrained is not None:  # the data must be in the model's tokens; the run keeps its tokenizer.json
         check_data_tokenizer(dataset, pretrained, model_tok)
         dataset.tokenizer = model_tok
@@ -241,10 +257,13 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         if world.is_root:
             click.echo(format_dry_run(model_cfg, cfg, world.size))
         return
+    data_order = DATA_ORDER
     if resume_dir is not None:
         _warn_if_data_changed(Path(resume_dir), dataset, world.is_root)
-    elif cfg.data is not None:  # train.json keeps where the data is from anywhere, and its hash
-        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+        data_order = data_order_of(Path(resume_dir))  # a run started before DATA_ORDER keeps its own
+    else:  # train.json keeps where the data is from anywhere, and its hash
+        cfg = dataclasses.replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("data", "val_data")
+                                          if getattr(cfg, k) is not None})
     if memory_check:  # before anything large is allocated, and before the run directory exists
         from crystal.memory import available_bytes, check_fits, run_estimate
 
@@ -292,7 +311,7 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         try:
             result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state, backend=backend,
                                   on_start=view.start, on_step=view.step, on_eval=view.eval,
-                                  should_stop=stop.requested, comm=comm, init=init,
+                                  should_stop=stop.requested, comm=comm, init=init, data_order=data_order,
                                   on_warning=lambda msg: click.echo(f"warning: {msg}", err=True) if root else None)
         except BaseException:
             with contextlib.suppress(OSError):  # the run's own error is the one to report (a full disk)
@@ -542,18 +561,42 @@ def format_summary(result) -> str:
                    "(e.g. a Hugging Face GPT-2 directory: the tokenizer of the model to fine-tune)")
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size  [default: 1024]")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="tail held out for validation")
-def prepare(inputs, out, tokenizer, vocab_size, val_fraction) -> None:
+@click.option("--shard-tokens", type=int, default=None,
+              help="write each split as shards train_000000.bin, ... of this many tokens  [default: one file each]")
+def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens) -> None:
     """Tokenize text files into a data directory for `crystal train --data`."""
     from crystal.data import prepare as run_prepare
 
     if vocab_size is not None and tokenizer not in ("bytes", "bpe"):
         raise CrystalError(f"--vocab-size trains a bpe tokenizer; --tokenizer {tokenizer} has its own vocabulary")
     t0 = time.perf_counter()
-    meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction)
+    meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction,
+                       shard_tokens)
     kind = f"tokenizer {meta['tokenizer_from']}" if "tokenizer_from" in meta else f"{meta['tokenizer']} tokenizer"
     click.echo(f"prepared {out}: {kind}, vocab {meta['vocab_size']}, "
                f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
-               f"in {time.perf_counter() - t0:.1f} s")
+               f"({len(meta['train_shards'])} + {len(meta['val_shards'])} files) in {time.perf_counter() - t0:.1f} s")
+
+
+@cli.group(name="data")
+def data_group() -> None:
+    """Data sets: check the token files training does not read whole."""
+
+
+@data_group.command(name="verify")
+@click.argument("path", type=str)
+@click.option("--val-data", type=str, default=None, help="token shards to validate on, checked too")
+@click.option("--vocab-size", type=int, default=None,
+              help="vocabulary of llm.c token shards  [default: the one their magic names]")
+def data_verify(path, val_data, vocab_size) -> None:
+    """Read every token of PATH (a prepared directory, a token file or a quoted glob of shards):
+    every id below the vocabulary, and a prepared directory's token sha256 against meta.json."""
+    from crystal.data import verify
+
+    t0 = time.perf_counter()
+    s = verify(path, vocab_size, val_data)
+    click.echo(f"{path}: ok, {s['parts']} token arrays, {s['train_tokens']:,} train / {s['val_tokens']:,} val "
+               f"tokens, vocab {s['vocab_size']}: {s['checked']} ({time.perf_counter() - t0:.1f} s)")
 
 
 @cli.command(name="eval")
@@ -562,7 +605,7 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction) -> None:
 @click.option("--batches", type=int, default=None, help="validation batches  [default: the run's --eval-batches]")
 def eval_cmd(run, data, batches) -> None:
     """Validation loss and bits per byte of a trained run."""
-    from crystal.checkpoint import read_train_config
+    from crystal.checkpoint import data_order_of, read_train_config
     from crystal.pretrained import load_checkpoint
     from crystal.data import load_dataset
     from crystal.trainer import evaluate
@@ -573,15 +616,17 @@ def eval_cmd(run, data, batches) -> None:
     cfg = read_train_config(Path(run) / "train.json", model.config)  # validated against the model
     if batches is not None:
         cfg = dataclasses.replace(cfg, eval_batches=batches)
-    dataset = load_dataset(data if data is not None else cfg.data, cfg.val_fraction)
+    dataset = load_dataset(data if data is not None else cfg.data, cfg.val_fraction,
+                           cfg.val_data if data is None else None, model.config.vocab_size)
     if data is None:
         _warn_if_data_changed(Path(run), dataset, True)
     if dataset.vocab_size != model.config.vocab_size:
         raise CrystalError(f"the data's vocabulary ({dataset.vocab_size}) is not the model's "
                            f"({model.config.vocab_size})")
-    loss, n = evaluate(model, dataset, cfg)
-    bpb = loss / math.log(2) / dataset.bytes_per_token
-    click.echo(f"val loss {loss:.4f} | {bpb:.4f} bits per byte | {n} batches x {cfg.batch_size} x "
+    loss, n = evaluate(model, dataset, cfg, data_order_of(Path(run)))  # the run's own val batches
+    per_byte = dataset.bytes_per_token  # None: token shards, whose text is not known
+    bpb = f" | {loss / math.log(2) / per_byte:.4f} bits per byte" if per_byte else ""
+    click.echo(f"val loss {loss:.4f}{bpb} | {n} batches x {cfg.batch_size} x "
                f"{cfg.seq_len} tokens of {dataset.name}")
 
 

@@ -238,7 +238,8 @@ class TrainConfig:
     cuda_graphs: str = "off"  # cuda: replay each step as CUDA graphs (crystal.graphs): on, off, auto (on where capture works)
     spheres: int = 12
     cores: int | None = None  # cpu: at most min(spheres, cores) spheres compute at once (the core gate); None: the usable cores; 0: no gate
-    data: str | None = None  # text file, prepared directory, or None: the embedded corpus
+    data: str | None = None  # text file, prepared directory, token shards (a file or a glob), or None: the embedded corpus
+    val_data: str | None = None  # token shards (a file or a glob) to validate on; None: the data's own val split
     val_fraction: float = 0.1  # held-out tail of a text file / the embedded corpus
     batch_size: int = 1
     seq_len: int = 64

@@ -148,9 +148,12 @@ def check_data_tokenizer(dataset, pre: Pretrained, model_tok) -> None:
     from crystal.data import tokenizer_identity
 
     fix = f"tokenize it with the model's tokenizer: crystal prepare INPUT --out DIR --tokenizer {pre.path}"
+    kind = f"{dataset.tokenizer.kind} tokenizer" if dataset.tokenizer is not None else "token shards"
     if dataset.vocab_size != pre.config.vocab_size:
-        raise CrystalError(f"the data's vocabulary ({dataset.vocab_size} tokens, {dataset.tokenizer.kind} "
-                           f"tokenizer) is not the model's ({pre.config.vocab_size} in {pre.path}); {fix}")
+        raise CrystalError(f"the data's vocabulary ({dataset.vocab_size} tokens, {kind}) is not the model's "
+                           f"({pre.config.vocab_size} in {pre.path}); {fix}")
+    if dataset.tokenizer is None and not dataset.tokenizer_identity:
+        return  # token shards name no tokenizer: the vocabulary is all there is to compare
     theirs, ours = dataset.tokenizer_identity or tokenizer_identity(dataset.tokenizer), tokenizer_identity(model_tok)
     if theirs != ours:
         raise CrystalError(f"the data was tokenized with another tokenizer than the model's (the same vocabulary "
