@@ -556,25 +556,27 @@ PRESETS: dict[str, Preset] = {
     # released one, used by --dry-run's figures; a run's is its data's or its --init-from model's).
     # Pretraining from scratch on a GPU: 0.5M tokens a step of 2048-token sequences, AdamW betas
     # (0.9, 0.95), weight decay 0.1, the warmup-stable-decay schedule of SmolLM2 (linear-cooldown,
-    # the last 20%); lrs as the models' reports give for their size.
+    # the last 20%). Spheres and micro-batches are chosen so that each fits one 80 GB GPU in bf16
+    # at its released vocabulary, even without cuDNN flash attention (--dry-run: 63, 65, 69, 72 and
+    # 66 GiB in the order below; 28, 34, 57, 64 and 44 GiB with flash attention).
     "smollm2-135m": Preset(
         ModelConfig(arch="llama", vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_embd=576, n_kv_head=3,
                     intermediate_size=1536, layer_norm_epsilon=1e-5, rope_theta=100000.0),
-        dict(batch_size=8, seq_len=2048, micro_batches=32, spheres=4, steps=5000, lr=3e-3, warmup=500,
+        dict(batch_size=4, seq_len=2048, micro_batches=64, spheres=4, steps=5000, lr=3e-3, warmup=500,
              lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
         "SmolLM2-135M shapes (30 layers, 9 heads, 3 KV, 576 wide, SwiGLU 1536, tied): a GPU, bf16",
     ),
     "smollm2-360m": Preset(
         ModelConfig(arch="llama", vocab_size=49152, block_size=8192, n_layer=32, n_head=15, n_embd=960, n_kv_head=5,
                     intermediate_size=2560, layer_norm_epsilon=1e-5, rope_theta=100000.0),
-        dict(batch_size=4, seq_len=2048, micro_batches=64, spheres=4, steps=5000, lr=3e-3, warmup=500,
+        dict(batch_size=4, seq_len=2048, micro_batches=64, spheres=2, steps=5000, lr=3e-3, warmup=500,
              lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
         "SmolLM2-360M shapes (32 layers, 15 heads, 5 KV, 960 wide, SwiGLU 2560, tied): a GPU, bf16",
     ),
     "tinyllama-1.1b": Preset(
         ModelConfig(arch="llama", vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_embd=2048,
                     n_kv_head=4, intermediate_size=5632, layer_norm_epsilon=1e-5, tie_word_embeddings=False),
-        dict(batch_size=2, seq_len=2048, micro_batches=128, spheres=2, steps=5000, lr=4e-4, warmup=500,
+        dict(batch_size=2, seq_len=2048, micro_batches=128, spheres=1, steps=5000, lr=4e-4, warmup=500,
              lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
         "TinyLlama-1.1B shapes (22 layers, 32 heads, 4 KV, 2048 wide, SwiGLU 5632, untied): a GPU, bf16",
     ),
@@ -583,7 +585,7 @@ PRESETS: dict[str, Preset] = {
                     n_kv_head=8, head_dim=64, intermediate_size=8192, layer_norm_epsilon=1e-5, rope_theta=500000.0,
                     rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                     rope_original_max_position=8192),
-        dict(batch_size=2, seq_len=2048, micro_batches=128, spheres=2, steps=5000, lr=3e-4, warmup=500,
+        dict(batch_size=2, seq_len=2048, micro_batches=128, spheres=1, steps=5000, lr=3e-4, warmup=500,
              lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
         "Llama-3.2-1B shapes (16 layers, 32 heads, 8 KV, 2048 wide, SwiGLU 8192, llama3 rope, tied): a GPU, bf16",
     ),
@@ -591,7 +593,7 @@ PRESETS: dict[str, Preset] = {
         ModelConfig(arch="llama", vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_embd=896,
                     n_kv_head=2, intermediate_size=4864, layer_norm_epsilon=1e-6, rope_theta=1000000.0,
                     attention_bias=True),
-        dict(batch_size=4, seq_len=2048, micro_batches=64, spheres=4, steps=5000, lr=1e-3, warmup=500,
+        dict(batch_size=4, seq_len=2048, micro_batches=64, spheres=2, steps=5000, lr=1e-3, warmup=500,
              lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
         "Qwen2.5-0.5B shapes (24 layers, 14 heads, 2 KV, 896 wide, SwiGLU 4864, q/k/v biases, tied): a GPU, bf16",
     ),
