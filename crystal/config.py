@@ -278,7 +278,20 @@ _FOREIGN_KEYS = {
 
 
 def _hf_refuse(key: str, value, why: str) -> CrystalError:
-    return CrystalError(f"config.json: {key} {value!r} cannot be represented ({why})")
+    import json
+
+    return CrystalError(f"config.json: {key} {json.dumps(value)} cannot be represented ({why})")
+
+
+# validate_model's flags, as a llama's config.json names them
+_HF_LLAMA_NAMES = {"--n-kv-head": "num_key_value_heads", "--n-head": "num_attention_heads", "--n-embd": "hidden_size",
+                   "--n-layer": "num_hidden_layers", "--block-size": "max_position_embeddings",
+                   "--vocab-size": "vocab_size", "--head-dim": "head_dim", "--intermediate-size": "intermediate_size",
+                   "--rope-theta": "rope_theta", "--rope-factor": "rope_scaling factor",
+                   "--rope-low-freq-factor": "rope_scaling low_freq_factor",
+                   "--rope-high-freq-factor": "rope_scaling high_freq_factor",
+                   "--rope-original-max-position": "original_max_position_embeddings",
+                   "layer_norm_epsilon": "rms_norm_eps"}
 
 
 def _rope_from_hf(d: dict) -> dict:
@@ -316,8 +329,8 @@ def _rope_from_hf(d: dict) -> dict:
                 raise CrystalError(f"config.json: original_max_position_embeddings must be an integer, got {v!r}")
             continue
         if type(v) not in (int, float) or not math.isfinite(v):
-            raise CrystalError(f"config.json: {key}'s {k.removeprefix('rope_') if k != 'rope_theta' else k} must be "
-                               f"a number, got {v!r}")
+            name = "rope_theta" if k == "rope_theta" else f"{key} {k.removeprefix('rope_')}"
+            raise CrystalError(f"config.json: {name} must be a number, got {v!r}")
         out[k] = float(v)
     return out
 
@@ -367,7 +380,10 @@ def llama_from_hf(d: dict) -> ModelConfig:
     try:
         validate_model(cfg)
     except CrystalError as e:
-        raise CrystalError(f"config.json: {e}") from None
+        message = str(e)
+        for flag, key in sorted(_HF_LLAMA_NAMES.items(), key=lambda kv: -len(kv[0])):
+            message = message.replace(flag, key)
+        raise CrystalError(f"config.json: {message}") from None
     return cfg
 
 
@@ -801,7 +817,7 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _validate_optimizer(t)
     if t.preset == "finetune" and t.init_from is None:
         raise CrystalError("the finetune preset fine-tunes a trained model: give it with --init-from DIR "
-                           "(a Hugging Face GPT-2 directory or a crystal run)")
+                           "(a Hugging Face GPT-2, Llama or Qwen2 directory or a crystal run)")
 
 
 def _validate_optimizer(t: TrainConfig) -> None:

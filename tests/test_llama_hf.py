@@ -346,7 +346,7 @@ CONFIG_ROWS = {  # (source directory, key -> value set in its config.json, text 
     "gelu": ("tied", {"hidden_act": "gelu"}, "hidden_act"),
     "pretraining_tp": ("tied", {"pretraining_tp": 2}, "pretraining_tp"),
     "another model type": ("tied", {"model_type": "mistral"}, "model_type"),
-    "kv heads not dividing": ("tied", {"num_key_value_heads": 3}, "n-kv-head"),
+    "kv heads not dividing": ("tied", {"num_key_value_heads": 3}, "num_key_value_heads (3)"),
     "an int epsilon": ("tied", {"rms_norm_eps": 1}, "rms_norm_eps"),
     "a float head_dim": ("qwen2", {"head_dim": 16.0}, "head_dim"),
     "no hidden_size": ("tied", {"hidden_size": None}, "hidden_size"),
