@@ -106,11 +106,16 @@ class Backend(Protocol):
     # (shape, dtype) of what attention_forward saves for the backward: the probabilities
     # [B,NH,T,T], or flash attention's softmax statistics [B,NH,T] (float32)
     def attention_saved(self, B: int, n_head: int, T: int, head_size: int) -> tuple: ...
-    # causal self-attention of qkv[B,T,3C] -> out[B,T,C]; saves att (see attention_saved);
-    # drop: None or (key, threshold, scale), dropout on the probabilities (y = dropout(att) v)
-    def attention_forward(self, out, att, qkv, n_head: int, drop=None) -> None: ...
-    # dqkv written from dout, qkv, the saved att and the forward's output (with its drop)
-    def attention_backward(self, dqkv, dout, qkv, att, n_head: int, drop=None, *, out=None) -> None: ...
+    # causal self-attention of qkv[B,T,(NH + 2 KV) hd] = [q heads | k heads | v heads] (GPT-2:
+    # KV = NH, [B,T,3C]) -> out[B,T,NH*hd], scale 1/sqrt(hd); n_kv_head KV (None: n_head) divides
+    # NH and query head h reads KV head h // (NH // KV), in place (K/V never copied per head);
+    # saves att (see attention_saved); drop: None or (key, threshold, scale), dropout on the
+    # probabilities (y = dropout(att) v)
+    def attention_forward(self, out, att, qkv, n_head: int, drop=None, *, n_kv_head: int | None = None) -> None: ...
+    # dqkv written from dout, qkv, the saved att and the forward's output (with its drop); a KV
+    # head's dk, dv sum its query heads' terms in ascending h
+    def attention_backward(self, dqkv, dout, qkv, att, n_head: int, drop=None, *, out=None,
+                           n_kv_head: int | None = None) -> None: ...
 
     # out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     def gelu_forward(self, out, inp) -> None: ...

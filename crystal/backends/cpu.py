@@ -210,11 +210,14 @@ def dropout(out, inp, key, threshold, scale):
     dropout_range(out, inp, 0, key, threshold, scale)
 
 
-# --- causal self-attention, one kernel per pass, per (batch, head) ---------------------------
-# Flat buffers: qkv[B,T,3C] (q | k | v; head h at channels h*hs of each), out[B,T,C] (head h at
-# channels h*hs), att[B,NH,T,T] (the softmax probabilities: row t covers t2 <= t, zeros after).
-# The products go to BLAS on the heads' strided rows (leading dimension 3C or C); a dropout
-# threshold of 0 keeps everything, else `dropped` ([T,T] scratch) holds drop(att) of one head.
+# --- causal self-attention, one kernel per pass, per (batch, query head) ---------------------
+# Flat buffers: qkv[B,T,R], R = (NH + 2 KV) hd: q heads 0..NH-1 | k heads 0..KV-1 | v heads
+# 0..KV-1, head j at channels j*hd of its block (GPT-2: KV = NH, R = 3C). Query head h reads KV
+# head h // g, g = NH // KV (grouped-query attention; K and V are read in place, never copied
+# per query head). out[B,T,NH*hd] (head h at channels h*hd), att[B,NH,T,T] (the softmax
+# probabilities: row t covers t2 <= t, zeros after). The products go to BLAS on the heads'
+# strided rows (leading dimension R or NH*hd); a dropout threshold of 0 keeps everything, else
+# `dropped` ([T,T] scratch) holds drop(att) of one head.
 
 # Kernels index slices (views from 0), not offsets into a buffer: numba's negative-index
 # wraparound on offset indices would keep LLVM from vectorizing the loops.
@@ -254,42 +257,48 @@ def softmax_causal_rows_backward(datt, att, T, scale):
 
 
 @kernel
-def attention_forward(out, att, qkv, B, T, C, NH, dropped, key, threshold, drop_scale):
-    # att = softmax(q k^T / sqrt(hs)) causal; y = drop(att) v
-    hs = C // NH
-    scale = att.dtype.type(1.0 / math.sqrt(hs))
+def attention_forward(out, att, qkv, B, T, NH, KV, hd, dropped, key, threshold, drop_scale):
+    # att = softmax(q k^T / sqrt(hd)) causal; y = drop(att) v
+    R, Y, g = (NH + 2 * KV) * hd, NH * hd, NH // KV
+    scale = att.dtype.type(1.0 / math.sqrt(hd))
     for b in range(B):
         for h in range(NH):
-            q, y, a = b * T * 3 * C + h * hs, b * T * C + h * hs, (b * NH + h) * T * T
-            gemm(False, True, T, T, hs, qkv, q, 3 * C, qkv, q + C, 3 * C, 0.0, att, a, T)
+            q, y, a = b * T * R + h * hd, b * T * Y + h * hd, (b * NH + h) * T * T
+            k = b * T * R + (NH + h // g) * hd
+            v = k + KV * hd
+            gemm(False, True, T, T, hd, qkv, q, R, qkv, k, R, 0.0, att, a, T)
             softmax_causal_rows(att[a:a + T * T], T, scale)
             if threshold > 0:
                 dropout_range(dropped, att[a:a + T * T], a, key, threshold, drop_scale)
-                gemm(False, False, T, hs, T, dropped, 0, T, qkv, q + 2 * C, 3 * C, 0.0, out, y, C)
+                gemm(False, False, T, hd, T, dropped, 0, T, qkv, v, R, 0.0, out, y, Y)
             else:
-                gemm(False, False, T, hs, T, att, a, T, qkv, q + 2 * C, 3 * C, 0.0, out, y, C)
+                gemm(False, False, T, hd, T, att, a, T, qkv, v, R, 0.0, out, y, Y)
 
 
 @kernel
-def attention_backward(dqkv, dout, qkv, att, B, T, C, NH, datt, dropped, key, threshold, drop_scale):
+def attention_backward(dqkv, dout, qkv, att, B, T, NH, KV, hd, datt, dropped, key, threshold, drop_scale):
     # d p = dy v^T (through the dropout mask); dv = drop(p)^T dy; d scores by the softmax
-    # backward; dq = d scores k, dk = d scores^T q. datt: [T,T] scratch. Writes all of dqkv.
-    hs = C // NH
-    scale = att.dtype.type(1.0 / math.sqrt(hs))
+    # backward; dq = d scores k, dk = d scores^T q. datt: [T,T] scratch. Writes all of dqkv:
+    # a KV head's dk, dv are its g query heads' terms summed in ascending h (the group's first
+    # head writes, beta 0; the others add, beta 1).
+    R, Y, g = (NH + 2 * KV) * hd, NH * hd, NH // KV
+    scale = att.dtype.type(1.0 / math.sqrt(hd))
     for b in range(B):
         for h in range(NH):
-            q, y, a = b * T * 3 * C + h * hs, b * T * C + h * hs, (b * NH + h) * T * T
-            k, v = q + C, q + 2 * C
-            gemm(False, True, T, T, hs, dout, y, C, qkv, v, 3 * C, 0.0, datt, 0, T)
+            q, y, a = b * T * R + h * hd, b * T * Y + h * hd, (b * NH + h) * T * T
+            k = b * T * R + (NH + h // g) * hd
+            v = k + KV * hd
+            beta = 0.0 if h % g == 0 else 1.0
+            gemm(False, True, T, T, hd, dout, y, Y, qkv, v, R, 0.0, datt, 0, T)
             if threshold > 0:
                 dropout_range(dropped, att[a:a + T * T], a, key, threshold, drop_scale)
-                gemm(True, False, T, hs, T, dropped, 0, T, dout, y, C, 0.0, dqkv, v, 3 * C)
+                gemm(True, False, T, hd, T, dropped, 0, T, dout, y, Y, beta, dqkv, v, R)
                 dropout_range(datt, datt, a, key, threshold, drop_scale)
             else:
-                gemm(True, False, T, hs, T, att, a, T, dout, y, C, 0.0, dqkv, v, 3 * C)
+                gemm(True, False, T, hd, T, att, a, T, dout, y, Y, beta, dqkv, v, R)
             softmax_causal_rows_backward(datt, att[a:a + T * T], T, scale)
-            gemm(False, False, T, hs, T, datt, 0, T, qkv, k, 3 * C, 0.0, dqkv, q, 3 * C)
-            gemm(True, False, T, hs, T, datt, 0, T, qkv, q, 3 * C, 0.0, dqkv, k, 3 * C)
+            gemm(False, False, T, hd, T, datt, 0, T, qkv, k, R, 0.0, dqkv, q, R)
+            gemm(True, False, T, hd, T, datt, 0, T, qkv, q, R, beta, dqkv, k, R)
 
 
 # --- GELU, tanh approximation: gelu(x) = 0.5 x (1 + tanh(u)), u = s (x + 0.044715 x^3) ---------
@@ -495,6 +504,16 @@ def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
 
+def _heads(qkv, n_head: int, n_kv_head: int | None) -> tuple[int, int, int]:
+    """(NH, KV, hd) of qkv[B,T,(NH + 2 KV) hd]; n_kv_head None means n_head (GPT-2)."""
+    NH = int(n_head)
+    KV = NH if n_kv_head is None else int(n_kv_head)
+    width = qkv.shape[-1]
+    if KV <= 0 or NH % KV or width % (NH + 2 * KV):
+        raise ValueError(f"qkv width {width} does not hold {NH} query and {KV} key/value heads")
+    return NH, KV, width // (NH + 2 * KV)
+
+
 class CpuBackend:
     """Numba + NumPy implementation of `crystal.backends.base.Backend`."""
 
@@ -573,16 +592,16 @@ class CpuBackend:
     def attention_saved(self, B, n_head, T, head_size):
         return (B, n_head, T, T), np.float32
 
-    def attention_forward(self, out, att, qkv, n_head, drop=None):
-        B, T, C3 = qkv.shape
-        attention_forward(out.reshape(-1), att.reshape(-1), qkv.reshape(-1), B, T, C3 // 3, n_head,
-                          *self._drop_args(drop, T, att.dtype))
+    def attention_forward(self, out, att, qkv, n_head, drop=None, *, n_kv_head=None):
+        B, T = qkv.shape[:2]
+        attention_forward(out.reshape(-1), att.reshape(-1), qkv.reshape(-1), B, T,
+                          *_heads(qkv, n_head, n_kv_head), *self._drop_args(drop, T, att.dtype))
 
-    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
-        B, T, C3 = qkv.shape
+    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None, n_kv_head=None):
+        B, T = qkv.shape[:2]
         datt = self._scratch("datt", (T * T,), att.dtype)
-        attention_backward(dqkv.reshape(-1), dout.reshape(-1), qkv.reshape(-1), att.reshape(-1),
-                           B, T, C3 // 3, n_head, datt, *self._drop_args(drop, T, att.dtype))
+        attention_backward(dqkv.reshape(-1), dout.reshape(-1), qkv.reshape(-1), att.reshape(-1), B, T,
+                           *_heads(qkv, n_head, n_kv_head), datt, *self._drop_args(drop, T, att.dtype))
 
     def _drop_args(self, drop, T, dtype):
         """(dropped scratch [T*T], key, threshold, scale) for the attention kernels; threshold 0
