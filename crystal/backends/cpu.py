@@ -39,7 +39,7 @@ GELU_S32, GELU_A32, GELU_3A32 = np.float32(GELU_SCALE), np.float32(0.044715), np
 HALF32, ONE32 = np.float32(0.5), np.float32(1.0)
 
 
-# --- encoder: out[b,t] = wte[idx[b,t]] + wpe[t] ---------------------------------------------
+# --- encoder: out[b,t] = wte[idx[b,t]] + wpe[t] (wpe None: no position embeddings, Llama) -----
 
 @kernel
 def encoder_forward(out, idx, wte, wpe):
@@ -48,26 +48,32 @@ def encoder_forward(out, idx, wte, wpe):
     for b in range(B):
         for t in range(T):
             ix = idx[b, t]
-            for c in range(C):
-                out[b, t, c] = wte[ix, c] + wpe[t, c]
+            if wpe is None:
+                for c in range(C):
+                    out[b, t, c] = wte[ix, c]
+            else:
+                for c in range(C):
+                    out[b, t, c] = wte[ix, c] + wpe[t, c]
 
 
 @kernel
 def encoder_backward(dwte, dwpe, dout, idx):
-    # dwpe is written (all rows: positions >= T get zero); dwte accumulates rows in (b, t)
-    # order, a fixed order as in llm.c.
+    # dwpe (unless None) is written (all rows: positions >= T get zero); dwte accumulates rows
+    # in (b, t) order, a fixed order as in llm.c.
     B, T = idx.shape
     C = dwte.shape[1]
-    for t in range(dwpe.shape[0]):
-        for c in range(C):
-            dwpe[t, c] = 0.0
+    if dwpe is not None:
+        for t in range(dwpe.shape[0]):
+            for c in range(C):
+                dwpe[t, c] = 0.0
     for b in range(B):
         for t in range(T):
             ix = idx[b, t]
             for c in range(C):
-                d = dout[b, t, c]
-                dwte[ix, c] += d
-                dwpe[t, c] += d
+                dwte[ix, c] += dout[b, t, c]
+            if dwpe is not None:
+                for c in range(C):
+                    dwpe[t, c] += dout[b, t, c]
 
 
 # --- layernorm over the last axis of inp[N,C] ------------------------------------------------
@@ -119,6 +125,79 @@ def layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd):
             dinp[i, c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
 
 
+# --- RMSNorm over the last axis of inp[N,C] (Llama): out = w * x * rstd, rstd = 1 / sqrt(mean(x^2) + eps) ---
+
+@reduce_kernel
+def rmsnorm_forward(out, rstd, inp, w, eps):
+    # the sum of squares in float64; rstd rounded once to its dtype (float32), then
+    # out = (x rstd) w in the activations' dtype, as transformers' LlamaRMSNorm computes it
+    N, C = inp.shape
+    for i in range(N):
+        x = inp[i]
+        ss = 0.0
+        for c in range(C):
+            xc = np.float64(x[c])
+            ss += xc * xc
+        r = rstd.dtype.type(1.0 / math.sqrt(ss / C + eps))
+        rstd[i] = r
+        o = out[i]
+        for c in range(C):
+            o[c] = (x[c] * r) * w[c]
+
+
+@reduce_kernel
+def rmsnorm_backward(dinp, dw, dout, inp, w, rstd):
+    # xhat = x rstd, dxhat = dout w:  dinp += rstd (dxhat - xhat mean(dxhat xhat));
+    # dw = sum over rows of dout xhat (written; rows in order, accumulated in float64)
+    N, C = inp.shape
+    acc = np.zeros(C, np.float64)
+    for i in range(N):
+        x, d, di = inp[i], dout[i], dinp[i]
+        r = rstd[i]
+        dot = 0.0
+        for c in range(C):
+            dot += np.float64(d[c] * w[c]) * np.float64(x[c] * r)
+        dot /= C
+        for c in range(C):
+            xhat = x[c] * r
+            acc[c] += np.float64(d[c] * xhat)
+            di[c] += r * (d[c] * w[c] - xhat * dot)
+    for c in range(C):
+        dw[c] = acc[c]
+
+
+# --- rotary position embeddings (Hugging Face's rotate-half layout), in place on qkv rows ------
+# x[N,R] rows of qkv[B,T,R] (row i at position t = i % T); heads 0..n_rot-1 of each row (the NH
+# q heads then the KV k heads, contiguous) rotate, v heads stay. cos, sin: [>= T, hd/2].
+
+@kernel
+def rope_forward(x, cos, sin, T, n_rot, hd):
+    # x1 = x[d], x2 = x[d + hd/2]:  x[d] = x1 cos - x2 sin,  x[d + hd/2] = x2 cos + x1 sin
+    half = hd // 2
+    for i in range(x.shape[0]):
+        c, s = cos[i % T], sin[i % T]
+        for j in range(n_rot):
+            lo, hi = x[i, j * hd:j * hd + half], x[i, j * hd + half:(j + 1) * hd]
+            for d in range(half):
+                x1, x2 = lo[d], hi[d]
+                lo[d] = x1 * c[d] - x2 * s[d]
+                hi[d] = x2 * c[d] + x1 * s[d]
+
+
+@kernel
+def rope_backward(dx, cos, sin, T, n_rot, hd):
+    # the transpose of the rotation:  dx1 = dy1 cos + dy2 sin,  dx2 = dy2 cos - dy1 sin
+    half = hd // 2
+    for i in range(dx.shape[0]):
+        c, s = cos[i % T], sin[i % T]
+        for j in range(n_rot):
+            lo, hi = dx[i, j * hd:j * hd + half], dx[i, j * hd + half:(j + 1) * hd]
+            for d in range(half):
+                dy1, dy2 = lo[d], hi[d]
+                lo[d] = dy1 * c[d] + dy2 * s[d]
+                hi[d] = dy2 * c[d] - dy1 * s[d]
+
+
 # --- matmul: out[N,OC] = inp[N,C] @ w[C,OC] + bias, the product by BLAS inside the kernel ------
 
 @kernel
@@ -151,31 +230,50 @@ def matmul_forward(out, inp, w, bias):
 
 @kernel
 def matmul_backward(dinp, dw, dbias, dout, inp, w):
-    # dinp = dout w^T;  dw = inp^T dout;  dbias = column sums of dout
+    # dinp = dout w^T;  dw = inp^T dout;  dbias = column sums of dout (dw, dbias may be None)
     N, C = inp.shape
     OC = w.shape[1]
     gemm(False, True, N, C, OC, dout, 0, OC, w, 0, OC, 0.0, dinp, 0, C)
-    gemm(True, False, C, OC, N, inp, 0, C, dout, 0, OC, 0.0, dw, 0, OC)
+    if dw is not None:  # None: a frozen weight (LoRA), no weight product
+        gemm(True, False, C, OC, N, inp, 0, C, dout, 0, OC, 0.0, dw, 0, OC)
     if dbias is not None:
         bias_backward(dbias, dout)
 
 
-# --- the LM head, tied to wte[V,C]: logits = inp wte^T ---------------------------------------
+# --- linear, nn.Linear layout w[OC,C]: out[N,OC] = inp[N,C] @ w^T + bias (Llama's weights) ------
+
+@kernel
+def linear_forward(out, inp, w, bias):
+    N, C = inp.shape
+    OC = w.shape[0]
+    gemm(False, True, N, OC, C, inp, 0, C, w, 0, C, 0.0, out, 0, OC)
+    if bias is not None:
+        bias_forward(out, bias)
+
+
+@kernel
+def linear_backward(dinp, dw, dbias, dout, inp, w):
+    # dinp = dout w;  dw = dout^T inp;  dbias = column sums of dout (all written; dw, dbias may be None)
+    N, C = inp.shape
+    OC = w.shape[0]
+    gemm(False, False, N, C, OC, dout, 0, OC, w, 0, C, 0.0, dinp, 0, C)
+    if dw is not None:  # None: a frozen weight (LoRA), no weight product
+        gemm(True, False, OC, C, N, dout, 0, OC, inp, 0, C, 0.0, dw, 0, C)
+    if dbias is not None:
+        bias_backward(dbias, dout)
+
+
+# --- the LM head, tied to wte[V,C]: logits = inp wte^T, a linear product without bias ---------
 
 @kernel
 def lm_head_forward(logits, inp, wte):
-    N, C = inp.shape
-    V = wte.shape[0]
-    gemm(False, True, N, V, C, inp, 0, C, wte, 0, C, 0.0, logits, 0, V)
+    linear_forward(logits, inp, wte, None)
 
 
 @kernel
 def lm_head_backward(dinp, dwte, dlogits, inp, wte):
     # dinp = dlogits wte;  dwte = dlogits^T inp (written)
-    N, C = inp.shape
-    V = wte.shape[0]
-    gemm(False, False, N, C, V, dlogits, 0, V, wte, 0, C, 0.0, dinp, 0, C)
-    gemm(True, False, V, C, N, dlogits, 0, V, inp, 0, C, 0.0, dwte, 0, C)
+    linear_backward(dinp, dwte, None, dlogits, inp, wte)
 
 
 # --- dropout: out = inp * keep(key, i) * scale, the mask hash of crystal.dropout --------------
@@ -319,6 +417,33 @@ def gelu_backward(d, inp):
         t = ftanh(GELU_S32 * (x + GELU_A32 * x * x * x))
         du = GELU_S32 * (ONE32 + GELU_3A32 * x * x)
         d[i] = (HALF32 * (ONE32 + t) + HALF32 * x * (ONE32 - t * t) * du) * d[i]
+
+
+# --- SwiGLU: gu[N,2I] = [gate | up] per row (one product); out[N,I] = silu(gate) up --------
+# silu(x) = x s, s = sigmoid(x) = 1 / (1 + exp(-x))
+
+@kernel
+def swiglu_forward(out, gu):
+    N, I = out.shape
+    for i in range(N):
+        g, u, o = gu[i, :I], gu[i, I:], out[i]
+        for j in range(I):
+            x = g[j]
+            o[j] = x * (ONE32 / (ONE32 + fexp(-x))) * u[j]
+
+
+@kernel
+def swiglu_backward(dgu, gu, dout):
+    # dgate = dout up s (1 + gate (1 - s)),  dup = dout silu(gate)  (dgu written, not aliasing gu)
+    N, I = dout.shape
+    for i in range(N):
+        g, u, d = gu[i, :I], gu[i, I:], dout[i]
+        dg, du = dgu[i, :I], dgu[i, I:]
+        for j in range(I):
+            x = g[j]
+            sg = ONE32 / (ONE32 + fexp(-x))
+            dg[j] = d[j] * u[j] * sg * (ONE32 + x * (ONE32 - sg))
+            du[j] = d[j] * (x * sg)
 
 
 # --- residual ----------------------------------------------------------------------------------
@@ -514,6 +639,16 @@ def _heads(qkv, n_head: int, n_kv_head: int | None) -> tuple[int, int, int]:
     return NH, KV, width // (NH + 2 * KV)
 
 
+def _rope_args(qkv, cos, sin, n_head: int, n_kv_head: int) -> tuple[int, int, int]:
+    """(T, heads rotated = NH + KV, hd) of the rotary kernels, once cos and sin are known to
+    cover qkv[B,T,...]'s positions (the kernels do not check bounds)."""
+    NH, KV, hd = _heads(qkv, n_head, n_kv_head)
+    T = qkv.shape[1]
+    if hd % 2 or cos.shape != sin.shape or cos.ndim != 2 or cos.shape[0] < T or cos.shape[1] != hd // 2:
+        raise ValueError(f"rotary tables {cos.shape}, {sin.shape} do not fit {T} positions of head size {hd}")
+    return T, NH + KV, hd
+
+
 class CpuBackend:
     """Numba + NumPy implementation of `crystal.backends.base.Backend`."""
 
@@ -579,6 +714,12 @@ class CpuBackend:
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
         matmul_backward(_rows(dinp), dw, dbias, _rows(dout), _rows(inp), w)
 
+    def linear_forward(self, out, inp, w, bias):
+        linear_forward(_rows(out), _rows(inp), w, bias)
+
+    def linear_backward(self, dinp, dw, dbias, dout, inp, w):
+        linear_backward(_rows(dinp), dw, dbias, _rows(dout), _rows(inp), w)
+
     def matmul_gelu_forward(self, out, pre, inp, w, bias):
         self.matmul_forward(pre, inp, w, bias)
         self.gelu_forward(out, pre)
@@ -629,6 +770,28 @@ class CpuBackend:
     def residual_layernorm_forward(self, res, out, mean, rstd, a, b, w, bias, eps):
         self.residual_forward(res, a, b)
         self.layernorm_forward(out, mean, rstd, res, w, bias, eps)
+
+    def rmsnorm_forward(self, out, rstd, inp, w, eps):
+        rmsnorm_forward(_rows(out), rstd.reshape(-1), _rows(inp), w, float(eps))
+
+    def rmsnorm_backward(self, dinp, dw, dout, inp, w, rstd):
+        rmsnorm_backward(_rows(dinp), dw, _rows(dout), _rows(inp), w, rstd.reshape(-1))
+
+    def residual_rmsnorm_forward(self, res, out, rstd, a, b, w, eps):
+        self.residual_forward(res, a, b)
+        self.rmsnorm_forward(out, rstd, res, w, eps)
+
+    def rope_forward(self, qkv, cos, sin, n_head, n_kv_head):
+        rope_forward(_rows(qkv), cos, sin, *_rope_args(qkv, cos, sin, n_head, n_kv_head))
+
+    def rope_backward(self, dqkv, cos, sin, n_head, n_kv_head):
+        rope_backward(_rows(dqkv), cos, sin, *_rope_args(dqkv, cos, sin, n_head, n_kv_head))
+
+    def swiglu_forward(self, out, gu):
+        swiglu_forward(_rows(out), _rows(gu))
+
+    def swiglu_backward(self, dgu, gu, dout):
+        swiglu_backward(_rows(dgu), _rows(gu), _rows(dout))
 
     def residual_forward(self, out, a, b):
         residual_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1))
