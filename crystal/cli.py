@@ -438,8 +438,8 @@ def make_view(out_dir: Path, log_every: int, quiet: bool):
 
 def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     from crystal.config import VOCAB_MULTIPLE
-    from crystal.memory import flops_per_token, run_estimate
-    from crystal.model import ParamLayout
+    from crystal.memory import run_estimate
+    from crystal.model import ParamLayout, flops_per_token
 
     layout = ParamLayout(model_cfg)
     bf16 = cfg.precision == "bf16"
@@ -513,8 +513,8 @@ def _released_vocabulary(model_cfg, cfg, ranks: int, flash: bool, shard: bool) -
     """A line for a preset of a released model's shape (its ModelConfig holds the released
     vocabulary) trained on data of another vocabulary: its figures at the released one."""
     from crystal.config import ModelConfig
-    from crystal.memory import flops_per_token, run_estimate
-    from crystal.model import ParamLayout
+    from crystal.memory import run_estimate
+    from crystal.model import ParamLayout, flops_per_token
 
     preset = PRESETS.get(cfg.preset)
     V = preset.model.vocab_size if preset else ModelConfig.vocab_size

@@ -11,45 +11,8 @@ import os
 
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError
-from crystal.model import ParamLayout
-from crystal.model import activation_bytes as gpt2_activation_bytes
-from crystal.model import flops_per_token as gpt2_flops_per_token
+from crystal.model import ParamLayout, activation_bytes
 from crystal.reducer import gradient_floats, shard_spans
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (the PaLM convention: 6 per parameter of a product, attention over
-    full T x T). gpt2: crystal.model.flops_per_token. llama: 6 x (parameters - the token
-    embedding, which is a lookup, unless it is also the tied head) + 12 n_layer T n_head head_dim
-    (the scores and the weighted sum of each query head; GQA shares K and V, not these products)."""
-    if not cfg.llama:
-        return gpt2_flops_per_token(cfg, seq_len)
-    lookup = 0 if cfg.tied else cfg.vocab_size * cfg.n_embd
-    return 6 * (ParamLayout(cfg).n_params - lookup) + 12 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_size
-
-
-def activation_bytes(cfg: ModelConfig, B: int, T: int, precision: str = "fp32", flash: bool = False) -> int:
-    """Bytes of one sphere's activations for [B, T] batches (crystal.model.activation_bytes for
-    gpt2). llama, per token and layer: the normed input, q|k|v (rotated in place), the attention
-    output and projection, two residual sums, the second normed input, gate|up, their SwiGLU and
-    the down projection, two float32 RMSNorm statistics; the saved attention as gpt2's; then the
-    final norm, the logits, and the backward's scratch (one layer's gradients), plus gpt2's
-    per-sphere attention scratch."""
-    if not cfg.llama:
-        return gpt2_activation_bytes(cfg, B, T, precision, flash)
-    bf16 = precision == "bf16"
-    flash = flash and bf16  # cuDNN flash attention: bf16 only
-    a = 2 if bf16 else 4
-    C, I, L, NH = cfg.n_embd, cfg.mlp_size, cfg.n_layer, cfg.n_head
-    Q, QKV = NH * cfg.head_size, cfg.qkv_size
-    att = (B * NH * T * 4) if flash else B * NH * T * T * a
-    per_layer = B * T * (a * (6 * C + QKV + Q + 3 * I) + 4 * 2) + att
-    final = B * T * (a * (2 * C + cfg.padded_vocab_size) + 4 * 2)  # embedded, ln_f; rstd, losses
-    scratch = B * T * a * (2 * C + Q + QKV + 2 * I)
-    total = L * per_layer + final + scratch
-    if not bf16:
-        return total + 4 * 2 * T * T
-    return total + (0 if flash else 2 * B * NH * T * T)
 
 
 def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int,

@@ -314,7 +314,7 @@ def test_dry_run_of_a_released_shape_gives_its_figures_at_the_released_vocabular
 
 
 def test_the_dry_runs_flops_count_every_query_heads_attention_and_no_position_table():
-    from crystal.memory import flops_per_token
+    from crystal.model import flops_per_token
 
     cfg = PRESETS["llama3.2-1b"].model
     n = ParamLayout(cfg).n_params
