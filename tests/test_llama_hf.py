@@ -9,23 +9,20 @@ and LlamaModel names without the `model.` prefix. Nothing comes from the Hugging
 """
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from crystal.checkpoint import RunDir, read_config
 from crystal.cli import main
-from crystal.config import (LLAMA_FIELD_TYPES, PRESETS, QWEN2_FIELD_TYPES, TrainConfig, ModelConfig, _json_is,
-                            read_toml, resolve)
+from crystal.config import LLAMA_FIELD_TYPES, PRESETS, QWEN2_FIELD_TYPES, ModelConfig, _json_is, read_toml, resolve
 from crystal.data import EOT, default_corpus
 from crystal.errors import CrystalError
 from crystal.model import ParamLayout
-from crystal.pretrained import export_hf, load_flat, load_params, open_pretrained
+from crystal.pretrained import export_hf, load_params, open_pretrained
 from compare import rel_err
 from test_bad_inputs import R, refused
 
