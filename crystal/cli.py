@@ -15,13 +15,14 @@ from pathlib import Path
 
 import click
 
-from crystal.config import CUDA_GRAPHS, DEVICES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PRESETS, resolve
+from crystal.config import ARCHS, CUDA_GRAPHS, DEVICES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PRESETS, resolve
 from crystal.errors import CrystalError, NonFiniteError, SphereFailure
 from crystal.plot import FORMATS as PLOT_FORMATS, MAX_SIZE as PLOT_MAX, MIN_SIZE as PLOT_MIN
 from crystal.sample import MAX_SAMPLES, MAX_TOKENS
 
 EXIT_USAGE = 2
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "arch", "n_kv_head", "head_dim", "intermediate_size",
+               "rope_theta", "tie_word_embeddings", "attention_bias")
 # What --resume may change: where and how fast the rest of the run computes, not what.
 RESUME_FLAGS = ("device", "precision", "cuda_graphs", "spheres", "log_every", "stop_at", "checkpoint_every",
                 "keep", "on_nonfinite", "shard_optimizer", "cores")
@@ -69,6 +70,19 @@ def _preset_help() -> str:
 @click.option("--n-head", type=int, default=None, help="attention heads")
 @click.option("--n-embd", type=int, default=None, help="embedding width (divisible by --n-head)")
 @click.option("--block-size", type=int, default=None, help="maximum sequence length of the model")
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
+              help="gpt2: LayerNorm, learned positions, GELU MLP; llama: RMSNorm, rotary positions, SwiGLU MLP, "
+                   "grouped-query attention  [default: the preset's, gpt2 for small]")
+@click.option("--n-kv-head", type=int, default=None,
+              help="llama: key/value heads (grouped-query attention; 1: multi-query)  [default: --n-head]")
+@click.option("--head-dim", type=int, default=None, help="llama: width of each head  [default: n_embd / n_head]")
+@click.option("--intermediate-size", type=int, default=None,
+              help="llama: SwiGLU width  [default: 8/3 n_embd rounded up to a multiple of 64]")
+@click.option("--rope-theta", type=float, default=None, help="llama: rotary base  [default: 10000]")
+@click.option("--tie-word-embeddings/--no-tie-word-embeddings", default=None,
+              help="llama: the LM head is the token embedding  [default: tied]")
+@click.option("--attention-bias/--no-attention-bias", default=None,
+              help="llama: biases on q, k and v (Qwen2's; exported as a Qwen2ForCausalLM)  [default: none]")
 @click.option("--batch-size", type=int, default=None, help="sequences per micro-batch")
 @click.option("--seq-len", type=int, default=None, help="tokens per sequence (<= --block-size)")
 @click.option("--micro-batches", type=int, default=None, help="micro-batches per optimizer step (gradient accumulation)")
@@ -117,8 +131,8 @@ def _preset_help() -> str:
 @click.option("--resume", "resume_dir", type=click.Path(), default=None,
               help="continue the run in this directory from its newest checkpoint")
 @click.option("--init-from", type=click.Path(), default=None,
-              help="start from this model's parameters, with a fresh optimizer: a Hugging Face GPT-2 "
-                   "directory (config.json, model.safetensors or shards, tokenizer.json) or a crystal run; "
+              help="start from this model's parameters, with a fresh optimizer: a Hugging Face GPT-2, Llama or "
+                   "Qwen2 directory (config.json, model.safetensors or shards, tokenizer.json) or a crystal run; "
                    "the model's shape and tokenizer are its own  [default preset: finetune]")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="TOML file: preset = ..., [model] and [train] tables; flags override it")
@@ -138,7 +152,7 @@ def _preset_help() -> str:
               help="tensorboard: TensorBoard event files in the run directory too (metrics.jsonl is always written)")
 def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, watch, port, log_to,
           no_memory_check, **flags) -> None:
-    """Train a GPT-2-style model with data parallelism across a ring of spheres.
+    """Train a GPT-2 or Llama model with data parallelism across a ring of spheres.
 
     Under mpiexec, srun or torchrun-style variables (RANK, WORLD_SIZE, ...), each process is a
     rank with its own ring; rank 0 writes the run directory and prints the progress."""
@@ -383,9 +397,21 @@ def describe_init(pre, model_cfg) -> str:
 
     files = ", ".join(str(f.relative_to(pre.path)) for f in pre.weights)
     notes = "".join(f"; {n}" for n in pre.notes)
-    return (f"init from {pre.path}: {ParamLayout(model_cfg).n_params:,} parameters ({model_cfg.n_layer} layers, "
-            f"{model_cfg.n_head} heads, {model_cfg.n_embd} wide, vocab {model_cfg.vocab_size}, n_positions "
-            f"{model_cfg.block_size}) from {files}{notes}; fresh optimizer state")
+    return (f"init from {pre.path}: {ParamLayout(model_cfg).n_params:,} parameters ({describe_model(model_cfg)}) "
+            f"from {files}{notes}; fresh optimizer state")
+
+
+def describe_model(cfg) -> str:
+    """The model's shape in words, then its architecture and what only a llama has."""
+    core = f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, vocab {cfg.vocab_size}, block {cfg.block_size}"
+    if not cfg.llama:
+        return f"{core} (gpt2)"
+    rope = f"rope theta {cfg.rope_theta:g}"
+    if cfg.rope_scaling:
+        rope += (f", {cfg.rope_scaling} scaling x{cfg.rope_factor:g} (low {cfg.rope_low_freq_factor:g}, high "
+                 f"{cfg.rope_high_freq_factor:g}, original {cfg.rope_original_max_position})")
+    return (f"{core} (llama: {cfg.kv_heads} KV heads, head {cfg.head_size} wide, SwiGLU {cfg.mlp_size}, {rope}, "
+            f"{'tied' if cfg.tied else 'untied'} head{', q/k/v biases' if cfg.attention_bias else ''})")
 
 
 class StopSignals:
@@ -450,12 +476,12 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     mib = {k: f"{v / 2**20:,.1f} MiB" for k, v in mem.items()}
     lines = [
-        f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
-        f"vocab {model_cfg.vocab_size}, block {model_cfg.block_size}",
+        f"model: {describe_model(model_cfg)}",
         f"parameters: {layout.n_params:,}" + (
             f" (+{layout.size - layout.n_params:,} zeros in memory: the LM head's vocabulary padded "
             f"{model_cfg.vocab_size:,} -> {model_cfg.padded_vocab_size:,}, a multiple of {VOCAB_MULTIPLE}; "
             "in no file)" if layout.size > layout.n_params else ""),
+        *_released_vocabulary(model_cfg, cfg, ranks, flash, shard),
         f"tokens per step: {cfg.tokens_per_step:,} ({cfg.micro_batches} micro-batches x "
         f"{cfg.batch_size} x {cfg.seq_len})",
         f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",
@@ -500,6 +526,24 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
                      + (f" (+{extra / 2**20:,.1f} MiB over the pool; total {(mem['total'] + extra) / 2**20:,.1f} MiB)"
                         if extra else ""))
     return "\n".join(lines)
+
+
+def _released_vocabulary(model_cfg, cfg, ranks: int, flash: bool, shard: bool) -> list[str]:
+    """A line for a preset of a released model's shape (its ModelConfig holds the released
+    vocabulary) trained on data of another vocabulary: its figures at the released one."""
+    from crystal.config import ModelConfig
+    from crystal.memory import run_estimate
+    from crystal.model import ParamLayout, flops_per_token
+
+    preset = PRESETS.get(cfg.preset)
+    V = preset.model.vocab_size if preset else ModelConfig.vocab_size
+    if V in (ModelConfig.vocab_size, model_cfg.vocab_size):
+        return []
+    released = dataclasses.replace(model_cfg, vocab_size=V)
+    total = run_estimate(released, cfg, ranks, flash, shard)["total"]
+    return [f"at the released vocabulary of {V:,} tokens (the data's is {model_cfg.vocab_size:,}): parameters "
+            f"{ParamLayout(released).n_params:,}; FLOPs per token {flops_per_token(released, cfg.seq_len) / 1e6:,.2f} M; "
+            f"memory total {total / 2**20:,.1f} MiB"]
 
 
 def _muon_dry_run(model_cfg, cfg, ranks: int, shard: bool) -> str:
@@ -694,8 +738,7 @@ def format_sample_dry_run(model_cfg, prompt_len: int, num_samples: int, max_toke
     params = 4 * ParamLayout(model_cfg).size
     kept = f", its last {model_cfg.block_size} kept" if prompt_len > model_cfg.block_size else ""
     return "\n".join([
-        f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
-        f"vocab {model_cfg.vocab_size}, block {model_cfg.block_size}",
+        f"model: {describe_model(model_cfg)}",
         f"prompt: {prompt_len:,} tokens{kept}; {num_samples} sample(s) x up to {max_tokens:,} new tokens",
         f"KV cache: {num_samples} sequence(s) x {capacity:,} positions x {per_position:,} bytes "
         f"(2 x {model_cfg.n_layer} layers x {model_cfg.n_embd} fp32) = {cache / 2**20:,.1f} MiB ({cache:,} bytes)",

@@ -126,7 +126,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, data_order,
                            model_cfg.vocab_size)
     be = backend if backend is not None else get_backend(cfg.device, cfg.precision)
-    warm_up(be)  # every kernel compiled before a sphere starts
+    warm_up(be, model_cfg)  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)
     if resume is not None:
