@@ -121,7 +121,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                                "batch; raise --val-fraction or pass --eval-every 0")
         val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
     be = backend if backend is not None else get_backend(cfg.device, cfg.precision)
-    warm_up(be)  # every kernel compiled before a sphere starts
+    warm_up(be, model_cfg)  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)
     if resume is not None:
