@@ -593,6 +593,30 @@ class CudaBackend:
     def gelu_backward(self, dinp, inp, dout):
         self._launch(self._k("gelu_backward"), grid_1d(inp.size, self.block), dinp, inp, dout, inp.size)
 
+    def swiglu_forward(self, out, gu):
+        """out[N,I] = silu(gate) * up of gu[N,2I] = [gate | up]."""
+        I = out.shape[-1]
+        N = out.size // I
+        self._launch(self._k("swiglu_forward"), grid_1d(N * I, self.block), out, gu, N, I)
+
+    def swiglu_backward(self, dgu, gu, dout):
+        I = dout.shape[-1]
+        N = dout.size // I
+        self._launch(self._k("swiglu_backward"), grid_1d(N * I, self.block), dgu, gu, dout, N, I)
+
+    # --- rotary embeddings (Llama), in place on qkv's q and k heads; cos, sin float32 [T, hd/2] ---
+    def rope_forward(self, qkv, cos, sin, n_head, n_kv_head):
+        self._rope("rope_forward", qkv, cos, sin, n_head, n_kv_head)
+
+    def rope_backward(self, dqkv, cos, sin, n_head, n_kv_head):
+        self._rope("rope_backward", dqkv, cos, sin, n_head, n_kv_head)
+
+    def _rope(self, kernel: str, x, cos, sin, n_head: int, KV: int) -> None:
+        B, T, W = x.shape
+        hd = W // (n_head + 2 * KV)
+        self._launch(self._k(kernel), grid_1d(B * T * (n_head + KV) * (hd // 2), self.block), x, cos, sin, B, T,
+                     n_head, KV, hd)
+
     def residual_forward(self, out, a, b):
         self._launch(self._k("residual_forward"), grid_1d(out.size, self.block), out, a, b, out.size)
 
