@@ -154,14 +154,16 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     # reduce.cu
     Kernel("add_inplace", "reduce.cu", ("ptr", "ptr", "i64")),
     Kernel("scale_inplace", "reduce.cu", ("ptr", "f64", "i64")),
-    # kv_cache.cu (inference, crystal.generate): embedding at positions, cache store, attention
-    # against the cache, one row per sequence
+    # kv_cache.cu (inference, crystal.generate): embedding at positions, rotary at positions
+    # (llama), cache store, attention against the cache (GQA), one row per sequence
     Kernel("embed_at", "kv_cache.cu", ("ptr",) * 5 + ("i32",) * 3),
     Kernel("embed_at_bf16", "kv_cache.cu", ("ptr",) * 5 + ("i32",) * 3),
-    Kernel("kv_store", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 5),
-    Kernel("kv_store_bf16", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 5),
-    Kernel("kv_attention", "kv_cache.cu", ("ptr",) * 6 + ("i32",) * 5 + ("f32",)),
-    Kernel("kv_attention_bf16", "kv_cache.cu", ("ptr",) * 6 + ("i32",) * 5 + ("f32",)),
+    Kernel("rope_at", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 5),
+    Kernel("rope_at_bf16", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 5),
+    Kernel("kv_store", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 6),
+    Kernel("kv_store_bf16", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 6),
+    Kernel("kv_attention", "kv_cache.cu", ("ptr",) * 6 + ("i32",) * 6 + ("f32",)),
+    Kernel("kv_attention_bf16", "kv_cache.cu", ("ptr",) * 6 + ("i32",) * 6 + ("f32",)),
     Kernel("gather_rows", "kv_cache.cu", ("ptr",) * 3 + ("i32",) * 3),
     Kernel("gather_rows_bf16", "kv_cache.cu", ("ptr",) * 3 + ("i32",) * 3),
 ]}
