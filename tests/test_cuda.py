@@ -155,7 +155,7 @@ LB, LT, LNH, LHD = 3, 37, 6, 16  # head_dim 16: cuDNN's flash path in bf16
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kv", [2, 1])
-def test_cuda_gqa_attention_matches_cpu(precision, kv):
+def test_cuda_llama_gqa_attention_matches_cpu(precision, kv):
     from crystal.backends.cpu import CpuBackend
 
     cpu, gpu = CpuBackend(), llama_backend(precision)
@@ -185,7 +185,7 @@ def test_cuda_gqa_attention_matches_cpu(precision, kv):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_rmsnorm_rope_swiglu_match_cpu(precision):
+def test_cuda_llama_rmsnorm_rope_swiglu_match_cpu(precision):
     from crystal.backends.cpu import CpuBackend
 
     cpu, gpu = CpuBackend(), llama_backend(precision)
@@ -234,7 +234,7 @@ def test_cuda_rmsnorm_rope_swiglu_match_cpu(precision):
 
 @pytest.mark.parametrize("precision, graphs", [("fp32", False), ("fp32", True), ("bf16", False)])
 @pytest.mark.parametrize("bias, frozen", [(True, False), (False, False), (True, True)])
-def test_cuda_linear_matches_cpu(precision, graphs, bias, frozen):
+def test_cuda_llama_linear_matches_cpu(precision, graphs, bias, frozen):
     """cuBLAS (fp32), or cuBLASLt (graphs, bf16): the BIAS epilogue only with a bias, dbias from the
     weight product's BGRADB epilogue; dw None: no weight product."""
     from crystal.backends.cpu import CpuBackend
@@ -267,7 +267,7 @@ def test_cuda_linear_matches_cpu(precision, graphs, bias, frozen):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_encoder_without_position_embeddings_matches_cpu(precision):
+def test_cuda_llama_encoder_without_position_embeddings_matches_cpu(precision):
     from crystal.backends.cpu import CpuBackend
 
     cpu, gpu = CpuBackend(), llama_backend(precision)
