@@ -4,7 +4,9 @@ LlamaForCausalLM models (tied, untied, llama3 rope scaling) and a Qwen2ForCausal
 position the cached logits equal crystal's full forward (1e-5) and transformers' (1e-5), and the
 greedy tokens are transformers' `generate(do_sample=False)`. On the cuda backend under emulation:
 the decoder's logits are the cpu's (fp32 1e-5, bf16 cosine >= 0.99), and decode steps replayed as
-CUDA graphs are bitwise the eager ones.
+CUDA graphs are bitwise the eager ones. `crystal sample --temperature 0` and `crystal serve` on a
+saved LlamaForCausalLM directory give transformers' greedy text (skipped where crystal does not
+read a Llama directory: its Hugging Face loader for llama is branch r-llamahf's).
 
 The models (and the HF -> crystal weight copy) are tests/test_llama_model.py's."""
 
@@ -176,3 +178,79 @@ def test_emulated_cuda_decoder_is_the_cpu_decoder_and_replayed_steps_are_bitwise
             assert rel_err(got, want) <= TOL
         else:
             assert cosine(got, want) >= 0.99
+
+
+# --- `crystal sample` and `crystal serve` on a saved Llama directory ---------------------------------
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM (untied) and a byte-level BPE tokenizer, saved by
+    transformers: (directory, model, tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from crystal.data import EOT, default_corpus
+
+    root = tmp_path_factory.mktemp("llama") / "tiny-llama"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([default_corpus()[:30_000].decode()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOT], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root, model.eval(), tok
+
+
+def read_by_crystal(path) -> None:
+    """Skip unless crystal reads a LlamaForCausalLM directory (its Hugging Face loader for llama)."""
+    from crystal.errors import CrystalError
+    from crystal.pretrained import checkpoint_config
+
+    try:
+        checkpoint_config(path)
+    except CrystalError as e:
+        pytest.skip(f"crystal does not read a Llama directory here ({e})")
+
+
+def hf_greedy_text(model, tok, prompt: str, new: int) -> str:
+    """transformers' greedy continuation of prompt (ending at its end-of-text token, not printed)."""
+    ids = tok(prompt)["input_ids"]
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)[0, len(ids):].tolist()
+    return tok.decode(out[:out.index(0)] if 0 in out else out)
+
+
+def test_crystal_sample_at_temperature_0_prints_transformers_greedy_text(llama_dir, capsys):
+    from crystal.cli import main
+
+    root, model, tok = llama_dir
+    read_by_crystal(root)
+    capsys.readouterr()
+    assert main(["sample", str(root), "--prompt", "ROMEO:", "--temperature", "0", "--max-tokens", "20"]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + hf_greedy_text(model, tok, "ROMEO:", 20) + "\n"
+    assert main(["sample", str(root), "--prompt", "ROMEO:", "--num-samples", "3", "--max-tokens", "10",
+                 "--dry-run"]) == 0
+    prompt = len(tok("ROMEO:")["input_ids"])  # the cache: 2 KV heads of 16 per layer and position
+    assert f"3 sequence(s) x {prompt + 10} positions x 512 bytes (2 x 2 layers x 32 fp32)" in capsys.readouterr().out
+
+
+def test_crystal_serve_completes_a_llama_greedily_as_transformers(llama_dir):
+    root, model, tok = llama_dir
+    read_by_crystal(root)
+    from test_serve import LIMITS, client, start
+
+    server = start(root, limits=LIMITS)
+    try:
+        out = client(server).completions.create(model=root.name, prompt="ROMEO:", max_tokens=20, temperature=0)
+    finally:
+        server.stop()
+    assert out.choices[0].text == hf_greedy_text(model, tok, "ROMEO:", 20)
