@@ -741,7 +741,7 @@ def format_sample_dry_run(model_cfg, prompt_len: int, num_samples: int, max_toke
         f"model: {describe_model(model_cfg)}",
         f"prompt: {prompt_len:,} tokens{kept}; {num_samples} sample(s) x up to {max_tokens:,} new tokens",
         f"KV cache: {num_samples} sequence(s) x {capacity:,} positions x {per_position:,} bytes "
-        f"(2 x {model_cfg.n_layer} layers x {model_cfg.n_embd} fp32) = {cache / 2**20:,.1f} MiB ({cache:,} bytes)",
+        f"(2 x {model_cfg.n_layer} layers x {model_cfg.kv_heads * model_cfg.head_size} fp32) = {cache / 2**20:,.1f} MiB ({cache:,} bytes)",
         f"memory: params {params / 2**20:,.1f} MiB | KV cache {cache / 2**20:,.1f} MiB | "
         f"total {(params + cache) / 2**20:,.1f} MiB (+ one forward's activations)",
     ])
