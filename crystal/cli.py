@@ -554,7 +554,7 @@ def format_summary(result) -> str:
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=str)
 @click.option("--out", required=True, type=click.Path(), help="directory for train.bin, val.bin, tokenizer.json")
 @click.option("--tokenizer", default="bytes", show_default=True,
               help="bytes, bpe (trained on the inputs), or a tokenizer.json file or a directory holding one "
@@ -562,17 +562,36 @@ def format_summary(result) -> str:
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size  [default: 1024]")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="tail held out for validation")
 @click.option("--shard-tokens", type=int, default=None,
-              help="write each split as shards train_000000.bin, ... of this many tokens  [default: one file each]")
-def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens) -> None:
-    """Tokenize text files into a data directory for `crystal train --data`."""
-    from crystal.data import prepare as run_prepare
+              help="write each split as shards train_000000.bin, ... of this many tokens  [default: one file "
+                   "each, or shards of 100,000,000 tokens for a larger split]")
+@click.option("--text-field", default="text", show_default=True, help="the field of a .jsonl line or .parquet row "
+              "that holds its document")
+@click.option("--workers", type=int, default=None, help="processes that encode  [default: the usable cores]")
+@click.option("--bpe-train-bytes", type=int, default=None,
+              help="bpe: train on at most this many bytes of the inputs, a seeded sample of them beyond  "
+                   "[default: 268435456 (256 MiB)]")
+def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, text_field, workers,
+            bpe_train_bytes) -> None:
+    """Tokenize text into a data directory for `crystal train --data`.
+
+    INPUTS: text files (one document each), .jsonl files (one document a line, in --text-field),
+    .parquet files (one a row), directories of them, or quoted globs. Between documents goes
+    the tokenizer's <|endoftext|>, where it has one."""
+    from crystal.data import DEFAULT_BPE_TRAIN_BYTES, prepare as run_prepare
 
     if vocab_size is not None and tokenizer not in ("bytes", "bpe"):
         raise CrystalError(f"--vocab-size trains a bpe tokenizer; --tokenizer {tokenizer} has its own vocabulary")
+    if bpe_train_bytes is not None and tokenizer != "bpe":
+        raise CrystalError("--bpe-train-bytes is for --tokenizer bpe, which is trained here")
     t0 = time.perf_counter()
     meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction,
-                       shard_tokens)
+                       shard_tokens, text_field=text_field, workers=workers,
+                       bpe_train_bytes=DEFAULT_BPE_TRAIN_BYTES if bpe_train_bytes is None else bpe_train_bytes,
+                       progress=sys.stderr)
     kind = f"tokenizer {meta['tokenizer_from']}" if "tokenizer_from" in meta else f"{meta['tokenizer']} tokenizer"
+    if "bpe_sample" in meta:
+        s = meta["bpe_sample"]
+        kind += f" (trained on a seeded sample of {s['bytes']:,} of the {s['of_bytes']:,} input bytes)"
     click.echo(f"prepared {out}: {kind}, vocab {meta['vocab_size']}, "
                f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
                f"({len(meta['train_shards'])} + {len(meta['val_shards'])} files) in {time.perf_counter() - t0:.1f} s")
