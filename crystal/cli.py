@@ -622,13 +622,23 @@ def data_verify(path, val_data, vocab_size) -> None:
 @click.argument("run", type=click.Path())
 @click.option("--data", type=str, default=None, help="data to evaluate on  [default: the run's]")
 @click.option("--batches", type=int, default=None, help="validation batches  [default: the run's --eval-batches]")
-def eval_cmd(run, data, batches) -> None:
-    """Validation loss and bits per byte of a trained run."""
+@click.option("--task", type=str, default=None,
+              help="a multiple-choice task in HellaSwag's JSON lines ({ctx, endings[4], label}): acc and acc_norm "
+                   "instead of the validation loss")
+@click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
+              help="--task: where the model runs")
+def eval_cmd(run, data, batches, task, device) -> None:
+    """Validation loss and bits per byte of a trained run, or (--task) its accuracy on a
+    multiple-choice task. RUN: a run directory, or (--task) a Hugging Face GPT-2 directory too."""
     from crystal.checkpoint import data_order_of, read_train_config
     from crystal.pretrained import load_checkpoint
     from crystal.data import load_dataset
     from crystal.trainer import evaluate
 
+    if task is not None:
+        if data is not None or batches is not None:
+            raise CrystalError("--task scores a task file; --data and --batches are for the validation loss")
+        return _eval_task(run, task, device)
     if batches is not None and batches < 1:
         raise CrystalError(f"--batches must be positive, got {batches}")
     model = load_checkpoint(run)
@@ -647,6 +657,30 @@ def eval_cmd(run, data, batches) -> None:
     bpb = f" | {loss / math.log(2) / per_byte:.4f} bits per byte" if per_byte else ""
     click.echo(f"val loss {loss:.4f}{bpb} | {n} batches x {cfg.batch_size} x "
                f"{cfg.seq_len} tokens of {dataset.name}")
+
+
+def _eval_task(run: str, task: str, device: str) -> None:
+    from crystal.backends import get_backend
+    from crystal.pretrained import checkpoint_tokenizer, load_checkpoint
+    from crystal.tasks import read_task, score
+    from crystal.trainer import _blas_limits
+
+    examples = read_task(task)
+    model = load_checkpoint(run, get_backend(device))
+    tok = checkpoint_tokenizer(run, model.config)
+    t0, tty = time.perf_counter(), sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty:
+            sys.stderr.write(f"\r{task}: {done:,} / {total:,} examples ({done / (time.perf_counter() - t0):,.1f}/s)\x1b[K")
+            sys.stderr.flush()
+
+    with _blas_limits(model.backend):
+        r = score(model, tok, examples, progress)
+    if tty:
+        sys.stderr.write("\n")
+    click.echo(f"{task}: acc {r.acc:.4f} | acc_norm {r.acc_norm:.4f} | {r.examples:,} examples "
+               f"({time.perf_counter() - t0:.1f} s)")
 
 
 @cli.command()

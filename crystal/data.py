@@ -771,6 +771,9 @@ def _train_bpe(srcs, vocab_size: int, field: str, budget: int, show) -> tuple["B
     show.done()
     if keep >= 1.0:
         return tok, None
+    if kept[0] == 0:
+        raise CrystalError(f"the seeded sample of {budget:,} of the {total:,} input bytes that bpe trains on took "
+                           "no text; give a larger --bpe-train-bytes")
     return tok, {"bytes": kept[0], "of_bytes": total, "seed": BPE_SAMPLE_SEED}
 
 
