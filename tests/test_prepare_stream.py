@@ -20,7 +20,6 @@ from test_bad_inputs import R, refused
 
 import crystal.corpus
 import crystal.data
-from crystal.cli import main
 from crystal.corpus import Progress
 from crystal.data import EOT, BPETokenizer, Cutter, default_corpus, load_dataset, prepare
 
