@@ -646,6 +646,14 @@ class GPT:
         a = self._activations(*idx.shape)
         return forward(be, self.config, self._tensors, a, be.to_device(idx), be.to_device(targets))
 
+    def token_losses(self, idx, targets) -> np.ndarray:
+        """[B, T] float32: the cross-entropy of each next-token prediction (forward only)."""
+        idx, targets = self._check_pair(idx, targets)
+        be = self.backend
+        a = self._activations(*idx.shape)
+        forward(be, self.config, self._tensors, a, be.to_device(idx), be.to_device(targets))
+        return np.array(be.to_host(a.losses), dtype=np.float32).reshape(idx.shape)
+
     def _check_pair(self, idx, targets):
         idx, targets = self._check(idx), self._check(targets)
         if targets.shape != idx.shape:
