@@ -146,6 +146,8 @@ class Decoder:
             raise ValueError(f"capacity {capacity} must be in [1, block_size {cfg.block_size}]")
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
+        if cfg.arch not in BLOCKS:  # a llama block needs inference ops of its own (rotary at each position, GQA cache)
+            raise CrystalError(f"generation has no {cfg.arch} block yet: crystal sample and serve run GPT-2 models")
         self.model, self.config, self.batch = model, cfg, batch
         self.be = model.backend
         self.ops = inference_ops(self.be)
