@@ -22,6 +22,11 @@ litgpt) keeps its first N (a record left with no response token is dropped), `dr
 The records' ids (and masks) are concatenated (packing): the token stream is cut into windows
 as for text, so the batches, their order and the bits are those of plain data, for any sphere
 count and across a resume. The last `val_fraction` of the records is the validation split.
+
+Files: as `crystal.data.prepare` writes them (train.bin and val.bin, or shards train_000000.bin,
+... with --shard-tokens), each with its mask beside it (train.mask, train_000000.mask: one byte a
+token, no header); meta.json lists both per shard with their sampled sha256, and the sha256 of
+every mask byte (masks_sha256), which crystal.data.load_prepared and `crystal data verify` check.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import numpy as np
 
 from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from crystal.chat import ChatTemplate, TemplateRefused, read_chat_template, special_token, special_tokens
-from crystal.data import (EOT, MASK_FILES, MAX_VOCAB, META_FILE, TOKENIZER_FILE, BPETokenizer, _check_prepare_out,
-                          _read_input, _replace_dir, mask_sha256, tokenizer_identity, tokens_sha256, write_tokens)
+from crystal.data import (DEFAULT_SHARD_TOKENS, EOT, MAX_VOCAB, META_FILE, TOKENIZER_FILE, BPETokenizer,
+                          _check_prepare_out, _read_input, _replace_dir, mask_sha256, tokenizer_identity, tokens_sha256,
+                          write_tokens)
+from crystal.shards import open_mask_file, open_token_file, sample_sha256
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json
 
@@ -169,16 +176,40 @@ def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)
 
 
+def _write_split(d: Path, name: str, ids: np.ndarray, mask: np.ndarray, shard_tokens: int | None,
+                 vocab: int) -> list[dict]:
+    """A split's ids and mask as token files and mask files beside them: name.bin and name.mask,
+    or shards name_000000.bin and name_000000.mask, ... of `shard_tokens` (as crystal.data's
+    prepare cuts them: one file each up to DEFAULT_SHARD_TOKENS, at least one, empty where the
+    split is). Returns meta.json's list of them."""
+    per = shard_tokens or DEFAULT_SHARD_TOKENS
+    named = shard_tokens is not None or ids.size > per
+    listed = []
+    for i, a in enumerate(range(0, max(ids.size, 1), per)):
+        stem = f"{name}_{i:06d}" if named else name
+        write_tokens(d / f"{stem}.bin", ids[a:a + per], vocab)
+        atomic_write_bytes(d / f"{stem}.mask", mask[a:a + per].tobytes())
+        n = int(ids[a:a + per].size)
+        listed.append({"file": f"{stem}.bin", "tokens": n,
+                       "sample_sha256": sample_sha256(open_token_file(d / f"{stem}.bin")), "mask": f"{stem}.mask",
+                       "mask_sample_sha256": sample_sha256(open_mask_file(d / f"{stem}.mask", n))})
+    return listed
+
+
 def prepare_instruct(inputs: list[str], out: str, fmt: str, tokenizer: str, val_fraction: float = 0.1,
-                     max_seq_len: int | None = None, on_long: str = "truncate") -> dict:
-    """Instruction records into a prepared directory (train/val .bin and .mask, tokenizer.json,
-    meta.json), written whole as `crystal.data.prepare` writes; returns meta.json's contents."""
+                     max_seq_len: int | None = None, on_long: str = "truncate",
+                     shard_tokens: int | None = None) -> dict:
+    """Instruction records into a prepared directory (each split's token files with a mask file
+    beside each, tokenizer.json, meta.json), written whole as `crystal.data.prepare` writes;
+    returns meta.json's contents. shard_tokens: as crystal.data.prepare's (a mask per shard)."""
     if not inputs:
         raise CrystalError("give at least one input file")
     if on_long not in ON_LONG:
         raise CrystalError(f"--on-long must be one of {', '.join(ON_LONG)}, got {on_long!r}")
     if max_seq_len is not None and max_seq_len < 2:
         raise CrystalError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    if shard_tokens is not None and not (isinstance(shard_tokens, int) and shard_tokens >= 1):
+        raise CrystalError(f"--shard-tokens must be a positive number of tokens, got {shard_tokens!r}")
     if not (0 <= val_fraction < 1):
         raise CrystalError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     _check_prepare_out(Path(out))
@@ -203,16 +234,14 @@ def prepare_instruct(inputs: list[str], out: str, fmt: str, tokenizer: str, val_
     V = enc.tok.vocab_size
     train, val = (_concat([r[0] for r in part], np.uint32) for part in (train_part, val_part))
     train_mask, val_mask = (_concat([r[1] for r in part], np.uint8) for part in (train_part, val_part))
-    masks = {name: mask_sha256(m) for name, m in zip(MASK_FILES, (train_mask, val_mask))}
-    sha = tokens_sha256(train, val)
     meta = {
         "tokenizer": enc.tok.kind, "vocab_size": V,
         "train_tokens": int(train.size), "val_tokens": int(val.size),
         "val_bytes": len(enc.tok.decode(val[val_mask == 1]).encode("utf-8")) if val.size else 0,
         "sources": [str(p) for p in inputs], "val_fraction": val_fraction,
-        "tokens_sha256": sha, "tokenizer_identity": tokenizer_identity(enc.tok),
-        "tokenizer_from": str(tokenizer),
-        "format": fmt, "masks": masks,
+        "tokens_sha256": tokens_sha256(train, val), "tokenizer_identity": tokenizer_identity(enc.tok),
+        "tokenizer_from": str(tokenizer), "end_of_text": enc.eos,
+        "format": fmt, "masks_sha256": mask_sha256(train_mask, val_mask),
         "records": {"train": len(train_part), "val": len(val_part), "truncated": truncated, "dropped": dropped},
         "response_tokens": {"train": int(train_mask.sum()), "val": int(val_mask.sum())},
         "max_seq_len": max_seq_len, "on_long": on_long,
@@ -220,10 +249,8 @@ def prepare_instruct(inputs: list[str], out: str, fmt: str, tokenizer: str, val_
     tok_json = enc.tok.to_json()
 
     def write(d: Path) -> None:
-        write_tokens(d / "train.bin", train, V)
-        write_tokens(d / "val.bin", val, V)
-        for name, m in zip(MASK_FILES, (train_mask, val_mask)):
-            atomic_write_bytes(d / name, m.tobytes())
+        for name, ids, mask in (("train", train, train_mask), ("val", val, val_mask)):
+            meta[f"{name}_shards"] = _write_split(d, name, ids, mask, shard_tokens, V)
         atomic_write_text(d / TOKENIZER_FILE, tok_json)
         atomic_write_json(d / META_FILE, meta)
 

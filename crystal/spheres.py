@@ -256,7 +256,7 @@ class SphereSystem:
         self.be, self.cfg = be, cfg
         self.n = n_spheres
         # what forward/backward read: params, or their bf16 copy (AdamW refreshes it as it updates)
-        self.weights = Tensors(layout, be.compute_weights(params))
+        self.weights = Tensors(layout, be.compute_weights(params), be)
         self.reducer = reducer
         self.row_grads = [Tensors(layout, reducer.row(r)) for r in range(reducer.rows)]  # the pool's rows
         self.stats = [SphereStats(i) for i in range(n_spheres)]

@@ -21,9 +21,9 @@ from crystal.backends import get_backend
 from crystal.checkpoint import RunDir, TrainState
 from crystal import dropout
 from crystal.config import TRAIN_LIMITS, ModelConfig, TrainConfig
-from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
+from crystal.data import DATA_ORDER, BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, GraphCaptureError, NonFiniteError
-from crystal.model import ParamLayout, init_params, loss_denominator, warm_up
+from crystal.model import ParamLayout, init_params, linear_products, loss_denominator, warm_up
 from crystal.muon import Muon
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
@@ -85,7 +85,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
           on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
           on_eval: Callable[[int, float], None] | None = None,
           should_stop: Callable[[], bool] | None = None, comm: Comm | None = None,
-          init: np.ndarray | None = None, on_warning: Callable[[str], None] | None = None) -> TrainResult:
+          init: np.ndarray | None = None, on_warning: Callable[[str], None] | None = None,
+          data_order: int = DATA_ORDER) -> TrainResult:
     """Train from scratch, from `init` (flat float32 parameters to start from, e.g. a released
     GPT-2's: fine-tuning), or continue from `resume`. `dataset` overrides cfg.data; `backend`
     overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one).
@@ -105,24 +106,29 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     cfg.cuda_graphs (on a cuda backend made with graphs=True, one process): after one eager step,
     every step replays CUDA graphs (crystal.graphs), bitwise the eager steps. A capture that fails
     stops the run under "on" (CrystalError) and falls back to eager steps under "auto", with one
-    `on_warning` line."""
+    `on_warning` line.
+
+    `data_order`: how epochs shuffle the windows (crystal.shards.WindowOrder): a resumed run
+    passes the one its train.json records (crystal.checkpoint.data_order_of)."""
     if dataset is None:
-        dataset = load_dataset(cfg.data, cfg.val_fraction)
+        dataset = load_dataset(cfg.data, cfg.val_fraction, cfg.val_data, model_cfg.vocab_size)
     if dataset.vocab_size != model_cfg.vocab_size:
         raise CrystalError(f"the data's vocabulary has {dataset.vocab_size} tokens, "
                            f"the model {model_cfg.vocab_size}")
     batches = BatchIterator(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed,
-                            model_cfg.vocab_size, what="the training split", mask=dataset.train_mask)
+                            model_cfg.vocab_size, what="the training split", order=data_order,
+                            mask=dataset.train_mask)
     cfg = resolve_steps(cfg, batches.batches_per_epoch)
     val = []
     if cfg.eval_every:
         if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
             raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one "
                                "batch; raise --val-fraction or pass --eval-every 0")
-        val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, dataset.val_mask)
+        val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, data_order,
+                           model_cfg.vocab_size, mask=dataset.val_mask)
     val_denom = loss_denominator(val) if val else None  # the val loss: a mean over every unmasked target
     be = backend if backend is not None else get_backend(cfg.device, cfg.precision)
-    warm_up(be)  # every kernel compiled before a sphere starts
+    warm_up(be, model_cfg)  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)
     if resume is not None:
@@ -160,7 +166,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if run_dir is not None:
         if resume is None:
             run_dir.write_configs(model_cfg, dataclasses.replace(cfg, stop_at=None),
-                                  dataset.tokenizer.to_json(), dataset.sha256)
+                                  dataset.tokenizer.to_json() if dataset.tokenizer is not None else None,
+                                  dataset.sha256, data_order)
         else:
             run_dir.truncate_metrics(resume.step)
     if on_start is not None:
@@ -373,12 +380,13 @@ def _latest(run_dir: RunDir | None) -> str | None:
     return str(ckpt) if ckpt else None
 
 
-def evaluate(model, dataset: DataSet, cfg: TrainConfig) -> tuple[float, int]:
+def evaluate(model, dataset: DataSet, cfg: TrainConfig, data_order: int = DATA_ORDER) -> tuple[float, int]:
     """Mean loss of a model on the run's fixed validation batches, in the training's order.
     Returns (loss, number of batches)."""
     if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
         raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one batch")
-    val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, dataset.val_mask)
+    val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, data_order,
+                       model.config.vocab_size, mask=dataset.val_mask)
     denom = loss_denominator(val)  # the mean over every unmasked target, as training's evaluation
     with _blas_limits(model.backend):
         losses = [model.loss(x, y, denom) for x, y in val]
@@ -407,7 +415,10 @@ def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks:
         return 1
     from crystal.backends.cpu import blas_threads_agree, newton_schulz_threads_agree, product_shapes
 
-    agree = blas_threads_agree(n, product_shapes(model_cfg.n_embd, model_cfg.vocab_size, cfg.batch_size * cfg.seq_len))
+    rows = cfg.batch_size * cfg.seq_len
+    shapes = (linear_products(model_cfg, rows) if model_cfg.llama
+              else product_shapes(model_cfg.n_embd, model_cfg.vocab_size, rows))
+    agree = blas_threads_agree(n, shapes)
     if agree and cfg.optimizer == "muon":  # Muon's Newton-Schulz products too
         from crystal.muon import NS_COEFFS, muon_matrices
 

@@ -287,14 +287,58 @@ def test_bad_instruction_records_are_refused_with_one_line(case, world, tmp_path
 def test_a_data_set_whose_masks_leave_no_target_or_do_not_match_is_refused(world, tmp_path, capsys):
     import shutil
 
+    from crystal.shards import open_mask_file, sample_sha256
+
     shutil.copytree(world / "alpaca", tmp_path / "d")
     mask = tmp_path / "d" / "train.mask"
-    mask.write_bytes(bytes(mask.stat().st_size))  # all prompt: the sha256 differs
+    mask.write_bytes(bytes(mask.stat().st_size))  # all prompt: the sampled sha256 differs
     argv = ["train", "--preset", "tiny", "--data", f"{R}/d", "--steps", "1", "--out", f"{R}/run"]
-    assert "sha256" in refused(tmp_path, argv, capsys)[0]
+    assert "sampled sha256" in refused(tmp_path, argv, capsys)[0]
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
-    meta["masks"]["train.mask"] = __import__("hashlib").sha256(mask.read_bytes()).hexdigest()
+    [shard] = meta["train_shards"]
+    shard["mask_sample_sha256"] = sample_sha256(open_mask_file(mask, shard["tokens"]))
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    # the sample now matches: data verify reads every mask byte, whose sha256 is not meta.json's
+    assert "sha256 of their tokens or masks differs" in refused(tmp_path, ["data", "verify", f"{R}/d"], capsys)[0]
+    meta["response_tokens"]["train"] = 0
     (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
     assert "no response token" in refused(tmp_path, argv, capsys)[0]
     mask.write_bytes(b"\x01")
     assert "mask bytes" in refused(tmp_path, argv, capsys)[0]
+
+
+def test_sharded_instruction_data_gives_the_unsharded_batches_and_verifies(world, tmp_path, capsys):
+    """--shard-tokens: a mask file beside each token shard, mapped; the batches (inputs and
+    masked targets) are those of the one-file data set, windows crossing shards included; crystal
+    data verify reads every id and mask byte; a mask byte that is not 0 or 1 is refused in a batch."""
+    from crystal.data import verify
+
+    assert main(["prepare", str(world / "alpaca.json"), "--out", str(tmp_path / "s"), "--format", "alpaca",
+                 "--tokenizer", str(world / "hf"), "--val-fraction", "0.25", "--shard-tokens", "500"]) == 0
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert len(meta["train_shards"]) > 2 and all((tmp_path / "s" / s["mask"]).stat().st_size == s["tokens"]
+                                                 for s in meta["train_shards"] + meta["val_shards"])
+    one, sharded = load_dataset(str(world / "alpaca")), load_dataset(str(tmp_path / "s"))
+    assert sharded.sha256 == one.sha256 and len(sharded.train_mask.parts) == len(meta["train_shards"])
+    assert sharded.bytes_per_token == one.bytes_per_token
+    a, b = (BatchIterator(d.train, 4, 32, 0, mask=d.train_mask) for d in (one, sharded))
+    for _ in range(a.batches_per_epoch):
+        (x, y), (x2, y2) = a.next_batch(), b.next_batch()
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert "every mask byte 0 or 1" in verify(str(tmp_path / "s"))["checked"]
+    bad = np.array(sharded.train_mask)
+    bad[:] = 2
+    with pytest.raises(Exception, match="is not 0 or 1"):
+        BatchIterator(sharded.train, 4, 32, 0, mask=bad).next_batch()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "2"], "--workers is for --format text"),
+    (["--text-field", "body"], "--text-field names a text's field"),
+    (["--vocab-size", "300"], "--vocab-size trains a bpe tokenizer"),
+])
+def test_text_options_are_refused_with_instruction_formats(flags, message, world, tmp_path, capsys):
+    argv = ["prepare", str(world / "alpaca.json"), "--format", "alpaca", "--tokenizer", str(world / "hf"),
+            "--out", f"{R}/out", *flags]
+    [line] = refused(tmp_path, argv, capsys)
+    assert message in line and not (tmp_path / "out").exists()
