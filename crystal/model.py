@@ -248,7 +248,8 @@ class Activations:
     their gradients are in the backend's act_dtype (float32, or bf16 under --precision bf16);
     layernorm statistics and the per-token losses are always float32."""
 
-    def __init__(self, be, cfg: ModelConfig, B: int, T: int):
+    def __init__(self, be, cfg: ModelConfig, B: int, T: int, lora=None):
+        """lora: a crystal.lora.AdapterLayout: the adapters' activations too (`self.lora`)."""
         C, L, NH, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.padded_vocab_size
         self.B, self.T = B, T
         act, f32 = be.act_dtype, np.float32
@@ -281,6 +282,11 @@ class Activations:
         self.datty = be.empty((B, T, C), act)
         self.dqkv = be.empty((B, T, 3 * C), act)
         self.dfch = be.empty((B, T, 4 * C), act)
+        self.lora = None
+        if lora is not None:
+            from crystal.lora import LoraActivations
+
+            self.lora = LoraActivations(be, lora, B, T)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -326,7 +332,7 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, precision: str = "fp32", 
 # --- forward and backward ----------------------------------------------------------------------
 
 def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
-            drop: Dropout | None = None, grad: bool = False, loss_out=None):
+            drop: Dropout | None = None, grad: bool = False, loss_out=None, lora=None):
     """Logits into a.logits; with targets, also the mean cross-entropy (returned as a float).
     grad (training, with targets): a.logits ends as d loss / d logits instead, computed in the
     same pass as the loss, which is what `backward` starts from.
@@ -335,7 +341,8 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     probabilities inside the attention op (a.att keeps them undropped for the backward).
     Each residual addition is fused with the layernorm that reads its sum (the next layer's
     ln_1, or ln_f after the last layer). loss_out (a device float64[1]): the losses' sum goes
-    there and nothing is read back (a CUDA-graph step; the mean is sum / (B T)); returns None."""
+    there and nothing is read back (a CUDA-graph step; the mean is sum / (B T)); returns None.
+    lora: a crystal.lora.LoraPass: each adapted projection's output gets its adapter's term."""
     B, T = idx.shape
     NH, eps = cfg.n_head, cfg.layer_norm_epsilon
     be.encoder_forward(a.encoded, idx, w.wte, w.wpe[:T])
@@ -349,14 +356,25 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
         be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, w.lnf_w, w.lnf_b, eps)
     for l, p in enumerate(w.layers):
         be.matmul_forward(a.qkv[l], a.ln1[l], p.qkv_w, p.qkv_b)
+        if lora:
+            lora.forward(be, l, "c_attn", a.ln1[l], a.qkv[l])
         be.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, drop and drop.site(l, ATTENTION_PROBS))
         be.matmul_forward(a.attproj[l], a.atty[l], p.attproj_w, p.attproj_b)
+        if lora:
+            lora.forward(be, l, "attn.c_proj", a.atty[l], a.attproj[l])
         if drop:  # attproj is not read by the backward, so it is dropped in place
             drop.apply(be, a.attproj[l], a.attproj[l], l, ATTENTION_PROJ)
         be.residual_layernorm_forward(a.res2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], x, a.attproj[l],
                                       p.ln2_w, p.ln2_b, eps)
-        be.matmul_gelu_forward(a.fch_gelu[l], a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
+        if lora and lora.adapts(l, "c_fc"):  # the adapter joins before the GELU: no fused product
+            be.matmul_forward(a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
+            lora.forward(be, l, "c_fc", a.ln2[l], a.fch[l])
+            be.gelu_forward(a.fch_gelu[l], a.fch[l])
+        else:
+            be.matmul_gelu_forward(a.fch_gelu[l], a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
         be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcproj_w, p.fcproj_b)
+        if lora:
+            lora.forward(be, l, "mlp.c_proj", a.fch_gelu[l], a.fcproj[l])
         if drop:
             drop.apply(be, a.fcproj[l], a.fcproj[l], l, MLP_PROJ)
         if l + 1 < len(w.layers):  # res3 = res2 + fcproj, then the next layer's ln_1 of it
@@ -381,15 +399,22 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     return be.sum_losses(a.losses) / (B * T)
 
 
-def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, targets,
-             drop: Dropout | None = None):
+def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors | None, a: Activations, idx, targets,
+             drop: Dropout | None = None, lora=None):
     """Gradient of the mean loss of the last `forward(..., targets, drop, grad=True)` into every
     tensor of g (drop: the same as the forward's).
 
     Every gradient tensor is written (not accumulated), so g needs no zeroing beforehand; the LM
-    head's padding rows of g.wte are written zero (their dlogits columns are zero)."""
+    head's padding rows of g.wte are written zero (their dlogits columns are zero).
+
+    g None: the model is frozen (LoRA: `lora`, the forward's LoraPass, writes its adapters'
+    gradients into its row): input gradients only, no weight gradient is computed, and the
+    backward stops at the first layer's adapters, below which nothing trains."""
     B, T = idx.shape
     NH = cfg.n_head
+    frozen = g is None
+    if frozen:
+        g = _Frozen(cfg.n_layer)
     be.lm_head_backward(a.dln, g.wte, a.logits, a.lnf, w.wte)
     last = a.res3[-1] if a.res3 else a.encoded
     be.zero(a.dres)
@@ -400,19 +425,40 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
         # a.dres holds d res3[l]; res3 = res2 + drop(fcproj)
         dproj = _through_dropout(be, drop, a, l, MLP_PROJ)
         be.matmul_backward(a.dfch, q.fcproj_w, q.fcproj_b, dproj, a.fch_gelu[l], p.fcproj_w)
+        if lora:
+            lora.backward(be, l, "mlp.c_proj", dproj, a.dfch)
         be.gelu_backward(a.dfch, a.fch[l], a.dfch)
         be.matmul_backward(a.dln, q.fc_w, q.fc_b, a.dfch, a.ln2[l], p.fc_w)
+        if lora:
+            lora.backward(be, l, "c_fc", a.dfch, a.dln)
         be.layernorm_backward(a.dres, q.ln2_w, q.ln2_b, a.dln, a.res2[l], p.ln2_w, a.ln2_mean[l], a.ln2_rstd[l])
         # a.dres holds d res2[l]; res2 = x + drop(attproj)
         dproj = _through_dropout(be, drop, a, l, ATTENTION_PROJ)
         be.matmul_backward(a.datty, q.attproj_w, q.attproj_b, dproj, a.atty[l], p.attproj_w)
+        if lora:
+            lora.backward(be, l, "attn.c_proj", dproj, a.datty)
         be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, drop and drop.site(l, ATTENTION_PROBS),
                               out=a.atty[l])
         be.matmul_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
+        if lora:
+            lora.backward(be, l, "c_attn", a.dqkv, a.dln)
+        if frozen and l == 0:
+            return  # nothing below the first layer's input trains
         be.layernorm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
+    if frozen:
+        return
     if drop:  # encoded = drop(wte[idx] + wpe)
         drop.apply(be, a.dres, a.dres, 0, EMBEDDING)
     be.encoder_backward(g.wte[:cfg.vocab_size], g.wpe, a.dres, idx)  # the real tokens' rows
+
+
+class _Frozen:
+    """The gradients of a frozen model (LoRA's base): every weight-gradient argument None."""
+
+    wte = wpe = lnf_w = lnf_b = None
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerTensors(**{k: None for k in _LAYER_NAMES})] * n_layer
 
 
 def _through_dropout(be, drop: Dropout | None, a: Activations, layer: int, site: int):

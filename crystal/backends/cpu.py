@@ -95,10 +95,12 @@ def layernorm_forward(out, mean, rstd, inp, w, b, eps):
 @reduce_kernel
 def layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd):
     # dnorm = w * dout;  dinp += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+    # dw, db: None for a frozen LayerNorm (LoRA): only dinp is computed
     N, C = inp.shape
-    for c in range(C):
-        dw[c] = 0.0
-        db[c] = 0.0
+    if dw is not None:
+        for c in range(C):
+            dw[c] = 0.0
+            db[c] = 0.0
     for i in range(N):
         m = mean[i]
         s = rstd[i]
@@ -114,8 +116,9 @@ def layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd):
         for c in range(C):
             norm = (inp[i, c] - m) * s
             dnorm = w[c] * dout[i, c]
-            db[c] += dout[i, c]
-            dw[c] += norm * dout[i, c]
+            if dw is not None:
+                db[c] += dout[i, c]
+                dw[c] += norm * dout[i, c]
             dinp[i, c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
 
 
@@ -152,10 +155,12 @@ def matmul_forward(out, inp, w, bias):
 @kernel
 def matmul_backward(dinp, dw, dbias, dout, inp, w):
     # dinp = dout w^T;  dw = inp^T dout;  dbias = column sums of dout
+    # (dw, dbias None: a frozen weight, LoRA's base: its product is never computed)
     N, C = inp.shape
     OC = w.shape[1]
     gemm(False, True, N, C, OC, dout, 0, OC, w, 0, OC, 0.0, dinp, 0, C)
-    gemm(True, False, C, OC, N, inp, 0, C, dout, 0, OC, 0.0, dw, 0, OC)
+    if dw is not None:
+        gemm(True, False, C, OC, N, inp, 0, C, dout, 0, OC, 0.0, dw, 0, OC)
     if dbias is not None:
         bias_backward(dbias, dout)
 
@@ -171,11 +176,12 @@ def lm_head_forward(logits, inp, wte):
 
 @kernel
 def lm_head_backward(dinp, dwte, dlogits, inp, wte):
-    # dinp = dlogits wte;  dwte = dlogits^T inp (written)
+    # dinp = dlogits wte;  dwte = dlogits^T inp (written; None: a frozen head, LoRA's base)
     N, C = inp.shape
     V = wte.shape[0]
     gemm(False, False, N, C, V, dlogits, 0, V, wte, 0, C, 0.0, dinp, 0, C)
-    gemm(True, False, V, C, N, dlogits, 0, V, inp, 0, C, 0.0, dwte, 0, C)
+    if dwte is not None:
+        gemm(True, False, V, C, N, dlogits, 0, V, inp, 0, C, 0.0, dwte, 0, C)
 
 
 # --- dropout: out = inp * keep(key, i) * scale, the mask hash of crystal.dropout --------------

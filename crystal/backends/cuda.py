@@ -379,7 +379,8 @@ class CudaBackend:
         C = inp.shape[-1]
         N = inp.size // C
         self._launch(self._k("layernorm_backward_dinp"), grid_rows(N), dinp, dout, inp, w, mean, rstd, N, C)
-        self._column_sums("layernorm_backward_dwdb", (dw, db), (dout, inp, mean, rstd), N, C)
+        if dw is not None:  # None: a frozen LayerNorm (LoRA's base)
+            self._column_sums("layernorm_backward_dwdb", (dw, db), (dout, inp, mean, rstd), N, C)
 
     # --- matmul (cuBLAS; cuBLASLt with fused epilogues under bf16) + bias ---
     def matmul_forward(self, out, inp, w, bias):
@@ -402,14 +403,18 @@ class CudaBackend:
         self.gelu_forward(out, pre)
 
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
+        """dw None (and dbias None): a frozen weight (LoRA's base), dinp alone is computed."""
         dout2 = _rows(dout)
-        self._count(2)
+        self._count(1 if dw is None else 2)
         if self.use_lt:  # dw (float32, a gradient slot) and dbias from one product's epilogue
             lt = self._lt()
             self._issue(lt.gemm, _rows(dinp), dout2, w, trans_b=True)
-            self._issue(lt.gemm, dw, _rows(inp), dout2, trans_a=True, dbias=dbias)
+            if dw is not None:
+                self._issue(lt.gemm, dw, _rows(inp), dout2, trans_a=True, dbias=dbias)
             return
         self._cupy_matmul(dout2, w.T, _rows(dinp))
+        if dw is None:
+            return
         self._cupy_matmul(_rows(inp).T, dout2, dw)
         if dbias is not None:
             N, OC = dout2.shape
@@ -423,15 +428,18 @@ class CudaBackend:
         self._cupy_matmul(_rows(inp), wte.T, _rows(logits))
 
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
+        """dwte None: a frozen head (LoRA's base), dinp alone is computed."""
         dl = _rows(dlogits)
-        self._count(2)
+        self._count(1 if dwte is None else 2)
         if self.use_lt:
             lt = self._lt()
             self._issue(lt.gemm, _rows(dinp), dl, wte)
-            self._issue(lt.gemm, dwte, dl, _rows(inp), trans_a=True)
+            if dwte is not None:
+                self._issue(lt.gemm, dwte, dl, _rows(inp), trans_a=True)
             return
         self._cupy_matmul(dl, wte, _rows(dinp))
-        self._cupy_matmul(dl.T, _rows(inp), dwte)
+        if dwte is not None:
+            self._cupy_matmul(dl.T, _rows(inp), dwte)
 
     def _cupy_matmul(self, a, b, out) -> None:
         """out = a @ b through cupy's cuBLAS (fp32/tf32 without graphs: it cannot be captured)."""
