@@ -39,7 +39,7 @@ GELU_S32, GELU_A32, GELU_3A32 = np.float32(GELU_SCALE), np.float32(0.044715), np
 HALF32, ONE32 = np.float32(0.5), np.float32(1.0)
 
 
-# --- encoder: out[b,t] = wte[idx[b,t]] + wpe[t] ---------------------------------------------
+# --- encoder: out[b,t] = wte[idx[b,t]] + wpe[t] (wpe None: no position embeddings, Llama) -----
 
 @kernel
 def encoder_forward(out, idx, wte, wpe):
@@ -48,26 +48,32 @@ def encoder_forward(out, idx, wte, wpe):
     for b in range(B):
         for t in range(T):
             ix = idx[b, t]
-            for c in range(C):
-                out[b, t, c] = wte[ix, c] + wpe[t, c]
+            if wpe is None:
+                for c in range(C):
+                    out[b, t, c] = wte[ix, c]
+            else:
+                for c in range(C):
+                    out[b, t, c] = wte[ix, c] + wpe[t, c]
 
 
 @kernel
 def encoder_backward(dwte, dwpe, dout, idx):
-    # dwpe is written (all rows: positions >= T get zero); dwte accumulates rows in (b, t)
-    # order, a fixed order as in llm.c.
+    # dwpe (unless None) is written (all rows: positions >= T get zero); dwte accumulates rows
+    # in (b, t) order, a fixed order as in llm.c.
     B, T = idx.shape
     C = dwte.shape[1]
-    for t in range(dwpe.shape[0]):
-        for c in range(C):
-            dwpe[t, c] = 0.0
+    if dwpe is not None:
+        for t in range(dwpe.shape[0]):
+            for c in range(C):
+                dwpe[t, c] = 0.0
     for b in range(B):
         for t in range(T):
             ix = idx[b, t]
             for c in range(C):
-                d = dout[b, t, c]
-                dwte[ix, c] += d
-                dwpe[t, c] += d
+                dwte[ix, c] += dout[b, t, c]
+            if dwpe is not None:
+                for c in range(C):
+                    dwpe[t, c] += dout[b, t, c]
 
 
 # --- layernorm over the last axis of inp[N,C] ------------------------------------------------
@@ -122,6 +128,79 @@ def layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd):
             dinp[i, c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
 
 
+# --- RMSNorm over the last axis of inp[N,C] (Llama): out = w * x * rstd, rstd = 1 / sqrt(mean(x^2) + eps) ---
+
+@reduce_kernel
+def rmsnorm_forward(out, rstd, inp, w, eps):
+    # the sum of squares in float64; rstd rounded once to its dtype (float32), then
+    # out = (x rstd) w in the activations' dtype, as transformers' LlamaRMSNorm computes it
+    N, C = inp.shape
+    for i in range(N):
+        x = inp[i]
+        ss = 0.0
+        for c in range(C):
+            xc = np.float64(x[c])
+            ss += xc * xc
+        r = rstd.dtype.type(1.0 / math.sqrt(ss / C + eps))
+        rstd[i] = r
+        o = out[i]
+        for c in range(C):
+            o[c] = (x[c] * r) * w[c]
+
+
+@reduce_kernel
+def rmsnorm_backward(dinp, dw, dout, inp, w, rstd):
+    # xhat = x rstd, dxhat = dout w:  dinp += rstd (dxhat - xhat mean(dxhat xhat));
+    # dw = sum over rows of dout xhat (written; rows in order, accumulated in float64)
+    N, C = inp.shape
+    acc = np.zeros(C, np.float64)
+    for i in range(N):
+        x, d, di = inp[i], dout[i], dinp[i]
+        r = rstd[i]
+        dot = 0.0
+        for c in range(C):
+            dot += np.float64(d[c] * w[c]) * np.float64(x[c] * r)
+        dot /= C
+        for c in range(C):
+            xhat = x[c] * r
+            acc[c] += np.float64(d[c] * xhat)
+            di[c] += r * (d[c] * w[c] - xhat * dot)
+    for c in range(C):
+        dw[c] = acc[c]
+
+
+# --- rotary position embeddings (Hugging Face's rotate-half layout), in place on qkv rows ------
+# x[N,R] rows of qkv[B,T,R] (row i at position t = i % T); heads 0..n_rot-1 of each row (the NH
+# q heads then the KV k heads, contiguous) rotate, v heads stay. cos, sin: [>= T, hd/2].
+
+@kernel
+def rope_forward(x, cos, sin, T, n_rot, hd):
+    # x1 = x[d], x2 = x[d + hd/2]:  x[d] = x1 cos - x2 sin,  x[d + hd/2] = x2 cos + x1 sin
+    half = hd // 2
+    for i in range(x.shape[0]):
+        c, s = cos[i % T], sin[i % T]
+        for j in range(n_rot):
+            lo, hi = x[i, j * hd:j * hd + half], x[i, j * hd + half:(j + 1) * hd]
+            for d in range(half):
+                x1, x2 = lo[d], hi[d]
+                lo[d] = x1 * c[d] - x2 * s[d]
+                hi[d] = x2 * c[d] + x1 * s[d]
+
+
+@kernel
+def rope_backward(dx, cos, sin, T, n_rot, hd):
+    # the transpose of the rotation:  dx1 = dy1 cos + dy2 sin,  dx2 = dy2 cos - dy1 sin
+    half = hd // 2
+    for i in range(dx.shape[0]):
+        c, s = cos[i % T], sin[i % T]
+        for j in range(n_rot):
+            lo, hi = dx[i, j * hd:j * hd + half], dx[i, j * hd + half:(j + 1) * hd]
+            for d in range(half):
+                dy1, dy2 = lo[d], hi[d]
+                lo[d] = dy1 * c[d] + dy2 * s[d]
+                hi[d] = dy2 * c[d] - dy1 * s[d]
+
+
 # --- matmul: out[N,OC] = inp[N,C] @ w[C,OC] + bias, the product by BLAS inside the kernel ------
 
 @kernel
@@ -154,34 +233,50 @@ def matmul_forward(out, inp, w, bias):
 
 @kernel
 def matmul_backward(dinp, dw, dbias, dout, inp, w):
-    # dinp = dout w^T;  dw = inp^T dout;  dbias = column sums of dout
-    # (dw, dbias None: a frozen weight, LoRA's base: its product is never computed)
+    # dinp = dout w^T;  dw = inp^T dout;  dbias = column sums of dout (dw, dbias may be None)
     N, C = inp.shape
     OC = w.shape[1]
     gemm(False, True, N, C, OC, dout, 0, OC, w, 0, OC, 0.0, dinp, 0, C)
-    if dw is not None:
+    if dw is not None:  # None: a frozen weight (LoRA), no weight product
         gemm(True, False, C, OC, N, inp, 0, C, dout, 0, OC, 0.0, dw, 0, OC)
     if dbias is not None:
         bias_backward(dbias, dout)
 
 
-# --- the LM head, tied to wte[V,C]: logits = inp wte^T ---------------------------------------
+# --- linear, nn.Linear layout w[OC,C]: out[N,OC] = inp[N,C] @ w^T + bias (Llama's weights) ------
+
+@kernel
+def linear_forward(out, inp, w, bias):
+    N, C = inp.shape
+    OC = w.shape[0]
+    gemm(False, True, N, OC, C, inp, 0, C, w, 0, C, 0.0, out, 0, OC)
+    if bias is not None:
+        bias_forward(out, bias)
+
+
+@kernel
+def linear_backward(dinp, dw, dbias, dout, inp, w):
+    # dinp = dout w;  dw = dout^T inp;  dbias = column sums of dout (all written; dw, dbias may be None)
+    N, C = inp.shape
+    OC = w.shape[0]
+    gemm(False, False, N, C, OC, dout, 0, OC, w, 0, C, 0.0, dinp, 0, C)
+    if dw is not None:  # None: a frozen weight (LoRA), no weight product
+        gemm(True, False, OC, C, N, dout, 0, OC, inp, 0, C, 0.0, dw, 0, C)
+    if dbias is not None:
+        bias_backward(dbias, dout)
+
+
+# --- the LM head, tied to wte[V,C]: logits = inp wte^T, a linear product without bias ---------
 
 @kernel
 def lm_head_forward(logits, inp, wte):
-    N, C = inp.shape
-    V = wte.shape[0]
-    gemm(False, True, N, V, C, inp, 0, C, wte, 0, C, 0.0, logits, 0, V)
+    linear_forward(logits, inp, wte, None)
 
 
 @kernel
 def lm_head_backward(dinp, dwte, dlogits, inp, wte):
-    # dinp = dlogits wte;  dwte = dlogits^T inp (written; None: a frozen head, LoRA's base)
-    N, C = inp.shape
-    V = wte.shape[0]
-    gemm(False, False, N, C, V, dlogits, 0, V, wte, 0, C, 0.0, dinp, 0, C)
-    if dwte is not None:
-        gemm(True, False, V, C, N, dlogits, 0, V, inp, 0, C, 0.0, dwte, 0, C)
+    # dinp = dlogits wte;  dwte = dlogits^T inp (written)
+    linear_backward(dinp, dwte, None, dlogits, inp, wte)
 
 
 # --- dropout: out = inp * keep(key, i) * scale, the mask hash of crystal.dropout --------------
@@ -216,11 +311,14 @@ def dropout(out, inp, key, threshold, scale):
     dropout_range(out, inp, 0, key, threshold, scale)
 
 
-# --- causal self-attention, one kernel per pass, per (batch, head) ---------------------------
-# Flat buffers: qkv[B,T,3C] (q | k | v; head h at channels h*hs of each), out[B,T,C] (head h at
-# channels h*hs), att[B,NH,T,T] (the softmax probabilities: row t covers t2 <= t, zeros after).
-# The products go to BLAS on the heads' strided rows (leading dimension 3C or C); a dropout
-# threshold of 0 keeps everything, else `dropped` ([T,T] scratch) holds drop(att) of one head.
+# --- causal self-attention, one kernel per pass, per (batch, query head) ---------------------
+# Flat buffers: qkv[B,T,R], R = (NH + 2 KV) hd: q heads 0..NH-1 | k heads 0..KV-1 | v heads
+# 0..KV-1, head j at channels j*hd of its block (GPT-2: KV = NH, R = 3C). Query head h reads KV
+# head h // g, g = NH // KV (grouped-query attention; K and V are read in place, never copied
+# per query head). out[B,T,NH*hd] (head h at channels h*hd), att[B,NH,T,T] (the softmax
+# probabilities: row t covers t2 <= t, zeros after). The products go to BLAS on the heads'
+# strided rows (leading dimension R or NH*hd); a dropout threshold of 0 keeps everything, else
+# `dropped` ([T,T] scratch) holds drop(att) of one head.
 
 # Kernels index slices (views from 0), not offsets into a buffer: numba's negative-index
 # wraparound on offset indices would keep LLVM from vectorizing the loops.
@@ -260,42 +358,48 @@ def softmax_causal_rows_backward(datt, att, T, scale):
 
 
 @kernel
-def attention_forward(out, att, qkv, B, T, C, NH, dropped, key, threshold, drop_scale):
-    # att = softmax(q k^T / sqrt(hs)) causal; y = drop(att) v
-    hs = C // NH
-    scale = att.dtype.type(1.0 / math.sqrt(hs))
+def attention_forward(out, att, qkv, B, T, NH, KV, hd, dropped, key, threshold, drop_scale):
+    # att = softmax(q k^T / sqrt(hd)) causal; y = drop(att) v
+    R, Y, g = (NH + 2 * KV) * hd, NH * hd, NH // KV
+    scale = att.dtype.type(1.0 / math.sqrt(hd))
     for b in range(B):
         for h in range(NH):
-            q, y, a = b * T * 3 * C + h * hs, b * T * C + h * hs, (b * NH + h) * T * T
-            gemm(False, True, T, T, hs, qkv, q, 3 * C, qkv, q + C, 3 * C, 0.0, att, a, T)
+            q, y, a = b * T * R + h * hd, b * T * Y + h * hd, (b * NH + h) * T * T
+            k = b * T * R + (NH + h // g) * hd
+            v = k + KV * hd
+            gemm(False, True, T, T, hd, qkv, q, R, qkv, k, R, 0.0, att, a, T)
             softmax_causal_rows(att[a:a + T * T], T, scale)
             if threshold > 0:
                 dropout_range(dropped, att[a:a + T * T], a, key, threshold, drop_scale)
-                gemm(False, False, T, hs, T, dropped, 0, T, qkv, q + 2 * C, 3 * C, 0.0, out, y, C)
+                gemm(False, False, T, hd, T, dropped, 0, T, qkv, v, R, 0.0, out, y, Y)
             else:
-                gemm(False, False, T, hs, T, att, a, T, qkv, q + 2 * C, 3 * C, 0.0, out, y, C)
+                gemm(False, False, T, hd, T, att, a, T, qkv, v, R, 0.0, out, y, Y)
 
 
 @kernel
-def attention_backward(dqkv, dout, qkv, att, B, T, C, NH, datt, dropped, key, threshold, drop_scale):
+def attention_backward(dqkv, dout, qkv, att, B, T, NH, KV, hd, datt, dropped, key, threshold, drop_scale):
     # d p = dy v^T (through the dropout mask); dv = drop(p)^T dy; d scores by the softmax
-    # backward; dq = d scores k, dk = d scores^T q. datt: [T,T] scratch. Writes all of dqkv.
-    hs = C // NH
-    scale = att.dtype.type(1.0 / math.sqrt(hs))
+    # backward; dq = d scores k, dk = d scores^T q. datt: [T,T] scratch. Writes all of dqkv:
+    # a KV head's dk, dv are its g query heads' terms summed in ascending h (the group's first
+    # head writes, beta 0; the others add, beta 1).
+    R, Y, g = (NH + 2 * KV) * hd, NH * hd, NH // KV
+    scale = att.dtype.type(1.0 / math.sqrt(hd))
     for b in range(B):
         for h in range(NH):
-            q, y, a = b * T * 3 * C + h * hs, b * T * C + h * hs, (b * NH + h) * T * T
-            k, v = q + C, q + 2 * C
-            gemm(False, True, T, T, hs, dout, y, C, qkv, v, 3 * C, 0.0, datt, 0, T)
+            q, y, a = b * T * R + h * hd, b * T * Y + h * hd, (b * NH + h) * T * T
+            k = b * T * R + (NH + h // g) * hd
+            v = k + KV * hd
+            beta = 0.0 if h % g == 0 else 1.0
+            gemm(False, True, T, T, hd, dout, y, Y, qkv, v, R, 0.0, datt, 0, T)
             if threshold > 0:
                 dropout_range(dropped, att[a:a + T * T], a, key, threshold, drop_scale)
-                gemm(True, False, T, hs, T, dropped, 0, T, dout, y, C, 0.0, dqkv, v, 3 * C)
+                gemm(True, False, T, hd, T, dropped, 0, T, dout, y, Y, beta, dqkv, v, R)
                 dropout_range(datt, datt, a, key, threshold, drop_scale)
             else:
-                gemm(True, False, T, hs, T, att, a, T, dout, y, C, 0.0, dqkv, v, 3 * C)
+                gemm(True, False, T, hd, T, att, a, T, dout, y, Y, beta, dqkv, v, R)
             softmax_causal_rows_backward(datt, att[a:a + T * T], T, scale)
-            gemm(False, False, T, hs, T, datt, 0, T, qkv, k, 3 * C, 0.0, dqkv, q, 3 * C)
-            gemm(True, False, T, hs, T, datt, 0, T, qkv, q, 3 * C, 0.0, dqkv, k, 3 * C)
+            gemm(False, False, T, hd, T, datt, 0, T, qkv, k, R, 0.0, dqkv, q, R)
+            gemm(True, False, T, hd, T, datt, 0, T, qkv, q, R, beta, dqkv, k, R)
 
 
 # --- GELU, tanh approximation: gelu(x) = 0.5 x (1 + tanh(u)), u = s (x + 0.044715 x^3) ---------
@@ -316,6 +420,33 @@ def gelu_backward(d, inp):
         t = ftanh(GELU_S32 * (x + GELU_A32 * x * x * x))
         du = GELU_S32 * (ONE32 + GELU_3A32 * x * x)
         d[i] = (HALF32 * (ONE32 + t) + HALF32 * x * (ONE32 - t * t) * du) * d[i]
+
+
+# --- SwiGLU: gu[N,2I] = [gate | up] per row (one product); out[N,I] = silu(gate) up --------
+# silu(x) = x s, s = sigmoid(x) = 1 / (1 + exp(-x))
+
+@kernel
+def swiglu_forward(out, gu):
+    N, I = out.shape
+    for i in range(N):
+        g, u, o = gu[i, :I], gu[i, I:], out[i]
+        for j in range(I):
+            x = g[j]
+            o[j] = x * (ONE32 / (ONE32 + fexp(-x))) * u[j]
+
+
+@kernel
+def swiglu_backward(dgu, gu, dout):
+    # dgate = dout up s (1 + gate (1 - s)),  dup = dout silu(gate)  (dgu written, not aliasing gu)
+    N, I = dout.shape
+    for i in range(N):
+        g, u, d = gu[i, :I], gu[i, I:], dout[i]
+        dg, du = dgu[i, :I], dgu[i, I:]
+        for j in range(I):
+            x = g[j]
+            sg = ONE32 / (ONE32 + fexp(-x))
+            dg[j] = d[j] * u[j] * sg * (ONE32 + x * (ONE32 - sg))
+            du[j] = d[j] * (x * sg)
 
 
 # --- residual ----------------------------------------------------------------------------------
@@ -501,6 +632,26 @@ def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
 
+def _heads(qkv, n_head: int, n_kv_head: int | None) -> tuple[int, int, int]:
+    """(NH, KV, hd) of qkv[B,T,(NH + 2 KV) hd]; n_kv_head None means n_head (GPT-2)."""
+    NH = int(n_head)
+    KV = NH if n_kv_head is None else int(n_kv_head)
+    width = qkv.shape[-1]
+    if KV <= 0 or NH % KV or width % (NH + 2 * KV):
+        raise ValueError(f"qkv width {width} does not hold {NH} query and {KV} key/value heads")
+    return NH, KV, width // (NH + 2 * KV)
+
+
+def _rope_args(qkv, cos, sin, n_head: int, n_kv_head: int) -> tuple[int, int, int]:
+    """(T, heads rotated = NH + KV, hd) of the rotary kernels, once cos and sin are known to
+    cover qkv[B,T,...]'s positions (the kernels do not check bounds)."""
+    NH, KV, hd = _heads(qkv, n_head, n_kv_head)
+    T = qkv.shape[1]
+    if hd % 2 or cos.shape != sin.shape or cos.ndim != 2 or cos.shape[0] < T or cos.shape[1] != hd // 2:
+        raise ValueError(f"rotary tables {cos.shape}, {sin.shape} do not fit {T} positions of head size {hd}")
+    return T, NH + KV, hd
+
+
 class CpuBackend:
     """Numba + NumPy implementation of `crystal.backends.base.Backend`."""
 
@@ -566,6 +717,12 @@ class CpuBackend:
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
         matmul_backward(_rows(dinp), dw, dbias, _rows(dout), _rows(inp), w)
 
+    def linear_forward(self, out, inp, w, bias):
+        linear_forward(_rows(out), _rows(inp), w, bias)
+
+    def linear_backward(self, dinp, dw, dbias, dout, inp, w):
+        linear_backward(_rows(dinp), dw, dbias, _rows(dout), _rows(inp), w)
+
     def matmul_gelu_forward(self, out, pre, inp, w, bias):
         self.matmul_forward(pre, inp, w, bias)
         self.gelu_forward(out, pre)
@@ -579,16 +736,16 @@ class CpuBackend:
     def attention_saved(self, B, n_head, T, head_size):
         return (B, n_head, T, T), np.float32
 
-    def attention_forward(self, out, att, qkv, n_head, drop=None):
-        B, T, C3 = qkv.shape
-        attention_forward(out.reshape(-1), att.reshape(-1), qkv.reshape(-1), B, T, C3 // 3, n_head,
-                          *self._drop_args(drop, T, att.dtype))
+    def attention_forward(self, out, att, qkv, n_head, drop=None, *, n_kv_head=None):
+        B, T = qkv.shape[:2]
+        attention_forward(out.reshape(-1), att.reshape(-1), qkv.reshape(-1), B, T,
+                          *_heads(qkv, n_head, n_kv_head), *self._drop_args(drop, T, att.dtype))
 
-    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
-        B, T, C3 = qkv.shape
+    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None, n_kv_head=None):
+        B, T = qkv.shape[:2]
         datt = self._scratch("datt", (T * T,), att.dtype)
-        attention_backward(dqkv.reshape(-1), dout.reshape(-1), qkv.reshape(-1), att.reshape(-1),
-                           B, T, C3 // 3, n_head, datt, *self._drop_args(drop, T, att.dtype))
+        attention_backward(dqkv.reshape(-1), dout.reshape(-1), qkv.reshape(-1), att.reshape(-1), B, T,
+                           *_heads(qkv, n_head, n_kv_head), datt, *self._drop_args(drop, T, att.dtype))
 
     def _drop_args(self, drop, T, dtype):
         """(dropped scratch [T*T], key, threshold, scale) for the attention kernels; threshold 0
@@ -616,6 +773,28 @@ class CpuBackend:
     def residual_layernorm_forward(self, res, out, mean, rstd, a, b, w, bias, eps):
         self.residual_forward(res, a, b)
         self.layernorm_forward(out, mean, rstd, res, w, bias, eps)
+
+    def rmsnorm_forward(self, out, rstd, inp, w, eps):
+        rmsnorm_forward(_rows(out), rstd.reshape(-1), _rows(inp), w, float(eps))
+
+    def rmsnorm_backward(self, dinp, dw, dout, inp, w, rstd):
+        rmsnorm_backward(_rows(dinp), dw, _rows(dout), _rows(inp), w, rstd.reshape(-1))
+
+    def residual_rmsnorm_forward(self, res, out, rstd, a, b, w, eps):
+        self.residual_forward(res, a, b)
+        self.rmsnorm_forward(out, rstd, res, w, eps)
+
+    def rope_forward(self, qkv, cos, sin, n_head, n_kv_head):
+        rope_forward(_rows(qkv), cos, sin, *_rope_args(qkv, cos, sin, n_head, n_kv_head))
+
+    def rope_backward(self, dqkv, cos, sin, n_head, n_kv_head):
+        rope_backward(_rows(dqkv), cos, sin, *_rope_args(dqkv, cos, sin, n_head, n_kv_head))
+
+    def swiglu_forward(self, out, gu):
+        swiglu_forward(_rows(out), _rows(gu))
+
+    def swiglu_backward(self, dgu, gu, dout):
+        swiglu_backward(_rows(dgu), _rows(gu), _rows(dout))
 
     def residual_forward(self, out, a, b):
         residual_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1))
