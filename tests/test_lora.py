@@ -406,3 +406,29 @@ def test_init_is_peft_kaiming_uniform_and_b_zero(base):
             assert not v.any()
         else:
             assert np.abs(v).max() <= 1 / np.sqrt(s.shape[1]) and np.abs(v).max() > 0.5 / np.sqrt(s.shape[1])
+
+
+# --- the cuda backend, emulated (tests/emu): fp32 and bf16 ----------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_emulated_cuda_adapters_match_the_cpu(precision):
+    """The same ops on the cuda backend's host code and CPU-emulated kernels (bf16: activations and
+    the weight copies in bf16, the adapter gradients float32)."""
+    from emu.backend import EmulatedCudaBackend
+    from lt_standin import LtStandIn
+    from crystal.dropout import Dropout
+    from crystal.model import init_params
+
+    cfg = ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    lora = LoraConfig(4, 8.0, 0.2, ALL)
+    layout = AdapterLayout(cfg, lora)
+    adapters = (np.random.default_rng(2).standard_normal(layout.size) * 0.2).astype(np.float32)
+    be = EmulatedCudaBackend("bf16", lt=LtStandIn(), flash=False) if precision == "bf16" else EmulatedCudaBackend()
+    x, y = batch(seed=5, B=2, T=8, V=64)
+    drop = Dropout(0.2, 1, 0, 0)
+    loss_c, grads_c = LoraModel(cfg, init_params(cfg, 1), lora, adapters).loss_and_grads(x, y, drop)
+    loss_g, grads_g = LoraModel(cfg, init_params(cfg, 1), lora, adapters, backend=be).loss_and_grads(x, y, drop)
+    tol = 2e-2 if precision == "bf16" else 1e-5
+    assert abs(loss_g - loss_c) / loss_c < tol
+    for k, g in grads_c.items():
+        assert rel(grads_g[k], g) < (0.1 if precision == "bf16" else 1e-4), k
