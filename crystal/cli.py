@@ -570,7 +570,11 @@ def format_summary(result) -> str:
     if result.val_losses:
         lines.append(f"val loss {result.val_losses[-1][1]:.4f} at step {result.val_losses[-1][0]}")
     if result.finished and result.run_dir:
-        lines.append(f"saved model: {Path(result.run_dir) / 'model.safetensors'}")
+        if result.train.lora_r:
+            lines.append(f"saved adapters: {Path(result.run_dir) / 'adapter_model.safetensors'} (LoRA on "
+                         f"{result.train.init_from}; crystal export --format peft|hf)")
+        else:
+            lines.append(f"saved model: {Path(result.run_dir) / 'model.safetensors'}")
     elif result.checkpoint:
         lines.append(f"stopped at step {result.history[-1].step if result.history else '?'}; checkpoint "
                      f"{result.checkpoint}; continue with: crystal train --resume {result.run_dir}")
