@@ -244,11 +244,15 @@ class RunDir:
 
     # --- configs ---
     def write_configs(self, model: ModelConfig, train: TrainConfig, tokenizer_json: str | None = None,
-                      data_sha256: str | None = None, base: dict | None = None) -> None:
-        """The run's first write (a new run, every check passed). data_sha256: of the tokens it
-        trains on, kept in train.json beside the config so that changed data is reported. base:
+                      data_sha256: str | None = None, data_order: int | None = None,
+                      base: dict | None = None) -> None:
+        """The run's first write (a new run, every check passed). data_sha256: the fingerprint of
+        the data it trains on, kept in train.json beside the config so that changed data is
+        reported; data_order: how its epochs shuffle windows (crystal.shards.WindowOrder); base:
         LoRA's frozen model {"path", "sha256"} (train.json's base_model)."""
         extra = {"data_sha256": data_sha256} if data_sha256 else {}
+        if data_order is not None:
+            extra["data_order"] = data_order
         if base is not None:
             extra["base_model"] = base
         with self._writing("the run's configs"):
@@ -396,6 +400,24 @@ def _check_creatable(path: Path) -> None:
         raise CrystalError(f"cannot write run directory {path}: {up} is not a directory")
     if not os.access(up, os.W_OK | os.X_OK):
         raise CrystalError(f"cannot write run directory {path}: {os.strerror(errno.EACCES)} ({up})")
+
+
+def data_order_of(run: Path) -> int:
+    """How a run's epochs shuffle windows (crystal.shards.WindowOrder): train.json's data_order;
+    a run whose train.json has none was started before it was recorded, with LEGACY_ORDER, and
+    resumes with it (the batches it would have seen)."""
+    from crystal.shards import DATA_ORDER, LEGACY_ORDER
+
+    path = Path(run) / TRAIN_FILE
+    try:
+        d = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise CrystalError(f"{path}: not a readable training config ({e})") from None
+    order = d.get("data_order", LEGACY_ORDER) if isinstance(d, dict) else LEGACY_ORDER
+    if not isinstance(order, int) or isinstance(order, bool) or order not in (LEGACY_ORDER, DATA_ORDER):
+        raise CrystalError(f"{path}: data_order {order!r} is not one this crystal knows "
+                           f"({LEGACY_ORDER} or {DATA_ORDER})")
+    return order
 
 
 def data_sha256_of(run: Path) -> str | None:

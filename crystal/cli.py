@@ -15,13 +15,14 @@ from pathlib import Path
 
 import click
 
-from crystal.config import CUDA_GRAPHS, DEVICES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PRESETS, resolve
+from crystal.config import ARCHS, CUDA_GRAPHS, DEVICES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, PRESETS, resolve
 from crystal.errors import CrystalError, NonFiniteError, SphereFailure
 from crystal.plot import FORMATS as PLOT_FORMATS, MAX_SIZE as PLOT_MAX, MIN_SIZE as PLOT_MIN
 from crystal.sample import MAX_SAMPLES, MAX_TOKENS
 
 EXIT_USAGE = 2
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "arch", "n_kv_head", "head_dim", "intermediate_size",
+               "rope_theta", "tie_word_embeddings", "attention_bias")
 # What --resume may change: where and how fast the rest of the run computes, not what.
 RESUME_FLAGS = ("device", "precision", "cuda_graphs", "spheres", "log_every", "stop_at", "checkpoint_every",
                 "keep", "on_nonfinite", "shard_optimizer", "cores")
@@ -54,7 +55,14 @@ def _preset_help() -> str:
               help="cpu: at most this many spheres compute at once, the others wait for a core "
                    "(the core gate); 0: no gate  [default: the usable cores]")
 @click.option("--data", type=str, default=None,
-              help="text file (bytes) or a directory from `crystal prepare`  [default: embedded Tiny Shakespeare]")
+              help="text file (bytes), a directory from `crystal prepare`, or token shards: a token file or a "
+                   "quoted glob of them (crystal's or llm.c's .bin)  [default: embedded Tiny Shakespeare]")
+@click.option("--val-data", type=str, default=None,
+              help="token shards (a file or a quoted glob) to validate on; every token of --data then trains  "
+                   "[default: the data's own validation split]")
+@click.option("--vocab-size", type=int, default=None,
+              help="vocabulary of llm.c token shards, whose header has none  [default: the one their magic "
+                   "names: 50257 (GPT-2, uint16) or 128256 (LLaMA 3, uint32)]")
 @click.option("--val-fraction", type=float, default=None,
               help="tail of a text file held out for validation  [default: 0.1]")
 @click.option("--preset", type=str, default=None, help=f"[default: small] {_preset_help()}")
@@ -62,6 +70,19 @@ def _preset_help() -> str:
 @click.option("--n-head", type=int, default=None, help="attention heads")
 @click.option("--n-embd", type=int, default=None, help="embedding width (divisible by --n-head)")
 @click.option("--block-size", type=int, default=None, help="maximum sequence length of the model")
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
+              help="gpt2: LayerNorm, learned positions, GELU MLP; llama: RMSNorm, rotary positions, SwiGLU MLP, "
+                   "grouped-query attention  [default: the preset's, gpt2 for small]")
+@click.option("--n-kv-head", type=int, default=None,
+              help="llama: key/value heads (grouped-query attention; 1: multi-query)  [default: --n-head]")
+@click.option("--head-dim", type=int, default=None, help="llama: width of each head  [default: n_embd / n_head]")
+@click.option("--intermediate-size", type=int, default=None,
+              help="llama: SwiGLU width  [default: 8/3 n_embd rounded up to a multiple of 64]")
+@click.option("--rope-theta", type=float, default=None, help="llama: rotary base  [default: 10000]")
+@click.option("--tie-word-embeddings/--no-tie-word-embeddings", default=None,
+              help="llama: the LM head is the token embedding  [default: tied]")
+@click.option("--attention-bias/--no-attention-bias", default=None,
+              help="llama: biases on q, k and v (Qwen2's; exported as a Qwen2ForCausalLM)  [default: none]")
 @click.option("--batch-size", type=int, default=None, help="sequences per micro-batch")
 @click.option("--seq-len", type=int, default=None, help="tokens per sequence (<= --block-size)")
 @click.option("--micro-batches", type=int, default=None, help="micro-batches per optimizer step (gradient accumulation)")
@@ -110,8 +131,8 @@ def _preset_help() -> str:
 @click.option("--resume", "resume_dir", type=click.Path(), default=None,
               help="continue the run in this directory from its newest checkpoint")
 @click.option("--init-from", type=click.Path(), default=None,
-              help="start from this model's parameters, with a fresh optimizer: a Hugging Face GPT-2 "
-                   "directory (config.json, model.safetensors or shards, tokenizer.json) or a crystal run; "
+              help="start from this model's parameters, with a fresh optimizer: a Hugging Face GPT-2, Llama or "
+                   "Qwen2 directory (config.json, model.safetensors or shards, tokenizer.json) or a crystal run; "
                    "the model's shape and tokenizer are its own  [default preset: finetune]")
 @click.option("--lora-r", type=int, default=None,
               help="LoRA: train adapters of rank R on the frozen model of --init-from (0: full training)  "
@@ -139,7 +160,7 @@ def _preset_help() -> str:
               help="tensorboard: TensorBoard event files in the run directory too (metrics.jsonl is always written)")
 def train(overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, watch, port, log_to,
           no_memory_check, **flags) -> None:
-    """Train a GPT-2-style model with data parallelism across a ring of spheres.
+    """Train a GPT-2 or Llama model with data parallelism across a ring of spheres.
 
     Under mpiexec, srun or torchrun-style variables (RANK, WORLD_SIZE, ...), each process is a
     rank with its own ring; rank 0 writes the run directory and prints the progress."""
@@ -192,19 +213,20 @@ class Outputs:
 def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, quiet, comm_timeout, flags,
            outputs: Outputs = Outputs(), memory_check: bool = True):
     from crystal.backends import cuda_unavailable_reason, get_backend, resolve_device
-    from crystal.checkpoint import RunDir
+    from crystal.checkpoint import RunDir, data_order_of
     from crystal.config import read_toml, to_toml
-    from crystal.data import load_dataset
+    from crystal.data import DATA_ORDER, load_dataset
     from crystal.pretrained import check_data_tokenizer, load_params, open_pretrained, require_tokenizer
     from crystal.trainer import train as run_training
     from crystal.world import DEFAULT_TIMEOUT_S, connect
 
     given = {k: v for k, v in flags.items() if v is not None}
+    shard_vocab = given.pop("vocab_size", None)  # llm.c shards' vocabulary (the model's: the data's)
     pretrained = None  # --init-from's checkpoint
     if resume_dir is not None:
         fixed = sorted(set(given) - set(RESUME_FLAGS))
-        if fixed or config_file:
-            name = fixed[0].replace("_", "-") if fixed else "config"
+        if fixed or config_file or shard_vocab is not None:
+            name = fixed[0].replace("_", "-") if fixed else "config" if config_file else "vocab-size"
             raise CrystalError(f"--resume continues a run with its own config; it cannot change --{name}")
         run_dir = RunDir(resume_dir, resume=True)
         model_cfg, cfg = run_dir.read_configs()
@@ -235,7 +257,15 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
     if backend is not None:
         comm = connect(world, resolve_device(cfg.device),
                        DEFAULT_TIMEOUT_S if comm_timeout is None else comm_timeout)
-    dataset = load_dataset(cfg.data, cfg.val_fraction)
+    if resume_dir is not None:  # llm.c shards: the run's vocabulary
+        shard_vocab = model_cfg.vocab_size
+    elif shard_vocab is None and pretrained is not None:
+        shard_vocab = pretrained.config.vocab_size
+    given_vocab = shard_vocab if resume_dir is None and pretrained is None else None
+    dataset = load_dataset(cfg.data, cfg.val_fraction, cfg.val_data, shard_vocab)
+    if given_vocab is not None and given_vocab != dataset.vocab_size:
+        raise CrystalError(f"--vocab-size {given_vocab}: the data's vocabulary is its own, {dataset.vocab_size} "
+                           "(--vocab-size is for llm.c shards, whose header has none)")
     if pretrained is not None:  # the data must be in the model's tokens; the run keeps its tokenizer.json
         check_data_tokenizer(dataset, pretrained, model_tok)
         dataset.tokenizer = model_tok
@@ -249,10 +279,13 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         if world.is_root:
             click.echo(format_dry_run(model_cfg, cfg, world.size))
         return
+    data_order = DATA_ORDER
     if resume_dir is not None:
         _warn_if_data_changed(Path(resume_dir), dataset, world.is_root)
-    elif cfg.data is not None:  # train.json keeps where the data is from anywhere, and its hash
-        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+        data_order = data_order_of(Path(resume_dir))  # a run started before DATA_ORDER keeps its own
+    else:  # train.json keeps where the data is from anywhere, and its hash
+        cfg = dataclasses.replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("data", "val_data")
+                                          if getattr(cfg, k) is not None})
     if memory_check:  # before anything large is allocated, and before the run directory exists
         from crystal.memory import available_bytes, check_fits, run_estimate
 
@@ -304,7 +337,7 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         try:
             result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state, backend=backend,
                                   on_start=view.start, on_step=view.step, on_eval=view.eval,
-                                  should_stop=stop.requested, comm=comm, init=init,
+                                  should_stop=stop.requested, comm=comm, init=init, data_order=data_order,
                                   on_warning=lambda msg: click.echo(f"warning: {msg}", err=True) if root else None)
         except BaseException:
             with contextlib.suppress(OSError):  # the run's own error is the one to report (a full disk)
@@ -391,9 +424,21 @@ def describe_init(pre, model_cfg) -> str:
 
     files = ", ".join(str(f.relative_to(pre.path)) for f in pre.weights)
     notes = "".join(f"; {n}" for n in pre.notes)
-    return (f"init from {pre.path}: {ParamLayout(model_cfg).n_params:,} parameters ({model_cfg.n_layer} layers, "
-            f"{model_cfg.n_head} heads, {model_cfg.n_embd} wide, vocab {model_cfg.vocab_size}, n_positions "
-            f"{model_cfg.block_size}) from {files}{notes}; fresh optimizer state")
+    return (f"init from {pre.path}: {ParamLayout(model_cfg).n_params:,} parameters ({describe_model(model_cfg)}) "
+            f"from {files}{notes}; fresh optimizer state")
+
+
+def describe_model(cfg) -> str:
+    """The model's shape in words, then its architecture and what only a llama has."""
+    core = f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, vocab {cfg.vocab_size}, block {cfg.block_size}"
+    if not cfg.llama:
+        return f"{core} (gpt2)"
+    rope = f"rope theta {cfg.rope_theta:g}"
+    if cfg.rope_scaling:
+        rope += (f", {cfg.rope_scaling} scaling x{cfg.rope_factor:g} (low {cfg.rope_low_freq_factor:g}, high "
+                 f"{cfg.rope_high_freq_factor:g}, original {cfg.rope_original_max_position})")
+    return (f"{core} (llama: {cfg.kv_heads} KV heads, head {cfg.head_size} wide, SwiGLU {cfg.mlp_size}, {rope}, "
+            f"{'tied' if cfg.tied else 'untied'} head{', q/k/v biases' if cfg.attention_bias else ''})")
 
 
 class StopSignals:
@@ -458,12 +503,12 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
     fpt = flops_per_token(model_cfg, cfg.seq_len)
     mib = {k: f"{v / 2**20:,.1f} MiB" for k, v in mem.items()}
     lines = [
-        f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
-        f"vocab {model_cfg.vocab_size}, block {model_cfg.block_size}",
+        f"model: {describe_model(model_cfg)}",
         f"parameters: {layout.n_params:,}" + (
             f" (+{layout.size - layout.n_params:,} zeros in memory: the LM head's vocabulary padded "
             f"{model_cfg.vocab_size:,} -> {model_cfg.padded_vocab_size:,}, a multiple of {VOCAB_MULTIPLE}; "
             "in no file)" if layout.size > layout.n_params else ""),
+        *_released_vocabulary(model_cfg, cfg, ranks, flash, shard),
         f"tokens per step: {cfg.tokens_per_step:,} ({cfg.micro_batches} micro-batches x "
         f"{cfg.batch_size} x {cfg.seq_len})",
         f"FLOPs per token: {fpt / 1e6:,.2f} M; per step: {fpt * cfg.tokens_per_step / 1e9:,.2f} G",
@@ -524,6 +569,24 @@ def _lora_dry_run(model_cfg, cfg, mem: dict) -> str:
             f"({100 * n / total:.3f}% of {total:,}, the base frozen); gradient pool "
             f"{mem['grads'] / 2**20:,.2f} MiB ({mem['grads'] // (4 * n)} x {n:,} floats), AdamW moments "
             f"{mem['adamw_moments'] / 2**20:,.2f} MiB ({mem['adamw_moments'] // 4:,} floats)")
+
+
+def _released_vocabulary(model_cfg, cfg, ranks: int, flash: bool, shard: bool) -> list[str]:
+    """A line for a preset of a released model's shape (its ModelConfig holds the released
+    vocabulary) trained on data of another vocabulary: its figures at the released one."""
+    from crystal.config import ModelConfig
+    from crystal.memory import run_estimate
+    from crystal.model import ParamLayout, flops_per_token
+
+    preset = PRESETS.get(cfg.preset)
+    V = preset.model.vocab_size if preset else ModelConfig.vocab_size
+    if V in (ModelConfig.vocab_size, model_cfg.vocab_size):
+        return []
+    released = dataclasses.replace(model_cfg, vocab_size=V)
+    total = run_estimate(released, cfg, ranks, flash, shard)["total"]
+    return [f"at the released vocabulary of {V:,} tokens (the data's is {model_cfg.vocab_size:,}): parameters "
+            f"{ParamLayout(released).n_params:,}; FLOPs per token {flops_per_token(released, cfg.seq_len) / 1e6:,.2f} M; "
+            f"memory total {total / 2**20:,.1f} MiB"]
 
 
 def _muon_dry_run(model_cfg, cfg, ranks: int, shard: bool) -> str:
@@ -589,18 +652,42 @@ def format_summary(result) -> str:
                    "(e.g. a Hugging Face GPT-2 directory: the tokenizer of the model to fine-tune)")
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size  [default: 1024]")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="tail held out for validation")
-def prepare(inputs, out, tokenizer, vocab_size, val_fraction) -> None:
+@click.option("--shard-tokens", type=int, default=None,
+              help="write each split as shards train_000000.bin, ... of this many tokens  [default: one file each]")
+def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens) -> None:
     """Tokenize text files into a data directory for `crystal train --data`."""
     from crystal.data import prepare as run_prepare
 
     if vocab_size is not None and tokenizer not in ("bytes", "bpe"):
         raise CrystalError(f"--vocab-size trains a bpe tokenizer; --tokenizer {tokenizer} has its own vocabulary")
     t0 = time.perf_counter()
-    meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction)
+    meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction,
+                       shard_tokens)
     kind = f"tokenizer {meta['tokenizer_from']}" if "tokenizer_from" in meta else f"{meta['tokenizer']} tokenizer"
     click.echo(f"prepared {out}: {kind}, vocab {meta['vocab_size']}, "
                f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
-               f"in {time.perf_counter() - t0:.1f} s")
+               f"({len(meta['train_shards'])} + {len(meta['val_shards'])} files) in {time.perf_counter() - t0:.1f} s")
+
+
+@cli.group(name="data")
+def data_group() -> None:
+    """Data sets: check the token files training does not read whole."""
+
+
+@data_group.command(name="verify")
+@click.argument("path", type=str)
+@click.option("--val-data", type=str, default=None, help="token shards to validate on, checked too")
+@click.option("--vocab-size", type=int, default=None,
+              help="vocabulary of llm.c token shards  [default: the one their magic names]")
+def data_verify(path, val_data, vocab_size) -> None:
+    """Read every token of PATH (a prepared directory, a token file or a quoted glob of shards):
+    every id below the vocabulary, and a prepared directory's token sha256 against meta.json."""
+    from crystal.data import verify
+
+    t0 = time.perf_counter()
+    s = verify(path, vocab_size, val_data)
+    click.echo(f"{path}: ok, {s['parts']} token arrays, {s['train_tokens']:,} train / {s['val_tokens']:,} val "
+               f"tokens, vocab {s['vocab_size']}: {s['checked']} ({time.perf_counter() - t0:.1f} s)")
 
 
 @cli.command(name="eval")
@@ -609,7 +696,7 @@ def prepare(inputs, out, tokenizer, vocab_size, val_fraction) -> None:
 @click.option("--batches", type=int, default=None, help="validation batches  [default: the run's --eval-batches]")
 def eval_cmd(run, data, batches) -> None:
     """Validation loss and bits per byte of a trained run."""
-    from crystal.checkpoint import read_train_config
+    from crystal.checkpoint import data_order_of, read_train_config
     from crystal.pretrained import load_checkpoint
     from crystal.data import load_dataset
     from crystal.trainer import evaluate
@@ -620,15 +707,17 @@ def eval_cmd(run, data, batches) -> None:
     cfg = read_train_config(Path(run) / "train.json", model.config)  # validated against the model
     if batches is not None:
         cfg = dataclasses.replace(cfg, eval_batches=batches)
-    dataset = load_dataset(data if data is not None else cfg.data, cfg.val_fraction)
+    dataset = load_dataset(data if data is not None else cfg.data, cfg.val_fraction,
+                           cfg.val_data if data is None else None, model.config.vocab_size)
     if data is None:
         _warn_if_data_changed(Path(run), dataset, True)
     if dataset.vocab_size != model.config.vocab_size:
         raise CrystalError(f"the data's vocabulary ({dataset.vocab_size}) is not the model's "
                            f"({model.config.vocab_size})")
-    loss, n = evaluate(model, dataset, cfg)
-    bpb = loss / math.log(2) / dataset.bytes_per_token
-    click.echo(f"val loss {loss:.4f} | {bpb:.4f} bits per byte | {n} batches x {cfg.batch_size} x "
+    loss, n = evaluate(model, dataset, cfg, data_order_of(Path(run)))  # the run's own val batches
+    per_byte = dataset.bytes_per_token  # None: token shards, whose text is not known
+    bpb = f" | {loss / math.log(2) / per_byte:.4f} bits per byte" if per_byte else ""
+    click.echo(f"val loss {loss:.4f}{bpb} | {n} batches x {cfg.batch_size} x "
                f"{cfg.seq_len} tokens of {dataset.name}")
 
 
@@ -696,11 +785,10 @@ def format_sample_dry_run(model_cfg, prompt_len: int, num_samples: int, max_toke
     params = 4 * ParamLayout(model_cfg).size
     kept = f", its last {model_cfg.block_size} kept" if prompt_len > model_cfg.block_size else ""
     return "\n".join([
-        f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, "
-        f"vocab {model_cfg.vocab_size}, block {model_cfg.block_size}",
+        f"model: {describe_model(model_cfg)}",
         f"prompt: {prompt_len:,} tokens{kept}; {num_samples} sample(s) x up to {max_tokens:,} new tokens",
         f"KV cache: {num_samples} sequence(s) x {capacity:,} positions x {per_position:,} bytes "
-        f"(2 x {model_cfg.n_layer} layers x {model_cfg.n_embd} fp32) = {cache / 2**20:,.1f} MiB ({cache:,} bytes)",
+        f"(2 x {model_cfg.n_layer} layers x {model_cfg.kv_heads * model_cfg.head_size} fp32) = {cache / 2**20:,.1f} MiB ({cache:,} bytes)",
         f"memory: params {params / 2**20:,.1f} MiB | KV cache {cache / 2**20:,.1f} MiB | "
         f"total {(params + cache) / 2**20:,.1f} MiB (+ one forward's activations)",
     ])

@@ -105,7 +105,10 @@ class ModelConfig:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     def to_hf(self) -> dict:
-        """The fields of a Hugging Face `GPT2Config` (config.json of a checkpoint)."""
+        """The fields of a Hugging Face config (config.json of a checkpoint): a `GPT2Config`, a
+        `LlamaConfig`, or a `Qwen2Config` for a llama with q/k/v biases (llama_to_hf)."""
+        if self.llama:
+            return llama_to_hf(self)
         return {
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
@@ -137,9 +140,14 @@ class ModelConfig:
         Read as transformers reads it: every GPT2Config field of the type GPT2Config declares
         (transformers refuses the rest), and an alias of GPT2Config.attribute_map
         (`num_hidden_layers` for n_layer, ...) is the field; an alias that disagrees with its
-        field is refused, so one directory is never two models."""
-        if d.get("model_type", "gpt2") != "gpt2":
-            raise CrystalError(f"config.json: model_type {d.get('model_type')!r} is not gpt2")
+        field is refused, so one directory is never two models. model_type llama or qwen2: a
+        LlamaConfig / Qwen2Config (llama_from_hf)."""
+        model_type = d.get("model_type", "gpt2")
+        if model_type in HF_LLAMA_TYPES:
+            return llama_from_hf(d)
+        if model_type != "gpt2":
+            raise CrystalError(f"config.json: model_type {model_type!r} cannot be represented: crystal reads gpt2 "
+                               "(GPT2LMHeadModel), llama (LlamaForCausalLM) and qwen2 (Qwen2ForCausalLM)")
         d = _resolve_aliases(d)
         for key, kinds in GPT2_FIELD_TYPES.items():
             if key in d and not _json_is(d[key], kinds):
@@ -176,13 +184,14 @@ GPT2_FIELD_TYPES = {
     "scale_attn_by_inverse_layer_idx": ("bool",), "reorder_and_upcast_attn": ("bool",),
     "add_cross_attention": ("bool",), "tie_word_embeddings": ("bool",),
 }
-_JSON_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "null": type(None)}
+_JSON_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "null": type(None), "dict": dict}
 
 
 def _json_is(v, kinds: tuple[str, ...]) -> bool:
-    """Whether JSON value v is one of kinds (exact types: true is not an int, 2 is not a float)."""
-    if type(v) is list and "int list" in kinds:
-        return all(type(x) is int for x in v)
+    """Whether JSON value v is one of kinds (exact types: true is not an int, 2 is not a float;
+    "int list" / "str list": a list of those)."""
+    if type(v) is list:
+        return any(f"{k} list" in kinds and all(type(x) is _JSON_TYPES[k] for x in v) for k in ("int", "str"))
     return any(type(v) is _JSON_TYPES[k] for k in kinds if k in _JSON_TYPES)
 
 
@@ -228,6 +237,197 @@ def _check_representable(d: dict, cfg: ModelConfig) -> None:
             raise CrystalError(f"config.json: {key} {d[key]!r} cannot be represented ({what})")
 
 
+# --- Hugging Face LlamaConfig / Qwen2Config -------------------------------------------------------
+# What config.json a llama reads and writes (transformers 5's LlamaConfig and Qwen2Config, with the
+# rope_theta / rope_scaling keys transformers 4 wrote, which 5 still reads).
+HF_LLAMA_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# The JSON types of the fields LlamaConfig / Qwen2Config declare (their strict dataclasses refuse
+# any other). head_dim is no Qwen2Config field, but Qwen2's attention reads it when present.
+_HF_COMMON_TYPES = {
+    "vocab_size": ("int",), "hidden_size": ("int",), "intermediate_size": ("int",), "num_hidden_layers": ("int",),
+    "num_attention_heads": ("int",), "num_key_value_heads": ("int", "null"), "hidden_act": ("str",),
+    "max_position_embeddings": ("int",), "initializer_range": ("float",), "rms_norm_eps": ("float",),
+    "use_cache": ("bool",), "pad_token_id": ("int", "null"), "bos_token_id": ("int", "null"),
+    "eos_token_id": ("int", "int list", "null"), "tie_word_embeddings": ("bool",),
+    "rope_parameters": ("dict", "null"),
+}
+LLAMA_FIELD_TYPES = {**_HF_COMMON_TYPES, "pretraining_tp": ("int", "null"), "attention_bias": ("bool",),
+                     "attention_dropout": ("int", "float", "null"), "mlp_bias": ("bool",), "head_dim": ("int", "null")}
+QWEN2_FIELD_TYPES = {**_HF_COMMON_TYPES, "use_sliding_window": ("bool",), "sliding_window": ("int", "null"),
+                     "max_window_layers": ("int",), "layer_types": ("str list", "null"),
+                     "attention_dropout": ("float", "int")}
+# Each class's defaults for what a config.json may leave out (the shape itself must be given).
+HF_LLAMA_DEFAULTS = {
+    "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False, "hidden_act": "silu"},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False, "hidden_act": "silu"},
+}
+SILU = ("silu", "swish")  # transformers' ACT2FN: both SiLU, the gate of crystal's SwiGLU
+ROPE_DEFAULT_THETA = 10000.0  # RotaryEmbeddingConfigMixin.default_theta
+# Keys of other architectures' configs, refused in a llama / qwen2 config.json: with them the model
+# is not the one crystal (or LlamaForCausalLM) computes. key -> (the value that changes nothing, what)
+_FOREIGN_KEYS = {
+    "num_experts": (None, "a mixture of experts"), "num_local_experts": (None, "a mixture of experts"),
+    "num_experts_per_tok": (None, "a mixture of experts"), "n_routed_experts": (None, "a mixture of experts"),
+    "moe_intermediate_size": (None, "a mixture of experts"), "qk_norm": (False, "RMSNorm on q and k (QK-norm)"),
+    "use_qk_norm": (False, "RMSNorm on q and k (QK-norm)"), "qk_layernorm": (False, "norms on q and k (QK-norm)"),
+    "sliding_window": (None, "sliding-window attention"), "use_sliding_window": (False, "sliding-window attention"),
+    "no_rope_layers": (None, "layers without rotary embeddings"),
+}
+
+
+def _hf_refuse(key: str, value, why: str) -> CrystalError:
+    import json
+
+    return CrystalError(f"config.json: {key} {json.dumps(value)} cannot be represented ({why})")
+
+
+# validate_model's flags, as a llama's config.json names them
+_HF_LLAMA_NAMES = {"--n-kv-head": "num_key_value_heads", "--n-head": "num_attention_heads", "--n-embd": "hidden_size",
+                   "--n-layer": "num_hidden_layers", "--block-size": "max_position_embeddings",
+                   "--vocab-size": "vocab_size", "--head-dim": "head_dim", "--intermediate-size": "intermediate_size",
+                   "--rope-theta": "rope_theta", "--rope-factor": "rope_scaling factor",
+                   "--rope-low-freq-factor": "rope_scaling low_freq_factor",
+                   "--rope-high-freq-factor": "rope_scaling high_freq_factor",
+                   "--rope-original-max-position": "original_max_position_embeddings",
+                   "layer_norm_epsilon": "rms_norm_eps"}
+
+
+def _rope_from_hf(d: dict) -> dict:
+    """rope_theta and the llama3 scaling as transformers 5 reads them: rope_scaling (when not
+    empty) replaces rope_parameters; its rope_theta, else the top-level one, else 10000; its
+    rope_type, else its type, else default; llama3's original_max_position_embeddings from the top
+    level when there (the rotary embedding's standardize_rope_params gives it priority), else its
+    own, else max_position_embeddings. Returns ModelConfig fields."""
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    params = d.get(key) or {}
+    if not isinstance(params, dict):
+        raise CrystalError(f"config.json: {key} must be an object or null, got {params!r}")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise _hf_refuse(key, params, "rotary parameters per layer type; crystal's layers share one")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", *ROPE_SCALINGS):
+        raise _hf_refuse(key, params, f"rope_type {rope_type!r}; crystal computes default or "
+                                      f"{', '.join(ROPE_SCALINGS)} rotary embeddings")
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise _hf_refuse("partial_rotary_factor", partial, "rotary embeddings on part of each head")
+    theta = params.get("rope_theta", d.get("rope_theta", ROPE_DEFAULT_THETA))
+    out: dict = {"rope_theta": theta}
+    if rope_type == "llama3":
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+        if missing:
+            raise CrystalError(f"config.json: {key} of rope_type llama3 needs {missing[0]}")
+        out.update(rope_scaling="llama3", rope_factor=params["factor"], rope_low_freq_factor=params["low_freq_factor"],
+                   rope_high_freq_factor=params["high_freq_factor"],
+                   rope_original_max_position=d.get("original_max_position_embeddings", params.get(
+                       "original_max_position_embeddings", d.get("max_position_embeddings"))))
+    for k, v in out.items():  # numbers as transformers computes with them (an int is a float's value)
+        if k in ("rope_scaling", "rope_original_max_position"):
+            if k == "rope_original_max_position" and type(v) is not int:
+                raise CrystalError(f"config.json: original_max_position_embeddings must be an integer, got {v!r}")
+            continue
+        if type(v) not in (int, float) or not math.isfinite(v):
+            name = "rope_theta" if k == "rope_theta" else f"{key} {k.removeprefix('rope_')}"
+            raise CrystalError(f"config.json: {name} must be a number, got {v!r}")
+        out[k] = float(v)
+    return out
+
+
+def llama_from_hf(d: dict) -> ModelConfig:
+    """The shape of a Hugging Face LlamaConfig or Qwen2Config (model_type llama / qwen2), after
+    checking that crystal's llama computes exactly the model transformers builds from it;
+    anything else is a CrystalError naming the key. Fields of the type the class declares, its
+    defaults for what is absent (Qwen2's num_key_value_heads is 32, not num_attention_heads), and
+    the shape (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads) given. Qwen2 has biases on q, k and v (attention_bias); Llama's
+    attention_bias puts one on o_proj too, which crystal has not."""
+    model_type = d["model_type"]
+    qwen2 = model_type == "qwen2"
+    for key, kinds in (QWEN2_FIELD_TYPES if qwen2 else LLAMA_FIELD_TYPES).items():
+        if key in d and not _json_is(d[key], kinds):
+            cls = "Qwen2Config" if qwen2 else "LlamaConfig"
+            raise CrystalError(f"config.json: {key} must be {' or '.join(kinds)} (as {cls} declares it), got {d[key]!r}")
+    if qwen2 and "head_dim" in d and type(d["head_dim"]) is not int:
+        raise CrystalError(f"config.json: head_dim must be int, got {d['head_dim']!r}")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in d]
+    if missing:
+        raise CrystalError(f"config.json: missing field {missing[0]}")
+    v = {**HF_LLAMA_DEFAULTS[model_type], **d}
+    if v["hidden_act"] not in SILU:
+        raise _hf_refuse("hidden_act", v["hidden_act"], "crystal's SwiGLU gate is silu")
+    if not qwen2 and v.get("attention_bias", False):
+        raise _hf_refuse("attention_bias", True, "LlamaConfig's attention_bias puts a bias on o_proj too; crystal's "
+                                                 "llama has q/k/v biases only, as Qwen2")
+    if v.get("mlp_bias", False):
+        raise _hf_refuse("mlp_bias", True, "biases in the MLP; crystal's SwiGLU has none")
+    if (v.get("pretraining_tp") or 1) != 1:
+        raise _hf_refuse("pretraining_tp", v["pretraining_tp"], "products split into slices; crystal computes each "
+                                                                "in one")
+    for key, (harmless, what) in _FOREIGN_KEYS.items():
+        if key in d and d[key] != harmless and not (key == "sliding_window" and qwen2):
+            raise _hf_refuse(key, d[key], what)
+    if qwen2 and any(t != "full_attention" for t in (v.get("layer_types") or [])):
+        raise _hf_refuse("layer_types", v["layer_types"], "layers other than full_attention")
+    n_embd, n_head = v["hidden_size"], v["num_attention_heads"]
+    cfg = ModelConfig(
+        arch="llama", vocab_size=v["vocab_size"], block_size=v["max_position_embeddings"],
+        n_layer=v["num_hidden_layers"], n_head=n_head, n_embd=n_embd, layer_norm_epsilon=v["rms_norm_eps"],
+        n_kv_head=v["num_key_value_heads"], head_dim=v.get("head_dim"), intermediate_size=v["intermediate_size"],
+        tie_word_embeddings=v["tie_word_embeddings"], attention_bias=qwen2, **_rope_from_hf(v))
+    try:
+        validate_model(cfg)
+    except CrystalError as e:
+        message = str(e)
+        for flag, key in sorted(_HF_LLAMA_NAMES.items(), key=lambda kv: -len(kv[0])):
+            message = message.replace(flag, key)
+        raise CrystalError(f"config.json: {message}") from None
+    return cfg
+
+
+def llama_to_hf(cfg: ModelConfig) -> dict:
+    """config.json of a llama: a LlamaConfig, or a Qwen2Config when it has q/k/v biases (which a
+    LlamaConfig cannot say). The rotary settings are written both as transformers 5 writes them
+    (rope_parameters) and as transformers 4 reads them (rope_theta, rope_scaling)."""
+    rope = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "llama3":
+        rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position)
+    model_type = "qwen2" if cfg.attention_bias else "llama"
+    d = {
+        "model_type": model_type,
+        "architectures": [HF_LLAMA_TYPES[model_type]],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.layer_norm_epsilon,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(rope) if cfg.rope_scaling else None,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "torch_dtype": "float32",
+    }
+    if model_type == "llama":
+        d.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    else:
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    return d
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. A step consumes micro_batches x batch_size sequences of seq_len."""
@@ -238,7 +438,8 @@ class TrainConfig:
     cuda_graphs: str = "off"  # cuda: replay each step as CUDA graphs (crystal.graphs): on, off, auto (on where capture works)
     spheres: int = 12
     cores: int | None = None  # cpu: at most min(spheres, cores) spheres compute at once (the core gate); None: the usable cores; 0: no gate
-    data: str | None = None  # text file, prepared directory, or None: the embedded corpus
+    data: str | None = None  # text file, prepared directory, token shards (a file or a glob), or None: the embedded corpus
+    val_data: str | None = None  # token shards (a file or a glob) to validate on; None: the data's own val split
     val_fraction: float = 0.1  # held-out tail of a text file / the embedded corpus
     batch_size: int = 1
     seq_len: int = 64
@@ -373,6 +574,59 @@ PRESETS: dict[str, Preset] = {
         dict(batch_size=4, seq_len=1024, micro_batches=128, spheres=2, steps=5000, lr=2e-4, warmup=700,
              eval_every=250, eval_batches=10),
         "GPT-2 XL 1.5B shapes (48 layers, 25 heads, 1600 wide, T=1024), 0.5M tokens a step: a GPU, bf16",
+    ),
+    # Llama: the same size as `small` (4 layers, 128 wide, T=64; 2 KV heads of 4, SwiGLU 384 wide,
+    # so its matrices hold as many parameters as small's), trained the same way.
+    "llama-small": Preset(
+        ModelConfig(arch="llama", block_size=64, n_layer=4, n_head=4, n_embd=128, n_kv_head=2,
+                    intermediate_size=384),
+        dict(batch_size=1, seq_len=64, micro_batches=12, steps=2000, lr=1e-3, warmup=100, eval_every=250),
+        "Llama: 4 layers, 4 heads (2 KV), 128 wide, SwiGLU 384, T=64: small's size, from scratch on the cpu",
+    ),
+    # Released Llama-family shapes, as their config.json give them (the vocabulary below is the
+    # released one, used by --dry-run's figures; a run's is its data's or its --init-from model's).
+    # Pretraining from scratch on a GPU: 0.5M tokens a step of 2048-token sequences, AdamW betas
+    # (0.9, 0.95), weight decay 0.1, the warmup-stable-decay schedule of SmolLM2 (linear-cooldown,
+    # the last 20%). Spheres and micro-batches are chosen so that each fits one 80 GB GPU in bf16
+    # at its released vocabulary, even without cuDNN flash attention (--dry-run: 63, 65, 69, 72 and
+    # 66 GiB in the order below; 28, 34, 57, 64 and 44 GiB with flash attention).
+    "smollm2-135m": Preset(
+        ModelConfig(arch="llama", vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_embd=576, n_kv_head=3,
+                    intermediate_size=1536, layer_norm_epsilon=1e-5, rope_theta=100000.0),
+        dict(batch_size=4, seq_len=2048, micro_batches=64, spheres=4, steps=5000, lr=3e-3, warmup=500,
+             lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
+        "SmolLM2-135M shapes (30 layers, 9 heads, 3 KV, 576 wide, SwiGLU 1536, tied): a GPU, bf16",
+    ),
+    "smollm2-360m": Preset(
+        ModelConfig(arch="llama", vocab_size=49152, block_size=8192, n_layer=32, n_head=15, n_embd=960, n_kv_head=5,
+                    intermediate_size=2560, layer_norm_epsilon=1e-5, rope_theta=100000.0),
+        dict(batch_size=4, seq_len=2048, micro_batches=64, spheres=2, steps=5000, lr=3e-3, warmup=500,
+             lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
+        "SmolLM2-360M shapes (32 layers, 15 heads, 5 KV, 960 wide, SwiGLU 2560, tied): a GPU, bf16",
+    ),
+    "tinyllama-1.1b": Preset(
+        ModelConfig(arch="llama", vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_embd=2048,
+                    n_kv_head=4, intermediate_size=5632, layer_norm_epsilon=1e-5, tie_word_embeddings=False),
+        dict(batch_size=2, seq_len=2048, micro_batches=128, spheres=1, steps=5000, lr=4e-4, warmup=500,
+             lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
+        "TinyLlama-1.1B shapes (22 layers, 32 heads, 4 KV, 2048 wide, SwiGLU 5632, untied): a GPU, bf16",
+    ),
+    "llama3.2-1b": Preset(
+        ModelConfig(arch="llama", vocab_size=128256, block_size=131072, n_layer=16, n_head=32, n_embd=2048,
+                    n_kv_head=8, head_dim=64, intermediate_size=8192, layer_norm_epsilon=1e-5, rope_theta=500000.0,
+                    rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_position=8192),
+        dict(batch_size=2, seq_len=2048, micro_batches=128, spheres=1, steps=5000, lr=3e-4, warmup=500,
+             lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
+        "Llama-3.2-1B shapes (16 layers, 32 heads, 8 KV, 2048 wide, SwiGLU 8192, llama3 rope, tied): a GPU, bf16",
+    ),
+    "qwen2.5-0.5b": Preset(
+        ModelConfig(arch="llama", vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_embd=896,
+                    n_kv_head=2, intermediate_size=4864, layer_norm_epsilon=1e-6, rope_theta=1000000.0,
+                    attention_bias=True),
+        dict(batch_size=4, seq_len=2048, micro_batches=64, spheres=2, steps=5000, lr=1e-3, warmup=500,
+             lr_schedule="linear-cooldown", cooldown_frac=0.2, eval_every=250, eval_batches=10),
+        "Qwen2.5-0.5B shapes (24 layers, 14 heads, 2 KV, 896 wide, SwiGLU 4864, q/k/v biases, tied): a GPU, bf16",
     ),
     # Fine-tuning a trained model (--init-from DIR gives the model's shape and tokenizer; the shape
     # below only stands in for it). As nanoGPT's finetune_shakespeare: 32 micro-batches of one
@@ -591,7 +845,7 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _validate_lora(t, m)
     if t.preset in ("finetune", "finetune-lora") and t.init_from is None:
         raise CrystalError(f"the {t.preset} preset fine-tunes a trained model: give it with --init-from DIR "
-                           "(a Hugging Face GPT-2 directory or a crystal run)")
+                           "(a Hugging Face GPT-2, Llama or Qwen2 directory or a crystal run)")
 
 
 def _validate_lora(t: TrainConfig, m: ModelConfig) -> None:

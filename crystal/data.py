@@ -6,34 +6,41 @@ Tokenizers: `bytes` (UTF-8 bytes, vocabulary 256, the default), `bpe` (byte-leve
 offline with the `tokenizers` library), or a given Hugging Face `tokenizer.json` (`hf`: e.g. a
 released GPT-2's, to fine-tune it). All are written as a `tokenizer.json`; a given one verbatim.
 
-Token file: a 32-byte little-endian header, then the ids:
-    magic b"CRYSTOK1" | version u32 = 1 | itemsize u32 (2: uint16, 4: uint32) |
-    count u64 | vocab_size u32 | 4 zero bytes
-uint16 when the vocabulary fits (<= 65,536), else uint32. Readers check every field, the exact
-file size and that every id is below vocab_size.
+Token files (crystal.shards): crystal's (a 32-byte header: magic, version, itemsize, count,
+vocab_size; uint16 ids when the vocabulary fits in 65,536, else uint32) and llm.c's (a 1024-byte
+header; uint16 or uint32 ids). Readers check the header and the exact file size, and map the ids
+(np.memmap): a run's resident data is what its batches touch. Every id below the vocabulary is
+checked where the tokens are made (prepare), by `crystal data verify`, and in each batch.
 
-A prepared directory holds train.bin, val.bin, tokenizer.json and meta.json, written as a whole
-(a sibling directory renamed into place); meta.json's token counts and hash tie the token files
-to it, and its tokenizer identity ties them to the tokenizer (`tokenizer_identity`). A plain text
-file (or the embedded corpus) is prepared on the fly with the byte tokenizer; its last
-`val_fraction` of tokens is the validation split, as nanoGPT does.
+A prepared directory holds its token shards (train.bin and val.bin, or train_000000.bin, ... with
+--shard-tokens), tokenizer.json and meta.json, written as a whole (a sibling directory renamed
+into place). meta.json lists each split's shards with their token counts and sampled sha256
+(header, size and 8 blocks: checked at load without reading every id) and the sha256 of all the
+tokens (the data's fingerprint in train.json; `crystal data verify` recomputes it); its
+tokenizer identity ties them to the tokenizer (`tokenizer_identity`). Token shards may also be
+named directly (--data a token file or a glob, --val-data another). A plain text file (or the
+embedded corpus) is prepared on the fly with the byte tokenizer; the last `val_fraction` of the
+tokens of a text file or of named shards is the validation split, as nanoGPT does.
 
-BatchIterator: the token stream is cut into windows of T+1 tokens that overlap by one (window
-k starts at k*T), so every token after the first is a target exactly once per epoch. Each
-epoch visits the windows in a fresh order drawn from a generator seeded by (seed, epoch);
-batches of B windows are taken in that order and the last partial batch is dropped. The
-iterator's whole state is (epoch, cursor), so a resumed run sees exactly the batches it would
-have seen.
+BatchIterator: the token stream (shards read as one, a window may cross from one into the next)
+is cut into windows of T+1 tokens that overlap by one (window k starts at phase + k*T), so every
+token after the first is a target exactly once per epoch. Each epoch visits the windows in a
+fresh order seeded by (seed, epoch) (crystal.shards.WindowOrder: computed per position, no array
+of every window); batches of B windows are taken in that order and the last partial batch is
+dropped. The iterator's whole state is (epoch, cursor), so a resumed run sees exactly the batches
+it would have seen.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +50,12 @@ import numpy as np
 from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_regular, fsync_dir
 from crystal.errors import CrystalError
 from crystal.jsonio import read_json
+from crystal.shards import (DATA_ORDER, LEGACY_ORDER, TOKEN_HEADER, TOKEN_MAGIC, TOKEN_VERSION, TokenFile,  # noqa: F401
+                            TokenStream, WindowOrder, is_token_file, map_tokens, open_token_file, sample_sha256,
+                            scan_ids, token_dtype, tokens_sha256)
 
 DEFAULT_CORPUS = Path(__file__).parent / "assets" / "tinyshakespeare.txt.xz"
 DEFAULT_CORPUS_NAME = "Tiny Shakespeare (embedded)"
-TOKEN_MAGIC = b"CRYSTOK1"
-TOKEN_VERSION = 1
-TOKEN_HEADER = struct.Struct("<8sIIQI4x")  # 32 bytes
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
 EOT = "<|endoftext|>"
@@ -369,10 +376,6 @@ def tokenizer_identity(tokenizer) -> str:
 
 # --- token files ---------------------------------------------------------------------------------
 
-def token_dtype(vocab_size: int):
-    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
-
-
 def write_tokens(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
     dtype = token_dtype(vocab_size)
     tokens = np.asarray(tokens)
@@ -383,59 +386,38 @@ def write_tokens(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
 
 
 def read_tokens(path: str | Path) -> tuple[np.ndarray, int]:
-    """(ids, vocab_size) of a token file, after checking its header, size and ids."""
-    path = Path(path)
-    check_regular(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(TOKEN_HEADER.size)
-    except FileNotFoundError:
-        raise CrystalError(f"token file not found: {path}") from None
-    except OSError as e:
-        raise CrystalError(f"cannot read token file {path}: {e.strerror or e}") from None
-    if len(head) < TOKEN_HEADER.size:
-        raise CrystalError(f"{path}: truncated token file header ({size} bytes)")
-    magic, version, itemsize, count, vocab = TOKEN_HEADER.unpack(head)
-    if magic != TOKEN_MAGIC:
-        raise CrystalError(f"{path}: not a crystal token file (bad magic)")
-    if version != TOKEN_VERSION:
-        raise CrystalError(f"{path}: token file version {version} is not supported")
-    if itemsize not in (2, 4) or vocab < 1 or token_dtype(vocab).itemsize != itemsize:
-        raise CrystalError(f"{path}: corrupt token file header (itemsize {itemsize}, vocab {vocab})")
-    if size != TOKEN_HEADER.size + count * itemsize:
-        raise CrystalError(f"{path}: truncated or padded token file (header says {count} tokens, "
-                           f"file has {size - TOKEN_HEADER.size} bytes of ids)")
-    ids = np.fromfile(path, dtype=token_dtype(vocab), count=count, offset=TOKEN_HEADER.size)
-    if ids.size and int(ids.max()) >= vocab:
-        raise CrystalError(f"{path}: token id {int(ids.max())} is outside the vocabulary of {vocab}")
-    return ids, vocab
+    """(ids, vocab_size) of a crystal token file, read whole into memory after checking its
+    header, size and every id (tools and tests; training maps the files: `open_token_file`)."""
+    tf = open_token_file(path)
+    if tf.kind != "crystal":
+        raise CrystalError(f"{path}: an llm.c token shard, not a crystal token file")
+    ids = np.array(map_tokens(tf))
+    scan_ids(ids, tf.vocab_size, str(path))
+    return ids, tf.vocab_size
 
 
 # --- data sets ---------------------------------------------------------------------------------
 
 @dataclass
 class DataSet:
-    train: np.ndarray
-    val: np.ndarray
-    tokenizer: object  # ByteTokenizer or BPETokenizer
+    train: np.ndarray | TokenStream  # in memory (a text file) or memory-mapped shards
+    val: np.ndarray | TokenStream
+    tokenizer: object  # ByteTokenizer or BPETokenizer; None: token shards that name none
     vocab_size: int
     name: str
-    val_bytes: int  # UTF-8 bytes the val tokens stand for (bits per byte)
-    sha256: str = ""  # of the token ids, train then val (train.json keeps it: changed data is reported)
+    val_bytes: int | None  # UTF-8 bytes the val tokens stand for (bits per byte); None: not known
+    # The data's fingerprint (train.json keeps it: changed data is reported): sha256 of the token
+    # ids, train then val (tokens_sha256), for a text file and a prepared directory (meta.json's,
+    # computed by prepare); of the shards' headers, sizes and sampled blocks (sample_sha256) for
+    # token shards named by --data / --val-data.
+    sha256: str = ""
     tokenizer_identity: str = ""  # as meta.json records it; "" where it does not (then: the tokenizer's own)
 
     @property
-    def bytes_per_token(self) -> float:
+    def bytes_per_token(self) -> float | None:
+        if self.val_bytes is None:
+            return None
         return self.val_bytes / len(self.val) if len(self.val) else 1.0
-
-
-def tokens_sha256(*arrays: np.ndarray) -> str:
-    """sha256 of token ids as little-endian uint32, whatever width they are stored at."""
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.asarray(a, dtype="<u4").tobytes())
-    return h.hexdigest()
 
 
 def default_corpus() -> bytes:
@@ -443,12 +425,15 @@ def default_corpus() -> bytes:
     return lzma.decompress(DEFAULT_CORPUS.read_bytes())
 
 
-def split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """First (1 - f) of the tokens for training, the last f for validation."""
+def split(tokens, val_fraction: float):
+    """First (1 - f) of the tokens for training, the last f for validation (an array or a stream)."""
     if not (0 <= val_fraction < 1):
         raise CrystalError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    n_val = int(round(len(tokens) * val_fraction))
-    return tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    n = len(tokens)
+    n_val = int(round(n * val_fraction))
+    if isinstance(tokens, TokenStream):
+        return tokens.slice(0, n - n_val), tokens.slice(n - n_val, n)
+    return tokens[:n - n_val], tokens[n - n_val:]
 
 
 def _read_input(path: Path) -> bytes:
@@ -467,26 +452,112 @@ def _read_input(path: Path) -> bytes:
     return data
 
 
-def load_dataset(path: str | None, val_fraction: float = 0.1) -> DataSet:
-    """A prepared directory, a text file (bytes), or None for the embedded corpus."""
-    if path is not None and (Path(path) / META_FILE).exists():
-        return load_prepared(Path(path))
-    tok = ByteTokenizer()
-    if path is None:
-        data, name = default_corpus(), DEFAULT_CORPUS_NAME
+GLOB_CHARS = "*?["
+
+
+def shard_files(spec: str, flag: str) -> list[TokenFile] | None:
+    """The token files `spec` names, headers checked: one token file, or a glob of them (in the
+    order of their names: llm.c's and FineWeb's are numbered). None where `spec` names one file
+    that is not a token file (a text file)."""
+    path = Path(spec)
+    if path.exists() or not any(c in spec for c in GLOB_CHARS):
+        return [open_token_file(path)] if path.is_file() and is_token_file(path) else None
+    names = sorted(glob.glob(os.path.expanduser(spec)))
+    if not names:
+        raise CrystalError(f"{flag} {spec}: the pattern matches no file")
+    for name in names:
+        if not (os.path.isfile(name) and is_token_file(Path(name))):
+            raise CrystalError(f"{flag} {spec}: {name} is not a token file (crystal's or llm.c's)")
+    return [open_token_file(name) for name in names]
+
+
+def shard_stream(files: list[TokenFile], flag: str, vocab_size: int | None = None) -> tuple[TokenStream, int, str]:
+    """(stream, vocabulary, fingerprint) of token files of one kind and vocabulary. `vocab_size`:
+    llm.c shards' vocabulary (their header has none; None: the one their magic names)."""
+    first = files[0]
+    for tf in files[1:]:
+        if (tf.kind, tf.dtype, tf.vocab_size, tf.llmc_vocab) != (first.kind, first.dtype, first.vocab_size,
+                                                                  first.llmc_vocab):
+            what = (f"{tf.kind}, {tf.dtype.itemsize}-byte ids, vocabulary {tf.vocab_size or tf.llmc_vocab}" for tf in (first, tf))
+            raise CrystalError(f"{flag}: {tf.path} is not of the kind of {first.path} ({next(what)} vs {next(what)}); "
+                               "the shards of a data set share one header kind and vocabulary")
+    vocab = first.vocab_size
+    if first.kind == "llm.c":
+        vocab = first.llmc_vocab if vocab_size is None else vocab_size
+        if not (1 <= vocab <= MAX_VOCAB):
+            raise CrystalError(f"--vocab-size must be in [1, {MAX_VOCAB}], got {vocab}")
+    h = hashlib.sha256(f"shards {vocab}".encode())
+    for tf in files:
+        h.update(bytes.fromhex(sample_sha256(tf)))
+    stream = TokenStream([map_tokens(tf) for tf in files], [str(tf.path) for tf in files])
+    return stream, vocab, h.hexdigest()
+
+
+def load_dataset(path: str | None, val_fraction: float = 0.1, val_data: str | None = None,
+                 vocab_size: int | None = None) -> DataSet:
+    """A prepared directory, token shards (one token file or a glob of them, crystal's or
+    llm.c's: memory-mapped, their last `val_fraction` of tokens the validation split), a text
+    file (bytes), or None for the embedded corpus. `val_data`: token shards (a file or a glob)
+    to validate on instead; then every token of `path` trains. `vocab_size`: the vocabulary of
+    llm.c shards (None: the one their header's magic names)."""
+    files = shard_files(path, "--data") if path is not None and not (Path(path) / META_FILE).exists() else None
+    if path is not None and files is None and (Path(path) / META_FILE).exists():
+        ds = load_prepared(Path(path))
+    elif files is not None:
+        stream, vocab, fingerprint = shard_stream(files, "--data", vocab_size)
+        train, val = (stream, stream.slice(0, 0)) if val_data is not None else split(stream, val_fraction)
+        ds = DataSet(train, val, None, vocab, path, None, fingerprint)
     else:
-        data, name = _read_input(Path(path)), str(path)
-    train, val = split(tok.encode(data), val_fraction)
-    return DataSet(train, val, tok, tok.vocab_size, name, len(val), tokens_sha256(train, val))
+        tok = ByteTokenizer()
+        if path is None:
+            data, name = default_corpus(), DEFAULT_CORPUS_NAME
+        else:
+            data, name = _read_input(Path(path)), str(path)
+        ids = tok.encode(data)
+        train, val = (ids, ids[:0]) if val_data is not None else split(ids, val_fraction)
+        ds = DataSet(train, val, tok, tok.vocab_size, name, len(val), tokens_sha256(train, val))
+    if val_data is None:
+        return ds
+    vfiles = shard_files(val_data, "--val-data")
+    if vfiles is None:
+        raise CrystalError(f"--val-data {val_data}: not a token file; give token shards (a file or a glob)")
+    val, vocab, fingerprint = shard_stream(vfiles, "--val-data", ds.vocab_size if vocab_size is None else vocab_size)
+    if vocab != ds.vocab_size:
+        raise CrystalError(f"--val-data {val_data}: vocabulary {vocab}, the training data's {ds.vocab_size}")
+    sha = hashlib.sha256(f"{ds.sha256} {fingerprint}".encode()).hexdigest()
+    return dataclasses.replace(ds, val=val, val_bytes=None, sha256=sha)
 
 
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _shard_list(meta: dict, split_name: str, count: int) -> list[dict]:
+    """meta.json's shards of a split: [{"file", "tokens", "sample_sha256"}]; a data set written
+    before shards has train.bin and val.bin (no sample)."""
+    key = f"{split_name}_shards"
+    if key not in meta:
+        return [{"file": f"{split_name}.bin", "tokens": count}]
+    shards = meta[key]
+    if not isinstance(shards, list):
+        raise ValueError(f"{key} must be a list")
+    for s in shards:
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and _whole(s.get("tokens"))
+                and isinstance(s.get("sample_sha256", ""), str)):
+            raise ValueError(f"{key}: each shard needs a file name, a whole number of tokens and a sample_sha256")
+        if s["file"] in ("", ".", "..") or "/" in s["file"] or "\\" in s["file"]:
+            raise ValueError(f"{key}: {s['file']!r} is not a file name in the directory")
+    if sum(s["tokens"] for s in shards) != count:
+        raise ValueError(f"the {key} hold {sum(s['tokens'] for s in shards):,} tokens, {split_name}_tokens says {count:,}")
+    return shards
+
+
 def load_prepared(directory: Path) -> DataSet:
-    """A directory made by `prepare`, after checking that its files belong together: the token
-    files hold the counts (and, where recorded, the token hash) meta.json gives, in its vocabulary."""
+    """A directory made by `prepare`, after checking that its files belong together: every shard
+    meta.json lists has its header, the count meta.json gives, its vocabulary and its sampled
+    fingerprint (sample_sha256), read without reading every id (`crystal data verify` reads
+    them all). A data set written before shards (no shard lists in meta.json) is checked whole
+    against its tokens_sha256, as before."""
     check_regular(directory / META_FILE)
     try:
         meta = read_json(directory / META_FILE)
@@ -498,29 +569,63 @@ def load_prepared(directory: Path) -> DataSet:
         recorded = {k: meta.get(k, "") for k in ("tokens_sha256", "tokenizer_identity")}
         if not all(isinstance(v, str) for v in recorded.values()):
             raise ValueError(f"tokens_sha256 and tokenizer_identity must be strings, got {recorded}")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        shards = {s: _shard_list(meta, s, c) for s, c in zip(("train", "val"), counts)}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise CrystalError(f"{directory / META_FILE}: not a valid data set description ({e})") from None
     if kind not in ("bytes", "bpe", "hf"):
         raise CrystalError(f"{directory / META_FILE}: unknown tokenizer {kind!r}")
-    train, v1 = read_tokens(directory / "train.bin")
-    val, v2 = read_tokens(directory / "val.bin")
-    if v1 != vocab or v2 != vocab:
-        raise CrystalError(f"{directory}: token files disagree with meta.json on the vocabulary size")
     mixed = "; the files come from different runs of crystal prepare: prepare the data set again"
-    for name, ids, count in (("train.bin", train, counts[0]), ("val.bin", val, counts[1])):
-        if len(ids) != count:
-            raise CrystalError(f"{directory}: {name} holds {len(ids):,} tokens, meta.json says {count:,}{mixed}")
-    sha = tokens_sha256(train, val)
-    if recorded["tokens_sha256"] and recorded["tokens_sha256"] != sha:
-        raise CrystalError(f"{directory}: the token files are not the ones meta.json describes (their sha256 "
-                           f"differs){mixed}")
+    streams = {}
+    for split_name, listed in shards.items():
+        files = [open_token_file(directory / s["file"]) for s in listed]
+        for s, tf in zip(listed, files):
+            if tf.kind != "crystal" or tf.vocab_size != vocab:
+                raise CrystalError(f"{directory}: token files disagree with meta.json on the vocabulary size")
+            if tf.count != s["tokens"]:
+                raise CrystalError(f"{directory}: {s['file']} holds {tf.count:,} tokens, meta.json says "
+                                   f"{s['tokens']:,}{mixed}")
+            if s.get("sample_sha256") and s["sample_sha256"] != sample_sha256(tf):
+                raise CrystalError(f"{directory}: the token files are not the ones meta.json describes "
+                                   f"({s['file']}: its sampled sha256 differs){mixed}")
+        streams[split_name] = TokenStream([map_tokens(tf) for tf in files], [str(tf.path) for tf in files])
+    train, val = streams["train"], streams["val"]
+    sha = recorded["tokens_sha256"]
+    if not sha or not any("sample_sha256" in s for s in shards["train"] + shards["val"]):
+        # written before shards: the whole hash, as crystal checked it then (read in bounded chunks)
+        whole = tokens_sha256(train, val)
+        if sha and sha != whole:
+            raise CrystalError(f"{directory}: the token files are not the ones meta.json describes (their sha256 "
+                               f"differs){mixed}")
+        sha = whole
     tok = load_tokenizer(directory, kind)
     if tok.vocab_size != vocab:
         raise CrystalError(f"{directory}: tokenizer.json has {tok.vocab_size} tokens, meta.json {vocab}")
     return DataSet(train, val, tok, vocab, str(directory), val_bytes, sha, recorded["tokenizer_identity"])
 
 
+def verify(path: str | None, vocab_size: int | None = None, val_data: str | None = None) -> dict:
+    """`crystal data verify`: what training does not read at startup, read now (in bounded
+    chunks): every id of every shard below the vocabulary and, for a prepared directory, the
+    sha256 of all its tokens against meta.json's. Returns a summary; a failure is a CrystalError."""
+    ds = load_dataset(path, 0.1, val_data, vocab_size)
+    shards = 0
+    for s in (ds.train, ds.val):
+        stream = s if isinstance(s, TokenStream) else TokenStream([s], [ds.name])
+        for part, name in zip(stream.parts, stream.names):
+            scan_ids(part, ds.vocab_size, name)
+            shards += 1
+    checked = "every id below the vocabulary"
+    if path is not None and (Path(path) / META_FILE).exists() and val_data is None:
+        if tokens_sha256(ds.train, ds.val) != ds.sha256:
+            raise CrystalError(f"{path}: the token files are not the ones meta.json describes (the sha256 of "
+                               "their tokens differs); prepare the data set again")
+        checked += ", the tokens' sha256 is meta.json's"
+    return {"data": ds.name, "vocab_size": ds.vocab_size, "train_tokens": len(ds.train),
+            "val_tokens": len(ds.val), "parts": shards, "checked": checked}
+
+
 PREPARED_FILES = {"train.bin", "val.bin", TOKENIZER_FILE, META_FILE}
+SHARD_NAME = re.compile(r"(train|val)_[0-9]{6}\.bin")  # prepare --shard-tokens
 
 
 def _check_prepare_out(out: Path) -> None:
@@ -529,7 +634,7 @@ def _check_prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CrystalError(f"--out {out} exists and is not a directory")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES and not SHARD_NAME.fullmatch(p.name)
                          and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # a killed write's
         if foreign or (any(out.iterdir()) and not (out / META_FILE).exists()):
             raise CrystalError(f"--out {out} holds files that are not a prepared data set "
@@ -538,14 +643,18 @@ def _check_prepare_out(out: Path) -> None:
 
 
 def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: int = 1024,
-            val_fraction: float = 0.1) -> dict:
+            val_fraction: float = 0.1, shard_tokens: int | None = None) -> dict:
     """Tokenize text files into a prepared directory; returns its meta.json contents.
     tokenizer: "bytes", "bpe" (trained here, vocab_size tokens), or the path of a tokenizer.json
     or of a directory holding one (its own vocabulary; written to `out` verbatim).
+    shard_tokens: None writes train.bin and val.bin; N writes each split as shards
+    train_000000.bin, ... of N tokens (the last fewer).
     Everything is read and encoded before anything is written; the data set is then written
     into a sibling directory that replaces `out` whole (see `_replace_dir`)."""
     if not inputs:
         raise CrystalError("give at least one input file")
+    if shard_tokens is not None and not (isinstance(shard_tokens, int) and shard_tokens >= 1):
+        raise CrystalError(f"--shard-tokens must be a positive number of tokens, got {shard_tokens!r}")
     _check_prepare_out(Path(out))
     given = None if tokenizer in ("bytes", "bpe") else BPETokenizer.from_file(tokenizer)
     if given is not None and given.vocab_size > MAX_VOCAB:
@@ -574,8 +683,17 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
         meta["tokenizer_from"] = str(tokenizer)
 
     def write(d: Path) -> None:
-        write_tokens(d / "train.bin", train, tok.vocab_size)
-        write_tokens(d / "val.bin", val, tok.vocab_size)
+        for name, ids in (("train", train), ("val", val)):
+            if shard_tokens is None:
+                pieces = [(f"{name}.bin", ids)]
+            else:  # at least one shard, empty where the split is
+                pieces = [(f"{name}_{i:06d}.bin", ids[lo:lo + shard_tokens])
+                          for i, lo in enumerate(range(0, max(len(ids), 1), shard_tokens))]
+            meta[f"{name}_shards"] = []
+            for file, part in pieces:
+                write_tokens(d / file, part, tok.vocab_size)
+                meta[f"{name}_shards"].append({"file": file, "tokens": int(part.size),
+                                               "sample_sha256": sample_sha256(open_token_file(d / file))})
         atomic_write_text(d / TOKENIZER_FILE, tok_json)
         atomic_write_json(d / META_FILE, meta)
 
@@ -630,51 +748,63 @@ class Position:
 
 
 class BatchIterator:
-    """Shuffled [B, T] (inputs, targets) batches of int32 token ids from one token stream."""
+    """Shuffled [B, T] (inputs, targets) batches of int32 token ids from one token stream (an
+    array, or a TokenStream of memory-mapped shards: only the windows a batch takes are read).
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
-                 vocab_size: int | None = None, what: str = "data"):
-        tokens = np.asarray(tokens)
-        self.B, self.T, self.seed = batch_size, seq_len, seed
+    `order`: how an epoch's windows are shuffled (crystal.shards.WindowOrder): DATA_ORDER, or
+    LEGACY_ORDER for a run that was started with it. Each batch's ids are checked against
+    `vocab_size` (ids are checked whole at prepare time and by `crystal data verify`, not here)."""
+
+    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int,
+                 vocab_size: int | None = None, what: str = "data", order: int = DATA_ORDER):
+        self.tokens = tokens if isinstance(tokens, TokenStream) else TokenStream([np.asarray(tokens)], [what])
+        self.B, self.T, self.seed, self.order = batch_size, seq_len, seed, order
+        self.vocab_size, self.what = vocab_size, what
+        n = len(self.tokens)
         # Epoch e cuts the stream into windows at its own seeded phase in [0, T): window k starts
         # at phase + k*T. Successive epochs then see differently aligned windows, not the same
         # sequences again (which a model soon memorizes). Shifting costs the last window; a
         # stream with no window to spare keeps phase 0.
-        whole = max(0, (len(tokens) - 1) // seq_len)
+        whole = max(0, (n - 1) // seq_len)
         self.shifted = whole - 1 >= batch_size
         self.n_windows = whole - 1 if self.shifted else whole
         self.batches_per_epoch = self.n_windows // batch_size
         if self.batches_per_epoch == 0:
             need = batch_size * seq_len + 1
-            raise CrystalError(f"{what} has {len(tokens)} tokens; one batch of {batch_size} x "
+            raise CrystalError(f"{what} has {n} tokens; one batch of {batch_size} x "
                                f"{seq_len} tokens needs at least {need} (use less --batch-size or --seq-len)")
-        if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-            raise CrystalError(f"{what} holds token id {int(tokens.max())}, outside the vocabulary "
-                               f"of {vocab_size}")
-        self.tokens = tokens
-        self._offsets = np.arange(seq_len + 1, dtype=np.int64)
         self.position = Position()
-        self._order_epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self._order: WindowOrder | None = None
 
-    def _window_starts(self, epoch: int) -> np.ndarray:
-        """Epoch `epoch`'s window start offsets, in its shuffled order."""
-        if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            phase = int(rng.integers(self.T)) if self.shifted else 0
-            self._order = phase + rng.permutation(self.n_windows) * self.T
+    def window_order(self, epoch: int) -> WindowOrder:
+        if self._order is None or self._order_epoch != epoch:
+            self._order = WindowOrder(self.n_windows, self.T, self.shifted, self.seed, epoch, self.order)
             self._order_epoch = epoch
         return self._order
 
+    def batch_starts(self, position: Position) -> np.ndarray:
+        """The stream offsets of the B windows (T + 1 ids each) of the batch at `position`. A
+        parallel stream (per-token masks) gives the batch's rows by `windows(starts, T + 1)` too."""
+        order = self.window_order(position.epoch)
+        positions = np.arange(position.cursor * self.B, (position.cursor + 1) * self.B, dtype=np.int64)
+        return order.phase + order.at(positions) * self.T
+
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        epoch, cursor = self.position.epoch, self.position.cursor
-        starts = self._window_starts(epoch)[cursor * self.B:(cursor + 1) * self.B]
-        rows = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
-        cursor += 1
+        starts = self.batch_starts(self.position)
+        rows = self.tokens.windows(starts, self.T + 1)
+        if self.vocab_size is not None and int(rows.max()) >= self.vocab_size:
+            self._refuse(rows, starts)
+        epoch, cursor = self.position.epoch, self.position.cursor + 1
         if cursor == self.batches_per_epoch:
             epoch, cursor = epoch + 1, 0
         self.position = Position(epoch, cursor)
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+
+    def _refuse(self, rows: np.ndarray, starts: np.ndarray) -> None:
+        r, c = np.unravel_index(int(np.argmax(rows >= self.vocab_size)), rows.shape)
+        name, at = self.tokens.where(int(starts[r]) + int(c))
+        raise CrystalError(f"{self.what}: token id {int(rows[r, c])} at token {at:,} of {name} is outside the "
+                           f"vocabulary of {self.vocab_size} (crystal data verify checks every id)")
 
     def state(self) -> dict:
         return {"epoch": self.position.epoch, "cursor": self.position.cursor}
@@ -691,9 +821,10 @@ class BatchIterator:
         self.position = Position(epoch, cursor)
 
 
-def eval_batches(val: np.ndarray, batch_size: int, seq_len: int, seed: int, count: int) -> list:
+def eval_batches(val, batch_size: int, seq_len: int, seed: int, count: int, order: int = DATA_ORDER,
+                 vocab_size: int | None = None) -> list:
     """The fixed validation set: the first `count` batches (at most one epoch) of the val split."""
-    it = BatchIterator(val, batch_size, seq_len, seed, what="the validation split")
+    it = BatchIterator(val, batch_size, seq_len, seed, vocab_size, what="the validation split", order=order)
     return [it.next_batch() for _ in range(min(count, it.batches_per_epoch))]
 
 

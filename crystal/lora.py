@@ -26,7 +26,18 @@ Per site the ops are (the backend's dropout op with threshold 0 is a plain scale
               dx += s * drop(dxd)                   dropout(dxd, ...) then residual_forward(dx, dx, dxd)
 
 s is folded into the input's dropout scale, so d/dA (= xd^T dh) and d/dB (= h^T dout) carry it
-exactly as s (B A x) does. Dropout masks are crystal.dropout's hash of (seed, step, micro-batch,
+exactly as s (B A x) does.
+
+The model calls the adapters by the role of the product they sit on (crystal.model: "qkv",
+"attproj", "fc", "fcproj"). A llama's q, k, v projections are one fused q|k|v product and gate,
+up one gate|up product: their adapters own a block of the product's output columns, [lo, lo +
+out) of a [N, W] row, so B's product runs on that column block in place (the backend's
+matmul_columns_* ops: a leading dimension W, no copy of the output, its gradient or any frozen
+weight):
+
+    forward   out[:, lo:lo+out] += h B^T        matmul_columns_forward(out, h, B^T, lo)
+    backward  dh = dout[:, lo:lo+out] B, dB^T = h^T dout[:, lo:lo+out]
+                                                matmul_columns_backward(dh, dB^T, dout, h, B^T, lo) Dropout masks are crystal.dropout's hash of (seed, step, micro-batch,
 layer, site), sites LORA_SITE + target index: bitwise the same on any sphere, rank or resume.
 """
 
@@ -44,11 +55,17 @@ from crystal.errors import CrystalError
 
 # The projections an adapter may sit on, in buffer order, per arch: crystal's target name -> the
 # module's path inside a block (HF names). A target name is PEFT's target_modules entry as-is.
+# ROLES: the model's product each sits on (crystal.model's hooks), in its output's column order.
 TARGETS = {
     "gpt2": {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
     "llama": {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
               "down_proj": "mlp.down_proj"},
+}
+ROLES = {
+    "gpt2": {"c_attn": "qkv", "attn.c_proj": "attproj", "c_fc": "fc", "mlp.c_proj": "fcproj"},
+    "llama": {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "attproj", "gate_proj": "fc",
+              "up_proj": "fc", "down_proj": "fcproj"},
 }
 ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
            "down": "down_proj"}
@@ -69,6 +86,19 @@ def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
     Q, KV = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
     return {"q_proj": (C, Q), "k_proj": (C, KV), "v_proj": (C, KV), "o_proj": (Q, C), "gate_proj": (C, I),
             "up_proj": (C, I), "down_proj": (I, C)}[target]
+
+
+def target_columns(cfg: ModelConfig, target: str) -> int:
+    """The first output column of a target in its role's product (a llama's k_proj starts after
+    the q heads of q|k|v, up_proj after gate of gate|up; every other target is its product: 0)."""
+    role = ROLES[cfg.arch][target]
+    lo = 0
+    for t, r in ROLES[cfg.arch].items():
+        if t == target:
+            return lo
+        if r == role:
+            lo += target_shape(cfg, t)[1]
+    raise KeyError(target)
 
 
 def parse_targets(text: str | None, cfg: ModelConfig) -> tuple[str, ...]:
@@ -255,6 +285,7 @@ class LoraActivations:
                    for t, (n_in, _) in zip(layout.lora.targets, shapes)}
         self.h = {key: be.empty((B, T, r), act) for key in self.xd}
         self.N = B * T
+        self.config = cfg
         self.y = be.empty((B * T * max(o for _, o in shapes),), act)  # one site's output, then its dxd
         self.dxd = be.empty((B * T * max(i for i, _ in shapes),), act)
         self.dh = be.empty((B, T, r), act)
@@ -281,9 +312,14 @@ class LoraPass:
                  drop: Dropout | None = None, grads: AdapterTensors | None = None):
         self.lora, self.w, self.a, self.drop, self.g = lora, weights, acts, drop, grads
         self._index = {t: i for i, t in enumerate(lora.targets)}
+        cfg = acts.config
+        self._roles: dict[str, list[tuple[str, int]]] = {}  # role -> [(target, its first column)]
+        for t in lora.targets:
+            self._roles.setdefault(ROLES[cfg.arch][t], []).append((t, target_columns(cfg, t)))
 
-    def adapts(self, layer: int, target: str) -> bool:
-        return self.w.site(layer, target) is not None
+    def adapts(self, layer: int, role: str) -> bool:
+        """Whether the product of `role` (crystal.model's hooks) at `layer` has an adapter."""
+        return any(self.w.site(layer, t) is not None for t, _ in self._roles.get(role, ()))
 
     def _scale_args(self, layer: int, target: str) -> tuple[int, int, float]:
         """The dropout op's (key, threshold, scale): s / (1 - p) on the kept elements."""
@@ -299,32 +335,42 @@ class LoraPass:
             return [0]
         return [self.drop.key(l, LORA_SITE + i) for l in range(n_layer) for i in range(len(self.lora.targets))]
 
-    def forward(self, be, layer: int, target: str, x, out) -> None:
-        """out += s drop(x) A^T B^T at one projection (nothing where it has no adapter)."""
-        site = self.w.site(layer, target)
-        if site is None:
-            return
-        At, Bt = site
-        xd, h = self.a.xd[(layer, target)], self.a.h[(layer, target)]
-        be.dropout(xd, x, *self._scale_args(layer, target))
-        be.matmul_forward(h, xd, At, None)
-        y = self.a.scratch(self.a.y, Bt.shape[1]).reshape(out.shape)
-        be.matmul_forward(y, h, Bt, None)
-        be.residual_forward(out, out, y)
+    def forward(self, be, layer: int, role: str, x, out) -> None:
+        """out += s drop(x) A^T B^T for each adapter on the product of `role` (x its input, out
+        its output [B,T,W]; an adapter of a part of the product adds into its columns)."""
+        for target, lo in self._roles.get(role, ()):
+            site = self.w.site(layer, target)
+            if site is None:
+                continue
+            At, Bt = site
+            xd, h = self.a.xd[(layer, target)], self.a.h[(layer, target)]
+            be.dropout(xd, x, *self._scale_args(layer, target))
+            be.matmul_forward(h, xd, At, None)
+            if Bt.shape[1] == out.shape[-1]:  # the whole product's output
+                y = self.a.scratch(self.a.y, Bt.shape[1]).reshape(out.shape)
+                be.matmul_forward(y, h, Bt, None)
+                be.residual_forward(out, out, y)
+            else:  # its columns [lo, lo + out) of the fused product, in place
+                be.matmul_columns_forward(out, h, Bt, lo)
 
-    def backward(self, be, layer: int, target: str, dout, dinp) -> None:
-        """dA, dB written into the gradient row; dinp += the adapter's input gradient."""
-        site = self.w.site(layer, target)
-        if site is None:
-            return
-        At, Bt = site
-        gAt, gBt = self.g.site(layer, target)
-        xd, h = self.a.xd[(layer, target)], self.a.h[(layer, target)]
-        be.matmul_backward(self.a.dh, gBt, None, dout, h, Bt)  # dh = dout B, dB^T = h^T dout
-        dxd = self.a.scratch(self.a.dxd, At.shape[0]).reshape(dinp.shape)
-        be.matmul_backward(dxd, gAt, None, self.a.dh, xd, At)  # dxd = dh A, dA^T = xd^T dh
-        be.dropout(dxd, dxd, *self._scale_args(layer, target))  # through s drop(.): the same mask
-        be.residual_forward(dinp, dinp, dxd)
+    def backward(self, be, layer: int, role: str, dout, dinp) -> None:
+        """dA, dB of each adapter on the product of `role` written into the gradient row; dinp +=
+        their input gradients (in target order)."""
+        for target, lo in self._roles.get(role, ()):
+            site = self.w.site(layer, target)
+            if site is None:
+                continue
+            At, Bt = site
+            gAt, gBt = self.g.site(layer, target)
+            xd, h = self.a.xd[(layer, target)], self.a.h[(layer, target)]
+            if Bt.shape[1] == dout.shape[-1]:
+                be.matmul_backward(self.a.dh, gBt, None, dout, h, Bt)  # dh = dout B, dB^T = h^T dout
+            else:  # the same on its columns of the fused product's gradient
+                be.matmul_columns_backward(self.a.dh, gBt, dout, h, Bt, lo)
+            dxd = self.a.scratch(self.a.dxd, At.shape[0]).reshape(dinp.shape)
+            be.matmul_backward(dxd, gAt, None, self.a.dh, xd, At)  # dxd = dh A, dA^T = xd^T dh
+            be.dropout(dxd, dxd, *self._scale_args(layer, target))  # through s drop(.): the same mask
+            be.residual_forward(dinp, dinp, dxd)
 
 
 # --- merging, identity, PEFT's files ----------------------------------------------------------------

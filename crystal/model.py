@@ -1,12 +1,17 @@
-"""GPT-2: parameter layout in one flat buffer, activations, forward and backward.
+"""GPT-2 and Llama: parameter layout in one flat buffer, activations, forward and backward.
 
 Written once against the backend op protocol (`crystal.backends.base`), so the same code runs
-on numpy (cpu) and cupy (cuda) arrays. Parameters and gradients each live in one flat float32
-buffer; `ParamLayout` gives the Hugging Face GPT-2 name, shape and offset of every tensor, so
-the reducer, the optimizer, the gradient norm and a checkpoint are each one pass over one
-buffer, and a checkpoint *is* an HF GPT-2 state dict (LM head tied to `transformer.wte`).
+on numpy (cpu) and cupy (cuda) arrays, and once for both architectures: a block is the same
+sequence of steps (norm, q|k|v product, attention, projection, residual + norm, MLP, projection,
+residual + norm) and `BlockOps` picks each step's op by `cfg.arch` (GPT-2's LayerNorm, Conv1D
+products and GELU; llama's RMSNorm, nn.Linear products, rotary positions, grouped-query
+attention and SwiGLU). Parameters and gradients each live in one flat float32 buffer;
+`ParamLayout` gives the Hugging Face name (GPT-2's, or Llama's / Qwen2's), shape and offset of
+every tensor, so the reducer, the optimizer, the gradient norm and a checkpoint are each one pass
+over one buffer, and a checkpoint *is* an HF state dict.
 
-The token embedding (the tied LM head) holds `cfg.padded_vocab_size` rows in the buffer, the
+The tensor the LM head reads (GPT-2's tied wte, a tied llama's embed_tokens, an untied llama's
+lm_head) holds `cfg.padded_vocab_size` rows in the buffer, the
 vocabulary rounded up to a multiple of 64 as llm.c pads 50257 to 50304: the products of the LM
 head get aligned shapes. The padding rows are zero and stay zero: the cross-entropy ops give
 their logits probability 0 and gradient 0, so the LM head writes zero gradient rows, the encoder
@@ -14,7 +19,6 @@ adds only into real tokens' rows, and AdamW of a zero weight with zero gradient 
 (eps > 0) is zero, weight decay included. Every name -> tensor view (`ParamLayout.views`,
 checkpoints, `GPT.params`, exports) shows the vocab_size real rows only.
 """
-
 from __future__ import annotations
 
 import math
@@ -120,6 +124,7 @@ class ParamLayout:
         self.config = cfg
         self.specs: list[ParamSpec] = []
         self.head = head_name(cfg)
+        self.blocks = "model.layers." if cfg.llama else "transformer.h."  # the blocks' name prefix
         offset = 0
         for name, shape in param_shapes(cfg):
             stored = (cfg.padded_vocab_size, *shape[1:]) if name == self.head else shape
@@ -176,30 +181,42 @@ class ParamLayout:
         return np.array(rows, dtype=np.int64)
 
 
+NORM_WEIGHTS = ("ln_1.weight", "ln_2.weight", "ln_f.weight", "norm.weight")  # GPT-2's LayerNorms; llama's RMSNorms
+RESIDUAL_PROJECTIONS = ("c_proj.weight", "o_proj.weight", "down_proj.weight")  # the products that join the residual
+
+
 def init_params(cfg: ModelConfig, seed: int) -> np.ndarray:
-    """GPT-2 init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer),
-    zero biases, LayerNorm weights one. Deterministic for a seed, in buffer order; the LM head's
-    padding rows zero."""
+    """GPT-2's init, for either arch: N(0, 0.02) matrices (embeddings and an untied LM head
+    included), the residual projections (GPT-2's c_proj; llama's o_proj and down_proj) scaled by
+    1/sqrt(2 n_layer), zero biases, norm weights (LayerNorm, RMSNorm) one. transformers inits a
+    Llama with N(0, 0.02) everywhere; the residual scaling is GPT-2's (and litgpt's, nanoGPT's)
+    and keeps the residual stream's variance flat in depth for a model trained from scratch.
+    Deterministic for a seed, in buffer order; the LM head's padding rows zero."""
     layout = ParamLayout(cfg)
     flat = layout.zeros()
     rng = np.random.default_rng(seed)
     views = layout.views(flat)
     for s in layout.specs:
         v = views[s.name]
-        if s.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        if s.name.endswith(NORM_WEIGHTS):
             v[...] = 1.0
         elif len(s.shape) == 1:
             v[...] = 0.0
         else:
             std = 0.02
-            if s.name.endswith("c_proj.weight"):
+            if s.name.endswith(RESIDUAL_PROJECTIONS):
                 std /= math.sqrt(2 * cfg.n_layer)
             v[...] = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(std)
     return flat
 
 
+# --- named views: one block definition, two name sets ------------------------------------------
+
 @dataclass
 class LayerTensors:
+    """One block's tensors by role. Biases and LayerNorm's b are None where the arch has none; a
+    llama's qkv_w (and qkv_b) is its q, k, v projections as one matrix, fc_w its gate and up."""
+
     ln1_w: object
     ln1_b: object
     qkv_w: object
@@ -214,43 +231,93 @@ class LayerTensors:
     fcproj_b: object
 
 
-_LAYER_NAMES = {
-    "ln1_w": "ln_1.weight", "ln1_b": "ln_1.bias",
-    "qkv_w": "attn.c_attn.weight", "qkv_b": "attn.c_attn.bias",
-    "attproj_w": "attn.c_proj.weight", "attproj_b": "attn.c_proj.bias",
-    "ln2_w": "ln_2.weight", "ln2_b": "ln_2.bias",
-    "fc_w": "mlp.c_fc.weight", "fc_b": "mlp.c_fc.bias",
-    "fcproj_w": "mlp.c_proj.weight", "fcproj_b": "mlp.c_proj.bias",
+# role -> the tensors behind it, adjacent in the buffer (one view); () where the arch has none
+_GPT2_LAYER = {
+    "ln1_w": ("ln_1.weight",), "ln1_b": ("ln_1.bias",),
+    "qkv_w": ("attn.c_attn.weight",), "qkv_b": ("attn.c_attn.bias",),
+    "attproj_w": ("attn.c_proj.weight",), "attproj_b": ("attn.c_proj.bias",),
+    "ln2_w": ("ln_2.weight",), "ln2_b": ("ln_2.bias",),
+    "fc_w": ("mlp.c_fc.weight",), "fc_b": ("mlp.c_fc.bias",),
+    "fcproj_w": ("mlp.c_proj.weight",), "fcproj_b": ("mlp.c_proj.bias",),
+}
+_LLAMA_LAYER = {
+    "ln1_w": ("input_layernorm.weight",), "ln1_b": (),
+    "qkv_w": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "qkv_b": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),  # attention_bias only
+    "attproj_w": ("self_attn.o_proj.weight",), "attproj_b": (),
+    "ln2_w": ("post_attention_layernorm.weight",), "ln2_b": (),
+    "fc_w": ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc_b": (),
+    "fcproj_w": ("mlp.down_proj.weight",), "fcproj_b": (),
 }
 
 
-class Tensors:
-    """Named views of a flat buffer (parameters or their gradients) for forward/backward."""
+def _joined(layout: ParamLayout, flat, names: list[str]):
+    """One view of tensors adjacent in the buffer, stacked on their first axis (q|k|v, gate|up);
+    None for no tensors."""
+    if not names:
+        return None
+    specs = [layout.by_name[n] for n in names]
+    for a, b in zip(specs, specs[1:]):
+        assert a.offset + a.span == b.offset, f"{a.name} and {b.name} are not adjacent in the buffer"
+    lo, hi = specs[0].offset, specs[-1].offset + specs[-1].span
+    return flat[lo:hi].reshape(sum(s.shape[0] for s in specs), *specs[0].shape[1:])
 
-    def __init__(self, layout: ParamLayout, flat):
+
+class Tensors:
+    """Named views of a flat buffer (parameters or their gradients) for forward/backward.
+
+    wte: the token embedding the encoder reads (GPT-2's, a tied llama's: [Vp, C] with the
+    padding rows; an untied llama's: [V, C]); head: the tensor the LM head reads ([Vp, C]: wte
+    when tied); wpe: GPT-2's position embedding (None for llama). be (the weights, llama): the
+    rotary table goes onto this backend once, as cos, sin [block_size, hd/2] (crystal.rope)."""
+
+    def __init__(self, layout: ParamLayout, flat, be=None):
+        cfg = layout.config
         v = layout.views(flat)
         self.flat = flat
-        wte = layout.by_name[WTE]
-        self.wte = flat[wte.offset:wte.offset + wte.span].reshape(wte.stored)  # [Vp, C]: padding rows too
-        self.wpe = v["transformer.wpe.weight"]
-        self.lnf_w = v["transformer.ln_f.weight"]
-        self.lnf_b = v["transformer.ln_f.bias"]
+        head = layout.by_name[layout.head]
+        self.head = flat[head.offset:head.offset + head.span].reshape(head.stored)  # [Vp, C]: padding rows too
+        self.cos = self.sin = None
+        if cfg.llama:
+            self.wte = self.head if cfg.tied else v["model.embed_tokens.weight"]
+            self.wpe, self.lnf_w, self.lnf_b = None, v["model.norm.weight"], None
+            prefix, roles = "model.layers.{}.", _LLAMA_LAYER
+            if be is not None:
+                from crystal.rope import rope_table
+
+                self.cos, self.sin = (be.to_device(t) for t in rope_table(cfg))
+        else:
+            self.wte = self.head
+            self.wpe = v["transformer.wpe.weight"]
+            self.lnf_w, self.lnf_b = v["transformer.ln_f.weight"], v["transformer.ln_f.bias"]
+            prefix, roles = "transformer.h.{}.", _GPT2_LAYER
         self.layers = [
-            LayerTensors(**{k: v[f"transformer.h.{l}.{n}"] for k, n in _LAYER_NAMES.items()})
-            for l in range(layout.config.n_layer)
+            LayerTensors(**{role: _joined(layout, flat, [prefix.format(l) + n for n in names
+                                                        if prefix.format(l) + n in layout.by_name])
+                            for role, names in roles.items()})
+            for l in range(cfg.n_layer)
         ]
 
 
 # --- activations -----------------------------------------------------------------------------
 
 class Activations:
-    """Every buffer one forward/backward of a [B,T] batch needs, allocated once. Activations and
-    their gradients are in the backend's act_dtype (float32, or bf16 under --precision bf16);
-    layernorm statistics and the per-token losses are always float32."""
+    """Every buffer one forward/backward of a [B,T] batch needs, allocated once, by role (the
+    arch's only: a llama has no norm means). Activations and their gradients are in the
+    backend's act_dtype (float32, or bf16 under --precision bf16); norm statistics and the
+    per-token losses are always float32.
+
+      qkv      [B,T,qkv_size]   q|k|v heads (GPT-2: 3C; llama: (NH + 2 KV) hd, q and k rotated)
+      atty     [B,T,NH hd]      the attention's output, before its projection
+      fch      [B,T,4C | 2I]    the MLP's first product (GPT-2: before GELU; llama: gate|up)
+      fch_act  [B,T,4C | I]     GELU(fch) | SwiGLU(gate, up), the input of the MLP's projection
+
+    lora: a crystal.lora.AdapterLayout: the adapters' activations too (`self.lora`)."""
 
     def __init__(self, be, cfg: ModelConfig, B: int, T: int, lora=None):
-        """lora: a crystal.lora.AdapterLayout: the adapters' activations too (`self.lora`)."""
         C, L, NH, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.padded_vocab_size
+        H, QKV, M = NH * cfg.head_size, cfg.qkv_size, cfg.mlp_size
+        up = 2 * M if cfg.llama else M  # gate|up, or c_fc's
         self.B, self.T = B, T
         act, f32 = be.act_dtype, np.float32
         att_shape, att_dtype = be.attention_saved(B, NH, T, cfg.head_size)
@@ -258,30 +325,36 @@ class Activations:
         def per_layer(shape, dtype=act):
             return [be.empty(shape, dtype) for _ in range(L)]
 
+        def means():  # LayerNorm's mean (GPT-2); RMSNorm saves none
+            return [None] * L if cfg.llama else per_layer((B, T), f32)
+
         self.encoded = be.empty((B, T, C), act)
         self.ln1 = per_layer((B, T, C))
-        self.ln1_mean, self.ln1_rstd = per_layer((B, T), f32), per_layer((B, T), f32)
-        self.qkv = per_layer((B, T, 3 * C))
+        self.ln1_mean, self.ln1_rstd = means(), per_layer((B, T), f32)
+        self.qkv = per_layer((B, T, QKV))
         self.att = per_layer(att_shape, att_dtype)
-        self.atty = per_layer((B, T, C))
+        self.atty = per_layer((B, T, H))
         self.attproj = per_layer((B, T, C))
         self.res2 = per_layer((B, T, C))
         self.ln2 = per_layer((B, T, C))
-        self.ln2_mean, self.ln2_rstd = per_layer((B, T), f32), per_layer((B, T), f32)
-        self.fch = per_layer((B, T, 4 * C))
-        self.fch_gelu = per_layer((B, T, 4 * C))
+        self.ln2_mean, self.ln2_rstd = means(), per_layer((B, T), f32)
+        self.fch = per_layer((B, T, up))
+        self.fch_act = per_layer((B, T, M))
         self.fcproj = per_layer((B, T, C))
         self.res3 = per_layer((B, T, C))
-        self.lnf, self.lnf_mean, self.lnf_rstd = be.empty((B, T, C), act), be.empty((B, T), f32), be.empty((B, T), f32)
+        self.lnf, self.lnf_rstd = be.empty((B, T, C), act), be.empty((B, T), f32)
+        self.lnf_mean = None if cfg.llama else be.empty((B, T), f32)
         # [B,T,Vp]: softmax probs after a forward with targets, then dlogits (0 in the padding columns)
         self.logits = be.empty((B, T, V), act)
         self.losses = be.empty((B, T), f32)
         # backward scratch, reused by every layer
         self.dres = be.empty((B, T, C), act)  # gradient of the residual stream
         self.dln = be.empty((B, T, C), act)
-        self.datty = be.empty((B, T, C), act)
-        self.dqkv = be.empty((B, T, 3 * C), act)
-        self.dfch = be.empty((B, T, 4 * C), act)
+        self.datty = be.empty((B, T, H), act)
+        self.dqkv = be.empty((B, T, QKV), act)
+        self.dfch = be.empty((B, T, up), act)
+        # d fch_act: GPT-2's GELU backward runs in place in dfch; SwiGLU's reads it beside dfch
+        self.dfch_act = be.empty((B, T, M), act) if cfg.llama else self.dfch
         self.lora = None
         if lora is not None:
             from crystal.lora import LoraActivations
@@ -290,10 +363,13 @@ class Activations:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (parameters - position embeddings) + 12 n_layer T C
-    (the PaLM convention; the tied LM head counts once, attention over full T x T; the model's
-    FLOPs: the LM head's padding rows are not counted)."""
-    return 6 * (ParamLayout(cfg).n_params - cfg.block_size * cfg.n_embd) + 12 * cfg.n_layer * seq_len * cfg.n_embd
+    """Training FLOPs per token: 6 x (parameters in products) + 12 n_layer T NH hd (the PaLM
+    convention; attention over full T x T; the model's FLOPs: the LM head's padding rows are not
+    counted). Parameters in products: all but the tables that are only looked up, GPT-2's
+    position embedding and an untied llama's token embedding (a tied one is the LM head's
+    product, counted once). GQA's smaller k/v products count through their parameters."""
+    lookup = (0 if cfg.tied else cfg.vocab_size * cfg.n_embd) if cfg.llama else cfg.block_size * cfg.n_embd
+    return 6 * (ParamLayout(cfg).n_params - lookup) + 12 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_size
 
 
 class _ShapeOnly:
@@ -314,19 +390,109 @@ class _ShapeOnly:
 
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, precision: str = "fp32", flash: bool = False) -> int:
-    """Bytes of one sphere's Activations for [B, T] batches, plus per-sphere attention scratch:
-    one head's [T,T] score gradients and dropped probabilities on the cpu (fp32/tf32), the
-    [B,NH,T,T] score gradients of the cuBLAS attention path in bf16, nothing with flash attention."""
+    """Bytes of one sphere's Activations for [B, T] batches (each buffer once), plus per-sphere
+    attention scratch: one head's [T,T] score gradients and dropped probabilities on the cpu
+    (fp32/tf32), the [B,NH,T,T] score gradients of the cuBLAS attention path in bf16, nothing
+    with flash attention."""
     bf16 = precision == "bf16"
     acts = Activations(_ShapeOnly(bf16, flash and bf16), cfg, B, T)
-    total = 0
+    total, seen = 0, set()
     for v in vars(acts).values():
         for x in (v if isinstance(v, list) else [v]):
-            if hasattr(x, "shape"):
+            if hasattr(x, "shape") and id(x) not in seen:
+                seen.add(id(x))
                 total += math.prod(x.shape) * x.dtype.itemsize
     if not bf16:
         return total + 4 * 2 * T * T
     return total + (0 if flash else 2 * B * cfg.n_head * T * T)
+
+
+# --- the block's ops, GPT-2's and llama's side by side ------------------------------------------
+
+class BlockOps:
+    """The backend ops each step of a block maps to, chosen by the arch:
+
+                  GPT-2                                  llama
+      norm        LayerNorm (w, b; saves mean, rstd)     RMSNorm (w; saves rstd)
+      product     Conv1D: x @ w[in, out] + b             nn.Linear: x @ w[out, in].T (+ b)
+      positions   learned wpe, added by the encoder      rotary, on q and k after the q|k|v product
+      attention   n_head heads of q, k and v             grouped-query: n_kv_head heads of k and v
+      mlp         gelu(x @ c_fc)                         silu(x @ gate) * (x @ up), one gate|up product
+
+    GPT-2's calls are exactly the ops' GPT-2 calls (no llama keyword reaches them)."""
+
+    def __init__(self, be, cfg: ModelConfig):
+        self.be, self.llama, self.n_head = be, cfg.llama, cfg.n_head
+        self.kv = {"n_kv_head": cfg.kv_heads} if cfg.llama else {}
+
+    def norm(self, out, mean, rstd, inp, w, b, eps):
+        if self.llama:
+            self.be.rmsnorm_forward(out, rstd, inp, w, eps)
+        else:
+            self.be.layernorm_forward(out, mean, rstd, inp, w, b, eps)
+
+    def residual_norm(self, res, out, mean, rstd, a, b, w, bias, eps):
+        """res = a + b, out = norm(res)."""
+        if self.llama:
+            self.be.residual_rmsnorm_forward(res, out, rstd, a, b, w, eps)
+        else:
+            self.be.residual_layernorm_forward(res, out, mean, rstd, a, b, w, bias, eps)
+
+    def norm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd):
+        """dinp += ...; dw (and db) written."""
+        if self.llama:
+            self.be.rmsnorm_backward(dinp, dw, dout, inp, w, rstd)
+        else:
+            self.be.layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd)
+
+    def product(self, out, inp, w, bias):
+        if self.llama:
+            self.be.linear_forward(out, inp, w, bias)
+        else:
+            self.be.matmul_forward(out, inp, w, bias)
+
+    def product_backward(self, dinp, dw, dbias, dout, inp, w):
+        if self.llama:
+            self.be.linear_backward(dinp, dw, dbias, dout, inp, w)
+        else:
+            self.be.matmul_backward(dinp, dw, dbias, dout, inp, w)
+
+    def attention(self, out, att, qkv, drop):
+        self.be.attention_forward(out, att, qkv, self.n_head, drop, **self.kv)
+
+    def attention_backward(self, dqkv, dout, qkv, att, drop, out):
+        self.be.attention_backward(dqkv, dout, qkv, att, self.n_head, drop, out=out, **self.kv)
+
+    def mlp(self, act, pre, inp, w, bias):
+        """pre = the MLP's first product of inp, act = its activation (GELU; SwiGLU of gate|up)."""
+        if self.llama:
+            self.be.linear_forward(pre, inp, w, bias)
+            self.be.swiglu_forward(act, pre)
+        else:
+            self.be.matmul_gelu_forward(act, pre, inp, w, bias)
+
+    def activation(self, act, pre):
+        """act = GELU(pre) | SwiGLU(gate|up of pre): `mlp` after its product (LoRA adds between)."""
+        if self.llama:
+            self.be.swiglu_forward(act, pre)
+        else:
+            self.be.gelu_forward(act, pre)
+
+    def mlp_backward(self, dpre, pre, dact):
+        """d pre (written) from d act."""
+        if self.llama:
+            self.be.swiglu_backward(dpre, pre, dact)
+        else:
+            self.be.gelu_backward(dpre, pre, dact)
+
+
+def _rotary(cfg: ModelConfig, w: Tensors, T: int):
+    """A llama's (cos, sin) rows 0..T-1, or None (GPT-2)."""
+    if not cfg.llama:
+        return None
+    if w.cos is None:
+        raise ValueError("a llama's weights need the rotary table: Tensors(layout, flat, backend)")
+    return w.cos[:T], w.sin[:T]
 
 
 # --- forward and backward ----------------------------------------------------------------------
@@ -339,53 +505,57 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     drop: this micro-batch's dropout (training only), applied in place to the embedding sum and
     to each projection's output before it joins the residual stream, and to the attention
     probabilities inside the attention op (a.att keeps them undropped for the backward).
-    Each residual addition is fused with the layernorm that reads its sum (the next layer's
-    ln_1, or ln_f after the last layer). loss_out (a device float64[1]): the losses' sum goes
-    there and nothing is read back (a CUDA-graph step; the mean is sum / (B T)); returns None.
-    lora: a crystal.lora.LoraPass: each adapted projection's output gets its adapter's term."""
+    Each residual addition is fused with the norm that reads its sum (the next layer's first
+    norm, or the final norm after the last layer). loss_out (a device float64[1]): the losses'
+    sum goes there and nothing is read back (a CUDA-graph step; the mean is sum / (B T));
+    returns None. lora: a crystal.lora.LoraPass: each adapted projection's output gets its
+    adapter's term, added to the product's output (or its columns: a llama's q, k, v of the
+    q|k|v product, gate, up of gate|up) before anything reads it (rotary, the activation)."""
     B, T = idx.shape
-    NH, eps = cfg.n_head, cfg.layer_norm_epsilon
-    be.encoder_forward(a.encoded, idx, w.wte, w.wpe[:T])
+    NH, KV, eps = cfg.n_head, cfg.kv_heads, cfg.layer_norm_epsilon
+    ops, rotary = BlockOps(be, cfg), _rotary(cfg, w, T)
+    be.encoder_forward(a.encoded, idx, w.wte, None if w.wpe is None else w.wpe[:T])
     if drop:
         drop.apply(be, a.encoded, a.encoded, 0, EMBEDDING)
     x = a.encoded
     if w.layers:
         p = w.layers[0]
-        be.layernorm_forward(a.ln1[0], a.ln1_mean[0], a.ln1_rstd[0], x, p.ln1_w, p.ln1_b, eps)
+        ops.norm(a.ln1[0], a.ln1_mean[0], a.ln1_rstd[0], x, p.ln1_w, p.ln1_b, eps)
     else:
-        be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, w.lnf_w, w.lnf_b, eps)
+        ops.norm(a.lnf, a.lnf_mean, a.lnf_rstd, x, w.lnf_w, w.lnf_b, eps)
     for l, p in enumerate(w.layers):
-        be.matmul_forward(a.qkv[l], a.ln1[l], p.qkv_w, p.qkv_b)
+        ops.product(a.qkv[l], a.ln1[l], p.qkv_w, p.qkv_b)
         if lora:
-            lora.forward(be, l, "c_attn", a.ln1[l], a.qkv[l])
-        be.attention_forward(a.atty[l], a.att[l], a.qkv[l], NH, drop and drop.site(l, ATTENTION_PROBS))
-        be.matmul_forward(a.attproj[l], a.atty[l], p.attproj_w, p.attproj_b)
+            lora.forward(be, l, "qkv", a.ln1[l], a.qkv[l])
+        if rotary:  # llama: q and k heads rotated in place (v untouched)
+            be.rope_forward(a.qkv[l], *rotary, NH, KV)
+        ops.attention(a.atty[l], a.att[l], a.qkv[l], drop and drop.site(l, ATTENTION_PROBS))
+        ops.product(a.attproj[l], a.atty[l], p.attproj_w, p.attproj_b)
         if lora:
-            lora.forward(be, l, "attn.c_proj", a.atty[l], a.attproj[l])
+            lora.forward(be, l, "attproj", a.atty[l], a.attproj[l])
         if drop:  # attproj is not read by the backward, so it is dropped in place
             drop.apply(be, a.attproj[l], a.attproj[l], l, ATTENTION_PROJ)
-        be.residual_layernorm_forward(a.res2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], x, a.attproj[l],
-                                      p.ln2_w, p.ln2_b, eps)
-        if lora and lora.adapts(l, "c_fc"):  # the adapter joins before the GELU: no fused product
-            be.matmul_forward(a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
-            lora.forward(be, l, "c_fc", a.ln2[l], a.fch[l])
-            be.gelu_forward(a.fch_gelu[l], a.fch[l])
+        ops.residual_norm(a.res2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], x, a.attproj[l], p.ln2_w, p.ln2_b, eps)
+        if lora and lora.adapts(l, "fc"):  # the adapter joins before the activation: no fused product
+            ops.product(a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
+            lora.forward(be, l, "fc", a.ln2[l], a.fch[l])
+            ops.activation(a.fch_act[l], a.fch[l])
         else:
-            be.matmul_gelu_forward(a.fch_gelu[l], a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
-        be.matmul_forward(a.fcproj[l], a.fch_gelu[l], p.fcproj_w, p.fcproj_b)
+            ops.mlp(a.fch_act[l], a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
+        ops.product(a.fcproj[l], a.fch_act[l], p.fcproj_w, p.fcproj_b)
         if lora:
-            lora.forward(be, l, "mlp.c_proj", a.fch_gelu[l], a.fcproj[l])
+            lora.forward(be, l, "fcproj", a.fch_act[l], a.fcproj[l])
         if drop:
             drop.apply(be, a.fcproj[l], a.fcproj[l], l, MLP_PROJ)
-        if l + 1 < len(w.layers):  # res3 = res2 + fcproj, then the next layer's ln_1 of it
+        if l + 1 < len(w.layers):  # res3 = res2 + fcproj, then the next layer's first norm of it
             q = w.layers[l + 1]
-            be.residual_layernorm_forward(a.res3[l], a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1],
-                                          a.res2[l], a.fcproj[l], q.ln1_w, q.ln1_b, eps)
-        else:  # ... or ln_f after the last layer
-            be.residual_layernorm_forward(a.res3[l], a.lnf, a.lnf_mean, a.lnf_rstd, a.res2[l], a.fcproj[l],
-                                          w.lnf_w, w.lnf_b, eps)
+            ops.residual_norm(a.res3[l], a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1],
+                              a.res2[l], a.fcproj[l], q.ln1_w, q.ln1_b, eps)
+        else:  # ... or the final norm after the last layer
+            ops.residual_norm(a.res3[l], a.lnf, a.lnf_mean, a.lnf_rstd, a.res2[l], a.fcproj[l],
+                              w.lnf_w, w.lnf_b, eps)
         x = a.res3[l]
-    be.lm_head_forward(a.logits, a.lnf, w.wte)  # [B,T,Vp]; the padding columns are not logits
+    be.lm_head_forward(a.logits, a.lnf, w.head)  # [B,T,Vp]; the padding columns are not logits
     if targets is None:
         return None
     V = cfg.vocab_size  # the softmax over the first V columns; the others get probability and gradient 0
@@ -405,60 +575,67 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors | None, a: Activations
     tensor of g (drop: the same as the forward's).
 
     Every gradient tensor is written (not accumulated), so g needs no zeroing beforehand; the LM
-    head's padding rows of g.wte are written zero (their dlogits columns are zero).
+    head's padding rows of g.head are written zero (their dlogits columns are zero). The token
+    embedding's gradient is the LM head's plus the encoder's scatter when tied; untied, it is
+    zeroed here and then takes the scatter alone.
 
     g None: the model is frozen (LoRA: `lora`, the forward's LoraPass, writes its adapters'
     gradients into its row): input gradients only, no weight gradient is computed, and the
     backward stops at the first layer's adapters, below which nothing trains."""
     B, T = idx.shape
-    NH = cfg.n_head
+    NH, KV = cfg.n_head, cfg.kv_heads
+    ops, rotary = BlockOps(be, cfg), _rotary(cfg, w, T)
     frozen = g is None
     if frozen:
         g = _Frozen(cfg.n_layer)
-    be.lm_head_backward(a.dln, g.wte, a.logits, a.lnf, w.wte)
+    be.lm_head_backward(a.dln, g.head, a.logits, a.lnf, w.head)
     last = a.res3[-1] if a.res3 else a.encoded
     be.zero(a.dres)
-    be.layernorm_backward(a.dres, g.lnf_w, g.lnf_b, a.dln, last, w.lnf_w, a.lnf_mean, a.lnf_rstd)
+    ops.norm_backward(a.dres, g.lnf_w, g.lnf_b, a.dln, last, w.lnf_w, a.lnf_mean, a.lnf_rstd)
     for l in reversed(range(cfg.n_layer)):
         p, q = w.layers[l], g.layers[l]
         x = a.res3[l - 1] if l > 0 else a.encoded
         # a.dres holds d res3[l]; res3 = res2 + drop(fcproj)
         dproj = _through_dropout(be, drop, a, l, MLP_PROJ)
-        be.matmul_backward(a.dfch, q.fcproj_w, q.fcproj_b, dproj, a.fch_gelu[l], p.fcproj_w)
+        ops.product_backward(a.dfch_act, q.fcproj_w, q.fcproj_b, dproj, a.fch_act[l], p.fcproj_w)
         if lora:
-            lora.backward(be, l, "mlp.c_proj", dproj, a.dfch)
-        be.gelu_backward(a.dfch, a.fch[l], a.dfch)
-        be.matmul_backward(a.dln, q.fc_w, q.fc_b, a.dfch, a.ln2[l], p.fc_w)
+            lora.backward(be, l, "fcproj", dproj, a.dfch_act)
+        ops.mlp_backward(a.dfch, a.fch[l], a.dfch_act)
+        ops.product_backward(a.dln, q.fc_w, q.fc_b, a.dfch, a.ln2[l], p.fc_w)
         if lora:
-            lora.backward(be, l, "c_fc", a.dfch, a.dln)
-        be.layernorm_backward(a.dres, q.ln2_w, q.ln2_b, a.dln, a.res2[l], p.ln2_w, a.ln2_mean[l], a.ln2_rstd[l])
+            lora.backward(be, l, "fc", a.dfch, a.dln)
+        ops.norm_backward(a.dres, q.ln2_w, q.ln2_b, a.dln, a.res2[l], p.ln2_w, a.ln2_mean[l], a.ln2_rstd[l])
         # a.dres holds d res2[l]; res2 = x + drop(attproj)
         dproj = _through_dropout(be, drop, a, l, ATTENTION_PROJ)
-        be.matmul_backward(a.datty, q.attproj_w, q.attproj_b, dproj, a.atty[l], p.attproj_w)
+        ops.product_backward(a.datty, q.attproj_w, q.attproj_b, dproj, a.atty[l], p.attproj_w)
         if lora:
-            lora.backward(be, l, "attn.c_proj", dproj, a.datty)
-        be.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], NH, drop and drop.site(l, ATTENTION_PROBS),
-                              out=a.atty[l])
-        be.matmul_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
+            lora.backward(be, l, "attproj", dproj, a.datty)
+        ops.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], drop and drop.site(l, ATTENTION_PROBS),
+                               a.atty[l])
+        if rotary:  # llama: d of the unrotated q and k (the transpose rotation), in place
+            be.rope_backward(a.dqkv, *rotary, NH, KV)
+        ops.product_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
         if lora:
-            lora.backward(be, l, "c_attn", a.dqkv, a.dln)
+            lora.backward(be, l, "qkv", a.dqkv, a.dln)
         if frozen and l == 0:
             return  # nothing below the first layer's input trains
-        be.layernorm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
+        ops.norm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
     if frozen:
         return
     if drop:  # encoded = drop(wte[idx] + wpe)
         drop.apply(be, a.dres, a.dres, 0, EMBEDDING)
+    if not cfg.tied:  # an untied embedding's gradient is the scatter alone
+        be.zero(g.wte)
     be.encoder_backward(g.wte[:cfg.vocab_size], g.wpe, a.dres, idx)  # the real tokens' rows
 
 
 class _Frozen:
     """The gradients of a frozen model (LoRA's base): every weight-gradient argument None."""
 
-    wte = wpe = lnf_w = lnf_b = None
+    head = wte = wpe = lnf_w = lnf_b = None
 
     def __init__(self, n_layer: int):
-        self.layers = [LayerTensors(**{k: None for k in _LAYER_NAMES})] * n_layer
+        self.layers = [LayerTensors(**{k: None for k in _GPT2_LAYER})] * n_layer
 
 
 def _through_dropout(be, drop: Dropout | None, a: Activations, layer: int, site: int):
@@ -473,7 +650,7 @@ def _through_dropout(be, drop: Dropout | None, a: Activations, layer: int, site:
 # --- a model you can hold: parameters + config, for the Python API ------------------------------
 
 class GPT:
-    """A GPT-2 model on a backend: `.config`, `.params` (name -> array views), `.logits`,
+    """A GPT-2 or llama model on a backend: `.config`, `.params` (name -> array views), `.logits`,
     `.loss_and_grads`. Activation buffers are cached per batch shape. `flat`: a buffer of
     ParamLayout(config) (init_params, crystal.checkpoint.read_params), padding rows zero."""
 
@@ -486,7 +663,7 @@ class GPT:
         self.backend = backend or get_backend("cpu")
         self.flat = self.backend.to_device(np.ascontiguousarray(flat, dtype=np.float32))
         self.params = self.layout.views(self.flat)
-        self._tensors = Tensors(self.layout, self.backend.compute_weights(self.flat))
+        self._tensors = Tensors(self.layout, self.backend.compute_weights(self.flat), self.backend)
         self._acts: dict[tuple[int, int], Activations] = {}
 
     @classmethod
@@ -545,26 +722,37 @@ class GPT:
         return loss, {k: v.copy() for k, v in self.layout.views(host).items()}
 
 
-def warm_up(be) -> None:
-    """Compile every kernel of `be` before a sphere starts (once per backend): a tiny forward,
-    backward and the flat-buffer ops. The model drives it, so the ops need not know the model."""
-    if be.warm:
-        return
-    cfg = ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8)
+def warm_up(be, cfg: ModelConfig | None = None) -> None:
+    """Compile every kernel of `be` before a sphere starts: a tiny GPT-2's forward, backward and
+    the flat-buffer ops, once per backend (be.warm); with a llama `cfg`, also a tiny llama of its
+    kind (q/k/v biases or not, tied or not: the ops' argument types), on every call (compiled
+    once per backend, a pass costs microseconds after that). The model drives it, so the ops need
+    not know the model."""
+    if not be.warm:
+        _warm_model(be, ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8), flat_ops=True)
+        be.warm = True
+    if cfg is not None and cfg.llama:
+        tiny = ModelConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=8, arch="llama", n_kv_head=1,
+                           intermediate_size=8, tie_word_embeddings=cfg.tie_word_embeddings,
+                           attention_bias=cfg.attention_bias)
+        _warm_model(be, tiny)
+
+
+def _warm_model(be, cfg: ModelConfig, flat_ops: bool = False) -> None:
     layout = ParamLayout(cfg)
     flat = be.to_device(init_params(cfg, 0))
-    w, gflat = Tensors(layout, be.compute_weights(flat)), be.empty(layout.size)
+    w, gflat = Tensors(layout, be.compute_weights(flat), be), be.empty(layout.size)
     g = Tensors(layout, gflat)
     a = Activations(be, cfg, 1, 3)
     idx = be.to_device(np.array([[1, 2, 3]], dtype=np.int32))
     forward(be, cfg, w, a, idx, idx)  # evaluation's loss
     forward(be, cfg, w, a, idx, idx, grad=True)  # training's loss and dlogits
     backward(be, cfg, w, g, a, idx, idx)
-    m, v = be.zeros(layout.size), be.zeros(layout.size)
-    be.add_inplace(gflat, gflat)
-    be.scale_inplace(gflat, 0.5)
-    be.sum_squares(gflat)
-    be.adamw_update(flat, gflat, m, v, layout.decay_ranges(),
-                    AdamWScalars.of(1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 1.0))
+    if flat_ops:
+        m, v = be.zeros(layout.size), be.zeros(layout.size)
+        be.add_inplace(gflat, gflat)
+        be.scale_inplace(gflat, 0.5)
+        be.sum_squares(gflat)
+        be.adamw_update(flat, gflat, m, v, layout.decay_ranges(),
+                        AdamWScalars.of(1e-3, 0.9, 0.95, 1e-8, 0.1, 1, 1.0))
     be.synchronize()
-    be.warm = True

@@ -14,9 +14,10 @@ NS_k: X = U / (|U|_F + 1e-7) on the wide orientation (U^T when U has more rows t
 then k times A = X X^T, B = b A + c A A, X = a X + B X with (a, b, c) = NS_COEFFS; the result
 has U's singular vectors and singular values near 1 (in about [0.7, 1.2], not exactly 1: the
 reference's coefficients trade convergence for slope at zero). out/in is the matrix's output over
-input size: the reference's rows/cols of a torch Linear weight [out, in]; crystal's weights are
-Conv1D [in, out], so it is cols/rows here. mu_t warms up from momentum_start to momentum over
-momentum_warmup steps (crystal.optim.momentum_at); lr_t = muon_lr x (the schedule's lr / lr).
+input size: the reference's rows/cols of a torch Linear weight [out, in] (a llama's); GPT-2's
+weights are Conv1D [in, out], so it is cols/rows there. mu_t warms up from momentum_start to
+momentum over momentum_warmup steps (crystal.optim.momentum_at); lr_t = muon_lr x (the
+schedule's lr / lr).
 
 Which tensors. Muon: every 2-D tensor inside the blocks (attention c_attn and c_proj, MLP c_fc
 and c_proj). The fused c_attn [C, 3C] is orthogonalized as three [C, C] blocks q, k, v (the
@@ -24,7 +25,10 @@ reference's separate q, k, v weights; its later fused qkv weight is orthogonaliz
 a batch too): each is one linear map, and orthogonalizing the fused matrix would couple their
 scales (q and k set the attention's temperature, v the values'). AdamW (--lr, its own learning
 rate, crystal's betas and weight decay): the token and position embeddings (the tied LM head is
-the token embedding: the embedding's rule), biases and LayerNorm weights.
+the token embedding: the embedding's rule), biases and LayerNorm weights. A llama's blocks give
+Muon q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj, each its own matrix
+(nn.Linear [out, in]: out/in = rows/cols); an untied lm_head goes to AdamW with the embedding
+(the reference's rule for the head), as do the RMSNorm weights and Qwen2's q/k/v biases.
 
 State. Muon's momentum M lives in AdamW's first-moment buffer `m` at its matrices' offsets (one
 flat buffer, checkpointed as AdamW's is: adamw.m); AdamW's second moment `v` spans the whole
@@ -71,6 +75,7 @@ class MuonMatrix:
     ld: int
     col: int
     cols: int
+    linear: bool = False  # nn.Linear layout [out, in] (llama); else Conv1D [in, out] (GPT-2)
 
     def view(self, flat, base: int = 0):
         """The matrix in `flat`, a buffer that starts at element `base` of the parameters'."""
@@ -79,8 +84,9 @@ class MuonMatrix:
 
     @property
     def scale(self) -> float:
-        """max(1, out/in)^0.5 (Conv1D [in, out]: out/in = cols/rows)."""
-        return max(1.0, self.cols / self.rows) ** 0.5
+        """max(1, out/in)^0.5 (Conv1D [in, out]: out/in = cols/rows; nn.Linear: rows/cols)."""
+        out_in = self.rows / self.cols if self.linear else self.cols / self.rows
+        return max(1.0, out_in) ** 0.5
 
     def ns_flops(self, steps: int) -> int:
         """FLOPs of `steps` Newton-Schulz iterations on it (r <= n: X X^T, A A, B X)."""
@@ -89,20 +95,21 @@ class MuonMatrix:
 
 
 def muon_tensors(layout: ParamLayout) -> list[ParamSpec]:
-    """The tensors Muon updates: every 2-D tensor inside the blocks, in buffer order."""
-    return [s for s in layout.specs if s.name.startswith("transformer.h.") and len(s.shape) == 2]
+    """The tensors Muon updates: every 2-D tensor inside the blocks (either arch), in buffer order."""
+    return [s for s in layout.specs if s.name.startswith(layout.blocks) and len(s.shape) == 2]
 
 
 def muon_matrices(layout: ParamLayout) -> list[MuonMatrix]:
-    """The matrices Muon orthogonalizes, in buffer order: c_attn as its q, k, v blocks."""
-    out = []
+    """The matrices Muon orthogonalizes, in buffer order: GPT-2's c_attn as its q, k, v blocks (a
+    llama's q, k, v, gate and up are tensors of their own)."""
+    out, linear = [], layout.config.llama
     for s in muon_tensors(layout):
         rows, ld = s.shape
         if s.name.endswith("attn.c_attn.weight"):
             c = ld // 3
             out += [MuonMatrix(f"{s.name}[{part}]", s.offset, rows, ld, i * c, c) for i, part in enumerate("qkv")]
         else:
-            out.append(MuonMatrix(s.name, s.offset, rows, ld, 0, ld))
+            out.append(MuonMatrix(s.name, s.offset, rows, ld, 0, ld, linear))
     return out
 
 

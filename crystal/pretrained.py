@@ -1,17 +1,20 @@
-"""Trained GPT-2 checkpoints to start from: `crystal train --init-from DIR`.
+"""Trained checkpoints to start from: `crystal train --init-from DIR`.
 
-DIR is a Hugging Face GPT-2 directory (a released model, or one saved with `save_pretrained`)
-or a crystal run. A Hugging Face directory holds
-    config.json                   GPT2Config fields (ModelConfig.from_hf refuses what crystal
-                                  cannot represent)
+DIR is a Hugging Face directory of a GPT2LMHeadModel, a LlamaForCausalLM or a Qwen2ForCausalLM
+(a released model, or one saved with `save_pretrained`) or a crystal run. A Hugging Face
+directory holds
+    config.json                   GPT2Config / LlamaConfig / Qwen2Config fields
+                                  (ModelConfig.from_hf refuses what crystal cannot represent)
     tokenizer.json                the model's tokenizer: the data must be tokenized with it
     model.safetensors             the weights, or model.safetensors.index.json naming shards
-GPT-2's Conv1D weights are [in, out], crystal's layout, so every tensor is copied as it is: the
-parameters training starts from are bitwise the file's float32 values (float16 and bfloat16 are
-widened to float32, which is exact; other dtypes are refused). Names may carry the
-`transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model); the causal-mask buffers
-`attn.bias` / `attn.masked_bias` are skipped; an `lm_head.weight` must be bitwise wte (crystal's
-LM head is tied to it). Pickle files (pytorch_model.bin) are never loaded: the refusal says how
+Every tensor is stored in crystal's layout (GPT-2's Conv1D weights [in, out], Llama's nn.Linear
+[out, in]), so each is copied as it is: the parameters training starts from are bitwise the
+file's float32 values (float16 and bfloat16 are widened to float32, which is exact; other dtypes
+are refused). Names may carry the `transformer.` / `model.` prefix (GPT2LMHeadModel,
+LlamaForCausalLM) or not (GPT2Model, LlamaModel); the buffers GPT-2's `attn.bias` /
+`attn.masked_bias` and old Llamas' `rotary_emb.inv_freq` are skipped. A tied model's
+`lm_head.weight`, when saved, must be bitwise its token embedding; an untied llama's must be
+there. Pickle files (pytorch_model.bin) are never loaded: the refusal says how
 to convert them. A crystal run gives its model.safetensors (or its newest checkpoint's), read
 as strictly as `crystal.load_checkpoint` reads it, and none of its optimizer state.
 
@@ -38,13 +41,13 @@ from crystal.config import ModelConfig
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json, read_json
 from crystal.lora import merge
-from crystal.model import GPT, WTE, ParamLayout
+from crystal.model import GPT, ParamLayout, param_shapes
 
 WEIGHTS = MODEL_FILE
 INDEX = "model.safetensors.index.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 RUN_MARK = TRAIN_FILE  # what makes a directory a crystal run
-BUFFERS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers: not parameters
+BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # masks, rotary tables: not parameters
 LM_HEAD = "lm_head.weight"
 # safetensors dtype -> (its bytes as numpy reads them, its name)
 DTYPES = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", "bfloat16"),
@@ -71,12 +74,12 @@ class Pretrained:
 
 
 def open_pretrained(directory: str | Path) -> Pretrained:
-    """config.json and the weight files of a Hugging Face GPT-2 directory or a crystal run,
-    checked; no tensor is read."""
+    """config.json and the weight files of a Hugging Face directory (GPT-2, Llama, Qwen2) or a
+    crystal run, checked; no tensor is read."""
     path = Path(directory)
     if not path.is_dir():
         raise CrystalError(f"--init-from {path}: {'not a directory' if path.exists() else 'no such directory'} "
-                           "(give a Hugging Face GPT-2 directory or a crystal run)")
+                           "(give a Hugging Face model directory or a crystal run)")
     run = (path / RUN_MARK).exists()
     if run:
         weights = path / MODEL_FILE
@@ -123,9 +126,9 @@ def _hf_weight_files(path: Path) -> list[Path]:
     if pickle:
         raise CrystalError(
             f"{path} holds {pickle}, a pickle, which crystal never loads; convert it to safetensors with: "
-            f"python -c \"from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{path}')"
+            f"python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{path}')"
             f".save_pretrained('{path}', safe_serialization=True)\"")
-    raise CrystalError(f"{path}: no {WEIGHTS} or {INDEX} (a Hugging Face GPT-2 directory or a crystal run)")
+    raise CrystalError(f"{path}: no {WEIGHTS} or {INDEX} (a Hugging Face model directory or a crystal run)")
 
 
 def require_tokenizer(pre: Pretrained):
@@ -152,9 +155,12 @@ def check_data_tokenizer(dataset, pre: Pretrained, model_tok) -> None:
     from crystal.data import tokenizer_identity
 
     fix = f"tokenize it with the model's tokenizer: crystal prepare INPUT --out DIR --tokenizer {pre.path}"
+    kind = f"{dataset.tokenizer.kind} tokenizer" if dataset.tokenizer is not None else "token shards"
     if dataset.vocab_size != pre.config.vocab_size:
-        raise CrystalError(f"the data's vocabulary ({dataset.vocab_size} tokens, {dataset.tokenizer.kind} "
-                           f"tokenizer) is not the model's ({pre.config.vocab_size} in {pre.path}); {fix}")
+        raise CrystalError(f"the data's vocabulary ({dataset.vocab_size} tokens, {kind}) is not the model's "
+                           f"({pre.config.vocab_size} in {pre.path}); {fix}")
+    if dataset.tokenizer is None and not dataset.tokenizer_identity:
+        return  # token shards name no tokenizer: the vocabulary is all there is to compare
     theirs, ours = dataset.tokenizer_identity or tokenizer_identity(dataset.tokenizer), tokenizer_identity(model_tok)
     if theirs != ours:
         raise CrystalError(f"the data was tokenized with another tokenizer than the model's (the same vocabulary "
@@ -181,13 +187,15 @@ class _Entry:
     offset: int  # of the first byte in the file
 
 
-def crystal_name(name: str) -> str | None:
-    """The crystal (= GPT2LMHeadModel) name of a stored tensor; None for a mask buffer."""
+def crystal_name(name: str, cfg: ModelConfig) -> str | None:
+    """The crystal (= GPT2LMHeadModel / LlamaForCausalLM) name of a stored tensor; None for a
+    buffer."""
     if name.endswith(BUFFERS):
         return None
-    if name == LM_HEAD or name.startswith("transformer."):
+    prefix = "model." if cfg.llama else "transformer."
+    if name == LM_HEAD or name.startswith(prefix):
         return name
-    return "transformer." + name  # GPT2Model saves without the prefix
+    return prefix + name  # GPT2Model / LlamaModel save without the prefix
 
 
 def read_header(path: Path) -> dict[str, _Entry]:
@@ -224,7 +232,7 @@ def _collect(pre: Pretrained) -> dict[str, _Entry]:
     buffers = 0
     for file in pre.weights:
         for name, entry in read_header(file).items():
-            key = crystal_name(name)
+            key = crystal_name(name, pre.config)
             if key is None:
                 buffers += 1
                 continue
@@ -233,7 +241,7 @@ def _collect(pre: Pretrained) -> dict[str, _Entry]:
                                    f"{name} in {file.name})")
             found[key] = entry
     if buffers:
-        pre.notes.append(f"skipped {buffers} attention-mask buffers")
+        pre.notes.append(f"skipped {buffers} buffers (attention masks, rotary tables)")
     return found
 
 
@@ -257,8 +265,10 @@ def _read_into(entry: _Entry, out: np.ndarray) -> None:
 
 def _read_hf(pre: Pretrained) -> np.ndarray:
     found = _collect(pre)
-    head = found.pop(LM_HEAD, None)
     layout = ParamLayout(pre.config)
+    embedding = param_shapes(pre.config)[0][0]  # the token embedding: transformer.wte / model.embed_tokens
+    # A tied model's head is its embedding: a saved lm_head.weight is a copy (checked below).
+    head = found.pop(LM_HEAD, None) if pre.config.tied else None
     missing, extra = layout.by_name.keys() - found.keys(), found.keys() - layout.by_name.keys()
     if missing or extra:
         raise CrystalError(f"{pre.path}: tensors do not match config.json (missing {sorted(missing)[:3]}, "
@@ -266,18 +276,19 @@ def _read_hf(pre: Pretrained) -> np.ndarray:
     for s in layout.specs:  # every shape and dtype checked before allocating what config.json claims
         _check(found[s.name], s.shape, "config.json")
     if head is not None:
-        _check(head, layout.by_name[WTE].shape, "a head tied to wte")
+        _check(head, layout.by_name[embedding].shape, f"a head tied to {embedding}")
     flat = layout.zeros()  # the LM head's padding rows zero
     views = layout.views(flat)
     for s in layout.specs:
         _read_into(found[s.name], views[s.name])
         require_finite(found[s.name].file, found[s.name].name, views[s.name])
-    if head is not None:  # a saved copy of the tied head: it must be wte, bit for bit
+    if head is not None:  # a saved copy of the tied head: it must be the embedding, bit for bit
         copy = np.empty(head.shape, dtype=np.float32)
         _read_into(head, copy)
-        if not np.array_equal(copy.view(np.uint32), views[WTE].view(np.uint32)):
-            raise CrystalError(f"{head.file}: lm_head.weight differs from the token embedding (an untied LM head); "
-                               "crystal's head is tied to wte")
+        if not np.array_equal(copy.view(np.uint32), views[embedding].view(np.uint32)):
+            tied = "tie_word_embeddings is true in config.json" if pre.config.llama else "crystal's GPT-2 head is tied"
+            raise CrystalError(f"{head.file}: lm_head.weight differs from the token embedding {embedding} (an untied "
+                               f"LM head) but {tied}")
     widened = sorted({DTYPES[e.dtype][1] for e in found.values() if e.dtype != "F32"})
     if widened:
         pre.notes.append(f"widened {' and '.join(widened)} to float32 (exact)")
@@ -287,17 +298,22 @@ def _read_hf(pre: Pretrained) -> np.ndarray:
 # --- crystal's own model from any of these, and back out as a Hugging Face directory ----------
 
 def load_checkpoint(path: str | Path, backend=None) -> GPT:
-    """A trained model from a run directory, a Hugging Face GPT-2 directory (crystal.pretrained:
-    shards, names with or without `transformer.`, float16/bfloat16 widened exactly), or a
-    .safetensors file with config.json beside it. A LoRA run gives its base with its adapters
-    merged in (crystal.lora.merge)."""
+    """A trained model from a run directory, a Hugging Face directory (crystal.pretrained:
+    GPT-2, Llama, Qwen2; shards, names with or without the prefix, float16/bfloat16 widened
+    exactly), or a .safetensors file with config.json beside it. A LoRA run gives its base with
+    its adapters merged in (crystal.lora.merge)."""
+    return GPT(*load_flat(path), backend)
+
+
+def load_flat(path: str | Path) -> tuple[ModelConfig, np.ndarray]:
+    """The model shape and flat float32 parameters (ParamLayout) load_checkpoint(path) reads."""
     path = Path(path)
     if path.is_dir() and not (path / TRAIN_FILE).exists():
         pre = open_pretrained(path)
-        return GPT(pre.config, load_params(pre), backend)
+        return pre.config, load_params(pre)
     if path.is_dir() and lora_base(path) is not None:
         cfg, layout, base, adapters = load_lora_run(path)
-        return GPT(cfg, merge(layout, ParamLayout(cfg), base, adapters), backend)
+        return cfg, merge(layout, ParamLayout(cfg), base, adapters)
     if path.is_dir():
         model_file, config_file = path / MODEL_FILE, path / CONFIG_FILE
         if not model_file.exists() and (latest := latest_checkpoint(path)) is not None:
@@ -307,7 +323,7 @@ def load_checkpoint(path: str | Path, backend=None) -> GPT:
     if not model_file.exists():
         raise CrystalError(f"no checkpoint at {model_file}")
     cfg = read_config(config_file)
-    return GPT(cfg, read_params(model_file, cfg), backend)
+    return cfg, read_params(model_file, cfg)
 
 
 def lora_base(run: Path) -> dict | None:
@@ -419,7 +435,8 @@ def checkpoint_tokenizer(path: str | Path, cfg: ModelConfig):
 
 
 def export_hf(run: str | Path, out: str | Path) -> Path:
-    """A directory that transformers' GPT2LMHeadModel / AutoTokenizer load offline.
+    """A directory that transformers' AutoModelForCausalLM (GPT2LMHeadModel, LlamaForCausalLM or
+    Qwen2ForCausalLM, as config.json says) and AutoTokenizer load offline.
 
     The model, its config and its tokenizer are read and checked before anything is written;
     the files are written into a temporary sibling of `out`, renamed into place when complete:
@@ -427,9 +444,8 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     export never replaces a file (another run's model, an earlier export)."""
     run, out = Path(run), Path(out)
     _check_export_target(out)
-    model = load_checkpoint(run)
-    cfg = model.config
-    tokenizer_json = checkpoint_tokenizer(run, model.config).to_json()  # a fine-tuned GPT-2's: the released one, verbatim
+    cfg, flat = load_flat(run)  # the tensors as they are: no backend, no forward
+    tokenizer_json = checkpoint_tokenizer(run, cfg).to_json()  # a fine-tuned GPT-2's: the released one, verbatim
     # The end-of-text token (GPT-2's <|endoftext|>, 50256; 0 in crystal's bpe) is the first special one.
     try:
         specials = [(int(t["id"]), str(t["content"])) for t in parse_json(tokenizer_json, "tokenizer.json").get("added_tokens", [])]
@@ -448,7 +464,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
         raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
     try:
         atomic_write_json(tmp / CONFIG_FILE, {**cfg.to_hf(), "bos_token_id": eot, "eos_token_id": eot})
-        save_model(tmp / MODEL_FILE, model.layout, model.flat)
+        save_model(tmp / MODEL_FILE, ParamLayout(cfg), flat)
         atomic_write_text(tmp / TOKENIZER_FILE, tokenizer_json)
         atomic_write_json(tmp / "tokenizer_config.json", tok_cfg)
         atomic_write_json(tmp / "generation_config.json",

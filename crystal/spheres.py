@@ -258,7 +258,7 @@ class SphereSystem:
         self.be, self.cfg = be, cfg
         self.n = n_spheres
         # what forward/backward read: params, or their bf16 copy (AdamW refreshes it as it updates)
-        self.weights = Tensors(layout, be.compute_weights(params))
+        self.weights = Tensors(layout, be.compute_weights(params), be)
         self.reducer = reducer
         self.lora, lora_layout = (lora[0], lora[1]) if lora is not None else (None, None)
         if lora is None:

@@ -21,7 +21,7 @@ from crystal.backends import get_backend
 from crystal.checkpoint import RunDir, TrainState
 from crystal import dropout
 from crystal.config import TRAIN_LIMITS, ModelConfig, TrainConfig
-from crystal.data import BatchIterator, DataSet, eval_batches, load_dataset
+from crystal.data import DATA_ORDER, BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, GraphCaptureError, NonFiniteError
 from crystal.model import ParamLayout, init_params, warm_up
 from crystal.muon import Muon
@@ -86,7 +86,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
           on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
           on_eval: Callable[[int, float], None] | None = None,
           should_stop: Callable[[], bool] | None = None, comm: Comm | None = None,
-          init: np.ndarray | None = None, on_warning: Callable[[str], None] | None = None) -> TrainResult:
+          init: np.ndarray | None = None, on_warning: Callable[[str], None] | None = None,
+          data_order: int = DATA_ORDER) -> TrainResult:
     """Train from scratch, from `init` (flat float32 parameters to start from, e.g. a released
     GPT-2's: fine-tuning), or continue from `resume`. `dataset` overrides cfg.data; `backend`
     overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one).
@@ -108,25 +109,29 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     stops the run under "on" (CrystalError) and falls back to eager steps under "auto", with one
     `on_warning` line.
 
+    `data_order`: how epochs shuffle the windows (crystal.shards.WindowOrder): a resumed run
+    passes the one its train.json records (crystal.checkpoint.data_order_of).
+
     LoRA (cfg.lora_r > 0, crystal.lora): `init` is the frozen base (cfg.init_from's parameters) and
     the adapters are what trains: the reducer, the norm, AdamW and checkpoints hold the adapter
     buffer only. A resumed LoRA run refuses a base whose weights (sha256) are not the checkpoint's."""
     if dataset is None:
-        dataset = load_dataset(cfg.data, cfg.val_fraction)
+        dataset = load_dataset(cfg.data, cfg.val_fraction, cfg.val_data, model_cfg.vocab_size)
     if dataset.vocab_size != model_cfg.vocab_size:
         raise CrystalError(f"the data's vocabulary has {dataset.vocab_size} tokens, "
                            f"the model {model_cfg.vocab_size}")
     batches = BatchIterator(dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed,
-                            model_cfg.vocab_size, what="the training split")
+                            model_cfg.vocab_size, what="the training split", order=data_order)
     cfg = resolve_steps(cfg, batches.batches_per_epoch)
     val = []
     if cfg.eval_every:
         if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
             raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one "
                                "batch; raise --val-fraction or pass --eval-every 0")
-        val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
+        val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, data_order,
+                           model_cfg.vocab_size)
     be = backend if backend is not None else get_backend(cfg.device, cfg.precision)
-    warm_up(be)  # every kernel compiled before a sphere starts
+    warm_up(be, model_cfg)  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)
     lora = LoraConfig.of(cfg, model_cfg)  # None: every parameter trains
@@ -176,7 +181,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if run_dir is not None:
         if resume is None:
             run_dir.write_configs(model_cfg, dataclasses.replace(cfg, stop_at=None),
-                                  dataset.tokenizer.to_json(), dataset.sha256, base_id)
+                                  dataset.tokenizer.to_json() if dataset.tokenizer is not None else None,
+                                  dataset.sha256, data_order, base_id)
         else:
             run_dir.truncate_metrics(resume.step)
     if on_start is not None:
@@ -408,12 +414,13 @@ def _latest(run_dir: RunDir | None) -> str | None:
     return str(ckpt) if ckpt else None
 
 
-def evaluate(model, dataset: DataSet, cfg: TrainConfig) -> tuple[float, int]:
+def evaluate(model, dataset: DataSet, cfg: TrainConfig, data_order: int = DATA_ORDER) -> tuple[float, int]:
     """Mean loss of a model on the run's fixed validation batches, in the training's order.
     Returns (loss, number of batches)."""
     if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
         raise CrystalError(f"the validation split has {len(dataset.val)} tokens, too few for one batch")
-    val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches)
+    val = eval_batches(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.eval_batches, data_order,
+                       model.config.vocab_size)
     with _blas_limits(model.backend):
         losses = [model.loss(x, y) for x, y in val]
     return tree_mean(losses), len(val)

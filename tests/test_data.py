@@ -97,9 +97,11 @@ def test_data_shorter_than_one_batch_is_refused():
         BatchIterator(np.arange(64), batch_size=2, seq_len=32, seed=0)
 
 
-def test_token_ids_outside_the_vocabulary_are_refused():
-    with pytest.raises(CrystalError, match="outside the vocabulary"):
-        BatchIterator(np.array([1, 2, 300, 4, 5]), 1, 2, seed=0, vocab_size=256)
+def test_token_ids_outside_the_vocabulary_are_refused_in_the_batch_that_reads_them():
+    it = BatchIterator(np.array([1, 2, 300, 4, 5]), 1, 2, seed=0, vocab_size=256)  # ids are not scanned up front
+    with pytest.raises(CrystalError, match="token id 300 at token 2 of .* outside the vocabulary of 256"):
+        for _ in range(2):
+            it.next_batch()
 
 
 def test_empty_and_missing_data_files_are_refused(tmp_path):

@@ -348,7 +348,7 @@ def test_the_finetune_preset_takes_the_models_shape_and_small_constant_lr(gpt2, 
     (tmp_path / "c.toml").write_text(capsys.readouterr().out)
     preset, model, train = read_toml(str(tmp_path / "c.toml"))
     assert preset == "finetune" and model == {"vocab_size": 300, "block_size": 40, "n_layer": 2, "n_head": 3,
-                                              "n_embd": 36, "layer_norm_epsilon": 1e-5}
+                                              "n_embd": 36, "layer_norm_epsilon": 1e-5, "arch": "gpt2"}
     assert (train["lr"], train["min_lr"], train["warmup"], train["dropout"]) == (3e-5, 3e-5, 20, 0.1)
     assert train["seq_len"] == 40 and train["weight_decay"] == 0.1  # T shrunk to n_positions
 
