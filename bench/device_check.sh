@@ -5,7 +5,10 @@
 #   two-stage, at GPT-2 124M shapes) -> smoke runs (tiny: fp32, bf16, fp32 with CUDA graphs)
 #   -> bench_generate.py --device cuda (KV-cache decode at GPT-2 124M shapes, fp32 and bf16, batch 1 and 8,
 #   decode steps eager and as CUDA graphs)
-#   -> `pytest -m cuda`
+#   -> `pytest -m cuda` (with the Llama ops of tests/test_cuda.py: grouped-query attention fp32/bf16 (cuDNN where
+#   installed) run twice for the same bits, RMSNorm/RoPE/SwiGLU, nn.Linear products through cuBLAS and cuBLASLt
+#   (BIAS only with a bias, BGRADB bias gradient, dw=None), the encoder without position embeddings; alone:
+#   `pytest -m cuda -k llama tests/test_cuda.py`)
 #   -> bench_bf16_check.py (bf16 vs fp32, 1 vs 4 spheres bitwise) -> bench_gpu.py shakespeare-char bf16
 #   (+ torch.compile, + graphs) -> CPU sphere scaling (bench_scaling.py, all cores) -> bench_gpu.py gpt2 bf16
 #   -> bench_quality.py shakespeare-char bf16 to val <= 1.47 with whatever time is left

@@ -2,13 +2,15 @@
 step per sequence against the cached keys and values.
 
 This is its own path beside training, not a mode of it (DESIGN.md, "Model families, inference
-and adapters"): it reads the model's parameter buffer (the views the training forward reads)
-and calls the same backend ops for everything that is row by row (layernorm, the products,
-GELU, residual additions, the tied LM head), but keeps none of training's activations: one
-small workspace per batch shape, reused by every layer, and a KV cache per layer, allocated
-once per request batch. Three ops are inference's own (the backend's inference ops:
-crystal.backends.cpu_infer, crystal.backends.cuda_infer): the embedding at each sequence's own
-position, attention against the cache (which also stores the new keys and values), and the
+and adapters"): it reads the model's parameter buffer (the views the training forward reads,
+crystal.model.Tensors, the llama rotary table included) and calls the same backend ops for
+everything that is row by row (the norms, the products, GELU and SwiGLU, residual additions, the
+LM head), but keeps none of training's activations: one small workspace per batch shape, reused
+by every layer, and a KV cache per layer, allocated once per request batch. Four ops are
+inference's own (the backend's inference ops: crystal.backends.cpu_infer,
+crystal.backends.cuda_infer): the embedding at each sequence's own position, the rotary
+rotation at each sequence's own positions (llama), attention against the cache (which also
+stores the new keys and values; grouped-query attention reads each KV head in place), and the
 gather of one row per sequence for the LM head.
 
 Sequences of different lengths share a batch: the prefill right-pads them to the longest
@@ -16,11 +18,23 @@ Sequences of different lengths share a batch: the prefill right-pads them to the
 entries are overwritten before any query can reach them), and each decode step places each
 sequence's token at its own position. The logits are those of the full forward of each
 sequence (tested within 1e-5), restricted to the tokenizer's vocabulary (the first
-config.vocab_size columns; the token embedding may hold padding rows beyond them).
+config.vocab_size columns; the LM head's tensor may hold padding rows beyond them).
 
 Architectures: a block is a function of (ops, weights, workspace, cache, positions); `BLOCKS`
-maps an architecture name to its block. GPT-2's is the only one today; a Llama block (RMSNorm,
-rotary positions, SwiGLU, GQA) plugs in beside it with its own embedding of positions.
+maps an architecture name to its block, side by side as the training forward's steps:
+
+    GPT-2 (gpt2_block)                         Llama, Qwen2 (llama_block)
+    embedding + position embedding            embedding (positions are rotations)
+    LayerNorm                                  RMSNorm
+    q|k|v = Conv1D product + bias              q|k|v = nn.Linear product (+ bias: Qwen2)
+                                               q, k rotated at positions pos[b] + t
+    attention over the cache, NH heads         GQA over a cache of KV heads
+    c_proj, residual + LayerNorm               o_proj, residual + RMSNorm
+    gelu(x @ c_fc), c_proj                     silu(x @ gate) * (x @ up) (one gate|up product), down_proj
+    final LayerNorm, tied head                 final RMSNorm, tied or untied head
+
+The cache holds [batch, KV heads, capacity, head_dim] per layer for k and for v
+(`kv_cache_shape`): a GQA model's cache is NH / KV times smaller than its query heads.
 """
 
 from __future__ import annotations
@@ -31,10 +45,11 @@ import numpy as np
 
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError
+from crystal.model import BlockOps
 
 
 def inference_ops(be):
-    """The backend's inference ops: embed_at, kv_attention, gather_rows, and threads(decode), the
+    """The backend's inference ops: embed_at, rope_at, kv_attention, gather_rows, and threads(decode), the
     context a forward runs in (the cpu's BLAS thread limit)."""
     if be.name == "cpu":
         from crystal.backends.cpu_infer import CpuInferenceOps
@@ -46,20 +61,22 @@ def inference_ops(be):
 
 
 def kv_cache_shape(cfg: ModelConfig, batch: int, capacity: int) -> tuple[int, int, int, int]:
-    """The shape of one layer's k (and of its v): [batch, n_head, capacity, head_size]."""
-    return (batch, cfg.n_head, capacity, cfg.n_embd // cfg.n_head)
+    """The shape of one layer's k (and of its v): [batch, KV heads, capacity, head_size] (GPT-2:
+    KV heads = n_head, head_size = n_embd / n_head)."""
+    return (batch, cfg.kv_heads, capacity, cfg.head_size)
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, capacity: int, itemsize: int = 4) -> int:
     """Bytes of the KV cache KVCache.allocate makes for `batch` sequences of up to `capacity`
-    positions: a key and a value of n_embd numbers per position, per layer
-    (2 x n_layer x batch x capacity x n_embd x itemsize)."""
+    positions: a key and a value of KV heads x head_size numbers per position, per layer
+    (2 x n_layer x batch x capacity x n_kv_head x head_size x itemsize; GPT-2: n_embd per
+    position)."""
     return 2 * cfg.n_layer * int(np.prod(kv_cache_shape(cfg, batch, capacity))) * itemsize
 
 
 @dataclass
 class KVCache:
-    """Per layer, k and v [batch, n_head, capacity, head_size] in the backend's activation dtype."""
+    """Per layer, k and v [batch, KV heads, capacity, head_size] in the backend's activation dtype."""
 
     k: list
     v: list
@@ -81,23 +98,27 @@ class KVCache:
 
 
 class Workspace:
-    """The buffers of one inference forward over [B, T] tokens, reused by every layer."""
+    """The buffers of one inference forward over [B, T] tokens, reused by every layer (the
+    arch's widths: q|k|v is (NH + 2 KV) head_size wide, the attention's output NH head_size, the
+    MLP's first product 4C (GPT-2) or gate|up 2I (llama), its activation 4C or I)."""
 
     def __init__(self, be, cfg: ModelConfig, B: int, T: int, vocab_rows: int):
         C, act, f32 = cfg.n_embd, be.act_dtype, np.float32
+        I = cfg.mlp_size
         self.x, self.res = be.empty((B, T, C), act), be.empty((B, T, C), act)  # the residual stream
         self.ln = be.empty((B, T, C), act)
-        self.mean, self.rstd = be.empty((B, T), f32), be.empty((B, T), f32)
-        self.qkv = be.empty((B, T, 3 * C), act)
-        self.atty = be.empty((B, T, C), act)
+        self.mean, self.rstd = be.empty((B, T), f32), be.empty((B, T), f32)  # mean: LayerNorm's only
+        self.qkv = be.empty((B, T, cfg.qkv_size), act)
+        self.atty = be.empty((B, T, cfg.n_head * cfg.head_size), act)
         self.proj = be.empty((B, T, C), act)
-        self.fch, self.fch_gelu = be.empty((B, T, 4 * C), act), be.empty((B, T, 4 * C), act)
+        self.fch = be.empty((B, T, 2 * I if cfg.llama else I), act)
+        self.fch_act = be.empty((B, T, I), act)
         self.last, self.last_ln = be.empty((B, C), act), be.empty((B, C), act)  # one row per sequence
         self.last_mean, self.last_rstd = be.empty((B,), f32), be.empty((B,), f32)
         self.logits = be.empty((B, vocab_rows), act)
 
 
-def gpt2_block(be, ops, cfg: ModelConfig, p, next_norm, ws: Workspace, k, v, pos) -> None:
+def gpt2_block(be, ops, cfg: ModelConfig, w, p, next_norm, ws: Workspace, k, v, pos) -> None:
     """One GPT-2 block on ws.x (whose ln_1 is already in ws.ln): attention over the cache, MLP,
     each residual addition fused with the layernorm that reads its sum; next_norm: (w, b) of
     the next block's ln_1, or None after the last block (ws.x then holds the final stream)."""
@@ -106,31 +127,52 @@ def gpt2_block(be, ops, cfg: ModelConfig, p, next_norm, ws: Workspace, k, v, pos
     ops.kv_attention(ws.atty, ws.qkv, k, v, pos, cfg.n_head)
     be.matmul_forward(ws.proj, ws.atty, p.attproj_w, p.attproj_b)
     be.residual_layernorm_forward(ws.res, ws.ln, ws.mean, ws.rstd, ws.x, ws.proj, p.ln2_w, p.ln2_b, eps)
-    be.matmul_gelu_forward(ws.fch_gelu, ws.fch, ws.ln, p.fc_w, p.fc_b)
-    be.matmul_forward(ws.proj, ws.fch_gelu, p.fcproj_w, p.fcproj_b)
+    be.matmul_gelu_forward(ws.fch_act, ws.fch, ws.ln, p.fc_w, p.fc_b)
+    be.matmul_forward(ws.proj, ws.fch_act, p.fcproj_w, p.fcproj_b)
     if next_norm is None:
         be.residual_forward(ws.x, ws.res, ws.proj)
     else:
         be.residual_layernorm_forward(ws.x, ws.ln, ws.mean, ws.rstd, ws.res, ws.proj, *next_norm, eps)
 
 
-BLOCKS = {"gpt2": gpt2_block}
+def llama_block(be, ops, cfg: ModelConfig, w, p, next_norm, ws: Workspace, k, v, pos) -> None:
+    """One llama block on ws.x (whose input_layernorm is already in ws.ln): q, k rotated at their
+    positions (w.cos, w.sin: the model's rotary table), grouped-query attention over the cache,
+    the SwiGLU MLP, each residual addition fused with the RMSNorm that reads its sum; next_norm:
+    (w, None) of the next block's input_layernorm, or None after the last block."""
+    NH, KV, eps = cfg.n_head, cfg.kv_heads, cfg.layer_norm_epsilon
+    be.linear_forward(ws.qkv, ws.ln, p.qkv_w, p.qkv_b)  # q|k|v in one product (biases: Qwen2's)
+    ops.rope_at(ws.qkv, w.cos, w.sin, pos, NH, KV)  # token (b, t) rotated by position pos[b] + t
+    ops.kv_attention(ws.atty, ws.qkv, k, v, pos, NH, KV)
+    be.linear_forward(ws.proj, ws.atty, p.attproj_w, p.attproj_b)  # o_proj (no bias)
+    be.residual_rmsnorm_forward(ws.res, ws.ln, ws.rstd, ws.x, ws.proj, p.ln2_w, eps)
+    be.linear_forward(ws.fch, ws.ln, p.fc_w, p.fc_b)  # gate|up in one product
+    be.swiglu_forward(ws.fch_act, ws.fch)  # silu(gate) * up
+    be.linear_forward(ws.proj, ws.fch_act, p.fcproj_w, p.fcproj_b)  # down_proj
+    if next_norm is None:
+        be.residual_forward(ws.x, ws.res, ws.proj)
+    else:
+        be.residual_rmsnorm_forward(ws.x, ws.ln, ws.rstd, ws.res, ws.proj, next_norm[0], eps)
+
+
+BLOCKS = {"gpt2": gpt2_block, "llama": llama_block}
 
 
 def forward(be, ops, cfg: ModelConfig, w, ws: Workspace, cache: KVCache, idx, pos, rows) -> None:
     """Logits of one row per sequence into ws.logits: tokens idx [B,T] at positions pos[b] + t
-    (their keys and values go into the cache), rows[b] the row of sequence b to predict from."""
-    block = BLOCKS[getattr(cfg, "arch", "gpt2")]
-    eps = cfg.layer_norm_epsilon
-    ops.embed_at(ws.x, idx, w.wte, w.wpe, pos)
+    (their keys and values go into the cache), rows[b] the row of sequence b to predict from.
+    The first and the final norm are the arch's (BlockOps.norm: LayerNorm or RMSNorm); the LM
+    head reads w.head (the token embedding when tied, a llama's lm_head when not)."""
+    block, norm, eps = BLOCKS[cfg.arch], BlockOps(be, cfg).norm, cfg.layer_norm_epsilon
+    ops.embed_at(ws.x, idx, w.wte, w.wpe, pos)  # w.wpe None (llama): the token's embedding alone
     if w.layers:
-        be.layernorm_forward(ws.ln, ws.mean, ws.rstd, ws.x, w.layers[0].ln1_w, w.layers[0].ln1_b, eps)
+        norm(ws.ln, ws.mean, ws.rstd, ws.x, w.layers[0].ln1_w, w.layers[0].ln1_b, eps)
     for l, p in enumerate(w.layers):
         nxt = w.layers[l + 1] if l + 1 < len(w.layers) else None
-        block(be, ops, cfg, p, None if nxt is None else (nxt.ln1_w, nxt.ln1_b), ws, cache.k[l], cache.v[l], pos)
+        block(be, ops, cfg, w, p, None if nxt is None else (nxt.ln1_w, nxt.ln1_b), ws, cache.k[l], cache.v[l], pos)
     ops.gather_rows(ws.last, ws.x, rows)
-    be.layernorm_forward(ws.last_ln, ws.last_mean, ws.last_rstd, ws.last, w.lnf_w, w.lnf_b, eps)
-    be.lm_head_forward(ws.logits, ws.last_ln, w.wte)
+    norm(ws.last_ln, ws.last_mean, ws.last_rstd, ws.last, w.lnf_w, w.lnf_b, eps)
+    be.lm_head_forward(ws.logits, ws.last_ln, w.head)
 
 
 class Decoder:
@@ -167,7 +209,7 @@ class Decoder:
 
     def _workspace(self, B: int, T: int) -> Workspace:
         if (B, T) not in self._work:
-            self._work[(B, T)] = Workspace(self.be, self.config, B, T, self.weights.wte.shape[0])
+            self._work[(B, T)] = Workspace(self.be, self.config, B, T, self.weights.head.shape[0])
         return self._work[(B, T)]
 
     def release_workspaces(self) -> None:

@@ -101,6 +101,21 @@ def target_columns(cfg: ModelConfig, target: str) -> int:
     raise KeyError(target)
 
 
+def column_targets(cfg: ModelConfig, targets) -> tuple[str, ...]:
+    """The targets that are a part of a fused product (a llama's q, k, v, gate, up): their B runs
+    on a column block of the product (the matmul_columns_* ops, cpu only so far)."""
+    roles = ROLES[cfg.arch]
+    return tuple(t for t in targets if sum(r == roles[t] for r in roles.values()) > 1)
+
+
+def check_backend(be, cfg: ModelConfig, lora: "LoraConfig") -> None:
+    """CrystalError unless `be` has the ops these adapters need."""
+    parts = column_targets(cfg, lora.targets)
+    if parts and not hasattr(be, "matmul_columns_forward"):
+        raise CrystalError(f"LoRA on {', '.join(parts)} (a part of a fused product) runs on the cpu backend only "
+                           f"so far; use --device cpu, or adapt {', '.join(t for t in TARGETS[cfg.arch] if t not in parts)}")
+
+
 def parse_targets(text: str | None, cfg: ModelConfig) -> tuple[str, ...]:
     """--lora-targets (comma-separated; None: the arch's default; "all": every projection) as
     target names in buffer order; a name the architecture lacks is a CrystalError."""
@@ -428,6 +443,7 @@ class LoraModel:
         self.base_layout, self.layout = ParamLayout(config), AdapterLayout(config, lora)
         self.base_layout.check(base)
         self.backend = be = backend or get_backend("cpu")
+        check_backend(be, config, lora)
         self.base = be.to_device(np.ascontiguousarray(base, dtype=np.float32))
         if adapters is None:
             adapters = init_adapters(self.layout, seed)

@@ -27,7 +27,7 @@ from crystal.model import ParamLayout, init_params, warm_up
 from crystal.muon import Muon
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
-from crystal.lora import AdapterLayout, LoraConfig, init_adapters, weights_sha256
+from crystal.lora import AdapterLayout, LoraConfig, check_backend, init_adapters, weights_sha256
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
 from crystal.spheres import SphereSystem, computing_at_once, gate_cores, usable_cores
 from crystal.world import Comm
@@ -143,6 +143,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if lora is not None:
         if init is None:
             raise ValueError("LoRA trains adapters on a given model: pass its parameters as init")
+        check_backend(be, model_cfg, lora)
         trainable = AdapterLayout(model_cfg, lora)
         base_id = {"path": cfg.init_from, "sha256": weights_sha256(layout, init)}
         _check_base(resume, base_id)

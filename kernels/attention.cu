@@ -1,42 +1,57 @@
-// Causal self-attention around cuBLAS: layout changes between qkv[B,T,3C] (q at channel 0, k at
-// C, v at 2C, head h at h*hs, C = NH*hs) and per-head [B,NH,T,hs], and the causal softmax over
-// rows of att[B*NH*T, T]. Softmax kernels run one block per row; any blockDim.x that is a
-// multiple of 32 (up to 1024) works, and the reduction order is fixed by it.
+// Causal self-attention around cuBLAS: layout changes between qkv[B,T,(NH+2KV)hs] (q heads at
+// channel 0, k heads at NH*hs, v heads at (NH+KV)*hs, head h at h*hs; GPT-2: KV = NH) and
+// per-head [B,NH,T,hs] (q, y) or [B,KV,T,hs] (k, v), and the causal softmax over rows of
+// att[B*NH*T, T]. Grouped-query attention (KV < NH, g = NH/KV): query head h reads kv head h/g;
+// k and v are never copied per query head (the products run on [B,KV,g*T,hs] views of q), and the
+// gradients of a kv head are the sum of its g query heads' in ascending h. Softmax kernels run
+// one block per row; any blockDim.x that is a multiple of 32 (up to 1024) works, and the
+// reduction order is fixed by it.
 // Bodies are templates over the element type (float, or bf16: the layout kernels copy its bits,
-// the softmax kernels widen through load/store and do all math in float).
+// the group sums and the softmax kernels widen through load/store and do all math in float).
 
 #include "bf16.cuh"
 #include "block_reduce.cuh"
 
 // Offset of element j = [b,h,t,i] of a [B,NH,T,hs] tensor in a [B,T,width] tensor holding head
-// h at channels h*hs+i (width C = NH*hs for y and dout, 3C for qkv).
+// h at channels h*hs+i (width NH*hs for y and dout, (NH+2KV)*hs for qkv).
 __device__ long long head_offset(long long j, int T, int NH, int hs, long long width) {
   long long i = j % hs, t = j / hs % T, h = j / ((long long)hs * T) % NH;
   long long b = j / ((long long)hs * T * NH);
   return (b * T + t) * width + h * hs + i;
 }
 
-// q[b,h,t,i] = qkv[b,t,h*hs+i], k[b,h,t,i] = qkv[b,t,C+h*hs+i], v[...] = qkv[b,t,2C+h*hs+i];
-// grid_1d(B*NH*T*hs).
+// Index in a [B,KV,T,hs] tensor of element j = [b,h,t,i] of a [B,NH,T,hs] one with h < KV
+// (j itself when KV = NH).
+__device__ long long kv_index(long long j, int T, int NH, int KV, int hs) {
+  long long per_head = (long long)T * hs, b = j / (per_head * NH);
+  return j - b * per_head * (NH - KV);
+}
+
+// q[b,h,t,i] = qkv[b,t,h*hs+i]; for h < KV also k[b,h,t,i] = qkv[b,t,NH*hs+h*hs+i] and
+// v[b,h,t,i] = qkv[b,t,(NH+KV)*hs+h*hs+i] (k, v: [B,KV,T,hs]); grid_1d(B*NH*T*hs).
 template <class E>
 __device__ void attention_permute_impl(E* q, E* k, E* v, const E* qkv, int B, int T, int NH,
-                                       int hs) {
+                                       int KV, int hs) {
   long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= (long long)B * NH * T * hs) return;
-  long long C = (long long)NH * hs, src = head_offset(j, T, NH, hs, 3 * C);
+  long long Cq = (long long)NH * hs, Ckv = (long long)KV * hs;
+  long long src = head_offset(j, T, NH, hs, Cq + 2 * Ckv);
   q[j] = qkv[src];
-  k[j] = qkv[src + C];
-  v[j] = qkv[src + 2 * C];
+  if (j / ((long long)hs * T) % NH < KV) {
+    long long o = kv_index(j, T, NH, KV, hs);
+    k[o] = qkv[src + Cq];
+    v[o] = qkv[src + Cq + Ckv];
+  }
 }
 
 extern "C" __global__ void attention_permute(float* q, float* k, float* v, const float* qkv,
-                                             int B, int T, int NH, int hs) {
-  attention_permute_impl(q, k, v, qkv, B, T, NH, hs);
+                                             int B, int T, int NH, int KV, int hs) {
+  attention_permute_impl(q, k, v, qkv, B, T, NH, KV, hs);
 }
 
 extern "C" __global__ void attention_permute_bf16(bf16* q, bf16* k, bf16* v, const bf16* qkv,
-                                                  int B, int T, int NH, int hs) {
-  attention_permute_impl(q, k, v, qkv, B, T, NH, hs);
+                                                  int B, int T, int NH, int KV, int hs) {
+  attention_permute_impl(q, k, v, qkv, B, T, NH, KV, hs);
 }
 
 // out[b,t,h*hs+i] = y[b,h,t,i]; grid_1d(B*NH*T*hs).
@@ -76,29 +91,42 @@ extern "C" __global__ void attention_unpermute_backward_bf16(bf16* dy, const bf1
   attention_unpermute_backward_impl(dy, dout, B, T, NH, hs);
 }
 
-// dqkv[b,t,h*hs+i] = dq[b,h,t,i], dqkv[b,t,C+h*hs+i] = dk[...], dqkv[b,t,2C+h*hs+i] = dv[...]
-// (the adjoint of attention_permute, written); grid_1d(B*NH*T*hs).
+// dqkv[b,t,h*hs+i] = dq[b,h,t,i] and, for kv head h < KV, dqkv[b,t,NH*hs+h*hs+i] = the sum of
+// dk[b,h',t,i] over its query heads h' = h*g .. h*g+g-1 in ascending order, likewise
+// dqkv[b,t,(NH+KV)*hs+h*hs+i] from dv (dq, dk, dv: per query head [B,NH,T,hs]; the adjoint of
+// attention_permute, written; g = 1: the values themselves, bit for bit). grid_1d(B*NH*T*hs).
 template <class E>
 __device__ void attention_permute_backward_impl(E* dqkv, const E* dq, const E* dk, const E* dv,
-                                                int B, int T, int NH, int hs) {
+                                                int B, int T, int NH, int KV, int hs) {
   long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= (long long)B * NH * T * hs) return;
-  long long C = (long long)NH * hs, dst = head_offset(j, T, NH, hs, 3 * C);
+  long long Cq = (long long)NH * hs, Ckv = (long long)KV * hs, per_head = (long long)T * hs;
+  long long dst = head_offset(j, T, NH, hs, Cq + 2 * Ckv);
   dqkv[dst] = dq[j];
-  dqkv[dst + C] = dk[j];
-  dqkv[dst + 2 * C] = dv[j];
+  long long h = j / per_head % NH;
+  if (h < KV) {
+    int g = NH / KV;
+    long long first = j + (h * (g - 1)) * per_head;  // [b, h*g, t, i]
+    float sk = load(dk + first), sv = load(dv + first);
+    for (int m = 1; m < g; ++m) {
+      sk += load(dk + first + m * per_head);
+      sv += load(dv + first + m * per_head);
+    }
+    store(dqkv + dst + Cq, sk);
+    store(dqkv + dst + Cq + Ckv, sv);
+  }
 }
 
 extern "C" __global__ void attention_permute_backward(float* dqkv, const float* dq,
                                                       const float* dk, const float* dv, int B,
-                                                      int T, int NH, int hs) {
-  attention_permute_backward_impl(dqkv, dq, dk, dv, B, T, NH, hs);
+                                                      int T, int NH, int KV, int hs) {
+  attention_permute_backward_impl(dqkv, dq, dk, dv, B, T, NH, KV, hs);
 }
 
 extern "C" __global__ void attention_permute_backward_bf16(bf16* dqkv, const bf16* dq,
                                                            const bf16* dk, const bf16* dv, int B,
-                                                           int T, int NH, int hs) {
-  attention_permute_backward_impl(dqkv, dq, dk, dv, B, T, NH, hs);
+                                                           int T, int NH, int KV, int hs) {
+  attention_permute_backward_impl(dqkv, dq, dk, dv, B, T, NH, KV, hs);
 }
 
 // Row r of [BNH*T, T], t = r % T: att[r,t2] = exp(s[t2] - max) / sum_{j<=t} exp(s[j] - max)

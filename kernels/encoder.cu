@@ -5,7 +5,8 @@
 
 #include "bf16.cuh"
 
-// out[i,c] = wte[idx[i],c] + wpe[i%T,c] for rows i < BT; grid_1d(BT*C).
+// out[i,c] = wte[idx[i],c] + wpe[i%T,c] for rows i < BT; wpe NULL (Llama: no position
+// embeddings): out[i,c] = wte[idx[i],c], bits copied. grid_1d(BT*C).
 template <class A>
 __device__ void encoder_forward_impl(A* out, const int* idx, const A* wte, const A* wpe, int BT,
                                      int T, int C) {
@@ -13,7 +14,12 @@ __device__ void encoder_forward_impl(A* out, const int* idx, const A* wte, const
   if (j >= (long long)BT * C) return;
   long long i = j / C;
   int c = (int)(j % C);
-  store(out + j, load(wte + (long long)idx[i] * C + c) + load(wpe + (i % T) * C + c));
+  const A* e = wte + (long long)idx[i] * C + c;
+  if (wpe == nullptr) {
+    out[j] = *e;
+    return;
+  }
+  store(out + j, load(e) + load(wpe + (i % T) * C + c));
 }
 
 extern "C" __global__ void encoder_forward(float* out, const int* idx, const float* wte,

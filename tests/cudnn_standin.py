@@ -22,7 +22,9 @@ graph declared (ctypes.from_address: "device" memory is host memory here), compu
 from the bf16 inputs, and stores bf16 outputs rounded to nearest even (ml_dtypes), Stats in float32
 as the natural-log logsumexp of the scaled masked scores. The backward is the standard flash
 backward from Q, K, V, O, dO and Stats (P = exp(S - Stats), D = rowsum(dO * O) and the dQ
-accumulator kept in float32 in the workspace, dS = P * (dP - D)).
+accumulator kept in float32 in the workspace, dS = P * (dP - D)). Grouped-query attention as the
+frontend declares it: k, v (and dK, dV) with KV heads dividing q's NH, query head h reading kv head
+h // (NH / KV), dK and dV of a kv head the sum over its query heads.
 
 Buffers and the workspace reach execute() as the frontend converts them (nvidia-cudnn-frontend
 python/cudnn/__init__.py `_library_device_pointer`, 1.8 to 1.23, and python/pygraph/pygraph.cpp
@@ -539,10 +541,13 @@ def _validate(cd, op, params) -> dict:
         if t.data_type != want:
             raise _not_supported(cd, f"{op}: {port} is {t.data_type}, the stand-in emulates bf16 io and fp32 stats")
     B, NH, T, hs = params["q"].dim
+    KV = params["k"].dim[1]  # grouped-query attention: KV heads of k and v, query head h reads h // (NH / KV)
+    if KV < 1 or NH % KV:
+        raise ValueError(f"{op}: k has {KV} heads, which do not divide q's {NH}")
     for port in ports[1:]:
-        want = [B, NH, T, 1] if port == "stats" else [B, NH, T, hs]
+        want = {"stats": [B, NH, T, 1], "k": [B, KV, T, hs], "v": [B, KV, T, hs]}.get(port, [B, NH, T, hs])
         if params[port].dim != want:
-            raise _not_supported(cd, f"{op}: {port} dims {params[port].dim}, the stand-in emulates MHA with {want}")
+            raise _not_supported(cd, f"{op}: {port} dims {params[port].dim}, the stand-in emulates {want}")
     # causal: the preferred top-left band with right bound 0, or the deprecated use_causal_mask
     right = params.get("diagonal_band_right_bound")
     if right not in (None, 0):
@@ -553,7 +558,7 @@ def _validate(cd, op, params) -> dict:
     scale = params.get("attn_scale")
     if scale is not None and not isinstance(scale, (int, float)):
         raise _not_supported(cd, f"{op}: attn_scale as a tensor is not emulated")
-    spec = dict(op=op, B=B, NH=NH, T=T, hs=hs, causal=causal, scale=1.0 if scale is None else float(scale),
+    spec = dict(op=op, B=B, NH=NH, KV=KV, T=T, hs=hs, causal=causal, scale=1.0 if scale is None else float(scale),
                 deterministic=bool(params.get("use_deterministic_algorithm")), dropout=None,
                 inputs={port: params[port] for port in ports}, outputs=params["_outputs"])
     drop = params.get("dropout")
@@ -578,7 +583,7 @@ def _validate(cd, op, params) -> dict:
             continue
         if not t.is_output:
             raise ValueError(f"{op}: output {name} is not marked set_output(True)")
-        want_dims = [B, NH, T, 1] if name == "Stats" else [B, NH, T, hs]
+        want_dims = {"Stats": [B, NH, T, 1], "dK": [B, KV, T, hs], "dV": [B, KV, T, hs]}.get(name, [B, NH, T, hs])
         if t.dim != want_dims or len(t.stride) != 4:
             raise ValueError(f"{op}: output {name} needs dims {want_dims} and 4 strides, got {t.dim} / {t.stride}")
         want = dt.FLOAT if name == "Stats" else dt.BFLOAT16
@@ -639,9 +644,11 @@ def _run(graph: Graph, tensors: dict, by_uid: dict, ws: int, seed_offset):
         dtype = _NUMPY[t.data_type.name]
         memory(by_uid[t.uid], t.dim, t.stride, dtype)[...] = values.astype(np.float32).astype(dtype)
 
-    B, NH, T, hs = spec["B"], spec["NH"], spec["T"], spec["hs"]
+    B, NH, T, hs, g = spec["B"], spec["NH"], spec["T"], spec["hs"], spec["NH"] // spec["KV"]
     f64 = lambda name: read(name).astype(np.float64)  # noqa: E731
-    q, k, v = f64("q"), f64("k"), f64("v")
+    q = f64("q")
+    k, v = (np.repeat(f64(name), g, axis=1) for name in ("k", "v"))  # kv head of query head h: h // g
+    group_sum = lambda x: x.reshape(B, NH // g, g, T, hs).sum(axis=2)  # noqa: E731  (dK, dV of a kv head)
     s = spec["scale"] * (q @ k.swapaxes(-1, -2))  # [B, NH, T, T]
     if spec["causal"]:
         s = np.where(np.tril(np.ones((T, T), dtype=bool)), s, -np.inf)
@@ -668,5 +675,5 @@ def _run(graph: Graph, tensors: dict, by_uid: dict, ws: int, seed_offset):
     dq_acc = memory(ws + 4 * rows, (B, NH, T, hs), (NH * T * hs, T * hs, hs, 1), np.float32)
     dq_acc[...] = spec["scale"] * (dS @ k)  # the fp32 dQ accumulator
     write("dQ", dq_acc.astype(np.float64))
-    write("dK", spec["scale"] * (dS.swapaxes(-1, -2) @ q))
-    write("dV", dv)
+    write("dK", group_sum(spec["scale"] * (dS.swapaxes(-1, -2) @ q)))
+    write("dV", group_sum(dv))

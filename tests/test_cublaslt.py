@@ -176,6 +176,21 @@ def test_weight_and_bias_gradients_in_one_product(lt, shape):
     np.testing.assert_array_equal(dbias, f64(dout).sum(0))
 
 
+@pytest.mark.parametrize("shape", [ODD, GPT])
+def test_linear_weight_and_bias_gradients_in_one_product(lt, shape):
+    """nn.Linear layout (Llama, w [OC, C]): dW = dout^T @ inp and dbias = the column sums of dout from
+    BGRADB (llm.c's weight-gradient product: D = inp (N) . dout^T (T))."""
+    BT, C, OC = shape
+    rng = np.random.default_rng(7)
+    inp, dout = rand(rng, (BT, C), ints=3), rand(rng, (BT, OC), ints=3)
+    dw, dbias = np.full((OC, C), np.nan, np.float32), np.full(OC, np.nan, np.float32)
+    lt.gemm(dw, dout, inp, trans_a=True, dbias_a=dbias)
+    np.testing.assert_array_equal(dw, f64(dout).T @ f64(inp))
+    np.testing.assert_array_equal(dbias, f64(dout).sum(0))
+    desc = lt.lt.last_matmul["desc"]
+    assert desc[Desc.EPILOGUE] == int(real.Epilogue.BGRADB) and desc[Desc.TRANSB] == int(cublas.Operation.T)
+
+
 def test_the_epilogue_vectors_follow_each_call(lt):
     """Same kind of product, other bias/aux/dbias buffers: the cached descriptor takes the new ones."""
     M, K, N = ODD
@@ -370,6 +385,8 @@ def test_a_refused_heuristic_is_one_line_lterror():
 
 @pytest.mark.parametrize("case,match", [
     ("dbias with trans_b", "trans_b=False"),
+    ("dbias_a without trans_a", "trans_a=True"),
+    ("dbias_a with dbias", "alone"),
     ("bf16 dbias", "dtype"),
     ("dbias into bf16 out", "dtype"),
     ("gelu without bias", "needs bias"),
@@ -386,6 +403,9 @@ def test_bad_arguments(lt, case, match):
     f32 = np.dtype(np.float32)
     calls = {
         "dbias with trans_b": lambda: lt.gemm(np.empty((M, K), f32), out, b, trans_b=True, dbias=np.empty(K, f32)),
+        "dbias_a without trans_a": lambda: lt.gemm(np.empty((M, N), f32), a, b, dbias_a=np.empty(M, f32)),
+        "dbias_a with dbias": lambda: lt.gemm(np.empty((K, N), f32), a, out, trans_a=True, dbias=np.empty(N, f32),
+                                              dbias_a=np.empty(K, f32)),
         "bf16 dbias": lambda: lt.gemm(np.empty((K, N), f32), a, out, trans_a=True, dbias=np.empty(N, bf16)),
         "dbias into bf16 out": lambda: lt.gemm(np.empty((K, N), bf16), a, out, trans_a=True, dbias=np.empty(N, f32)),
         "gelu without bias": lambda: lt.gemm(out, a, b, gelu_pre=np.empty_like(out)),

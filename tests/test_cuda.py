@@ -114,3 +114,175 @@ def test_cuda_column_sums_match_cpu_and_do_not_depend_on_the_block_size():
         runs.append([gpu.to_host(x) for x in (dw, db, dbias)])
     assert all(rel_err(x, e) <= 1e-5 for x, e in zip(runs[0], expected))
     assert all(a.tobytes() == b.tobytes() for a, b in zip(*runs))
+
+
+# --- the Llama ops (kernels/rmsnorm.cu, rope.cu, swiglu.cu, grouped-query attention, nn.Linear
+# products, the encoder without position embeddings) against the cpu backend ------------------
+
+def llama_backend(precision="fp32", **kw):
+    from crystal.backends.cuda import CudaBackend
+
+    return CudaBackend(precision, **kw)
+
+
+def up(gpu, x, act=True):
+    """x (float32 host) on the device: activations/weights in the backend's act_dtype (bf16: rounded)."""
+    if act and gpu.bf16:
+        import ml_dtypes
+
+        x = np.ascontiguousarray(np.asarray(x, np.float32).astype(ml_dtypes.bfloat16)).view(gpu.act_dtype)
+    return gpu.to_device(np.ascontiguousarray(x))
+
+
+def down(gpu, x):
+    return np.asarray(gpu.to_host(x), np.float32)
+
+
+def widened(x):
+    """x as the bf16 backend sees it (rounded to bf16), in float32."""
+    import ml_dtypes
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+LB, LT, LNH, LHD = 3, 37, 6, 16  # head_dim 16: cuDNN's flash path in bf16
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kv", [2, 1])
+def test_cuda_llama_gqa_attention_matches_cpu(precision, kv):
+    from crystal.backends.cpu import CpuBackend
+
+    cpu, gpu = CpuBackend(), llama_backend(precision)
+    rng = np.random.default_rng(21)
+    W = (LNH + 2 * kv) * LHD
+    qkv, dout = (rng.standard_normal(s).astype(np.float32) for s in ((LB, LT, W), (LB, LT, LNH * LHD)))
+    if gpu.bf16:
+        qkv, dout = widened(qkv), widened(dout)
+    e_out, e_att = np.empty((LB, LT, LNH * LHD), np.float32), np.empty((LB, LNH, LT, LT), np.float32)
+    e_dqkv = np.empty_like(qkv)
+    cpu.attention_forward(e_out, e_att, qkv, LNH, n_kv_head=kv)
+    cpu.attention_backward(e_dqkv, dout, qkv, e_att, LNH, out=e_out, n_kv_head=kv)
+    shape, dtype = gpu.attention_saved(LB, LNH, LT, LHD)
+    d_qkv, d_dout = up(gpu, qkv), up(gpu, dout)
+    runs = []
+    for _ in range(2):  # deterministic: the same bits twice
+        out, att = gpu.empty((LB, LT, LNH * LHD), gpu.act_dtype), gpu.empty(shape, dtype)
+        dqkv = gpu.empty(qkv.shape, gpu.act_dtype)
+        gpu.attention_forward(out, att, d_qkv, LNH, n_kv_head=kv)
+        gpu.attention_backward(dqkv, d_dout, d_qkv, att, LNH, out=out, n_kv_head=kv)
+        runs.append((down(gpu, out), down(gpu, dqkv)))
+    out, dqkv = runs[0]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(*runs))
+    tol = 2e-2 if gpu.bf16 else 1e-4
+    assert rel_err(out, e_out) <= tol and rel_err(dqkv, e_dqkv) <= tol
+    assert cosine(dqkv, e_dqkv) >= 0.99
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_llama_rmsnorm_rope_swiglu_match_cpu(precision):
+    from crystal.backends.cpu import CpuBackend
+
+    cpu, gpu = CpuBackend(), llama_backend(precision)
+    rng = np.random.default_rng(22)
+    Nr, C, I, KV = LB * LT, 96, 80, 2
+    prep = widened if gpu.bf16 else (lambda x: x)
+    f = lambda *shape, s=1.0: prep((rng.standard_normal(shape) * s).astype(np.float32))  # noqa: E731
+    a, b, w, dout, dinp0 = f(Nr, C, s=2.0), f(Nr, C), f(C), f(Nr, C), f(Nr, C)
+    e = dict(res=np.empty((Nr, C), np.float32), out=np.empty((Nr, C), np.float32), rstd=np.empty(Nr, np.float32))
+    cpu.residual_rmsnorm_forward(e["res"], e["out"], e["rstd"], a, b, w, 1e-5)
+    res = up(gpu, a)
+    out, rstd = gpu.empty((Nr, C), gpu.act_dtype), gpu.empty((Nr,))
+    gpu.residual_rmsnorm_forward(res, out, rstd, res, up(gpu, b), up(gpu, w), 1e-5)  # res aliases a
+    res_h = down(gpu, res)
+    cpu.rmsnorm_forward(e["out"], e["rstd"], res_h, w, 1e-5)  # the stored (rounded, in bf16) sum
+    tol, tol32 = (1e-2, 1e-5) if gpu.bf16 else (1e-5, 1e-5)
+    assert rel_err(res_h, e["res"]) <= tol and rel_err(down(gpu, out), e["out"]) <= tol
+    assert rel_err(down(gpu, rstd), e["rstd"]) <= tol32
+    e_dinp, e_dw = dinp0.copy(), np.empty(C, np.float32)
+    cpu.rmsnorm_backward(e_dinp, e_dw, dout, res_h, w, e["rstd"])
+    dinp, dw = up(gpu, dinp0), gpu.empty((C,))
+    gpu.rmsnorm_backward(dinp, dw, up(gpu, dout), res, up(gpu, w), rstd)
+    assert rel_err(down(gpu, dinp), e_dinp) <= tol and rel_err(down(gpu, dw), e_dw) <= 1e-4
+
+    Wq = (LNH + 2 * KV) * LHD
+    qkv = f(LB, LT, Wq)
+    inv = 1.0 / 10000.0 ** (np.arange(0, LHD, 2) / LHD)
+    ang = np.arange(LT)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    for op in ("rope_forward", "rope_backward"):
+        expected = qkv.copy()
+        getattr(cpu, op)(expected, cos, sin, LNH, KV)
+        x = up(gpu, qkv)
+        getattr(gpu, op)(x, up(gpu, cos, act=False), up(gpu, sin, act=False), LNH, KV)
+        assert rel_err(down(gpu, x), expected) <= tol
+
+    gu, dy = f(Nr, 2 * I, s=2.0), f(Nr, I)
+    e_y, e_dgu = np.empty((Nr, I), np.float32), np.empty((Nr, 2 * I), np.float32)
+    cpu.swiglu_forward(e_y, gu)
+    cpu.swiglu_backward(e_dgu, gu, dy)
+    y, dgu = gpu.empty((Nr, I), gpu.act_dtype), gpu.empty((Nr, 2 * I), gpu.act_dtype)
+    gpu.swiglu_forward(y, up(gpu, gu))
+    gpu.swiglu_backward(dgu, up(gpu, gu), up(gpu, dy))
+    assert rel_err(down(gpu, y), e_y) <= tol and rel_err(down(gpu, dgu), e_dgu) <= tol
+
+
+@pytest.mark.parametrize("precision, graphs", [("fp32", False), ("fp32", True), ("bf16", False)])
+@pytest.mark.parametrize("bias, frozen", [(True, False), (False, False), (True, True)])
+def test_cuda_llama_linear_matches_cpu(precision, graphs, bias, frozen):
+    """cuBLAS (fp32), or cuBLASLt (graphs, bf16): the BIAS epilogue only with a bias, dbias from the
+    weight product's BGRADB epilogue; dw None: no weight product."""
+    from crystal.backends.cpu import CpuBackend
+    from crystal.errors import CrystalError
+
+    cpu = CpuBackend()
+    try:
+        gpu = llama_backend(precision, graphs=graphs)
+    except CrystalError as e:  # cuBLASLt needs nvmath-python
+        pytest.skip(str(e))
+    rng = np.random.default_rng(23)
+    Nr, C, OC = LB * LT, 96, 144
+    prep = widened if gpu.bf16 else (lambda x: x)
+    inp, w, dout = (prep(rng.standard_normal(s).astype(np.float32)) for s in ((Nr, C), (OC, C), (Nr, OC)))
+    b = prep(rng.standard_normal(OC).astype(np.float32)) if bias else None
+    e_out = np.empty((Nr, OC), np.float32)
+    cpu.linear_forward(e_out, inp, w, b)
+    e_dinp, e_dw, e_db = np.empty_like(inp), np.empty_like(w), np.empty(OC, np.float32) if bias else None
+    cpu.linear_backward(e_dinp, e_dw, e_db, dout, inp, w)
+    out = gpu.empty((Nr, OC), gpu.act_dtype)
+    d_inp, d_w = up(gpu, inp), up(gpu, w)
+    gpu.linear_forward(out, d_inp, d_w, up(gpu, b) if bias else None)
+    dinp, dw, db = gpu.empty((Nr, C), gpu.act_dtype), None if frozen else gpu.empty((OC, C)), \
+        gpu.empty((OC,)) if bias else None
+    gpu.linear_backward(dinp, dw, db, up(gpu, dout), d_inp, d_w)
+    tol = 1e-2 if gpu.bf16 else 1e-5 if precision == "fp32" else 1e-3
+    assert rel_err(down(gpu, out), e_out) <= tol and rel_err(down(gpu, dinp), e_dinp) <= tol
+    assert frozen or rel_err(down(gpu, dw), e_dw) <= (1e-5 if precision == "fp32" else tol)
+    assert not bias or rel_err(down(gpu, db), e_db) <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_llama_encoder_without_position_embeddings_matches_cpu(precision):
+    from crystal.backends.cpu import CpuBackend
+
+    cpu, gpu = CpuBackend(), llama_backend(precision)
+    rng = np.random.default_rng(24)
+    V, C = 300, 64
+    idx = rng.integers(0, V, (LB, LT)).astype(np.int32)
+    wte = rng.standard_normal((V, C)).astype(np.float32)
+    wte = widened(wte) if gpu.bf16 else wte
+    dout = rng.standard_normal((LB, LT, C)).astype(np.float32)
+    dout = widened(dout) if gpu.bf16 else dout
+    out = gpu.empty((LB, LT, C), gpu.act_dtype)
+    gpu.encoder_forward(out, gpu.to_device(idx), up(gpu, wte), None)
+    assert down(gpu, out).tobytes() == wte[idx].tobytes()
+    e_dwte = np.zeros((V, C), np.float32)
+    cpu.encoder_backward(e_dwte, None, dout, idx)
+    dwte = gpu.zeros((V, C))
+    gpu.encoder_backward(dwte, None, up(gpu, dout), gpu.to_device(idx))
+    assert rel_err(down(gpu, dwte), e_dwte) <= 1e-5

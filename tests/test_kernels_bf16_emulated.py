@@ -27,7 +27,7 @@ from crystal.backends import cpu
 from crystal.backends.cpu import CpuBackend
 from crystal.backends.kernels import KERNELS, cdiv, grid_1d, grid_rows
 from emu.build import parse_global_kernels
-from emu.coverage import Coverage, gpu, launch_column_sums
+from emu.coverage import LLAMA_FILES, Coverage, gpu, launch_column_sums
 from compare import rel_err
 
 B, T, C, NH, V = 2, 19, 48, 3, 131
@@ -46,7 +46,9 @@ FUSED_BF16 = {"residual_layernorm_forward_bf16", "crossentropy_forward_backward_
               "adamw_update_copy_bf16"}
 # inference's kv_cache.cu: tests/test_kernels_kv_cache_emulated.py
 KV_CACHE = {n for n, k in KERNELS.items() if k.file == "kv_cache.cu"}
-BF16_KERNELS = {n for n in KERNELS if n.endswith("_bf16")} - FUSED_BF16 - KV_CACHE | {"cast_to_bf16"}
+# Llama's rmsnorm.cu, rope.cu, swiglu.cu: tests/test_llama_kernels_emulated.py
+LLAMA = {n for n, k in KERNELS.items() if k.file in LLAMA_FILES}
+BF16_KERNELS = {n for n in KERNELS if n.endswith("_bf16")} - FUSED_BF16 - KV_CACHE - LLAMA | {"cast_to_bf16"}
 
 be = CpuBackend()
 COVERAGE = Coverage()
@@ -141,7 +143,7 @@ def test_bf16_every_twin_has_the_fp32_kernels_file_and_argument_kinds():
 
 def test_bf16_every_kernel_is_exercised_by_a_test():
     in_sources = {n for n in parse_global_kernels()
-                  if n.endswith("_bf16") or n == "cast_to_bf16"} - FUSED_BF16 - KV_CACHE
+                  if n.endswith("_bf16") or n == "cast_to_bf16"} - FUSED_BF16 - KV_CACHE - LLAMA
     assert set(COVERED) == in_sources == BF16_KERNELS
 
 
@@ -257,7 +259,7 @@ def test_attention_layout_bf16_emulated_moves_bits(rng, block):
     qkv.view(np.uint16)[0, 0, :3] = [0x7FC1, 0xFF80, 0x0001]  # NaN payload, -inf, a subnormal
     n = B * NH * T * HS
     q, k, v = per_head(), per_head(), per_head()
-    gpu().launch("attention_permute_bf16", grid_1d(n, block), block, q, k, v, qkv, B, T, NH, HS)
+    gpu().launch("attention_permute_bf16", grid_1d(n, block), block, q, k, v, qkv, B, T, NH, NH, HS)
     for got, want in zip((q, k, v), heads(qkv, 3)):
         np.testing.assert_array_equal(bits(got), bits(want))
     out = nan_bf16(B, T, C)
@@ -269,7 +271,7 @@ def test_attention_layout_bf16_emulated_moves_bits(rng, block):
     np.testing.assert_array_equal(bits(dy), bits(heads(dout, 1)[0]))
     dqkv = nan_bf16(B, T, 3 * C)
     gpu().launch("attention_permute_backward_bf16", grid_1d(n, block), block, dqkv, q, k, v,
-                 B, T, NH, HS)
+                 B, T, NH, NH, HS)
     np.testing.assert_array_equal(bits(dqkv), bits(qkv))  # the adjoint inverts the permute
 
 
@@ -288,7 +290,7 @@ def test_attention_bf16_emulated_pipeline_matches_cpu(rng, block):
     qkv, dout = randbf(rng, B, T, 3 * C), randbf(rng, B, T, C)
     n = B * NH * T * HS
     q, k, v = per_head(), per_head(), per_head()
-    launch_twins("attention_permute", grid_1d(n, block), block, q, k, v, qkv, B, T, NH, HS)
+    launch_twins("attention_permute", grid_1d(n, block), block, q, k, v, qkv, B, T, NH, NH, HS)
     att = mm(q, k.transpose(0, 1, 3, 2))
     launch_twins("softmax_causal_forward", grid_rows(B * NH * T), block, att, att, B * NH, T,
                  SCALE)
@@ -307,7 +309,7 @@ def test_attention_bf16_emulated_pipeline_matches_cpu(rng, block):
     dq, dk = mm(datt, k), mm(datt.transpose(0, 1, 3, 2), q)
     dqkv = nan_bf16(B, T, 3 * C)
     launch_twins("attention_permute_backward", grid_1d(n, block), block, dqkv, dq, dk, dv,
-                 B, T, NH, HS)
+                 B, T, NH, NH, HS)
     expected = np.empty((B, T, 3 * C), np.float32)
     be.attention_backward(expected, widen(dout), widen(qkv), widen(att), NH)
     assert rel_err(widen(dqkv), expected) <= TOL_PIPELINE
@@ -506,14 +508,14 @@ def fp32_outputs(block):
     launch_column_sums("bias_backward", block, (dbias,), (qkv,), N, 3 * C)
     q, k, v = (np.empty((B, NH, T, HS), np.float32) for _ in range(3))
     n = q.size
-    gpu_.launch("attention_permute", grid_1d(n, block), block, q, k, v, qkv, B, T, NH, HS)
+    gpu_.launch("attention_permute", grid_1d(n, block), block, q, k, v, qkv, B, T, NH, NH, HS)
     y = np.empty((N, C), np.float32)
     gpu_.launch("attention_unpermute", grid_1d(n, block), block, y, q, B, T, NH, HS)
     dy = np.empty_like(q)
     gpu_.launch("attention_unpermute_backward", grid_1d(n, block), block, dy, dout, B, T, NH, HS)
     dqkv = np.empty_like(qkv)
     gpu_.launch("attention_permute_backward", grid_1d(n, block), block, dqkv, k, v, dy,
-                B, T, NH, HS)
+                B, T, NH, NH, HS)
     att = np.tril(np.abs(f(10, B * NH, T, T)))
     datt = f(11, B * NH, T, T)
     gpu_.launch("softmax_causal_backward", grid_rows(B * NH * T), block, datt, datt, att, B * NH,

@@ -19,7 +19,10 @@ The epilogues, in cuBLASLt's terms:
   cuBLASLt runs BGRADA only with op(A) = N and BGRADB only with op(B) = T, so dbias needs
   trans_b=False. dW = inp^T @ dout then is D = dout (N) . inp^T (T) with BGRADA: llm.c's
   weight-gradient product (D = inp (N) . dout^T (T) with BGRADB, llm.c's weights being
-  [OC, C]) with A and B swapped, because crystal's weights are [C, OC].
+  [OC, C]) with A and B swapped, because crystal's GPT-2 weights are [C, OC].
+- dbias_a[M] = sum_k op(a)[m, k]: the sum over k of op(B) = op(a)^T, i.e. BGRADB (length n = M),
+  which needs trans_a=True. The nn.Linear layout's weight gradient (Llama, weights [OC, C]),
+  dW = dout^T @ inp, is D = inp (N) . dout^T (T) with BGRADB: llm.c's product exactly.
   Types: A/B bf16, C/D fp32 (dW goes straight into an fp32 gradient slot), COMPUTE_32F with an
   fp32 scale (a row of cublasLtMatmul's type table), and dbias fp32: cublasLt.h (cuBLAS 13.10,
   CUBLASLT_MATMUL_DESC_BIAS_POINTER) says "Bias gradient vector elements are the same type as
@@ -116,11 +119,13 @@ class LtMatmul:
         self.handle = int(lt.create())
 
     # --- the product ---
-    def gemm(self, out, a, b, *, trans_a=False, trans_b=False, bias=None, gelu_pre=None, dbias=None) -> None:
+    def gemm(self, out, a, b, *, trans_a=False, trans_b=False, bias=None, gelu_pre=None, dbias=None,
+             dbias_a=None) -> None:
         """out[..., M, N] = op(a)[..., M, K] @ op(b)[..., K, N], row-major C-contiguous arrays,
         op = transpose of the last two axes when trans_* is set; 3-D arrays: a strided batch.
-        Epilogues (2-D only): bias[N]: out += bias; gelu_pre (requires bias): gelu_pre =
-        op(a)@op(b) + bias, out = gelu_tanh(gelu_pre); dbias[N] = sum_k op(b)[k, n]."""
+        Epilogues (2-D only, one at a time): bias[N]: out += bias; gelu_pre (requires bias):
+        gelu_pre = op(a)@op(b) + bias, out = gelu_tanh(gelu_pre); dbias[N] = sum_k op(b)[k, n];
+        dbias_a[M] = sum_k op(a)[m, k]."""
         if self.handle is None:
             raise LtError("cuBLASLt gemm after close()")
         M, N, K, batch = _check_shapes(out, a, b, trans_a, trans_b)
@@ -129,7 +134,7 @@ class LtMatmul:
             raise ValueError("cuBLASLt gemm: a and b must have the same dtype")
         if ab_type == F32 and out_type != F32:
             raise ValueError("cuBLASLt gemm: fp32 inputs need an fp32 out")
-        epilogue, vec = self._epilogue(out, out_type, N, trans_b, bias, gelu_pre, dbias)
+        epilogue, vec = self._epilogue(out, out_type, M, N, trans_a, trans_b, bias, gelu_pre, dbias, dbias_a)
 
         a_ptr, b_ptr, out_ptr = device_pointer(a), device_pointer(b), device_pointer(out)
         vec_ptr = device_pointer(vec) if vec is not None else 0
@@ -150,13 +155,20 @@ class LtMatmul:
         except self.lt.cuBLASLtError as e:
             raise LtError(f"cuBLASLt matmul failed for {_describe(key)}: {e}") from e
 
-    def _epilogue(self, out, out_type, N, trans_b, bias, gelu_pre, dbias):
+    def _epilogue(self, out, out_type, M, N, trans_a, trans_b, bias, gelu_pre, dbias, dbias_a):
         """(cuBLASLt epilogue, the vector it reads or writes) for these arguments, checked."""
         E = self.lt.Epilogue
-        if bias is None and gelu_pre is None and dbias is None:
+        if bias is None and gelu_pre is None and dbias is None and dbias_a is None:
             return E.DEFAULT, None
         if out.ndim != 2:
-            raise ValueError("cuBLASLt gemm: epilogues (bias, gelu_pre, dbias) are for 2-D products only")
+            raise ValueError("cuBLASLt gemm: epilogues (bias, gelu_pre, dbias, dbias_a) are for 2-D products only")
+        if dbias_a is not None:
+            if bias is not None or gelu_pre is not None or dbias is not None:
+                raise ValueError("cuBLASLt gemm: dbias_a goes alone (no bias, gelu_pre or dbias)")
+            if not trans_a:  # BGRADB: cuBLASLt runs it with op(B) = T only, and B is crystal's a
+                raise ValueError("cuBLASLt gemm: dbias_a needs trans_a=True (BGRADB runs with op(B) = T only)")
+            _check_vector(dbias_a, "dbias_a", M, out_type)
+            return E.BGRADB, dbias_a
         if dbias is not None:
             if bias is not None or gelu_pre is not None:
                 raise ValueError("cuBLASLt gemm: dbias goes alone (no bias, no gelu_pre)")

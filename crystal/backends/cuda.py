@@ -334,15 +334,18 @@ class CudaBackend:
 
     # --- encoder ---
     def encoder_forward(self, out, idx, wte, wpe):
+        """wpe None (Llama): out = wte[idx] (the kernel gets a NULL wpe)."""
         B, T = idx.shape
         C = wte.shape[1]
         self._launch(self._k("encoder_forward"), grid_1d(B * T * C, self.block), out, idx, wte, wpe, B * T, T, C)
 
     def encoder_backward(self, dwte, dwpe, dout, idx):
+        """dwpe None (Llama): only the token embedding's scatter."""
         B, T = idx.shape
         V, C = dwte.shape
-        self._launch(self._k("encoder_backward_wpe"), grid_1d(dwpe.shape[0] * C, self.block), dwpe, dout, B, T,
-                     dwpe.shape[0], C)
+        if dwpe is not None:
+            self._launch(self._k("encoder_backward_wpe"), grid_1d(dwpe.shape[0] * C, self.block), dwpe, dout, B,
+                         T, dwpe.shape[0], C)
         # bucket v (token v's positions, ascending) is positions[starts[v]:starts[v+1]], made on the
         # host by `stage` (token_buckets); for ids that were not staged, from a host copy of them
         staged = self._local.__dict__.get("staged", {}).get(id(idx))
@@ -382,6 +385,27 @@ class CudaBackend:
         if dw is not None:  # None: a frozen LayerNorm (LoRA's base)
             self._column_sums("layernorm_backward_dwdb", (dw, db), (dout, inp, mean, rstd), N, C)
 
+    # --- rmsnorm (Llama) ---
+    def rmsnorm_forward(self, out, rstd, inp, w, eps):
+        C = inp.shape[-1]
+        N = inp.size // C
+        self._launch(self._k("rmsnorm_forward"), grid_rows(N), out, rstd, inp, w, N, C, eps)
+
+    def residual_rmsnorm_forward(self, res, out, rstd, a, b, w, eps):
+        """res = a + b and out = rmsnorm(res) in one kernel (one block per row)."""
+        C = a.shape[-1]
+        N = a.size // C
+        self._launch(self._k("residual_rmsnorm_forward"), grid_rows(N), res, out, rstd, a, b, w, N, C, eps)
+
+    def rmsnorm_backward(self, dinp, dw, dout, inp, w, rstd):
+        """dinp += ... (one block per row); dw written by the two-stage column sums (None: a frozen
+        weight, no column sums)."""
+        C = inp.shape[-1]
+        N = inp.size // C
+        self._launch(self._k("rmsnorm_backward_dinp"), grid_rows(N), dinp, dout, inp, w, rstd, N, C)
+        if dw is not None:
+            self._column_sums("rmsnorm_backward_dw", (dw,), (dout, inp, rstd), N, C)
+
     # --- matmul (cuBLAS; cuBLASLt with fused epilogues under bf16) + bias ---
     def matmul_forward(self, out, inp, w, bias):
         out2 = _rows(out)
@@ -403,43 +427,66 @@ class CudaBackend:
         self.gelu_forward(out, pre)
 
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
-        """dw None (and dbias None): a frozen weight (LoRA's base), dinp alone is computed."""
+        """dw None (a frozen weight): dinp only, no weight product (dbias, if any, by column sums)."""
         dout2 = _rows(dout)
-        self._count(1 if dw is None else 2)
+        self._count()
         if self.use_lt:  # dw (float32, a gradient slot) and dbias from one product's epilogue
             lt = self._lt()
             self._issue(lt.gemm, _rows(dinp), dout2, w, trans_b=True)
             if dw is not None:
+                self._count()
                 self._issue(lt.gemm, dw, _rows(inp), dout2, trans_a=True, dbias=dbias)
+                return
+        else:
+            self._cupy_matmul(dout2, w.T, _rows(dinp))
+            if dw is not None:
+                self._count()
+                self._cupy_matmul(_rows(inp).T, dout2, dw)
+        if dbias is not None:
+            N, OC = dout2.shape
+            self._column_sums("bias_backward", (dbias,), (dout2,), N, OC)
+
+    # --- linear products in nn.Linear layout (w [OC, C]: Llama's weights, the LM head) ---
+    def linear_forward(self, out, inp, w, bias):
+        """out[N,OC] = inp[N,C] @ w[OC,C].T (+ bias: cuBLASLt's BIAS epilogue, or bias_forward after
+        cuBLAS; None: the plain product, no epilogue)."""
+        out2 = _rows(out)
+        self._count()
+        if self.use_lt:
+            self._issue(self._lt().gemm, out2, _rows(inp), w, trans_b=True, bias=bias)
             return
-        self._cupy_matmul(dout2, w.T, _rows(dinp))
-        if dw is None:
-            return
-        self._cupy_matmul(_rows(inp).T, dout2, dw)
+        self._cupy_matmul(_rows(inp), w.T, out2)
+        if bias is not None:
+            N, OC = out2.shape
+            self._launch("bias_forward", grid_1d(N * OC, self.block), out2, bias, N, OC)
+
+    def linear_backward(self, dinp, dw, dbias, dout, inp, w):
+        """dinp = dout @ w, dw = dout.T @ inp (cuBLASLt: dbias from the same product's BGRADB
+        epilogue), dbias = sum_rows dout; all written. dw None (a frozen weight): dinp only, no
+        weight product (dbias, if any, by column sums)."""
+        dout2 = _rows(dout)
+        self._count()
+        if self.use_lt:
+            lt = self._lt()
+            self._issue(lt.gemm, _rows(dinp), dout2, w)
+            if dw is not None:
+                self._count()
+                self._issue(lt.gemm, dw, dout2, _rows(inp), trans_a=True, dbias_a=dbias)
+                return
+        else:
+            self._cupy_matmul(dout2, w, _rows(dinp))
+            if dw is not None:
+                self._count()
+                self._cupy_matmul(dout2.T, _rows(inp), dw)
         if dbias is not None:
             N, OC = dout2.shape
             self._column_sums("bias_backward", (dbias,), (dout2,), N, OC)
 
     def lm_head_forward(self, logits, inp, wte):
-        self._count()
-        if self.use_lt:
-            self._issue(self._lt().gemm, _rows(logits), _rows(inp), wte, trans_b=True)
-            return
-        self._cupy_matmul(_rows(inp), wte.T, _rows(logits))
+        self.linear_forward(logits, inp, wte, None)
 
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte):
-        """dwte None: a frozen head (LoRA's base), dinp alone is computed."""
-        dl = _rows(dlogits)
-        self._count(1 if dwte is None else 2)
-        if self.use_lt:
-            lt = self._lt()
-            self._issue(lt.gemm, _rows(dinp), dl, wte)
-            if dwte is not None:
-                self._issue(lt.gemm, dwte, dl, _rows(inp), trans_a=True)
-            return
-        self._cupy_matmul(dl, wte, _rows(dinp))
-        if dwte is not None:
-            self._cupy_matmul(dl.T, _rows(inp), dwte)
+        self.linear_backward(dinp, dwte, None, dlogits, inp, wte)
 
     def _cupy_matmul(self, a, b, out) -> None:
         """out = a @ b through cupy's cuBLAS (fp32/tf32 without graphs: it cannot be captured)."""
@@ -475,51 +522,62 @@ class CudaBackend:
             raise GraphCaptureError("cuDNN flash attention with dropout cannot be captured "
                                     "(its seed is a host value); use --dropout 0 or CRYSTAL_CUDNN=0")
 
-    def _qkv_heads(self, qkv, n_head):
-        B, T, C3 = qkv.shape
-        hs = C3 // 3 // n_head
-        shape = (B, n_head, T, hs)
-        q, k, v = (self._scratch(name, shape, self.act_dtype) for name in ("q", "k", "v"))
-        self._launch(self._k("attention_permute"), grid_1d(q.size, self.block), q, k, v, qkv, B, T, n_head, hs)
+    def _qkv_heads(self, qkv, n_head, KV):
+        """q [B,NH,T,hs] and k, v [B,KV,T,hs] (this thread's scratch) from qkv[B,T,(NH+2KV)hs]."""
+        B, T, W = qkv.shape
+        hs = W // (n_head + 2 * KV)
+        q = self._scratch("q", (B, n_head, T, hs), self.act_dtype)
+        k, v = (self._scratch(name, (B, KV, T, hs), self.act_dtype) for name in ("k", "v"))
+        self._launch(self._k("attention_permute"), grid_1d(q.size, self.block), q, k, v, qkv, B, T, n_head, KV, hs)
         return q, k, v, B, T, hs
 
-    def attention_forward(self, out, att, qkv, n_head, drop=None):
-        if self._flash(qkv.shape[-1] // 3 // n_head):
+    def attention_forward(self, out, att, qkv, n_head, drop=None, *, n_kv_head=None):
+        """n_kv_head < n_head (grouped-query attention): query heads h*g .. h*g+g-1 (g = NH/KV) read
+        kv head h. The products run on [B, KV, g*T, .] views of q, att and y against k, v
+        [B, KV, T, hs]: no copy of k or v per query head."""
+        KV = n_head if n_kv_head is None else n_kv_head
+        if self._flash(qkv.shape[-1] // (n_head + 2 * KV)):
             self._count()
             self._flash_capture_check(drop)
             with _cudnn_errors():
-                self._issue(self._fa().forward, out, att, qkv, n_head, dropout=_cudnn_dropout(drop))
+                self._issue(self._fa().forward, out, att, qkv, n_head, dropout=_cudnn_dropout(drop), n_kv_head=KV)
             return
-        q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
+        q, k, v, B, T, hs = self._qkv_heads(qkv, n_head, KV)
         y = self._scratch("y", q.shape, self.act_dtype)
-        self._bmm(att, q, k, trans_b=True)  # scores, scaled inside the softmax
+        grouped = _grouped(KV)
+        self._bmm(grouped(att), grouped(q), k, trans_b=True)  # scores, scaled inside the softmax
         self._launch(self._k("softmax_causal_forward"), grid_rows(B * n_head * T), att, att, B * n_head, T,
                      1.0 / math.sqrt(hs))
-        self._bmm(y, self._dropped(att, drop), v)
+        self._bmm(grouped(y), grouped(self._dropped(att, drop)), v)
         self._launch(self._k("attention_unpermute"), grid_1d(y.size, self.block), out, y, B, T, n_head, hs)
 
-    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None):
-        if self._flash(qkv.shape[-1] // 3 // n_head):
+    def attention_backward(self, dqkv, dout, qkv, att, n_head, drop=None, *, out=None, n_kv_head=None):
+        """dk, dv of kv head h = the sum over its g query heads' in ascending order: per query head
+        products into [B, NH, T, hs] scratch, added by attention_permute_backward."""
+        KV = n_head if n_kv_head is None else n_kv_head
+        if self._flash(qkv.shape[-1] // (n_head + 2 * KV)):
             self._count()
             self._flash_capture_check(drop)
             with _cudnn_errors():
-                self._issue(self._fa().backward, dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop))
+                self._issue(self._fa().backward, dqkv, dout, qkv, out, att, n_head, dropout=_cudnn_dropout(drop),
+                            n_kv_head=KV)
             return
-        q, k, v, B, T, hs = self._qkv_heads(qkv, n_head)
+        q, k, v, B, T, hs = self._qkv_heads(qkv, n_head, KV)
         dy, dq, dk, dv = (self._scratch(name, q.shape, self.act_dtype) for name in ("dy", "dq", "dk", "dv"))
         datt = self._scratch("datt", att.shape, self.act_dtype)
+        grouped = _grouped(KV)
         self._launch(self._k("attention_unpermute_backward"), grid_1d(dy.size, self.block), dy, dout, B, T,
                      n_head, hs)
-        self._bmm(datt, dy, v, trans_b=True)
-        self._bmm(dv, self._dropped(att, drop), dy, trans_a=True)
+        self._bmm(grouped(datt), grouped(dy), v, trans_b=True)
+        self._bmm(dv, self._dropped(att, drop), dy, trans_a=True)  # per query head
         if drop:
             self.dropout(datt, datt, *drop)  # through the dropout: the same mask
         self._launch(self._k("softmax_causal_backward"), grid_rows(B * n_head * T), datt, datt, att,
                      B * n_head, T, 1.0 / math.sqrt(hs))
-        self._bmm(dq, datt, k)
-        self._bmm(dk, datt, q, trans_a=True)
+        self._bmm(grouped(dq), grouped(datt), k)
+        self._bmm(dk, datt, q, trans_a=True)  # per query head
         self._launch(self._k("attention_permute_backward"), grid_1d(dq.size, self.block), dqkv, dq, dk, dv, B, T,
-                     n_head, hs)
+                     n_head, KV, hs)
 
     def _dropped(self, att, drop):
         """att, or dropout(att) in a per-thread scratch buffer (recomputed by the backward)."""
@@ -535,6 +593,30 @@ class CudaBackend:
 
     def gelu_backward(self, dinp, inp, dout):
         self._launch(self._k("gelu_backward"), grid_1d(inp.size, self.block), dinp, inp, dout, inp.size)
+
+    def swiglu_forward(self, out, gu):
+        """out[N,I] = silu(gate) * up of gu[N,2I] = [gate | up]."""
+        I = out.shape[-1]
+        N = out.size // I
+        self._launch(self._k("swiglu_forward"), grid_1d(N * I, self.block), out, gu, N, I)
+
+    def swiglu_backward(self, dgu, gu, dout):
+        I = dout.shape[-1]
+        N = dout.size // I
+        self._launch(self._k("swiglu_backward"), grid_1d(N * I, self.block), dgu, gu, dout, N, I)
+
+    # --- rotary embeddings (Llama), in place on qkv's q and k heads; cos, sin float32 [T, hd/2] ---
+    def rope_forward(self, qkv, cos, sin, n_head, n_kv_head):
+        self._rope("rope_forward", qkv, cos, sin, n_head, n_kv_head)
+
+    def rope_backward(self, dqkv, cos, sin, n_head, n_kv_head):
+        self._rope("rope_backward", dqkv, cos, sin, n_head, n_kv_head)
+
+    def _rope(self, kernel: str, x, cos, sin, n_head: int, KV: int) -> None:
+        B, T, W = x.shape
+        hd = W // (n_head + 2 * KV)
+        self._launch(self._k(kernel), grid_1d(B * T * (n_head + KV) * (hd // 2), self.block), x, cos, sin, B, T,
+                     n_head, KV, hd)
 
     def residual_forward(self, out, a, b):
         self._launch(self._k("residual_forward"), grid_1d(out.size, self.block), out, a, b, out.size)
@@ -714,6 +796,12 @@ def token_buckets(idx, vocab_size: int):
 def _rows(a):
     """View [..., K] as [N, K] (no copy; the arrays are contiguous)."""
     return a.reshape(-1, a.shape[-1])
+
+
+def _grouped(KV: int):
+    """View x[B, NH, X, Y] as [B, KV, (NH/KV) X, Y]: the g = NH/KV query heads of kv head h, whose
+    rows all meet k[b, h] and v[b, h] (no copy; the arrays are contiguous)."""
+    return lambda x: x.reshape(x.shape[0], KV, -1, x.shape[-1])
 
 
 def _cudnn_dropout(drop):

@@ -1,10 +1,12 @@
 """The cuda backend's inference ops (crystal.generate): kernels/kv_cache.cu.
 
-The same three ops as crystal.backends.cpu_infer, on the calling thread's stream: the
-embedding at each sequence's position, the store of the new keys and values followed by
-attention against the cache (one block per query row; the scores in a float32 scratch of
-[B*NH*T, capacity]), and the gather of one row per sequence. fp32 and bf16 (the `_bf16`
-twins: bf16 activations and cache, float32 scores and math).
+The same four ops as crystal.backends.cpu_infer, on the calling thread's stream: the
+embedding at each sequence's position (no position embeddings for llama), the rotary rotation
+at each sequence's positions (llama), the store of the new keys and values (KV heads) followed
+by attention against the cache (one block per query row, reading its KV head in place; the
+scores in a float32 scratch of [B*NH*T, capacity]), and the gather of one row per sequence.
+fp32 and bf16 (the `_bf16` twins: bf16 activations and cache, float32 scores, rotary tables and
+math).
 """
 
 from __future__ import annotations
@@ -27,13 +29,22 @@ class CudaInferenceOps:
         C = wte.shape[1]
         be._launch(be._k("embed_at"), grid_1d(B * T * C, be.block), out, idx, wte, wpe, pos, B * T, T, C)
 
-    def kv_attention(self, out, qkv, k, v, pos, n_head: int) -> None:
-        be, (B, T, C3) = self.be, qkv.shape
-        hs, cap = C3 // 3 // n_head, k.shape[2]
-        be._launch(be._k("kv_store"), grid_1d(B * T * C3 // 3, be.block), k, v, qkv, pos, B, T, n_head, hs, cap)
-        scores = be._scratch("kv_scores", (B * n_head * T * cap,), "float32")
-        be._launch(be._k("kv_attention"), grid_rows(B * n_head * T), out, qkv, k, v, scores, pos, B, T, n_head,
-                   hs, cap, 1.0 / math.sqrt(hs))
+    def rope_at(self, qkv, cos, sin, pos, n_head: int, n_kv_head: int) -> None:
+        """In place; cos, sin float32 [>= pos[b] + T, hd/2] (the model's whole table)."""
+        be, (B, T, W) = self.be, qkv.shape
+        hd = W // (n_head + 2 * n_kv_head)
+        be._launch(be._k("rope_at"), grid_1d(B * T * (n_head + n_kv_head) * (hd // 2), be.block), qkv, cos, sin,
+                   pos, B, T, n_head, n_kv_head, hd)
+
+    def kv_attention(self, out, qkv, k, v, pos, n_head: int, n_kv_head: int | None = None) -> None:
+        """n_kv_head None: n_head (GPT-2). k, v: [B, KV, cap, hd]."""
+        be, (B, T, W) = self.be, qkv.shape
+        NH, KV = n_head, n_head if n_kv_head is None else n_kv_head
+        hd, cap = W // (NH + 2 * KV), k.shape[2]
+        be._launch(be._k("kv_store"), grid_1d(B * T * KV * hd, be.block), k, v, qkv, pos, B, T, NH, KV, hd, cap)
+        scores = be._scratch("kv_scores", (B * NH * T * cap,), "float32")
+        be._launch(be._k("kv_attention"), grid_rows(B * NH * T), out, qkv, k, v, scores, pos, B, T, NH, KV,
+                   hd, cap, 1.0 / math.sqrt(hd))
 
     def gather_rows(self, out, x, rows) -> None:
         be, (B, T, C) = self.be, x.shape

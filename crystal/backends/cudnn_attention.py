@@ -1,8 +1,10 @@
 """cuDNN fused flash attention (forward and backward) for the cuda backend's bf16 mode.
 
-Causal self-attention of GPT-2 through nvidia-cudnn-frontend's Python graph API, the way llm.c's
-llmc/cudnn_att.cpp does it in C++: one `sdpa` graph for the forward, one `sdpa_backward` graph
-for the backward, each built once per shape and cached, executed on the calling thread's stream.
+Causal self-attention of GPT-2 and Llama through nvidia-cudnn-frontend's Python graph API, the way
+llm.c's llmc/cudnn_att.cpp does it in C++: one `sdpa` graph for the forward, one `sdpa_backward`
+graph for the backward, each built once per shape and cached, executed on the calling thread's
+stream. Grouped-query attention (Llama: KV < NH key/value heads, query head h reading kv head
+h // (NH/KV)) is the frontend's own: K, V (and dK, dV) are declared with KV heads.
 
     S = (Q K^T) / sqrt(hs), causal (column j > row i masked), P = softmax(S), y = P V
     stats[b, h, i] = logsumexp_j S[b, h, i, j]   (natural log, float32; the only thing saved)
@@ -11,9 +13,11 @@ for the backward, each built once per shape and cached, executed on the calling 
 No [B, NH, T, T] tensor exists anywhere. cuDNN reads q, k, v straight out of crystal's qkv buffer
 and writes y straight into its [B, T, C] layout through strided views (no permute kernels):
 
-    qkv [B, T, 3C]: q/k/v of head h = columns (0|C|2C) + h*hs ... + hs of each row
-      -> dims (B, NH, T, hs), strides (T*3C, hs, 3C, 1), element offsets 0, C, 2C
-    out / dout [B, T, C] -> dims (B, NH, T, hs), strides (T*C, hs, C, 1)
+    qkv [B, T, W], W = (NH + 2 KV) hs: q head h = columns h*hs ... + hs of each row, k head h
+      NH*hs + h*hs ..., v head h (NH + KV)*hs + h*hs ...  (GPT-2: KV = NH, W = 3C)
+      -> Q dims (B, NH, T, hs), K and V dims (B, KV, T, hs), strides (T*W, hs, W, 1),
+         element offsets 0, NH*hs, (NH + KV)*hs
+    out / dout [B, T, C], C = NH hs -> dims (B, NH, T, hs), strides (T*C, hs, C, 1)
     stats [B, NH, T]    -> dims (B, NH, T, 1),  strides (NH*T, T, 1, 1), float32
     dqkv: the same views as qkv
 
@@ -193,32 +197,41 @@ class FlashAttention:
         self._bwd_params = bwd_params
 
     # --- public ---
-    def forward(self, out, stats, qkv, n_head, dropout=None) -> None:
-        """out[B,T,C] (bf16) = causal attention of qkv[B,T,3C] (bf16); stats[B,NH,T] (fp32) = the
-        rows' logsumexp of the scaled masked scores. dropout: None or (p, seed, offset)."""
-        B, T, C, hs = self._shape(qkv, n_head)
+    def forward(self, out, stats, qkv, n_head, dropout=None, n_kv_head=None) -> None:
+        """out[B,T,C] (bf16) = causal attention of qkv[B,T,(NH+2KV)hs] (bf16, C = NH hs, KV =
+        n_kv_head or NH); stats[B,NH,T] (fp32) = the rows' logsumexp of the scaled masked scores.
+        dropout: None or (p, seed, offset)."""
+        KV = n_head if n_kv_head is None else n_kv_head
+        B, T, C, hs = self._shape(qkv, n_head, KV)
         _check(out, "out", (B, T, C), 2)
         _check(stats, "stats", (B, n_head, T), 4)
         p = self._probability(dropout)
-        g = self._graph("fwd", B, T, n_head, hs, p)
+        g = self._graph("fwd", B, T, n_head, KV, hs, p)
         q = _pointer(qkv)
-        pack = {"Q": q, "K": q + 2 * C, "V": q + 4 * C, "O": _pointer(out), "Stats": _pointer(stats)}
+        pack = {"Q": q, **self._kv(q, "K", "V", C, KV * hs), "O": _pointer(out), "Stats": _pointer(stats)}
         self._execute(g, pack, dropout if p else None)
 
-    def backward(self, dqkv, dout, qkv, out, stats, n_head, dropout=None) -> None:
-        """dqkv[B,T,3C] (bf16, written) = the gradient of the forward through qkv, from dout[B,T,C],
-        the forward's qkv, out and stats, and the same dropout triple."""
-        B, T, C, hs = self._shape(qkv, n_head)
-        _check(dqkv, "dqkv", (B, T, 3 * C), 2)
+    def backward(self, dqkv, dout, qkv, out, stats, n_head, dropout=None, n_kv_head=None) -> None:
+        """dqkv (qkv's shape, bf16, written) = the gradient of the forward through qkv, from
+        dout[B,T,C], the forward's qkv, out and stats, and the same dropout triple (dK, dV of a kv
+        head: the sum over its query heads, cuDNN's)."""
+        KV = n_head if n_kv_head is None else n_kv_head
+        B, T, C, hs = self._shape(qkv, n_head, KV)
+        _check(dqkv, "dqkv", tuple(qkv.shape), 2)
         _check(dout, "dout", (B, T, C), 2)
         _check(out, "out", (B, T, C), 2)
         _check(stats, "stats", (B, n_head, T), 4)
         p = self._probability(dropout)
-        g = self._graph("bwd", B, T, n_head, hs, p)
+        g = self._graph("bwd", B, T, n_head, KV, hs, p)
         q, dq = _pointer(qkv), _pointer(dqkv)
-        pack = {"Q": q, "K": q + 2 * C, "V": q + 4 * C, "O": _pointer(out), "dO": _pointer(dout),
-                "Stats": _pointer(stats), "dQ": dq, "dK": dq + 2 * C, "dV": dq + 4 * C}
+        pack = {"Q": q, **self._kv(q, "K", "V", C, KV * hs), "O": _pointer(out), "dO": _pointer(dout),
+                "Stats": _pointer(stats), "dQ": dq, **self._kv(dq, "dK", "dV", C, KV * hs)}
         self._execute(g, pack, dropout if p else None)
+
+    @staticmethod
+    def _kv(base: int, k: str, v: str, Cq: int, Ckv: int) -> dict:
+        """The k and v heads' addresses in a qkv row at `base`: Cq and Cq + Ckv bf16 elements on."""
+        return {k: base + 2 * Cq, v: base + 2 * (Cq + Ckv)}
 
     def close(self) -> None:
         """Release the cuDNN handle (graphs and workspace go with this object)."""
@@ -231,14 +244,15 @@ class FlashAttention:
 
     # --- internals ---
     @staticmethod
-    def _shape(qkv, n_head):
-        B, T, C3 = qkv.shape
-        C = C3 // 3
-        if C3 != 3 * C or C % n_head:
-            raise ValueError(f"flash attention: qkv {tuple(qkv.shape)} is not [B, T, 3C] "
-                             f"with C divisible by {n_head} heads")
-        _check(qkv, "qkv", (B, T, C3), 2)
-        return B, T, C, C // n_head
+    def _shape(qkv, n_head, KV):
+        """(B, T, C = NH hs, hs) of qkv[B, T, (NH + 2 KV) hs]."""
+        B, T, W = qkv.shape
+        hs = W // (n_head + 2 * KV)
+        if KV < 1 or n_head % KV or W != (n_head + 2 * KV) * hs:
+            raise ValueError(f"flash attention: qkv {tuple(qkv.shape)} is not [B, T, (NH + 2 KV) hs] "
+                             f"with {n_head} query heads and {KV} key/value heads dividing them")
+        _check(qkv, "qkv", (B, T, W), 2)
+        return B, T, n_head * hs, hs
 
     @staticmethod
     def _probability(dropout) -> float:
@@ -261,12 +275,12 @@ class FlashAttention:
         # a cupy array makes the legacy stream wait on this stream (illegal inside a capture)
         g.graph.execute(pack, g.workspace_ptr, handle=self.handle)
 
-    def _graph(self, which: str, B: int, T: int, NH: int, hs: int, p: float) -> _Graph:
+    def _graph(self, which: str, B: int, T: int, NH: int, KV: int, hs: int, p: float) -> _Graph:
         """The cached graph for this shape (the dropout probability is a graph constant)."""
-        key = (which, B, T, NH, hs, p)
+        key = (which, B, T, NH, KV, hs, p)
         g = self._graphs.get(key)
         if g is None:
-            g = self._build(which, B, T, NH, hs, p)
+            g = self._build(which, B, T, NH, KV, hs, p)
             if g.workspace > self._workspace_bytes:  # grows only: later smaller graphs share the largest
                 self._workspace = self._alloc(g.workspace)
                 self._workspace_bytes = g.workspace
@@ -275,9 +289,9 @@ class FlashAttention:
             self._graphs[key] = g
         return g
 
-    def _build(self, which, B, T, NH, hs, p) -> _Graph:
+    def _build(self, which, B, T, NH, KV, hs, p) -> _Graph:
         cudnn = self.cudnn
-        C = NH * hs
+        C, W = NH * hs, (NH + 2 * KV) * hs
         unsupported = getattr(cudnn, "cudnnGraphNotSupportedError", RuntimeError)
         try:
             graph = cudnn.pygraph(
@@ -287,15 +301,15 @@ class FlashAttention:
                 handle=self.handle,
             )
             bf16 = cudnn.data_type.BFLOAT16
-            dims = [B, NH, T, hs]
-            qkv_stride = [T * 3 * C, hs, 3 * C, 1]  # head h of row t at t*3C + h*hs (+ 0 | C | 2C)
+            dims, kv_dims = [B, NH, T, hs], [B, KV, T, hs]
+            qkv_stride = [T * W, hs, W, 1]  # head h of row t at t*W + h*hs (+ 0 | NH*hs | (NH+KV)*hs)
             y_stride = [T * C, hs, C, 1]  # head h of row t at t*C + h*hs
             stats_dims, stats_stride = [B, NH, T, 1], [NH * T, T, 1, 1]
 
             def tensor(name, stride, dtype=bf16, d=dims):
                 return graph.tensor(name=name, dim=d, stride=stride, data_type=dtype)
 
-            t = {name: tensor(name, qkv_stride) for name in ("Q", "K", "V")}
+            t = {name: tensor(name, qkv_stride, d=dims if name == "Q" else kv_dims) for name in ("Q", "K", "V")}
             options = dict(attn_scale=1.0 / math.sqrt(hs), **self._causal(which))
             if p:
                 seed, offset = (graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1],
@@ -320,7 +334,8 @@ class FlashAttention:
                 grads = graph.sdpa_backward(q=t["Q"], k=t["K"], v=t["V"], o=t["O"], dO=t["dO"], stats=t["Stats"],
                                             name="flash_attention_backward", **options)
                 for name, g in zip(("dQ", "dK", "dV"), grads):  # written in place into dqkv
-                    g.set_output(True).set_dim(dims).set_stride(qkv_stride).set_data_type(bf16)
+                    g.set_output(True).set_dim(dims if name == "dQ" else kv_dims).set_stride(qkv_stride)
+                    g.set_data_type(bf16)
                     t[name] = g
             graph.validate()
             graph.build_operation_graph()
@@ -331,7 +346,8 @@ class FlashAttention:
         except (unsupported, RuntimeError, ValueError, NotImplementedError) as e:
             what = "forward" if which == "fwd" else "backward"
             drop = f", dropout {p}" if p else ""
-            raise FlashAttentionError(f"cuDNN flash attention {what} is not supported for B={B} T={T} NH={NH} "
+            kv = f" KV={KV}" if KV != NH else ""
+            raise FlashAttentionError(f"cuDNN flash attention {what} is not supported for B={B} T={T} NH={NH}{kv} "
                                       f"hs={hs}{drop}: {_first_line(e)}") from e
         return _Graph(graph, t, workspace)
 

@@ -81,20 +81,41 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("bias_backward_partial", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
     Kernel("bias_backward_partial_bf16", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
     Kernel("bias_backward_sum", "matmul.cu", ("ptr", "ptr", "i32", "i32")),
-    # attention.cu (score and value products are cuBLAS batched matmuls)
-    Kernel("attention_permute", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
-    Kernel("attention_permute_bf16", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
+    # attention.cu (score and value products are cuBLAS batched matmuls); (B, T, NH, KV, hs):
+    # KV key/value heads (grouped-query attention; GPT-2: KV = NH)
+    Kernel("attention_permute", "attention.cu", ("ptr",) * 4 + ("i32",) * 5),
+    Kernel("attention_permute_bf16", "attention.cu", ("ptr",) * 4 + ("i32",) * 5),
     Kernel("attention_unpermute", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
     Kernel("attention_unpermute_bf16", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
     Kernel("attention_unpermute_backward", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
     Kernel("attention_unpermute_backward_bf16", "attention.cu", ("ptr",) * 2 + ("i32",) * 4),
-    Kernel("attention_permute_backward", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
-    Kernel("attention_permute_backward_bf16", "attention.cu", ("ptr",) * 4 + ("i32",) * 4),
+    Kernel("attention_permute_backward", "attention.cu", ("ptr",) * 4 + ("i32",) * 5),
+    Kernel("attention_permute_backward_bf16", "attention.cu", ("ptr",) * 4 + ("i32",) * 5),
     Kernel("softmax_causal_forward", "attention.cu", ("ptr", "ptr", "i32", "i32", "f32")),
     Kernel("softmax_causal_forward_bf16", "attention.cu", ("ptr", "ptr", "i32", "i32", "f32")),
     Kernel("softmax_causal_backward", "attention.cu", ("ptr", "ptr", "ptr", "i32", "i32", "f32")),
     Kernel("softmax_causal_backward_bf16", "attention.cu",
            ("ptr", "ptr", "ptr", "i32", "i32", "f32")),
+    # rmsnorm.cu (Llama): forward, dinp, dw as column sums in two launches, fused residual
+    Kernel("rmsnorm_forward", "rmsnorm.cu", ("ptr",) * 4 + ("i32", "i32", "f32")),
+    Kernel("rmsnorm_forward_bf16", "rmsnorm.cu", ("ptr",) * 4 + ("i32", "i32", "f32")),
+    Kernel("rmsnorm_backward_dinp", "rmsnorm.cu", ("ptr",) * 5 + ("i32", "i32")),
+    Kernel("rmsnorm_backward_dinp_bf16", "rmsnorm.cu", ("ptr",) * 5 + ("i32", "i32")),
+    Kernel("rmsnorm_backward_dw_partial", "rmsnorm.cu", ("ptr",) * 4 + ("i32", "i32")),
+    Kernel("rmsnorm_backward_dw_partial_bf16", "rmsnorm.cu", ("ptr",) * 4 + ("i32", "i32")),
+    Kernel("rmsnorm_backward_dw_sum", "rmsnorm.cu", ("ptr",) * 2 + ("i32", "i32")),
+    Kernel("residual_rmsnorm_forward", "rmsnorm.cu", ("ptr",) * 6 + ("i32", "i32", "f32")),
+    Kernel("residual_rmsnorm_forward_bf16", "rmsnorm.cu", ("ptr",) * 6 + ("i32", "i32", "f32")),
+    # rope.cu (Llama): rotary embeddings in place on qkv's q and k heads; (B, T, NH, KV, hd)
+    Kernel("rope_forward", "rope.cu", ("ptr",) * 3 + ("i32",) * 5),
+    Kernel("rope_forward_bf16", "rope.cu", ("ptr",) * 3 + ("i32",) * 5),
+    Kernel("rope_backward", "rope.cu", ("ptr",) * 3 + ("i32",) * 5),
+    Kernel("rope_backward_bf16", "rope.cu", ("ptr",) * 3 + ("i32",) * 5),
+    # swiglu.cu (Llama): out = silu(gate) * up of gu = [gate | up]; (N, I)
+    Kernel("swiglu_forward", "swiglu.cu", ("ptr", "ptr", "i32", "i32")),
+    Kernel("swiglu_forward_bf16", "swiglu.cu", ("ptr", "ptr", "i32", "i32")),
+    Kernel("swiglu_backward", "swiglu.cu", ("ptr", "ptr", "ptr", "i32", "i32")),
+    Kernel("swiglu_backward_bf16", "swiglu.cu", ("ptr", "ptr", "ptr", "i32", "i32")),
     # gelu.cu, residual.cu
     Kernel("gelu_forward", "gelu.cu", ("ptr", "ptr", "i32")),
     Kernel("gelu_forward_bf16", "gelu.cu", ("ptr", "ptr", "i32")),
@@ -133,14 +154,16 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     # reduce.cu
     Kernel("add_inplace", "reduce.cu", ("ptr", "ptr", "i64")),
     Kernel("scale_inplace", "reduce.cu", ("ptr", "f64", "i64")),
-    # kv_cache.cu (inference, crystal.generate): embedding at positions, cache store, attention
-    # against the cache, one row per sequence
+    # kv_cache.cu (inference, crystal.generate): embedding at positions, rotary at positions
+    # (llama), cache store, attention against the cache (GQA), one row per sequence
     Kernel("embed_at", "kv_cache.cu", ("ptr",) * 5 + ("i32",) * 3),
     Kernel("embed_at_bf16", "kv_cache.cu", ("ptr",) * 5 + ("i32",) * 3),
-    Kernel("kv_store", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 5),
-    Kernel("kv_store_bf16", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 5),
-    Kernel("kv_attention", "kv_cache.cu", ("ptr",) * 6 + ("i32",) * 5 + ("f32",)),
-    Kernel("kv_attention_bf16", "kv_cache.cu", ("ptr",) * 6 + ("i32",) * 5 + ("f32",)),
+    Kernel("rope_at", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 5),
+    Kernel("rope_at_bf16", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 5),
+    Kernel("kv_store", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 6),
+    Kernel("kv_store_bf16", "kv_cache.cu", ("ptr",) * 4 + ("i32",) * 6),
+    Kernel("kv_attention", "kv_cache.cu", ("ptr",) * 6 + ("i32",) * 6 + ("f32",)),
+    Kernel("kv_attention_bf16", "kv_cache.cu", ("ptr",) * 6 + ("i32",) * 6 + ("f32",)),
     Kernel("gather_rows", "kv_cache.cu", ("ptr",) * 3 + ("i32",) * 3),
     Kernel("gather_rows_bf16", "kv_cache.cu", ("ptr",) * 3 + ("i32",) * 3),
 ]}

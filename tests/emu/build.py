@@ -89,8 +89,8 @@ def build_source(source: str, stem: str, cache: Path | None = None) -> ctypes.CD
 class EmulatedKernels:
     """`launch(name, grid, block, *args)` runs kernel<<<grid, block>>>(args) on the CPU.
 
-    Arrays are passed as pointers to their (C-contiguous) data; scalars are converted to the
-    kind the KERNELS table gives. Every launched name is added to `launched`. Launches from
+    Arrays are passed as pointers to their (C-contiguous) data, None as NULL (as cupy does);
+    scalars are converted to the kind the KERNELS table gives. Every launched name is added to `launched`. Launches from
     several threads (sphere threads) run one at a time: each .so has its own copy of the
     emulator's globals (`__shared__` statics, the block barrier), so only one grid may run.
     """
@@ -111,7 +111,9 @@ class EmulatedKernels:
         assert block % 32 == 0 and 32 <= block <= 1024, "blockDim.x: a multiple of 32, <= 1024"
         values = []
         for kind, a in zip(kinds, args):
-            if kind == "ptr":
+            if kind == "ptr" and a is None:  # a NULL pointer, as cupy passes None
+                values.append(None)
+            elif kind == "ptr":
                 assert isinstance(a, np.ndarray) and a.flags.c_contiguous, f"{name}: bad array"
                 values.append(a.ctypes.data)
             else:

@@ -12,6 +12,9 @@ from emu.build import EmulatedKernels, build
 
 _kernels: EmulatedKernels | None = None
 
+# Llama's kernel files: every kernel in them, fp32 and bf16, is tested by tests/test_llama_kernels_emulated.py
+LLAMA_FILES = ("rmsnorm.cu", "rope.cu", "swiglu.cu")
+
 
 def gpu() -> EmulatedKernels:
     """The emulated kernels of kernels/*.cu."""
