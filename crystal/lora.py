@@ -449,7 +449,7 @@ class LoraModel:
             adapters = init_adapters(self.layout, seed)
         self.layout.check(adapters)
         self.adapters = be.to_device(np.ascontiguousarray(adapters, dtype=np.float32))
-        self._w = Tensors(self.base_layout, be.compute_weights(self.base))
+        self._w = Tensors(self.base_layout, be.compute_weights(self.base), be)
         self._aw = self.layout.tensors(be.compute_weights(self.adapters))
         self._acts: dict = {}
 
