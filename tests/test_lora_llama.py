@@ -169,3 +169,29 @@ def test_peft_export_loads_in_peft_with_crystal_logits_and_hf_export_is_the_merg
     assert rel(ours, base_logits) > 1e-4  # the adapters trained
     assert rel(ours, theirs) < 1e-5
     assert rel(exported, merged) < 1e-6
+
+
+def test_emulated_cuda_adapters_on_whole_products_match_the_cpu_and_column_blocks_are_refused():
+    """o_proj and down_proj (whole products) on the cuda backend's host code and CPU-emulated
+    kernels; q..up need the column-block product the cuda backend lacks: one line, before a pass."""
+    from emu.backend import EmulatedCudaBackend
+
+    from crystal.config import ModelConfig
+    from crystal.dropout import Dropout
+    from crystal.errors import CrystalError
+    from crystal.model import init_params
+
+    cfg = ModelConfig(arch="llama", vocab_size=64, block_size=8, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                      intermediate_size=32, tie_word_embeddings=False)
+    lora = LoraConfig(4, 8.0, 0.2, ("o_proj", "down_proj"))
+    adapters = (np.random.default_rng(2).standard_normal(AdapterLayout(cfg, lora).size) * 0.2).astype(np.float32)
+    x, y = batch(seed=5, B=2, T=8, V=64)
+    drop = Dropout(0.2, 1, 0, 0)
+    be = EmulatedCudaBackend()
+    loss_c, grads_c = LoraModel(cfg, init_params(cfg, 1), lora, adapters).loss_and_grads(x, y, drop)
+    loss_g, grads_g = LoraModel(cfg, init_params(cfg, 1), lora, adapters, backend=be).loss_and_grads(x, y, drop)
+    assert abs(loss_g - loss_c) / loss_c < 1e-5
+    for k, g in grads_c.items():
+        assert rel(grads_g[k], g) < 1e-4, k
+    with pytest.raises(CrystalError, match="q_proj.*cpu backend only"):
+        LoraModel(cfg, init_params(cfg, 1), LoraConfig(4, 8.0, 0.0, ("q_proj", "o_proj")), backend=be)
