@@ -37,8 +37,10 @@ weight):
 
     forward   out[:, lo:lo+out] += h B^T        matmul_columns_forward(out, h, B^T, lo)
     backward  dh = dout[:, lo:lo+out] B, dB^T = h^T dout[:, lo:lo+out]
-                                                matmul_columns_backward(dh, dB^T, dout, h, B^T, lo) Dropout masks are crystal.dropout's hash of (seed, step, micro-batch,
-layer, site), sites LORA_SITE + target index: bitwise the same on any sphere, rank or resume.
+                                                matmul_columns_backward(dh, dB^T, dout, h, B^T, lo)
+
+Dropout masks are crystal.dropout's hash of (seed, step, micro-batch, layer, site), sites
+LORA_SITE + target index: bitwise the same on any sphere, rank or resume.
 """
 
 from __future__ import annotations
@@ -112,8 +114,9 @@ def check_backend(be, cfg: ModelConfig, lora: "LoraConfig") -> None:
     """CrystalError unless `be` has the ops these adapters need."""
     parts = column_targets(cfg, lora.targets)
     if parts and not hasattr(be, "matmul_columns_forward"):
+        whole = ", ".join(t for t in TARGETS[cfg.arch] if t not in parts)
         raise CrystalError(f"LoRA on {', '.join(parts)} (a part of a fused product) runs on the cpu backend only "
-                           f"so far; use --device cpu, or adapt {', '.join(t for t in TARGETS[cfg.arch] if t not in parts)}")
+                           f"so far; use --device cpu, or adapt {whole}")
 
 
 def parse_targets(text: str | None, cfg: ModelConfig) -> tuple[str, ...]:
