@@ -35,16 +35,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over the target, fsync the directory.
-    A failure (a full disk) removes the temp file and raises OSError naming `path`, the file
-    the caller asked for (not the temp name)."""
+    atomic_write_chunks(path, (data,))
+
+
+def atomic_write_chunks(path: str | Path, chunks) -> None:
+    """Temp file in the same directory, written a chunk (bytes) at a time, fsync, rename over the
+    target, fsync the directory. A failure (a full disk) removes the temp file and raises OSError
+    naming `path`, the file the caller asked for (not the temp name)."""
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary files
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -645,7 +645,7 @@ def format_summary(result) -> str:
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=str)
 @click.option("--out", required=True, type=click.Path(), help="directory for train.bin, val.bin, tokenizer.json")
 @click.option("--tokenizer", default="bytes", show_default=True,
               help="bytes, bpe (trained on the inputs), or a tokenizer.json file or a directory holding one "
@@ -653,17 +653,36 @@ def format_summary(result) -> str:
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size  [default: 1024]")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="tail held out for validation")
 @click.option("--shard-tokens", type=int, default=None,
-              help="write each split as shards train_000000.bin, ... of this many tokens  [default: one file each]")
-def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens) -> None:
-    """Tokenize text files into a data directory for `crystal train --data`."""
-    from crystal.data import prepare as run_prepare
+              help="write each split as shards train_000000.bin, ... of this many tokens  [default: one file "
+                   "each, or shards of 100,000,000 tokens for a larger split]")
+@click.option("--text-field", default="text", show_default=True, help="the field of a .jsonl line or .parquet row "
+              "that holds its document")
+@click.option("--workers", type=int, default=None, help="processes that encode  [default: the usable cores]")
+@click.option("--bpe-train-bytes", type=int, default=None,
+              help="bpe: train on at most this many bytes of the inputs, a seeded sample of them beyond  "
+                   "[default: 268435456 (256 MiB)]")
+def prepare(inputs, out, tokenizer, vocab_size, val_fraction, shard_tokens, text_field, workers,
+            bpe_train_bytes) -> None:
+    """Tokenize text into a data directory for `crystal train --data`.
+
+    INPUTS: text files (one document each), .jsonl files (one document a line, in --text-field),
+    .parquet files (one a row), directories of them, or quoted globs. Between documents goes
+    the tokenizer's <|endoftext|>, where it has one."""
+    from crystal.data import DEFAULT_BPE_TRAIN_BYTES, prepare as run_prepare
 
     if vocab_size is not None and tokenizer not in ("bytes", "bpe"):
         raise CrystalError(f"--vocab-size trains a bpe tokenizer; --tokenizer {tokenizer} has its own vocabulary")
+    if bpe_train_bytes is not None and tokenizer != "bpe":
+        raise CrystalError("--bpe-train-bytes is for --tokenizer bpe, which is trained here")
     t0 = time.perf_counter()
     meta = run_prepare(list(inputs), out, tokenizer, 1024 if vocab_size is None else vocab_size, val_fraction,
-                       shard_tokens)
+                       shard_tokens, text_field=text_field, workers=workers,
+                       bpe_train_bytes=DEFAULT_BPE_TRAIN_BYTES if bpe_train_bytes is None else bpe_train_bytes,
+                       progress=sys.stderr)
     kind = f"tokenizer {meta['tokenizer_from']}" if "tokenizer_from" in meta else f"{meta['tokenizer']} tokenizer"
+    if "bpe_sample" in meta:
+        s = meta["bpe_sample"]
+        kind += f" (trained on a seeded sample of {s['bytes']:,} of the {s['of_bytes']:,} input bytes)"
     click.echo(f"prepared {out}: {kind}, vocab {meta['vocab_size']}, "
                f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
                f"({len(meta['train_shards'])} + {len(meta['val_shards'])} files) in {time.perf_counter() - t0:.1f} s")
@@ -694,13 +713,23 @@ def data_verify(path, val_data, vocab_size) -> None:
 @click.argument("run", type=click.Path())
 @click.option("--data", type=str, default=None, help="data to evaluate on  [default: the run's]")
 @click.option("--batches", type=int, default=None, help="validation batches  [default: the run's --eval-batches]")
-def eval_cmd(run, data, batches) -> None:
-    """Validation loss and bits per byte of a trained run."""
+@click.option("--task", type=str, default=None,
+              help="a multiple-choice task in HellaSwag's JSON lines ({ctx, endings[4], label}): acc and acc_norm "
+                   "instead of the validation loss")
+@click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
+              help="--task: where the model runs")
+def eval_cmd(run, data, batches, task, device) -> None:
+    """Validation loss and bits per byte of a trained run, or (--task) its accuracy on a
+    multiple-choice task. RUN: a run directory, or (--task) a Hugging Face GPT-2 directory too."""
     from crystal.checkpoint import data_order_of, read_train_config
     from crystal.pretrained import load_checkpoint
     from crystal.data import load_dataset
     from crystal.trainer import evaluate
 
+    if task is not None:
+        if data is not None or batches is not None:
+            raise CrystalError("--task scores a task file; --data and --batches are for the validation loss")
+        return _eval_task(run, task, device)
     if batches is not None and batches < 1:
         raise CrystalError(f"--batches must be positive, got {batches}")
     model = load_checkpoint(run)
@@ -719,6 +748,30 @@ def eval_cmd(run, data, batches) -> None:
     bpb = f" | {loss / math.log(2) / per_byte:.4f} bits per byte" if per_byte else ""
     click.echo(f"val loss {loss:.4f}{bpb} | {n} batches x {cfg.batch_size} x "
                f"{cfg.seq_len} tokens of {dataset.name}")
+
+
+def _eval_task(run: str, task: str, device: str) -> None:
+    from crystal.backends import get_backend
+    from crystal.pretrained import checkpoint_tokenizer, load_checkpoint
+    from crystal.tasks import read_task, score
+    from crystal.trainer import _blas_limits
+
+    examples = read_task(task)
+    model = load_checkpoint(run, get_backend(device))
+    tok = checkpoint_tokenizer(run, model.config)
+    t0, tty = time.perf_counter(), sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty:
+            sys.stderr.write(f"\r{task}: {done:,} / {total:,} examples ({done / (time.perf_counter() - t0):,.1f}/s)\x1b[K")
+            sys.stderr.flush()
+
+    with _blas_limits(model.backend):
+        r = score(model, tok, examples, progress)
+    if tty:
+        sys.stderr.write("\n")
+    click.echo(f"{task}: acc {r.acc:.4f} | acc_norm {r.acc_norm:.4f} | {r.examples:,} examples "
+               f"({time.perf_counter() - t0:.1f} s)")
 
 
 @cli.command()

@@ -36,18 +36,21 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import lzma
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_regular, fsync_dir
+from crystal.atomic import (atomic_write_bytes, atomic_write_chunks, atomic_write_json, atomic_write_text, check_regular,
+                            fsync_dir)
 from crystal.errors import CrystalError
 from crystal.jsonio import read_json
 from crystal.shards import (DATA_ORDER, LEGACY_ORDER, TOKEN_HEADER, TOKEN_MAGIC, TOKEN_VERSION, TokenFile,  # noqa: F401
@@ -115,6 +118,13 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int, names: list[str] | None = None) -> "BPETokenizer":
+        names = names or ["input"] * len(texts)
+        return cls.train_on(lambda cutter: (p for t, n in zip(texts, names) for p in cutter.pieces(t, n)), vocab_size)
+
+    @classmethod
+    def train_on(cls, pieces, vocab_size: int) -> "BPETokenizer":
+        """A byte-level BPE of `vocab_size` tokens (<|endoftext|> the first) trained on the text
+        pieces that `pieces(cutter)` yields: a stream, so the text need not fit in memory."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -126,9 +136,7 @@ class BPETokenizer:
         # stand-in that gives each piece one id: the tokenizer in training cannot encode meanwhile.
         stand_in = Tokenizer(models.WordLevel({"piece": 0}, unk_token="piece"))
         stand_in.pre_tokenizer = tok.pre_tokenizer
-        cutter = Cutter(stand_in)
-        tok.train_from_iterator((p for t, n in zip(texts, names or ["input"] * len(texts))
-                                 for p in cutter.pieces(t, n)), trainer=trainer)
+        tok.train_from_iterator(pieces(Cutter(stand_in)), trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -160,30 +168,6 @@ class BPETokenizer:
             text = _utf8(text, "input")
         ids = self.tok.encode(text, add_special_tokens=False).ids  # the text's tokens, no template
         return np.asarray(ids, dtype=token_dtype(self.vocab_size))
-
-    def encode_many(self, texts: list[str], names: list[str]) -> np.ndarray:
-        """Each text's `encode` ids, one text after another: the texts are encoded in pieces cut
-        where `Cutter` proves a token boundary (so the ids are exactly the whole text's), a batch
-        of pieces of at most BATCH_CHARS characters (or one piece of at most MAX_PIECE_CHARS) at a
-        time, so memory is bounded whatever the line lengths."""
-        cutter, out, batch = Cutter(self.tok), [], []
-
-        def flush():
-            for e in self.tok.encode_batch(batch, add_special_tokens=False):  # in parallel
-                out.append(np.asarray(e.ids, dtype=np.uint32))
-            batch.clear()
-
-        for text, name in zip(texts, names):
-            for piece in cutter.pieces(text, name):
-                if batch and sum(map(len, batch)) + len(piece) > BATCH_CHARS:
-                    flush()
-                batch.append(piece)
-        flush()
-        ids = np.concatenate(out) if out else np.empty(0, np.uint32)
-        if ids.size and int(ids.max()) >= self.vocab_size:  # before narrowing to the file's width
-            raise CrystalError(f"the tokenizer gave token id {int(ids.max())}, outside its vocabulary of "
-                               f"{self.vocab_size}")
-        return ids.astype(token_dtype(self.vocab_size))
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -270,25 +254,47 @@ class Cutter:
         self.strips = any(a.lstrip or a.rstrip for a in added)
 
     def pieces(self, text: str, name: str):
-        start = 0
-        while len(text) - start > PIECE_CHARS:
+        return self.stream((text,), name)
+
+    def stream(self, chunks, name: str):
+        """The pieces of the text that `chunks` (an iterable of str) hold one after another, the
+        same pieces as of the text whole: a cut searched from `start` reads the text up to
+        start + MAX_PIECE_CHARS + CUT_CONTEXT (the last candidate and the context its proof
+        encodes), so that much is read ahead before each search; never more than about twice it
+        is held."""
+        need = MAX_PIECE_CHARS + CUT_CONTEXT
+        chunks, text, start, skipped, ended = iter(chunks), "", 0, 0, False
+        while True:
+            if not ended and len(text) - start < need:
+                parts, n = [text[start:]], len(text) - start
+                for c in chunks:
+                    parts.append(c)
+                    n += len(c)
+                    if n >= need:
+                        break
+                else:
+                    ended = True
+                skipped += start
+                text, start = "".join(parts), 0
+            if len(text) - start <= PIECE_CHARS:
+                break
             cut = self._cut(text, start + PIECE_CHARS, start + MAX_PIECE_CHARS) if self.local else None
             if cut is None:
-                if len(text) - start <= MAX_PIECE_CHARS:
+                if ended and len(text) - start <= MAX_PIECE_CHARS:
                     break
-                raise CrystalError(self._refusal(text, start, name))
+                raise CrystalError(self._refusal(text, start, name, skipped))
             yield text[start:cut]
             start = cut
         yield text[start:]
 
-    def _refusal(self, text: str, start: int, name: str) -> str:
+    def _refusal(self, text: str, start: int, name: str, skipped: int = 0) -> str:
         limit = f"crystal encodes at most {MAX_PIECE_CHARS:,} characters at once; split the input into smaller files"
         if not self.local:
             kinds = "+".join(str(s.get("type")) for s in _normalizer_steps(self.normalizer))
             return (f"{name}: {len(text):,} characters, and the tokenizer's normalizer ({kinds}) may join "
                     f"characters across any cut, so the text can only be encoded whole; {limit}")
         return (f"{name}: no token boundary that the tokenizer's pre-tokenizer proves between characters "
-                f"{start + PIECE_CHARS:,} and {min(len(text), start + MAX_PIECE_CHARS):,}; {limit}")
+                f"{skipped + start + PIECE_CHARS:,} and {skipped + min(len(text), start + MAX_PIECE_CHARS):,}; {limit}")
 
     def _boundaries(self, text: str) -> list[int]:
         """Where one of the pre-tokenizer's pieces of `text` (normalized) starts and none goes on,
@@ -642,58 +648,100 @@ def _check_prepare_out(out: Path) -> None:
                                "choose a new or empty directory")
 
 
+DEFAULT_SHARD_TOKENS = 100_000_000  # a split of more tokens than this is written in shards of it
+DEFAULT_BPE_TRAIN_BYTES = 1 << 28  # the text a bpe tokenizer trains on at most (a seeded sample beyond)
+BPE_SAMPLE_SEED = 0
+POOL_MIN_BYTES = 4 << 20  # smaller inputs are encoded in this process (starting workers costs more)
+DECODE_TOKENS = 1 << 20  # val_bytes: the val ids decoded at most this many at a time
+
+
 def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: int = 1024,
-            val_fraction: float = 0.1, shard_tokens: int | None = None) -> dict:
-    """Tokenize text files into a prepared directory; returns its meta.json contents.
-    tokenizer: "bytes", "bpe" (trained here, vocab_size tokens), or the path of a tokenizer.json
-    or of a directory holding one (its own vocabulary; written to `out` verbatim).
-    shard_tokens: None writes train.bin and val.bin; N writes each split as shards
-    train_000000.bin, ... of N tokens (the last fewer).
-    Everything is read and encoded before anything is written; the data set is then written
-    into a sibling directory that replaces `out` whole (see `_replace_dir`)."""
+            val_fraction: float = 0.1, shard_tokens: int | None = None, *, text_field: str = "text",
+            workers: int | None = None, bpe_train_bytes: int = DEFAULT_BPE_TRAIN_BYTES,
+            progress=None) -> dict:
+    """Tokenize inputs (text files, .jsonl, .parquet; directories and globs of them: crystal.corpus)
+    into a prepared directory; returns its meta.json contents.
+    tokenizer: "bytes", "bpe" (trained here, vocab_size tokens, on at most bpe_train_bytes of the
+    inputs: a seeded sample of pieces beyond), or the path of a tokenizer.json or of a directory
+    holding one (its own vocabulary; written to `out` verbatim).
+    shard_tokens: each split in shards train_000000.bin, ... of N tokens (the last fewer); None:
+    train.bin and val.bin, unless a split has more than DEFAULT_SHARD_TOKENS (then shards of that).
+    workers: processes that encode (None: the usable cores); the output is the same for any.
+    progress: a stream for the progress line (None: silent).
+    The inputs are read as streams and the ids written to scratch files as they come (memory is
+    bounded for any corpus); the last val_fraction of the tokens is then the val split. All is
+    written into a sibling directory that replaces `out` whole (see `_replace_dir`): an
+    interrupted prepare leaves `out` as it was, and the next one starts over."""
+    from crystal import corpus
+    from crystal.spheres import usable_cores
+
     if not inputs:
         raise CrystalError("give at least one input file")
     if shard_tokens is not None and not (isinstance(shard_tokens, int) and shard_tokens >= 1):
         raise CrystalError(f"--shard-tokens must be a positive number of tokens, got {shard_tokens!r}")
+    workers = usable_cores() if workers is None else workers
+    if not (isinstance(workers, int) and 1 <= workers <= 1024):
+        raise CrystalError(f"--workers must be in [1, 1024], got {workers!r}")
+    if not (isinstance(bpe_train_bytes, int) and bpe_train_bytes >= 1):
+        raise CrystalError(f"--bpe-train-bytes must be a positive number of bytes, got {bpe_train_bytes!r}")
+    if not (isinstance(text_field, str) and text_field):
+        raise CrystalError("--text-field must name a field")
+    if not (0 <= val_fraction < 1):
+        raise CrystalError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     _check_prepare_out(Path(out))
     given = None if tokenizer in ("bytes", "bpe") else BPETokenizer.from_file(tokenizer)
     if given is not None and given.vocab_size > MAX_VOCAB:
         raise CrystalError(f"{tokenizer}: {given.vocab_size} tokens, above crystal's limit of {MAX_VOCAB}")
-    raw = [_read_input(Path(p)) for p in inputs]
+    if tokenizer == "bpe" and not (256 < vocab_size <= MAX_VOCAB):
+        raise CrystalError(f"--vocab-size for bpe must be in (256, {MAX_VOCAB}], got {vocab_size}")
+    srcs = corpus.sources(inputs, META_FILE)
+    total = sum(s.size for s in srcs)
+    show = corpus.Progress(total, progress)
+    sample = None
     if tokenizer == "bytes":
         tok = ByteTokenizer()
-        ids = tok.encode(b"".join(raw))
+    elif given is not None:
+        tok = given
     else:
-        if given is None and not (256 < vocab_size <= MAX_VOCAB):
-            raise CrystalError(f"--vocab-size for bpe must be in (256, {MAX_VOCAB}], got {vocab_size}")
-        texts = [_utf8(d, p) for d, p in zip(raw, inputs)]
-        del raw
-        tok = given or BPETokenizer.train(texts, vocab_size, inputs)
-        ids = tok.encode_many(texts, inputs)
-    train, val = split(ids, val_fraction)
+        tok, sample = _train_bpe(srcs, vocab_size, text_field, bpe_train_bytes, show)
+    eot = tok.tok.token_to_id(EOT) if isinstance(tok, BPETokenizer) else None
     tok_json = tok.to_json()
-    meta = {
-        "tokenizer": tok.kind, "vocab_size": tok.vocab_size,
-        "train_tokens": int(train.size), "val_tokens": int(val.size),
-        "val_bytes": len(tok.decode(val).encode("utf-8")) if val.size else 0,
-        "sources": [str(p) for p in inputs], "val_fraction": val_fraction,
-        "tokens_sha256": tokens_sha256(train, val), "tokenizer_identity": tokenizer_identity(tok),
-    }
-    if given is not None:
-        meta["tokenizer_from"] = str(tokenizer)
+    meta = {}
 
     def write(d: Path) -> None:
-        for name, ids in (("train", train), ("val", val)):
-            if shard_tokens is None:
-                pieces = [(f"{name}.bin", ids)]
-            else:  # at least one shard, empty where the split is
-                pieces = [(f"{name}_{i:06d}.bin", ids[lo:lo + shard_tokens])
-                          for i, lo in enumerate(range(0, max(len(ids), 1), shard_tokens))]
-            meta[f"{name}_shards"] = []
-            for file, part in pieces:
-                write_tokens(d / file, part, tok.vocab_size)
-                meta[f"{name}_shards"].append({"file": file, "tokens": int(part.size),
-                                               "sample_sha256": sample_sha256(open_token_file(d / file))})
+        sink = corpus.TokenSink(d, token_dtype(tok.vocab_size), tok.vocab_size)
+        try:
+            show.start("tokenizing")
+            if isinstance(tok, ByteTokenizer):
+                chunks = corpus.byte_ids(srcs, text_field, show)
+            else:
+                items = corpus.pieces(srcs, Cutter(tok.tok), text_field, eot is not None, show)
+                chunks = corpus.encoded(corpus.batches(items, BATCH_CHARS), tok.tok, tok_json, eot, workers,
+                                        pool=workers > 1 and total >= POOL_MIN_BYTES)
+            for ids in chunks:
+                sink.write(ids)
+                show.wrote(ids.size)
+            sink.close()
+            show.done()
+            n = sink.count
+            if n == 0:
+                raise CrystalError("the inputs hold no text to tokenize")
+            n_val = int(round(n * val_fraction))
+            meta.update({"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "train_tokens": n - n_val,
+                         "val_tokens": n_val, "val_bytes": 0, "sources": [str(p) for p in inputs],
+                         "val_fraction": val_fraction, "tokens_sha256": sink.sha.hexdigest(),
+                         "tokenizer_identity": tokenizer_identity(tok)})
+            if given is not None:
+                meta["tokenizer_from"] = str(tokenizer)
+            if sample is not None:
+                meta["bpe_sample"] = sample
+            meta["end_of_text"] = eot
+            for name, lo, hi in (("train", 0, n - n_val), ("val", n - n_val, n)):
+                meta[f"{name}_shards"] = _write_split(d, sink, name, lo, hi, shard_tokens, tok.vocab_size)
+        finally:
+            sink.remove()
+        val = TokenStream([map_tokens(open_token_file(d / s["file"])) for s in meta["val_shards"]])
+        meta["val_bytes"] = decoded_bytes(tok, val)
         atomic_write_text(d / TOKENIZER_FILE, tok_json)
         atomic_write_json(d / META_FILE, meta)
 
@@ -701,11 +749,80 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
     return meta
 
 
+def _train_bpe(srcs, vocab_size: int, field: str, budget: int, show) -> tuple["BPETokenizer", dict | None]:
+    """A BPE trained on the inputs, or, where they hold more than `budget` bytes, on a sample:
+    each piece kept with probability budget / size, drawn in order from a generator seeded
+    with BPE_SAMPLE_SEED (so a prepare trains the same tokenizer each time)."""
+    from crystal import corpus
+
+    total = sum(s.size for s in srcs)
+    keep = min(1.0, budget / total)
+    rng = np.random.default_rng(BPE_SAMPLE_SEED)
+    kept = [0]
+
+    def sampled(cutter):
+        for piece in corpus.pieces(srcs, cutter, field, False, show):
+            if keep >= 1.0 or rng.random() < keep:
+                kept[0] += len(piece.encode("utf-8"))
+                yield piece
+
+    show.start("training bpe" if keep >= 1.0 else "training bpe (sample)")
+    tok = BPETokenizer.train_on(sampled, vocab_size)
+    show.done()
+    if keep >= 1.0:
+        return tok, None
+    if kept[0] == 0:
+        raise CrystalError(f"the seeded sample of {budget:,} of the {total:,} input bytes that bpe trains on took "
+                           "no text; give a larger --bpe-train-bytes")
+    return tok, {"bytes": kept[0], "of_bytes": total, "seed": BPE_SAMPLE_SEED}
+
+
+def _write_split(d: Path, sink, name: str, lo: int, hi: int, shard_tokens: int | None, vocab: int) -> list[dict]:
+    """The ids [lo, hi) of the stream as the split's token files: `name`.bin, or shards
+    name_000000.bin, ... (at least one, empty where the split is); each written whole or not at
+    all, then its scratch ids freed. Returns meta.json's list of them."""
+    per = shard_tokens or DEFAULT_SHARD_TOKENS
+    named = shard_tokens is not None or hi - lo > per
+    dtype = token_dtype(vocab)
+    listed = []
+    for i, a in enumerate(range(lo, max(hi, lo + 1), per)):
+        b = min(a + per, hi)
+        file = f"{name}_{i:06d}.bin" if named else f"{name}.bin"
+        header = TOKEN_HEADER.pack(TOKEN_MAGIC, TOKEN_VERSION, dtype.itemsize, b - a, vocab)
+        atomic_write_chunks(d / file, itertools.chain([header], (x.tobytes() for x in sink.read(a, b))))
+        sink.drop_below(b)
+        listed.append({"file": file, "tokens": b - a, "sample_sha256": sample_sha256(open_token_file(d / file))})
+    return listed
+
+
+def decoded_bytes(tok, ids) -> int:
+    """UTF-8 bytes of the text `ids` decode to (val_bytes: bits per byte), decoded at most about
+    DECODE_TOKENS at a time: a longer run is cut before a token whose text starts with an ASCII
+    character, where no character spans the cut (exact for byte-level decoders)."""
+    n = len(ids)
+    if n <= DECODE_TOKENS:
+        return len(tok.decode(np.asarray(ids)).encode("utf-8")) if n else 0
+    total, lo = 0, 0
+    while lo < n:
+        hi = min(n, lo + DECODE_TOKENS)
+        while hi < n and hi < lo + 2 * DECODE_TOKENS and not _ascii_start(tok, int(ids.windows(np.array([hi]), 1)[0, 0])):
+            hi += 1
+        total += len(tok.decode(np.asarray(ids.slice(lo, hi))).encode("utf-8"))
+        lo = hi
+    return total
+
+
+def _ascii_start(tok, token: int) -> bool:
+    text = tok.decode([token])
+    return bool(text) and ord(text[0]) < 0x80
+
+
 def _replace_dir(out: Path, write) -> None:
     """Replace the directory `out` (absent, empty or an earlier data set) as a whole: `write`
     fills a new sibling directory, which is renamed onto `out` only when complete. A reader of
     `out` sees the old data set or the new one, never a mix; after a failure (a full disk) `out`
-    is as it was and the sibling is gone. Replacing a non-empty `out` takes two renames (old
+    is as it was and the sibling is gone. A sibling left by a killed process (SIGKILL, a power
+    cut: named by its host and process id) is removed by the next prepare into `out`. Replacing a non-empty `out` takes two renames (old
     aside, new in); a crash between them leaves `out` absent and the old data set beside it as
     .NAME.*.old, never a mix."""
     if out.is_symlink():
@@ -713,7 +830,8 @@ def _replace_dir(out: Path, write) -> None:
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        _remove_orphans(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_OWNER}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a data set is an ordinary directory
         write(tmp)
         if out.is_dir() and any(out.iterdir()):
@@ -735,6 +853,23 @@ def _replace_dir(out: Path, write) -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_OWNER = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _remove_orphans(out: Path) -> None:
+    """Delete the siblings `_replace_dir` left for `out` in a process of this host that is gone."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.{glob.escape(_OWNER)}.*.tmp"):
+        pid = p.name[len(out.name) + len(_OWNER) + 3:].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass  # alive (another user's)
 
 
 # --- batches ---------------------------------------------------------------------------------

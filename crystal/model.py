@@ -372,6 +372,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * (ParamLayout(cfg).n_params - lookup) + 12 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_size
 
 
+def linear_products(cfg: ModelConfig, rows: int) -> tuple[tuple[int, int, int, bool], ...]:
+    """(rows, in, out, True) of every product of a llama micro-batch of `rows` tokens: q|k|v,
+    o_proj, gate|up, down_proj and the LM head, all nn.Linear x @ w.T (True: the orientation of
+    the cpu's lm_head_* ops, which its linear_* products are), for
+    crystal.backends.cpu.blas_threads_agree (GPT-2's: crystal.backends.cpu.product_shapes)."""
+    C, H, M = cfg.n_embd, cfg.n_head * cfg.head_size, cfg.mlp_size
+    return ((rows, C, cfg.qkv_size, True), (rows, H, C, True), (rows, C, 2 * M, True), (rows, M, C, True),
+            (rows, C, cfg.padded_vocab_size, True))
+
+
 class _ShapeOnly:
     """A backend stand-in whose buffers take no memory: for counting Activations' bytes.
     bf16: 2-byte activations; flash: attention saves [B,NH,T] statistics, not [B,NH,T,T]."""
@@ -700,6 +710,14 @@ class GPT:
         be = self.backend
         a = self._activations(*idx.shape)
         return forward(be, self.config, self._tensors, a, be.to_device(idx), be.to_device(targets))
+
+    def token_losses(self, idx, targets) -> np.ndarray:
+        """[B, T] float32: the cross-entropy of each next-token prediction (forward only)."""
+        idx, targets = self._check_pair(idx, targets)
+        be = self.backend
+        a = self._activations(*idx.shape)
+        forward(be, self.config, self._tensors, a, be.to_device(idx), be.to_device(targets))
+        return np.array(be.to_host(a.losses), dtype=np.float32).reshape(idx.shape)
 
     def _check_pair(self, idx, targets):
         idx, targets = self._check(idx), self._check(targets)

@@ -23,7 +23,7 @@ from crystal import dropout
 from crystal.config import TRAIN_LIMITS, ModelConfig, TrainConfig
 from crystal.data import DATA_ORDER, BatchIterator, DataSet, eval_batches, load_dataset
 from crystal.errors import CrystalError, GraphCaptureError, NonFiniteError
-from crystal.model import ParamLayout, init_params, warm_up
+from crystal.model import ParamLayout, init_params, linear_products, warm_up
 from crystal.muon import Muon
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
@@ -449,7 +449,10 @@ def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks:
         return 1
     from crystal.backends.cpu import blas_threads_agree, newton_schulz_threads_agree, product_shapes
 
-    agree = blas_threads_agree(n, product_shapes(model_cfg.n_embd, model_cfg.vocab_size, cfg.batch_size * cfg.seq_len))
+    rows = cfg.batch_size * cfg.seq_len
+    shapes = (linear_products(model_cfg, rows) if model_cfg.llama
+              else product_shapes(model_cfg.n_embd, model_cfg.vocab_size, rows))
+    agree = blas_threads_agree(n, shapes)
     if agree and cfg.optimizer == "muon":  # Muon's Newton-Schulz products too
         from crystal.muon import NS_COEFFS, muon_matrices
 

@@ -66,15 +66,15 @@ def inputs(tmp_path_factory):
 
 def fail_writing(monkeypatch, name: str):
     """Every atomic write of a file called `name` fails as on a full disk."""
-    original = crystal.atomic.atomic_write_bytes
+    original = crystal.atomic.atomic_write_chunks
 
-    def write(path, data):
+    def write(path, chunks):
         if Path(path).name == name:
             raise OSError(errno.ENOSPC, "No space left on device")
-        original(path, data)
+        original(path, chunks)
 
-    monkeypatch.setattr(crystal.atomic, "atomic_write_bytes", write)
-    monkeypatch.setattr(crystal.data, "atomic_write_bytes", write)
+    monkeypatch.setattr(crystal.atomic, "atomic_write_chunks", write)  # atomic_write_bytes's too
+    monkeypatch.setattr(crystal.data, "atomic_write_chunks", write)  # token files, written as they are read
 
 
 @pytest.mark.parametrize("failing", ["train.bin", "val.bin", "tokenizer.json", "meta.json"])

@@ -5,8 +5,7 @@ position the cached logits equal crystal's full forward (1e-5) and transformers'
 greedy tokens are transformers' `generate(do_sample=False)`. On the cuda backend under emulation:
 the decoder's logits are the cpu's (fp32 1e-5, bf16 cosine >= 0.99), and decode steps replayed as
 CUDA graphs are bitwise the eager ones. `crystal sample --temperature 0` and `crystal serve` on a
-saved LlamaForCausalLM directory give transformers' greedy text (skipped where crystal does not
-read a Llama directory: its Hugging Face loader for llama is branch r-llamahf's).
+saved LlamaForCausalLM directory give transformers' greedy text.
 
 The models (and the HF -> crystal weight copy) are tests/test_llama_model.py's."""
 
@@ -212,14 +211,10 @@ def llama_dir(tmp_path_factory):
 
 
 def read_by_crystal(path) -> None:
-    """Skip unless crystal reads a LlamaForCausalLM directory (its Hugging Face loader for llama)."""
-    from crystal.errors import CrystalError
+    """crystal reads the LlamaForCausalLM directory (a CrystalError fails the test)."""
     from crystal.pretrained import checkpoint_config
 
-    try:
-        checkpoint_config(path)
-    except CrystalError as e:
-        pytest.skip(f"crystal does not read a Llama directory here ({e})")
+    checkpoint_config(path)
 
 
 def hf_greedy_text(model, tok, prompt: str, new: int) -> str:

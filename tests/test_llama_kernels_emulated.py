@@ -350,20 +350,20 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.mark.parametrize("flash", [False, True])  # cuBLASLt + softmax kernels, or cuDNN (its stand-in)
-def test_gqa_attention_bf16_backend_emulated_matches_cpu(rng, flash):
+@pytest.mark.parametrize("flash, kv", [(False, KV), (True, KV), (True, 1)])  # cuBLASLt + softmax, or cuDNN's stand-in
+def test_gqa_attention_bf16_backend_emulated_matches_cpu(rng, flash, kv):
     gpu_ = EmulatedCudaBackend("bf16", lt=LtStandIn(), cudnn=CudnnStandIn() if flash else None)
     assert gpu_.flash == flash
-    qkv, dout = randbf(rng, B, T, W), randbf(rng, B, T, NH * HD)
+    qkv, dout = randbf(rng, B, T, (NH + 2 * kv) * HD), randbf(rng, B, T, NH * HD)
     shape, dtype = gpu_.attention_saved(B, NH, T, HD)
     out, att = nan_bf16(B, T, NH * HD), np.full(shape, np.nan, dtype)
-    gpu_.attention_forward(out, att, qkv, NH, n_kv_head=KV)
+    gpu_.attention_forward(out, att, qkv, NH, n_kv_head=kv)
     e_out, e_att = cpu("attention_forward", np.empty((B, T, NH * HD), np.float32), np.empty((B, NH, T, T), np.float32),
-                       qkv, NH, n_kv_head=KV)[:2]
+                       qkv, NH, n_kv_head=kv)[:2]
     assert rel_err(widen(out), e_out) <= TOL_PIPELINE
-    dqkv = nan_bf16(B, T, W)
-    gpu_.attention_backward(dqkv, dout, qkv, att, NH, out=out, n_kv_head=KV)
-    expected = cpu("attention_backward", np.empty((B, T, W), np.float32), dout, qkv, e_att, NH, n_kv_head=KV)[0]
+    dqkv = nan_bf16(*qkv.shape)
+    gpu_.attention_backward(dqkv, dout, qkv, att, NH, out=out, n_kv_head=kv)
+    expected = cpu("attention_backward", np.empty(qkv.shape, np.float32), dout, qkv, e_att, NH, n_kv_head=kv)[0]
     assert rel_err(widen(dqkv), expected) <= TOL_PIPELINE and cosine(widen(dqkv), expected) >= 0.99
 
 

@@ -2,6 +2,7 @@
 LlamaForCausalLM (tied, untied, llama3 rope scaling) and Qwen2ForCausalLM (q/k/v biases) models,
 dropout, the rotary table, and training's contracts (bitwise for any sphere count, Muon)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -221,3 +222,55 @@ def test_training_lowers_the_loss_and_changes_every_parameter(runs_by_sphere_cou
     layout = ParamLayout(r.model)
     before, after = layout.views(init_params(r.model, r.train.seed)), layout.views(r.params)
     assert [n for n in before if np.array_equal(before[n], after[n])] == []
+
+
+def test_a_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(runs_by_sphere_count, tmp_path):
+    from crystal.checkpoint import RunDir
+    from crystal.trainer import train
+
+    model, cfg = llama_tiny(spheres=3, steps=3, dropout=0.1, checkpoint_every=1, stop_at=2)
+    first = train(model, cfg, RunDir(tmp_path / "run"))
+    assert not first.finished
+    run_dir = RunDir(tmp_path / "run", resume=True)
+    rest = train(model, dataclasses.replace(cfg, stop_at=None), run_dir, resume=run_dir.load_state(model))
+    one = runs_by_sphere_count[1]
+    assert first.losses + rest.losses == one.losses
+    assert rest.params.tobytes() == one.params.tobytes()
+
+
+def on_thread_ranks(ranks: int, **train):
+    """train() of llama_tiny on `ranks` thread-ranks (2 spheres each); rank 0's result."""
+    import threading
+
+    from crystal.trainer import train as run
+    from thread_ranks import ThreadComm, run_ranks
+
+    shared = {"barrier": threading.Barrier(ranks)}
+    out = run_ranks(ranks, lambda i: run(*llama_tiny(spheres=2, **train), comm=ThreadComm(i, ranks, shared)), shared)
+    assert all(r.params.tobytes() == out[0].params.tobytes() for r in out)  # every rank's replica
+    return out[0]
+
+
+def test_two_ranks_with_the_sharded_optimizer_are_bitwise_one_process(runs_by_sphere_count):
+    r = on_thread_ranks(2, steps=3, dropout=0.1, shard_optimizer=True)
+    one = runs_by_sphere_count[1]
+    assert r.losses == one.losses and r.params.tobytes() == one.params.tobytes()
+
+
+def test_muon_takes_the_llama_block_matrices_and_is_bitwise_across_spheres_and_ranks():
+    from crystal.muon import muon_matrices
+    from crystal.trainer import train
+
+    model, _ = llama_tiny()
+    mats = muon_matrices(ParamLayout(model))
+    names = [m.name.split(".", 3)[-1] for m in mats[:7]]
+    assert names == ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                     "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    assert len(mats) == 14 and all(m.linear for m in mats)
+    # out/in of nn.Linear [out, in]: gate [64, 32] scales by sqrt(2), down [32, 64] and k [16, 32] by 1
+    assert [round(m.scale ** 2, 6) for m in mats[:7]] == [1, 1, 1, 1, 2, 2, 1]
+    one = train(*llama_tiny(spheres=1, steps=3, optimizer="muon"))
+    three = train(*llama_tiny(spheres=3, steps=3, optimizer="muon"))
+    ranks = on_thread_ranks(2, steps=3, optimizer="muon", shard_optimizer=True)
+    assert one.losses == three.losses == ranks.losses
+    assert one.params.tobytes() == three.params.tobytes() == ranks.params.tobytes()
