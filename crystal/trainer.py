@@ -27,7 +27,7 @@ from crystal.model import ParamLayout, init_params, linear_products, warm_up
 from crystal.muon import Muon
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
-from crystal.lora import AdapterLayout, LoraConfig, check_backend, init_adapters, weights_sha256
+from crystal.lora import AdapterLayout, LoraConfig, check_backend, init_adapters, target_shape, weights_sha256
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
 from crystal.spheres import SphereSystem, computing_at_once, gate_cores, usable_cores
 from crystal.world import Comm
@@ -452,6 +452,11 @@ def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks:
     rows = cfg.batch_size * cfg.seq_len
     shapes = (linear_products(model_cfg, rows) if model_cfg.llama
               else product_shapes(model_cfg.n_embd, model_cfg.vocab_size, rows))
+    lora = LoraConfig.of(cfg, model_cfg)
+    if lora is not None:  # the adapters' products: x A^T [rows, in -> r], h B^T [rows, r -> out] (matmul_*)
+        ends = {target_shape(model_cfg, t) for t in lora.targets}
+        shapes += tuple(sorted({(rows, i, lora.r, False) for i, _ in ends}
+                               | {(rows, lora.r, o, False) for _, o in ends}))
     agree = blas_threads_agree(n, shapes)
     if agree and cfg.optimizer == "muon":  # Muon's Newton-Schulz products too
         from crystal.muon import NS_COEFFS, muon_matrices
