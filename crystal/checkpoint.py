@@ -9,6 +9,10 @@ A run directory holds
     model.safetensors  the final parameters, float32, HF GPT-2 names (LM head tied to wte)
     checkpoints/       resumable states step-XXXXXXXX/{model,optim}.safetensors + state.json,
                        and `latest`, the name of the newest complete one
+A LoRA run (crystal.lora) holds its adapters instead of the model: adapter_model.safetensors and
+adapter_config.json (PEFT's files: the run directory is a PEFT adapter directory), its
+checkpoints adapter_model.safetensors with the adapters' AdamW moments; train.json and every
+state.json name the frozen base (`base_model`: its path and the sha256 of its weights).
     .crystal.lock      the lock its writer holds (crystal.runlock), with the writer's pid
 Files hold the model's tensors only, in their Hugging Face shapes: the LM head's padding rows of
 the flat buffer (crystal.model.ParamLayout) are left out of model.safetensors and of the flat
@@ -37,6 +41,7 @@ from crystal.atomic import atomic_write_bytes, atomic_write_json, atomic_write_t
 from crystal.config import ModelConfig, TrainConfig, check_types, validate_train
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json, read_json
+from crystal.lora import ADAPTER_CONFIG, ADAPTER_FILE, peft_config
 from crystal.model import ParamLayout
 from crystal.runlock import LOCK_FILE, RunLock, check_free
 
@@ -119,6 +124,7 @@ class TrainState:
     v: np.ndarray  # AdamW second moments, the same layout
     data: dict  # BatchIterator position {"epoch", "cursor"}
     adam_t: int = -1  # AdamW's step count (differs from step after skipped steps); -1: = step
+    base: dict | None = None  # LoRA: the frozen base {"path", "sha256"}; params, m and v are the adapters'
 
     def __post_init__(self):
         if self.adam_t < 0:
@@ -159,7 +165,7 @@ class RunDir:
             if not (p / TRAIN_FILE).exists():
                 raise CrystalError(f"{p} is not a crystal run (no {TRAIN_FILE})")
         elif not self._replacing and any(e.name != LOCK_FILE for e in p.iterdir()):
-            if (p / TRAIN_FILE).exists() or (p / MODEL_FILE).exists():
+            if (p / TRAIN_FILE).exists() or (p / MODEL_FILE).exists() or (p / ADAPTER_FILE).exists():
                 raise CrystalError(f"--out {p} already holds a run; "
                                    "choose another --out, --resume it, or pass --overwrite")
             raise CrystalError(f"--out {p} is not empty and not a crystal run; "
@@ -204,7 +210,7 @@ class RunDir:
                             shutil.rmtree(entry)
                         else:
                             entry.unlink()
-            for name in (METRICS_FILE, MODEL_FILE, SPHERES_FILE, "live.json"):
+            for name in (METRICS_FILE, MODEL_FILE, ADAPTER_FILE, ADAPTER_CONFIG, SPHERES_FILE, "live.json"):
                 (self.path / name).unlink(missing_ok=True)
             for events in self.path.glob("events.out.tfevents.*"):  # the old run's TensorBoard log
                 events.unlink()
@@ -238,13 +244,17 @@ class RunDir:
 
     # --- configs ---
     def write_configs(self, model: ModelConfig, train: TrainConfig, tokenizer_json: str | None = None,
-                      data_sha256: str | None = None, data_order: int | None = None) -> None:
+                      data_sha256: str | None = None, data_order: int | None = None,
+                      base: dict | None = None) -> None:
         """The run's first write (a new run, every check passed). data_sha256: the fingerprint of
         the data it trains on, kept in train.json beside the config so that changed data is
-        reported; data_order: how its epochs shuffle windows (crystal.shards.WindowOrder)."""
+        reported; data_order: how its epochs shuffle windows (crystal.shards.WindowOrder); base:
+        LoRA's frozen model {"path", "sha256"} (train.json's base_model)."""
         extra = {"data_sha256": data_sha256} if data_sha256 else {}
         if data_order is not None:
             extra["data_order"] = data_order
+        if base is not None:
+            extra["base_model"] = base
         with self._writing("the run's configs"):
             atomic_write_json(self.path / CONFIG_FILE, model.to_hf())
             atomic_write_json(self.path / TRAIN_FILE, {**dataclasses.asdict(train), **extra})
@@ -290,24 +300,32 @@ class RunDir:
         with self._writing(MODEL_FILE):
             save_model(self.model_path, layout, flat)
 
+    def write_adapters(self, layout, flat: np.ndarray, base: dict) -> None:
+        """A LoRA run's final adapters, as PEFT's adapter directory files."""
+        with self._writing(ADAPTER_FILE):
+            save_model(self.path / ADAPTER_FILE, layout, flat)
+            atomic_write_json(self.path / ADAPTER_CONFIG, peft_config(layout, base["path"]))
+
     # --- resumable checkpoints ---
     def save_state(self, layout: ParamLayout, state: TrainState, keep: int) -> Path:
         root = self.path / CHECKPOINTS
         final = root / f"step-{state.step:08d}"
         tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        weights = ADAPTER_FILE if state.base is not None else MODEL_FILE  # LoRA: the adapters alone
+        extra = {"base_model": state.base} if state.base is not None else {}
         with self._writing(f"the checkpoint of step {state.step}"):
             try:
                 root.mkdir(exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
-                save_model(tmp / MODEL_FILE, layout, state.params)
+                save_model(tmp / weights, layout, state.params)
                 # the moments of the padding rows are zero (their gradient always is): left out
                 save_tensors(tmp / OPTIM_FILE, {"adamw.m": layout.unpadded(state.m),
                                                 "adamw.v": layout.unpadded(state.v)})
                 atomic_write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, "step": state.step,
                                                      "adam_t": state.adam_t, "data": state.data,
-                                                     "params": int(layout.n_params)})
-                verify_safetensors(tmp / MODEL_FILE, {s.name: s.shape for s in layout.specs})
+                                                     "params": int(layout.n_params), **extra})
+                verify_safetensors(tmp / weights, {s.name: s.shape for s in layout.specs})
                 verify_safetensors(tmp / OPTIM_FILE, {"adamw.m": (layout.n_params,), "adamw.v": (layout.n_params,)})
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint frees its space
@@ -323,7 +341,9 @@ class RunDir:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load_state(self, model: ModelConfig) -> TrainState:
+    def load_state(self, model: ModelConfig, lora_layout=None) -> TrainState:
+        """The newest checkpoint; lora_layout (crystal.lora.AdapterLayout): a LoRA run's, whose
+        params and moments are the adapters' and whose state names the base."""
         ckpt = latest_checkpoint(self.path)
         if ckpt is None:
             raise CrystalError(f"{self.path} has no checkpoint to resume from "
@@ -337,11 +357,21 @@ class RunDir:
             for key in ("epoch", "cursor"):  # the data position (BatchIterator.set_state checks its range)
                 _count(data[key], f"data.{key}")
             adam_t = _count(meta.get("adam_t", step), "adam_t")
+            base = None
+            if lora_layout is not None:
+                base = meta["base_model"]
+                if not (isinstance(base, dict) and isinstance(base.get("path"), str)
+                        and isinstance(base.get("sha256"), str)):
+                    raise ValueError("base_model must be {path, sha256}")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
                 AttributeError) as e:
             raise CrystalError(f"{ckpt / STATE_FILE}: unreadable checkpoint state ({e})") from None
-        layout = ParamLayout(model)
-        params = read_params(ckpt / MODEL_FILE, model)
+        if lora_layout is not None:
+            layout = lora_layout
+            params = layout.from_state_dict(load_tensors(ckpt / ADAPTER_FILE), str(ckpt / ADAPTER_FILE))
+        else:
+            layout = ParamLayout(model)
+            params = read_params(ckpt / MODEL_FILE, model)
         optim = load_tensors(ckpt / OPTIM_FILE)
         if set(optim) != {"adamw.m", "adamw.v"} or any(
                 t.dtype != np.float32 or t.shape != (layout.n_params,) for t in optim.values()):
@@ -349,7 +379,7 @@ class RunDir:
         for name, t in optim.items():
             require_finite(ckpt / OPTIM_FILE, name, t)
         return TrainState(step, params, layout.padded(optim["adamw.m"]), layout.padded(optim["adamw.v"]), data,
-                          adam_t)
+                          adam_t, base)
 
     def close(self) -> None:
         """Close metrics.jsonl and release the run's lock (the run's last act)."""

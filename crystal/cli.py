@@ -134,6 +134,14 @@ def _preset_help() -> str:
               help="start from this model's parameters, with a fresh optimizer: a Hugging Face GPT-2, Llama or "
                    "Qwen2 directory (config.json, model.safetensors or shards, tokenizer.json) or a crystal run; "
                    "the model's shape and tokenizer are its own  [default preset: finetune]")
+@click.option("--lora-r", type=int, default=None,
+              help="LoRA: train adapters of rank R on the frozen model of --init-from (0: full training)  "
+                   "[default: 0; finetune-lora: 8]")
+@click.option("--lora-alpha", type=float, default=None, help="LoRA: the adapters' scale is alpha / r  [default: 16]")
+@click.option("--lora-dropout", type=float, default=None, help="LoRA: dropout on the adapters' input  [default: 0.05]")
+@click.option("--lora-targets", type=str, default=None,
+              help="LoRA: comma-separated projections to adapt (gpt2: c_attn, attn.c_proj, c_fc, mlp.c_proj; "
+                   "llama: q, k, v, o, gate, up, down), or all  [default: gpt2 c_attn; llama q, v]")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="TOML file: preset = ..., [model] and [train] tables; flags override it")
 @click.option("--print-config", is_flag=True, help="print the resolved config as TOML and exit")
@@ -224,7 +232,7 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         model_cfg, cfg = run_dir.read_configs()
         _, cfg = resolve(cfg.preset, dataclasses.asdict(model_cfg),
                          {**dataclasses.asdict(cfg), "stop_at": None, **given})
-        state = run_dir.load_state(model_cfg)
+        state = run_dir.load_state(model_cfg, _adapter_layout(model_cfg, cfg))
         if state.step >= cfg.steps and not (print_config or dry_run):  # nothing to train
             if world.is_root:
                 _finish(run_dir, model_cfg, state, cfg.steps)
@@ -299,6 +307,10 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         init = load_params(pretrained)
         if root and not quiet:
             click.echo(describe_init(pretrained, model_cfg))
+        if cfg.lora_r:  # the base's path as train.json and checkpoints keep it: from anywhere
+            cfg = dataclasses.replace(cfg, init_from=os.path.abspath(cfg.init_from))
+    elif resume_dir is not None and cfg.lora_r:  # the frozen base (the trainer checks it is the checkpoint's)
+        init = load_params(open_pretrained(cfg.init_from))
     if resume_dir is None and root:
         out_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir(out_dir, overwrite=overwrite)
@@ -354,13 +366,28 @@ def _finish(run_dir, model_cfg, state, steps: int) -> None:
     that could not be written (a full disk) is written now from that checkpoint, bitwise."""
     from crystal.model import ParamLayout
 
-    if run_dir.model_path.exists():
+    from crystal.lora import ADAPTER_FILE
+
+    final = run_dir.model_path if state.base is None else run_dir.path / ADAPTER_FILE
+    if final.exists():
         click.echo(f"{run_dir.path} is finished (step {state.step} of {steps}); nothing to resume")
         return
     with run_dir:
-        run_dir.write_model(ParamLayout(model_cfg), state.params)
+        if state.base is None:
+            run_dir.write_model(ParamLayout(model_cfg), state.params)
+        else:
+            _, cfg = run_dir.read_configs()
+            run_dir.write_adapters(_adapter_layout(model_cfg, cfg), state.params, state.base)
     click.echo(f"{run_dir.path} is finished (step {state.step} of {steps}); wrote its missing "
-               f"{run_dir.model_path.name} from the checkpoint of step {state.step}")
+               f"{final.name} from the checkpoint of step {state.step}")
+
+
+def _adapter_layout(model_cfg, cfg):
+    """A LoRA run's crystal.lora.AdapterLayout, or None (full training)."""
+    from crystal.lora import AdapterLayout, LoraConfig
+
+    lora = LoraConfig.of(cfg, model_cfg)
+    return None if lora is None else AdapterLayout(model_cfg, lora)
 
 
 def _warn_if_data_changed(run: Path, dataset, show: bool) -> None:
@@ -511,6 +538,8 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         f"total {mib['total']}")
     if cfg.optimizer == "muon":
         lines.append(_muon_dry_run(model_cfg, cfg, ranks, shard))
+    if cfg.lora_r:
+        lines.append(_lora_dry_run(model_cfg, cfg, mem))
     if ranks > 1:  # the other choice, for comparison
         other = estimate(not shard)
         lines.append(f"memory per rank with{'out' if shard else ''} --shard-optimizer: grads "
@@ -526,6 +555,20 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
                      + (f" (+{extra / 2**20:,.1f} MiB over the pool; total {(mem['total'] + extra) / 2**20:,.1f} MiB)"
                         if extra else ""))
     return "\n".join(lines)
+
+
+def _lora_dry_run(model_cfg, cfg, mem: dict) -> str:
+    """LoRA: what trains, and the adapter-sized buffers (the gradient pool, the moments)."""
+    from crystal.model import ParamLayout
+
+    layout = _adapter_layout(model_cfg, cfg)
+    n, total = layout.n_params, ParamLayout(model_cfg).n_params
+    lora = layout.lora
+    return (f"LoRA: r {lora.r}, alpha {lora.alpha:g} (scale {lora.scale:g}), dropout {lora.dropout:g} on "
+            f"{', '.join(lora.targets)} of {model_cfg.n_layer} layers: {n:,} trainable parameters "
+            f"({100 * n / total:.3f}% of {total:,}, the base frozen); gradient pool "
+            f"{mem['grads'] / 2**20:,.2f} MiB ({mem['grads'] // (4 * n)} x {n:,} floats), AdamW moments "
+            f"{mem['adamw_moments'] / 2**20:,.2f} MiB ({mem['adamw_moments'] // 4:,} floats)")
 
 
 def _released_vocabulary(model_cfg, cfg, ranks: int, flash: bool, shard: bool) -> list[str]:
@@ -590,7 +633,11 @@ def format_summary(result) -> str:
     if result.val_losses:
         lines.append(f"val loss {result.val_losses[-1][1]:.4f} at step {result.val_losses[-1][0]}")
     if result.finished and result.run_dir:
-        lines.append(f"saved model: {Path(result.run_dir) / 'model.safetensors'}")
+        if result.train.lora_r:
+            lines.append(f"saved adapters: {Path(result.run_dir) / 'adapter_model.safetensors'} (LoRA on "
+                         f"{result.train.init_from}; crystal export --format peft|hf)")
+        else:
+            lines.append(f"saved model: {Path(result.run_dir) / 'model.safetensors'}")
     elif result.checkpoint:
         lines.append(f"stopped at step {result.history[-1].step if result.history else '?'}; checkpoint "
                      f"{result.checkpoint}; continue with: crystal train --resume {result.run_dir}")
@@ -872,15 +919,21 @@ def _prompt_text(prompt: str | None, prompt_file: str | None) -> str:
 
 @cli.command()
 @click.argument("run", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(("hf",)), default="hf", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(("hf", "peft")), default="hf", show_default=True,
+              help="hf: the whole model (a LoRA run's adapters merged in); peft: a LoRA run's adapters as "
+                   "PEFT's adapter_config.json + adapter_model.safetensors")
 @click.option("--out", required=True, type=click.Path(),
               help="directory to write: new or empty (an export never replaces files)")
 def export(run, fmt, out) -> None:
-    """Export a run for Hugging Face transformers (GPT2LMHeadModel + tokenizer)."""
-    from crystal.pretrained import export_hf
+    """Export a run for Hugging Face transformers (GPT2LMHeadModel + tokenizer) or PEFT."""
+    from crystal.pretrained import export_hf, export_peft
     from crystal.runlock import check_free
 
     check_free(out)  # a run being written there: refused naming its writer
+    if fmt == "peft":
+        path = export_peft(run, out)
+        click.echo(f"exported {run} to {path} (adapter_config.json, adapter_model.safetensors)")
+        return
     path = export_hf(run, out)
     click.echo(f"exported {run} to {path} (config.json, model.safetensors, tokenizer.json)")
 

@@ -478,6 +478,12 @@ class TrainConfig:
     shard_optimizer: bool | None = None
     out: str | None = None
     init_from: str | None = None  # start from this checkpoint's parameters (crystal.pretrained), not a seeded init
+    # LoRA (crystal.lora): adapters of rank lora_r on the frozen model of init_from (0: full training);
+    # None: litgpt's finetune_lora values (LORA_DEFAULTS), the arch's default targets
+    lora_r: int = 0
+    lora_alpha: float | None = None  # the adapters' scale is alpha / r (16)
+    lora_dropout: float | None = None  # dropout on the adapters' input (0.05)
+    lora_targets: str | None = None  # comma-separated projections (crystal.lora.TARGETS), or all
 
     @property
     def final_lr(self) -> float:
@@ -486,6 +492,11 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.micro_batches * self.batch_size * self.seq_len
+
+    def lora(self, key: str):
+        """A LoRA setting (alpha, dropout): the config's, else LORA_DEFAULTS' (litgpt's)."""
+        v = getattr(self, "lora_" + key)
+        return LORA_DEFAULTS[key] if v is None else v
 
     def muon(self, key: str):
         """A Muon setting (key without the muon_ prefix): the config's, else MUON_DEFAULTS'."""
@@ -496,6 +507,9 @@ class TrainConfig:
     def cooldown(self) -> float:
         return 0.4 if self.cooldown_frac is None else self.cooldown_frac
 
+
+# litgpt's finetune_lora defaults for the adapters (crystal.lora; r = 8 is the finetune-lora preset's)
+LORA_DEFAULTS = {"alpha": 16.0, "dropout": 0.05}
 
 # modded-nanogpt's reference Muon (train_gpt.py of its 2025 records, KellerJordan/Muon): lr 0.05
 # there at batch 0.5M tokens; 0.02 is Muon's own default and crystal's (see bench/RESULTS.md)
@@ -627,6 +641,18 @@ PRESETS: dict[str, Preset] = {
         "fine-tune the model of --init-from DIR: lr 3e-5 constant after 20 warmup steps, dropout 0.1, "
         "32 x 1024 tokens a step, 100 steps",
         derived=dict(min_lr=lambda t: t["lr"]),  # a constant schedule at any --lr
+    ),
+    # LoRA fine-tuning as litgpt's finetune_lora: adapters of rank 8 (alpha 16, dropout 0.05) on the
+    # query and value projections (GPT-2: the fused c_attn, as PEFT), micro-batches of 1 and 16 a
+    # step, torch's AdamW defaults (lr 1e-3, betas 0.9/0.999, weight decay 0.01), 100 warmup steps
+    # then cosine to 0, no clipping, 5 epochs (unless --steps), validation every 100 steps.
+    "finetune-lora": Preset(
+        ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        dict(batch_size=1, seq_len=1024, micro_batches=16, spheres=4, lr=1e-3, beta2=0.999, weight_decay=0.01,
+             warmup=100, min_lr=0.0, grad_clip=0.0, eval_every=100, eval_batches=100, lora_r=8),
+        "LoRA on the model of --init-from DIR (litgpt's finetune_lora): r 8, alpha 16, dropout 0.05, "
+        "lr 1e-3, 16 x 1 sequences a step, 5 epochs",
+        derived=dict(epochs=lambda t: 5.0 if "steps" not in t else None),  # 5 epochs unless --steps
     ),
 }
 
@@ -816,9 +842,35 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
     if t.init_from is not None and not isinstance(t.init_from, str):
         raise CrystalError(f"--init-from must be a directory, got {t.init_from!r}")
     _validate_optimizer(t)
-    if t.preset == "finetune" and t.init_from is None:
-        raise CrystalError("the finetune preset fine-tunes a trained model: give it with --init-from DIR "
+    _validate_lora(t, m)
+    if t.preset in ("finetune", "finetune-lora") and t.init_from is None:
+        raise CrystalError(f"the {t.preset} preset fine-tunes a trained model: give it with --init-from DIR "
                            "(a Hugging Face GPT-2, Llama or Qwen2 directory or a crystal run)")
+
+
+def _validate_lora(t: TrainConfig, m: ModelConfig) -> None:
+    if not isinstance(t.lora_r, int) or isinstance(t.lora_r, bool) or t.lora_r < 0:
+        raise CrystalError(f"--lora-r must be a whole number >= 0 (0: no LoRA), got {t.lora_r!r}")
+    given = [k for k in ("alpha", "dropout", "targets") if getattr(t, "lora_" + k) is not None]
+    if not t.lora_r:
+        if given:
+            raise CrystalError(f"--lora-{given[0]} needs --lora-r R (R > 0: LoRA adapters of rank R)")
+        return
+    if t.init_from is None:
+        raise CrystalError("LoRA adapts a trained model, which stays frozen: give it with --init-from DIR "
+                           "(a Hugging Face directory or a crystal run)")
+    alpha, p = t.lora("alpha"), t.lora("dropout")
+    if not (alpha > 0) or alpha == float("inf"):
+        raise CrystalError(f"--lora-alpha must be a positive number, got {alpha}")
+    if not (0 <= p < 1):
+        raise CrystalError(f"--lora-dropout must be in [0, 1), got {p}")
+    if t.optimizer != "adamw":
+        raise CrystalError("LoRA trains its adapters with AdamW; --optimizer muon is for full training")
+    if t.cuda_graphs == "on":
+        raise CrystalError("--cuda-graphs on: LoRA steps run eagerly (use --cuda-graphs off or auto)")
+    from crystal.lora import LoraConfig
+
+    LoraConfig.of(t, m)  # the targets exist in this arch, r within every adapted matrix's rank
 
 
 def _validate_optimizer(t: TrainConfig) -> None:

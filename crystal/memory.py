@@ -16,19 +16,28 @@ from crystal.reducer import gradient_floats, shard_spans
 
 
 def memory_estimate(cfg: ModelConfig, micro_batches: int, spheres: int, B: int, T: int,
-                    ranks: int = 1, precision: str = "fp32", flash: bool = False, shard: bool = False) -> dict:
+                    ranks: int = 1, precision: str = "fp32", flash: bool = False, shard: bool = False,
+                    lora=None) -> dict:
     """Bytes of one process's training state by part: parameters, the reducer's gradient pool
     (spheres + ceil(log2 m) + 1 buffers for its m micro-batches, at most m, plus the exchange
     when there are several ranks), AdamW moments (of its span only with ranks and `shard`), the
     bf16 weight copy (bf16 only), activations of every sphere. With ranks, the largest rank's.
-    spheres: those computing at once (on the cpu the core gate's, crystal.spheres.computing_at_once)."""
+    spheres: those computing at once (on the cpu the core gate's, crystal.spheres.computing_at_once).
+    lora (a crystal.lora.LoraConfig): the adapters train: the gradient buffers and the moments are
+    theirs, params counts the frozen base (in bf16 alone under bf16) and the adapters."""
     n = ParamLayout(cfg).size
-    P = n * 4
     acts = activation_bytes(cfg, B, T, precision, flash)
-    span = max(hi - lo for lo, hi in shard_spans(n, ranks)) if shard and ranks > 1 else n
-    parts = {"params": P, "grads": 4 * gradient_floats(n, micro_batches, spheres, ranks, shard),
+    trained = n
+    if lora is not None:
+        from crystal.lora import AdapterLayout, lora_activation_bytes
+
+        trained = AdapterLayout(cfg, lora).size
+        acts += lora_activation_bytes(cfg, lora, B, T, 2 if precision == "bf16" else 4)
+    P = (2 * n if precision == "bf16" else 4 * n) + 4 * trained if lora is not None else 4 * n
+    span = max(hi - lo for lo, hi in shard_spans(trained, ranks)) if shard and ranks > 1 else trained
+    parts = {"params": P, "grads": 4 * gradient_floats(trained, micro_batches, spheres, ranks, shard),
              "adamw_moments": 2 * 4 * span,
-             "weights_bf16": 2 * n if precision == "bf16" else 0,
+             "weights_bf16": 2 * trained if precision == "bf16" else 0,
              "activations_per_sphere": acts, "activations": spheres * acts}
     parts["total"] = (parts["params"] + parts["grads"] + parts["adamw_moments"] + parts["weights_bf16"]
                       + parts["activations"])
@@ -43,8 +52,10 @@ def run_estimate(model: ModelConfig, train, ranks: int = 1, flash: bool = False,
     at_once = computing_at_once(train.spheres, train.cores, train.device)
     if shard is None:
         shard = ranks > 1 and train.shard_optimizer is not False
+    from crystal.lora import LoraConfig
+
     return memory_estimate(model, train.micro_batches, at_once, train.batch_size, train.seq_len, ranks,
-                           train.precision, flash, shard)
+                           train.precision, flash, shard, LoraConfig.of(train, model))
 
 
 def available_bytes(device: str) -> int | None:

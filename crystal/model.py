@@ -310,9 +310,11 @@ class Activations:
       qkv      [B,T,qkv_size]   q|k|v heads (GPT-2: 3C; llama: (NH + 2 KV) hd, q and k rotated)
       atty     [B,T,NH hd]      the attention's output, before its projection
       fch      [B,T,4C | 2I]    the MLP's first product (GPT-2: before GELU; llama: gate|up)
-      fch_act  [B,T,4C | I]     GELU(fch) | SwiGLU(gate, up), the input of the MLP's projection"""
+      fch_act  [B,T,4C | I]     GELU(fch) | SwiGLU(gate, up), the input of the MLP's projection
 
-    def __init__(self, be, cfg: ModelConfig, B: int, T: int):
+    lora: a crystal.lora.AdapterLayout: the adapters' activations too (`self.lora`)."""
+
+    def __init__(self, be, cfg: ModelConfig, B: int, T: int, lora=None):
         C, L, NH, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.padded_vocab_size
         H, QKV, M = NH * cfg.head_size, cfg.qkv_size, cfg.mlp_size
         up = 2 * M if cfg.llama else M  # gate|up, or c_fc's
@@ -353,6 +355,11 @@ class Activations:
         self.dfch = be.empty((B, T, up), act)
         # d fch_act: GPT-2's GELU backward runs in place in dfch; SwiGLU's reads it beside dfch
         self.dfch_act = be.empty((B, T, M), act) if cfg.llama else self.dfch
+        self.lora = None
+        if lora is not None:
+            from crystal.lora import LoraActivations
+
+            self.lora = LoraActivations(be, lora, B, T)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -474,6 +481,13 @@ class BlockOps:
         else:
             self.be.matmul_gelu_forward(act, pre, inp, w, bias)
 
+    def activation(self, act, pre):
+        """act = GELU(pre) | SwiGLU(gate|up of pre): `mlp` after its product (LoRA adds between)."""
+        if self.llama:
+            self.be.swiglu_forward(act, pre)
+        else:
+            self.be.gelu_forward(act, pre)
+
     def mlp_backward(self, dpre, pre, dact):
         """d pre (written) from d act."""
         if self.llama:
@@ -506,7 +520,8 @@ def loss_denominator(batches) -> float:
 
 
 def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
-            drop: Dropout | None = None, grad: bool = False, loss_out=None, denom: float | None = None):
+            drop: Dropout | None = None, grad: bool = False, loss_out=None, lora=None,
+            denom: float | None = None):
     """Logits into a.logits; with targets, also the loss: the cross-entropies' sum over the
     targets / denom (default B*T, the mean when no target is ignored; a target < 0 is ignored
     and adds 0; see `loss_denominator`), returned as a float.
@@ -518,7 +533,9 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     Each residual addition is fused with the norm that reads its sum (the next layer's first
     norm, or the final norm after the last layer). loss_out (a device float64[1]): the losses'
     sum goes there and nothing is read back (a CUDA-graph step; the mean is sum / (B T));
-    returns None."""
+    returns None. lora: a crystal.lora.LoraPass: each adapted projection's output gets its
+    adapter's term, added to the product's output (or its columns: a llama's q, k, v of the
+    q|k|v product, gate, up of gate|up) before anything reads it (rotary, the activation)."""
     B, T = idx.shape
     denom = B * T if denom is None else denom
     NH, KV, eps = cfg.n_head, cfg.kv_heads, cfg.layer_norm_epsilon
@@ -534,15 +551,26 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
         ops.norm(a.lnf, a.lnf_mean, a.lnf_rstd, x, w.lnf_w, w.lnf_b, eps)
     for l, p in enumerate(w.layers):
         ops.product(a.qkv[l], a.ln1[l], p.qkv_w, p.qkv_b)
+        if lora:
+            lora.forward(be, l, "qkv", a.ln1[l], a.qkv[l])
         if rotary:  # llama: q and k heads rotated in place (v untouched)
             be.rope_forward(a.qkv[l], *rotary, NH, KV)
         ops.attention(a.atty[l], a.att[l], a.qkv[l], drop and drop.site(l, ATTENTION_PROBS))
         ops.product(a.attproj[l], a.atty[l], p.attproj_w, p.attproj_b)
+        if lora:
+            lora.forward(be, l, "attproj", a.atty[l], a.attproj[l])
         if drop:  # attproj is not read by the backward, so it is dropped in place
             drop.apply(be, a.attproj[l], a.attproj[l], l, ATTENTION_PROJ)
         ops.residual_norm(a.res2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], x, a.attproj[l], p.ln2_w, p.ln2_b, eps)
-        ops.mlp(a.fch_act[l], a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
+        if lora and lora.adapts(l, "fc"):  # the adapter joins before the activation: no fused product
+            ops.product(a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
+            lora.forward(be, l, "fc", a.ln2[l], a.fch[l])
+            ops.activation(a.fch_act[l], a.fch[l])
+        else:
+            ops.mlp(a.fch_act[l], a.fch[l], a.ln2[l], p.fc_w, p.fc_b)
         ops.product(a.fcproj[l], a.fch_act[l], p.fcproj_w, p.fcproj_b)
+        if lora:
+            lora.forward(be, l, "fcproj", a.fch_act[l], a.fcproj[l])
         if drop:
             drop.apply(be, a.fcproj[l], a.fcproj[l], l, MLP_PROJ)
         if l + 1 < len(w.layers):  # res3 = res2 + fcproj, then the next layer's first norm of it
@@ -567,18 +595,25 @@ def forward(be, cfg: ModelConfig, w: Tensors, a: Activations, idx, targets=None,
     return be.sum_losses(a.losses) / denom
 
 
-def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, targets,
-             drop: Dropout | None = None):
+def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors | None, a: Activations, idx, targets,
+             drop: Dropout | None = None, lora=None):
     """Gradient of the mean loss of the last `forward(..., targets, drop, grad=True)` into every
     tensor of g (drop: the same as the forward's).
 
     Every gradient tensor is written (not accumulated), so g needs no zeroing beforehand; the LM
     head's padding rows of g.head are written zero (their dlogits columns are zero). The token
     embedding's gradient is the LM head's plus the encoder's scatter when tied; untied, it is
-    zeroed here and then takes the scatter alone."""
+    zeroed here and then takes the scatter alone.
+
+    g None: the model is frozen (LoRA: `lora`, the forward's LoraPass, writes its adapters'
+    gradients into its row): input gradients only, no weight gradient is computed, and the
+    backward stops at the first layer's adapters, below which nothing trains."""
     B, T = idx.shape
     NH, KV = cfg.n_head, cfg.kv_heads
     ops, rotary = BlockOps(be, cfg), _rotary(cfg, w, T)
+    frozen = g is None
+    if frozen:
+        g = _Frozen(cfg.n_layer)
     be.lm_head_backward(a.dln, g.head, a.logits, a.lnf, w.head)
     last = a.res3[-1] if a.res3 else a.encoded
     be.zero(a.dres)
@@ -589,23 +624,44 @@ def backward(be, cfg: ModelConfig, w: Tensors, g: Tensors, a: Activations, idx, 
         # a.dres holds d res3[l]; res3 = res2 + drop(fcproj)
         dproj = _through_dropout(be, drop, a, l, MLP_PROJ)
         ops.product_backward(a.dfch_act, q.fcproj_w, q.fcproj_b, dproj, a.fch_act[l], p.fcproj_w)
+        if lora:
+            lora.backward(be, l, "fcproj", dproj, a.dfch_act)
         ops.mlp_backward(a.dfch, a.fch[l], a.dfch_act)
         ops.product_backward(a.dln, q.fc_w, q.fc_b, a.dfch, a.ln2[l], p.fc_w)
+        if lora:
+            lora.backward(be, l, "fc", a.dfch, a.dln)
         ops.norm_backward(a.dres, q.ln2_w, q.ln2_b, a.dln, a.res2[l], p.ln2_w, a.ln2_mean[l], a.ln2_rstd[l])
         # a.dres holds d res2[l]; res2 = x + drop(attproj)
         dproj = _through_dropout(be, drop, a, l, ATTENTION_PROJ)
         ops.product_backward(a.datty, q.attproj_w, q.attproj_b, dproj, a.atty[l], p.attproj_w)
+        if lora:
+            lora.backward(be, l, "attproj", dproj, a.datty)
         ops.attention_backward(a.dqkv, a.datty, a.qkv[l], a.att[l], drop and drop.site(l, ATTENTION_PROBS),
                                a.atty[l])
         if rotary:  # llama: d of the unrotated q and k (the transpose rotation), in place
             be.rope_backward(a.dqkv, *rotary, NH, KV)
         ops.product_backward(a.dln, q.qkv_w, q.qkv_b, a.dqkv, a.ln1[l], p.qkv_w)
+        if lora:
+            lora.backward(be, l, "qkv", a.dqkv, a.dln)
+        if frozen and l == 0:
+            return  # nothing below the first layer's input trains
         ops.norm_backward(a.dres, q.ln1_w, q.ln1_b, a.dln, x, p.ln1_w, a.ln1_mean[l], a.ln1_rstd[l])
+    if frozen:
+        return
     if drop:  # encoded = drop(wte[idx] + wpe)
         drop.apply(be, a.dres, a.dres, 0, EMBEDDING)
     if not cfg.tied:  # an untied embedding's gradient is the scatter alone
         be.zero(g.wte)
     be.encoder_backward(g.wte[:cfg.vocab_size], g.wpe, a.dres, idx)  # the real tokens' rows
+
+
+class _Frozen:
+    """The gradients of a frozen model (LoRA's base): every weight-gradient argument None."""
+
+    head = wte = wpe = lnf_w = lnf_b = None
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerTensors(**{k: None for k in _GPT2_LAYER})] * n_layer
 
 
 def _through_dropout(be, drop: Dropout | None, a: Activations, layer: int, site: int):

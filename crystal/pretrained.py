@@ -40,6 +40,7 @@ from crystal.checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAIN_F
 from crystal.config import ModelConfig
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json, read_json
+from crystal.lora import merge
 from crystal.model import GPT, ParamLayout, param_shapes
 
 WEIGHTS = MODEL_FILE
@@ -85,6 +86,9 @@ def open_pretrained(directory: str | Path) -> Pretrained:
         if not weights.exists() and (latest := latest_checkpoint(path)) is not None:
             weights = latest / MODEL_FILE  # a run stopped before its end
         if not weights.exists():
+            if lora_base(path) is not None:
+                raise CrystalError(f"{path} is a LoRA run (adapters on a frozen base); start from its merged model: "
+                                   f"crystal export {path} --format hf --out DIR, then --init-from DIR")
             raise CrystalError(f"{path}: a crystal run without a model.safetensors or a checkpoint")
         files = [weights]
     else:
@@ -296,7 +300,8 @@ def _read_hf(pre: Pretrained) -> np.ndarray:
 def load_checkpoint(path: str | Path, backend=None) -> GPT:
     """A trained model from a run directory, a Hugging Face directory (crystal.pretrained:
     GPT-2, Llama, Qwen2; shards, names with or without the prefix, float16/bfloat16 widened
-    exactly), or a .safetensors file with config.json beside it."""
+    exactly), or a .safetensors file with config.json beside it. A LoRA run gives its base with
+    its adapters merged in (crystal.lora.merge)."""
     return GPT(*load_flat(path), backend)
 
 
@@ -306,6 +311,9 @@ def load_flat(path: str | Path) -> tuple[ModelConfig, np.ndarray]:
     if path.is_dir() and not (path / TRAIN_FILE).exists():
         pre = open_pretrained(path)
         return pre.config, load_params(pre)
+    if path.is_dir() and lora_base(path) is not None:
+        cfg, layout, base, adapters = load_lora_run(path)
+        return cfg, merge(layout, ParamLayout(cfg), base, adapters)
     if path.is_dir():
         model_file, config_file = path / MODEL_FILE, path / CONFIG_FILE
         if not model_file.exists() and (latest := latest_checkpoint(path)) is not None:
@@ -316,6 +324,86 @@ def load_flat(path: str | Path) -> tuple[ModelConfig, np.ndarray]:
         raise CrystalError(f"no checkpoint at {model_file}")
     cfg = read_config(config_file)
     return cfg, read_params(model_file, cfg)
+
+
+def lora_base(run: Path) -> dict | None:
+    """A LoRA run's base {"path", "sha256"} (train.json's base_model), or None."""
+    try:
+        base = read_json(Path(run) / TRAIN_FILE).get("base_model")
+    except (OSError, CrystalError, AttributeError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return base if isinstance(base, dict) else None
+
+
+def load_lora_run(run: Path):
+    """(config, AdapterLayout, base parameters, adapters) of a LoRA run: its final adapters, or
+    its newest checkpoint's; the base read from where train.json says and refused unless its
+    weights are the ones the run trained on (sha256)."""
+    from crystal.checkpoint import load_tensors, read_train_config
+    from crystal.lora import ADAPTER_FILE, AdapterLayout, LoraConfig, weights_sha256
+
+    run = Path(run)
+    cfg = read_config(run / CONFIG_FILE)
+    train = read_train_config(run / TRAIN_FILE, cfg)
+    base_id = lora_base(run)
+    if not (isinstance(base_id.get("path"), str) and isinstance(base_id.get("sha256"), str)) or not train.lora_r:
+        raise CrystalError(f"{run / TRAIN_FILE}: base_model must name the base's path and sha256 of a LoRA run")
+    layout = AdapterLayout(cfg, LoraConfig.of(train, cfg))
+    file = run / ADAPTER_FILE
+    if not file.exists() and (latest := latest_checkpoint(run)) is not None:
+        file = latest / ADAPTER_FILE  # a run stopped before its end
+    if not file.exists():
+        raise CrystalError(f"{run}: a LoRA run without {ADAPTER_FILE} or a checkpoint")
+    adapters = layout.from_state_dict(load_tensors(file), str(file))
+    pre = open_pretrained(base_id["path"])
+    if pre.config != cfg:
+        raise CrystalError(f"{run}: the base model {pre.path} is not the run's model (config.json differs)")
+    base = load_params(pre)
+    if weights_sha256(ParamLayout(cfg), base) != base_id["sha256"]:
+        raise CrystalError(f"the base model {pre.path} changed since {run} was trained on it (the sha256 of its "
+                           "weights differs from train.json's); the adapters belong to the base they trained on")
+    return cfg, layout, base, adapters
+
+
+def export_peft(run: str | Path, out: str | Path) -> Path:
+    """A LoRA run's adapters as PEFT's adapter directory (adapter_config.json,
+    adapter_model.safetensors): peft.PeftModel.from_pretrained(base, out) loads them. Written as
+    export_hf writes: into a temporary sibling renamed into place."""
+    from crystal.lora import ADAPTER_CONFIG, ADAPTER_FILE, peft_config
+
+    run, out = Path(run), Path(out)
+    _check_export_target(out)
+    if not (run / TRAIN_FILE).exists() or lora_base(run) is None:
+        raise CrystalError(f"--format peft exports a LoRA run's adapters; {run} is not a LoRA run "
+                           "(train with --lora-r R)")
+    _, layout, _, adapters = load_lora_run(run)
+
+    def write(tmp: Path) -> None:
+        save_model(tmp / ADAPTER_FILE, layout, adapters)
+        atomic_write_json(tmp / ADAPTER_CONFIG, peft_config(layout, lora_base(run)["path"]))
+
+    return _write_export(out, write)
+
+
+def _write_export(out: Path, write) -> Path:
+    """write(tmp) into a temporary sibling of out, then renamed onto it (out: whole or absent)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; this is an ordinary directory
+        os.replace(tmp, out)  # onto nothing or an empty directory; a non-empty one fails
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CrystalError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
+    return out
 
 
 def checkpoint_config(path: str | Path) -> ModelConfig:

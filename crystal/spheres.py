@@ -248,17 +248,26 @@ class _Round:
 class SphereSystem:
     def __init__(self, be, cfg: ModelConfig, layout: ParamLayout, params, reducer,
                  n_spheres: int, batch_size: int, seq_len: int, cores: int | None = None,
-                 pin: bool = False):
+                 pin: bool = False, lora=None):
         """cores: at most this many spheres compute at once (the core gate); None: no gate.
         pin: every computing sphere runs on one cpu of this process's: sphere i on cpu i when
         there are cpus enough, else the gate's token t on cpu t (one process per machine: ranks
-        sharing a machine would pin onto the same cpus)."""
+        sharing a machine would pin onto the same cpus).
+        lora: (LoraConfig, AdapterLayout, adapters) (crystal.lora): params is the frozen base and
+        the gradient rows are the adapters'."""
         self.be, self.cfg = be, cfg
         self.n = n_spheres
         # what forward/backward read: params, or their bf16 copy (AdamW refreshes it as it updates)
         self.weights = Tensors(layout, be.compute_weights(params), be)
         self.reducer = reducer
-        self.row_grads = [Tensors(layout, reducer.row(r)) for r in range(reducer.rows)]  # the pool's rows
+        self.lora, lora_layout = (lora[0], lora[1]) if lora is not None else (None, None)
+        if lora is None:
+            self.row_grads = [Tensors(layout, reducer.row(r)) for r in range(reducer.rows)]  # the pool's rows
+            self.trainable = self.weights.flat  # the buffer AdamW refreshes as it updates
+        else:
+            self.adapter_weights = lora_layout.tensors(be.compute_weights(lora[2]))
+            self.row_grads = [lora_layout.tensors(reducer.row(r)) for r in range(reducer.rows)]
+            self.trainable = self.adapter_weights.flat
         self.stats = [SphereStats(i) for i in range(n_spheres)]
         self.wall_s = 0.0  # root time spent in rounds, the denominator of utilization
         self.counts_launches = hasattr(be, "thread_launches")  # cuda: kernel and library launches
@@ -273,7 +282,7 @@ class SphereSystem:
         self._own_cpu = cpus if self.gate is None and cpus and n_spheres <= len(cpus) else None
         self.concurrent = n_spheres if self.gate is None else self.gate.cores  # spheres computing at once
         # one activation buffer set per sphere, or per core token under the gate
-        self._acts = [Activations(be, cfg, batch_size, seq_len) for _ in range(self.concurrent)]
+        self._acts = [Activations(be, cfg, batch_size, seq_len, lora_layout) for _ in range(self.concurrent)]
         self._threads = [
             threading.Thread(target=self._sphere_loop, args=(i,), name=f"sphere-{i}", daemon=True)
             for i in range(n_spheres)
@@ -349,20 +358,32 @@ class SphereSystem:
         finally:
             self.gate.give(i)
 
-    def _train_micro_batch(self, i: int, x, y, m: int, drop: Dropout | None, denom: float | None) -> float:
+    def _lora_pass(self, acts, drop: Dropout | None = None):
+        """The adapters' part of one batch (None without LoRA); drop: its LoRA dropout."""
+        if self.lora is None:
+            return None
+        from crystal.lora import LoraPass
+
+        return LoraPass(self.lora, self.adapter_weights, acts.lora, drop)
+
+    def _train_micro_batch(self, i: int, x, y, m: int, drop: Dropout | None,
+                           lora_drop: Dropout | None = None, denom: float | None = None) -> float:
         be, stats = self.be, self.stats[i]
         stats.active = True
-        keys = [drop.keys(self.cfg.n_layer)] if drop else None
         gated = self.gate is not None
         if gated:
             row = self._row_and_core(i, m)
         with self._core(i, m, held=gated) as acts:
-            x, y = be.stage([(x, y)], self.cfg.vocab_size, keys)[0]
+            lp = self._lora_pass(acts, lora_drop)
+            keys = (drop.keys(self.cfg.n_layer) if drop else []) + (lp.keys(self.cfg.n_layer) if lp else [])
+            x, y = be.stage([(x, y)], self.cfg.vocab_size, [keys] if keys else None)[0]
             issued = be.thread_launches() if self.counts_launches else 0
-            loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True, denom=denom)
+            loss = forward(be, self.cfg, self.weights, acts, x, y, drop, grad=True, lora=lp, denom=denom)
             if not gated:
                 row = self.reducer.acquire(m)
-            backward(be, self.cfg, self.weights, self.row_grads[row], acts, x, y, drop)
+            if lp is not None:  # the frozen base gets no gradient; the adapters' go to the row
+                lp.g = self.row_grads[row]
+            backward(be, self.cfg, self.weights, None if lp else self.row_grads[row], acts, x, y, drop, lora=lp)
             if self.counts_launches:  # the same for every micro-batch of a run
                 self.launches_per_micro_batch = be.thread_launches() - issued
             stats.active = False
@@ -375,19 +396,22 @@ class SphereSystem:
     def _eval_batch(self, i: int, x, y, k: int, denom: float | None) -> float:
         be = self.be
         with self._core(i, k) as acts:
-            return forward(be, self.cfg, self.weights, acts, be.to_device(x), be.to_device(y), denom=denom)
+            return forward(be, self.cfg, self.weights, acts, be.to_device(x), be.to_device(y),
+                           lora=self._lora_pass(acts), denom=denom)
 
     # --- the root side ---
-    def step(self, batches: list, drops: list[Dropout] | None = None, denom: float | None = None) -> list[float]:
-        """Forward/backward of every micro-batch (with drops[m], its dropout, when given);
-        gradients are summed in the reducer's pool. Returns the per-micro-batch losses, in order.
-        denom: each micro-batch's loss sum is divided by it (crystal.model.loss_denominator of the
-        whole step's micro-batches; default B*T)."""
+    def step(self, batches: list, drops: list[Dropout] | None = None,
+             lora_drops: list[Dropout] | None = None, denom: float | None = None) -> list[float]:
+        """Forward/backward of every micro-batch (with drops[m], its dropout, and lora_drops[m],
+        its adapters' dropout, when given); gradients are summed in the reducer's pool. Returns the
+        per-micro-batch losses, in order. denom: each micro-batch's loss sum is divided by it
+        (crystal.model.loss_denominator of the whole step's micro-batches; default B*T)."""
         if len(batches) != self.reducer.local_count:
             raise ValueError(f"{len(batches)} micro-batches for the reducer's {self.reducer.local_count}")
         self.reducer.begin_step()
         return self.map(len(batches), lambda i, m: self._train_micro_batch(
-            i, *batches[m], m, drops[m] if drops else None, denom), gated=True)
+            i, *batches[m], m, drops[m] if drops else None, lora_drops[m] if lora_drops else None, denom),
+            gated=True)
 
     def evaluate(self, batches: list, denom: float | None = None) -> list[float]:
         """Forward-only losses of any number of batches, spread over the spheres likewise

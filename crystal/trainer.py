@@ -27,6 +27,7 @@ from crystal.model import ParamLayout, init_params, linear_products, loss_denomi
 from crystal.muon import Muon
 from crystal.optim import AdamW, clip_scale, lr_at
 from crystal.graphs import StepGraphs, graph_plan
+from crystal.lora import AdapterLayout, LoraConfig, check_backend, init_adapters, target_shape, weights_sha256
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
 from crystal.spheres import SphereSystem, computing_at_once, gate_cores, usable_cores
 from crystal.world import Comm
@@ -50,7 +51,7 @@ class StepRecord:
 class TrainResult:
     model: ModelConfig
     train: TrainConfig  # resolved: steps filled in from --epochs when given
-    params: np.ndarray  # final flat float32 parameters (host), a buffer of crystal.model.ParamLayout
+    params: np.ndarray  # final trainable buffer (host): the parameters (crystal.model.ParamLayout), or LoRA's adapters (crystal.lora.AdapterLayout)
     losses: list[float]  # this call's steps
     spheres: list[dict]
     root: dict
@@ -109,7 +110,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     `on_warning` line.
 
     `data_order`: how epochs shuffle the windows (crystal.shards.WindowOrder): a resumed run
-    passes the one its train.json records (crystal.checkpoint.data_order_of)."""
+    passes the one its train.json records (crystal.checkpoint.data_order_of).
+
+    LoRA (cfg.lora_r > 0, crystal.lora): `init` is the frozen base (cfg.init_from's parameters) and
+    the adapters are what trains: the reducer, the norm, AdamW and checkpoints hold the adapter
+    buffer only. A resumed LoRA run refuses a base whose weights (sha256) are not the checkpoint's."""
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.val_fraction, cfg.val_data, model_cfg.vocab_size)
     if dataset.vocab_size != model_cfg.vocab_size:
@@ -131,25 +136,38 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     warm_up(be, model_cfg)  # every kernel compiled before a sphere starts
 
     layout = ParamLayout(model_cfg)
-    if resume is not None:
-        start = resume.params
-    elif init is not None:  # bitwise the given parameters (the cpu backend trains them in place); fresh AdamW
+    lora = LoraConfig.of(cfg, model_cfg)  # None: every parameter trains
+    trainable, base, base_id = layout, None, None  # base: the frozen model under LoRA
+    if init is not None:
         if init.dtype != np.float32:
             raise ValueError(f"init must be float32, got {init.dtype}")
         layout.check(init, "init")  # a buffer of the layout, the LM head's padding rows zero
+    if lora is not None:
+        if init is None:
+            raise ValueError("LoRA trains adapters on a given model: pass its parameters as init")
+        check_backend(be, model_cfg, lora)
+        trainable = AdapterLayout(model_cfg, lora)
+        base_id = {"path": cfg.init_from, "sha256": weights_sha256(layout, init)}
+        _check_base(resume, base_id)
+        base = be.to_device(init)
+    if resume is not None:
+        start = resume.params
+    elif lora is not None:
+        start = init_adapters(trainable, cfg.seed)
+    elif init is not None:  # bitwise the given parameters (the cpu backend trains them in place); fresh AdamW
         start = init
     else:
         start = init_params(model_cfg, cfg.seed)
-    params = be.to_device(start)
+    params = be.to_device(start)  # what trains: the parameters, or the adapters
     comm = comm if comm is not None else Comm()
     graphs = _graphs_wanted(cfg, be, comm, dataset.masked)
     rows = None
     if graphs:  # the graphs' fixed rows (crystal.graphs), at least the pool's own
         rows = max(pool_rows(cfg.micro_batches, cfg.spheres), graph_plan(cfg.micro_batches, cfg.spheres).rows)
     at_once = computing_at_once(cfg.spheres, cfg.cores, be.name)  # the core gate
-    reducer = GradientReducer(be, layout.size, cfg.micro_batches, comm, spheres=at_once, rows=rows,
+    reducer = GradientReducer(be, trainable.size, cfg.micro_batches, comm, spheres=at_once, rows=rows,
                               shard=cfg.shard_optimizer is not False)
-    optimizer = make_optimizer(be, layout, cfg, reducer, comm)
+    optimizer = make_optimizer(be, trainable, cfg, reducer, comm)
     first = 0
     if resume is not None:
         if not (0 < resume.step <= cfg.steps):
@@ -161,17 +179,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         batches.set_state(resume.data)
         first = resume.step
     if comm.size > 1:
-        comm.meet(_fingerprint(model_cfg, cfg, be.to_host(params), first))
+        comm.meet(_fingerprint(model_cfg, cfg, be.to_host(params), first, base_id))
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
     if run_dir is not None:
         if resume is None:
             run_dir.write_configs(model_cfg, dataclasses.replace(cfg, stop_at=None),
                                   dataset.tokenizer.to_json() if dataset.tokenizer is not None else None,
-                                  dataset.sha256, data_order)
+                                  dataset.sha256, data_order, base_id)
         else:
             run_dir.truncate_metrics(resume.step)
     if on_start is not None:
-        on_start({"params": layout.n_params, "tokens": len(dataset.train), "val_tokens": len(dataset.val),
+        on_start({"params": layout.n_params, "trainable": trainable.n_params,
+                  "tokens": len(dataset.train), "val_tokens": len(dataset.val),
                   "data": dataset.name, "steps": cfg.steps, "first": first, "last": last,
                   "device": be.name, "config": cfg, "model": model_cfg, "ranks": comm.size})
 
@@ -186,15 +205,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     t_start = time.perf_counter()
     launches_at_start = be.launches() if hasattr(be, "launches") else None
     blas = blas_threads_per_sphere(model_cfg, cfg, be, comm.size)
-    with _blas_limits(be, blas), SphereSystem(be, model_cfg, layout, params, reducer, cfg.spheres,
-                                        cfg.batch_size, cfg.seq_len, cores=_gate(cfg, be),
-                                        pin=comm.size == 1 and be.name == "cpu") as spheres:
+    with _blas_limits(be, blas), SphereSystem(be, model_cfg, layout, params if base is None else base, reducer,
+                                              cfg.spheres, cfg.batch_size, cfg.seq_len, cores=_gate(cfg, be),
+                                              pin=comm.size == 1 and be.name == "cpu",
+                                              lora=None if lora is None else (lora, trainable, params)) as spheres:
+        base = None  # the spheres hold what they read of it (cuda bf16: its bf16 copy alone)
         step_graphs = StepGraphs(spheres, optimizer, params, layout, cfg.grad_clip) if graphs else None
         for step in range(first, last):
             t0 = time.perf_counter()
             micro = [batches.next_batch() for _ in range(cfg.micro_batches)]  # all, on every rank
             denom = loss_denominator(micro)  # the step's unmasked targets / M (B*T without a mask)
             drops = dropout.for_step(cfg.dropout, cfg.seed, step, reducer.owned)
+            lora_drops = dropout.for_step(lora.dropout, cfg.seed, step, reducer.owned) if lora else None
             lr = lr_at(step, cfg)
             done = step + 1
             replayed = None
@@ -212,7 +234,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                 losses_m, norm = replayed
                 loss = reducer.reduce_losses(losses_m)
             else:
-                loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop], drops, denom))
+                loss = reducer.reduce_losses(spheres.step(micro[reducer.owned.start:reducer.owned.stop], drops,
+                                                          lora_drops, denom))
                 norm = reducer.reduce(spheres.map)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # (a graph step skipped AdamW on the device)
                 if replayed is not None:
@@ -226,7 +249,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             if replayed is None:
                 t_opt = time.perf_counter()
                 optimizer.begin_step(lr, clip_scale(norm, cfg.grad_clip))
-                compute = spheres.weights.flat  # params, or their bf16 copy: AdamW refreshes it in the same pass
+                compute = spheres.trainable  # params, or their bf16 copy: AdamW refreshes it in the same pass
                 mine = reducer.my_chunks  # every chunk, or this rank's shard
                 spheres.map(len(mine), lambda i, c: optimizer.update_chunk(mine[c], params, reducer.grad, compute))
                 if isinstance(optimizer, Muon):  # each matrix whole, then (sharded) the all-gathers
@@ -262,8 +285,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
             if (due or stopping) and (run_dir is not None or reducer.sharded):  # --stop-at and signals leave one
                 m, v = reducer.gather_shards(optimizer.m), reducer.gather_shards(optimizer.v)  # whole, on rank 0
                 if run_dir is not None:
-                    state = TrainState(done, be.to_host(params), m, v, batches.state(), optimizer.t)
-                    checkpoint = str(run_dir.save_state(layout, state, cfg.keep))
+                    state = TrainState(done, be.to_host(params), m, v, batches.state(), optimizer.t, base_id)
+                    checkpoint = str(run_dir.save_state(trainable, state, cfg.keep))
             if interrupted:
                 last = done
                 break
@@ -302,7 +325,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if run_dir is not None:
         run_dir.write_spheres({"root": root, "spheres": sphere_summary})
         if finished:
-            run_dir.write_model(layout, host_params)
+            if lora is None:
+                run_dir.write_model(layout, host_params)
+            else:
+                run_dir.write_adapters(trainable, host_params, base_id)
         run_dir.close()
     return TrainResult(model_cfg, cfg, host_params, losses, sphere_summary, root, dataset.name,
                        wall, str(run_dir.path) if run_dir else None, history, val_losses,
@@ -333,6 +359,8 @@ def _graphs_wanted(cfg: TrainConfig, be, comm: Comm, masked: bool = False) -> bo
     why = None
     if masked:  # the captured loss scale is 1/(B T); a masked step's depends on its batches
         why = "data without a loss mask (instruction data scales each step's loss by its own count)"
+    elif cfg.lora_r:
+        why = "full training (LoRA steps run eagerly)"
     elif cfg.optimizer != "adamw":
         why = "--optimizer adamw (Muon's steps run eagerly)"
     elif not getattr(be, "graphs", False):
@@ -362,12 +390,24 @@ def _warn(on_warning: Callable[[str], None] | None, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, params, first: int) -> int:
-    """What every rank must agree on: the model, the computation's config, the parameters."""
+def _check_base(resume: TrainState | None, base_id: dict) -> None:
+    """A resumed LoRA run continues on the base its checkpoint was trained on, bit for bit."""
+    if resume is None:
+        return
+    theirs = (resume.base or {}).get("sha256")
+    if theirs != base_id["sha256"]:
+        raise CrystalError(f"the base model {base_id['path']} changed since the checkpoint was written "
+                           f"(its weights' sha256 is {base_id['sha256'][:12]}, the checkpoint's "
+                           f"{str(theirs)[:12]}); LoRA resumes on the same base only")
+
+
+def _fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, params, first: int, base: dict | None = None) -> int:
+    """What every rank must agree on: the model, the computation's config, the parameters (and
+    the frozen base's identity under LoRA)."""
     import zlib
 
     what = dataclasses.replace(cfg, spheres=1, log_every=1, out=None, stop_at=None)
-    text = repr((model_cfg, what, first)).encode()
+    text = repr((model_cfg, what, first, base)).encode()
     return zlib.crc32(np.ascontiguousarray(params).view(np.uint8), zlib.crc32(text))
 
 
@@ -418,6 +458,11 @@ def blas_threads_per_sphere(model_cfg: ModelConfig, cfg: TrainConfig, be, ranks:
     rows = cfg.batch_size * cfg.seq_len
     shapes = (linear_products(model_cfg, rows) if model_cfg.llama
               else product_shapes(model_cfg.n_embd, model_cfg.vocab_size, rows))
+    lora = LoraConfig.of(cfg, model_cfg)
+    if lora is not None:  # the adapters' products: x A^T [rows, in -> r], h B^T [rows, r -> out] (matmul_*)
+        ends = {target_shape(model_cfg, t) for t in lora.targets}
+        shapes += tuple(sorted({(rows, i, lora.r, False) for i, _ in ends}
+                               | {(rows, lora.r, o, False) for _, o in ends}))
     agree = blas_threads_agree(n, shapes)
     if agree and cfg.optimizer == "muon":  # Muon's Newton-Schulz products too
         from crystal.muon import NS_COEFFS, muon_matrices

@@ -342,3 +342,20 @@ def test_text_options_are_refused_with_instruction_formats(flags, message, world
             "--out", f"{R}/out", *flags]
     [line] = refused(tmp_path, argv, capsys)
     assert message in line and not (tmp_path / "out").exists()
+
+
+def test_lora_on_masked_data_takes_the_masked_mean_and_is_bitwise_for_1_and_3_spheres(world, tmp_path):
+    """LoRA (issue 31 item 1) on instruction data: the first step's loss (B = 0: the base's
+    output) is the full fine-tune's masked mean, and the adapters are bitwise for 1 and 3 spheres."""
+    common = ["train", "--init-from", str(world / "hf"), "--data", str(world / "chat"), "--seq-len", "16",
+              "--batch-size", "2", "--micro-batches", "3", "--steps", "2", "--warmup", "0", "--eval-every", "2",
+              "--eval-batches", "2", "--quiet"]
+    for out, more in (("full", []), ("l1", ["--lora-r", "4", "--spheres", "1"]),
+                      ("l3", ["--lora-r", "4", "--spheres", "3"])):
+        assert main([*common, *more, "--out", str(tmp_path / out)]) == 0
+    losses = {r: [json.loads(s) for s in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+              for r in ("full", "l1", "l3")}
+    first = {r: next(d["loss"] for d in ls if "loss" in d) for r, ls in losses.items()}
+    assert rel_err(first["l1"], first["full"]) <= 1e-6
+    assert (tmp_path / "l1" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "l3" / "adapter_model.safetensors").read_bytes()

@@ -90,7 +90,7 @@ class Backend(Protocol):
 
     # out = (inp - mean) * rstd * w + b over the last axis; saves mean, rstd [N]
     def layernorm_forward(self, out, mean, rstd, inp, w, b, eps: float) -> None: ...
-    # dinp += ...; dw, db written
+    # dinp += ...; dw, db written (both None: a frozen LayerNorm, dinp alone)
     def layernorm_backward(self, dinp, dw, db, dout, inp, w, mean, rstd) -> None: ...
     # Llama's RMSNorm: out = w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps) saved [N] (float32)
     def rmsnorm_forward(self, out, rstd, inp, w, eps: float) -> None: ...
@@ -104,6 +104,11 @@ class Backend(Protocol):
     # dinp = dout @ w.T, dw = inp.T @ dout, dbias = sum_rows dout (all written; dw None: a frozen
     # weight, no weight product; dbias may be None)
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w) -> None: ...
+    # out[:, lo:lo+OC] += inp[N,C] @ w[C,OC], out [N,W] (LoRA's B on a column block of a fused
+    # product: a llama's q|k|v, gate|up; cpu, as the llama ops)
+    def matmul_columns_forward(self, out, inp, w, lo: int) -> None: ...
+    # d = dout[:, lo:lo+OC] of dout [N,W]: dinp = d @ w.T, dw = inp.T @ d (both written)
+    def matmul_columns_backward(self, dinp, dw, dout, inp, w, lo: int) -> None: ...
     # out[N,OC] = inp[N,C] @ w[OC,C].T + bias (nn.Linear layout, Llama); bias may be None
     def linear_forward(self, out, inp, w, bias) -> None: ...
     # dinp = dout @ w, dw = dout.T @ inp, dbias = sum_rows dout (all written; dw, dbias may be None)
@@ -111,7 +116,7 @@ class Backend(Protocol):
     # logits[N,Vp] = inp[N,C] @ wte.T  (the LM head: linear_forward without bias; wte the tied
     # token embedding or an untied lm_head, its padded rows too)
     def lm_head_forward(self, logits, inp, wte) -> None: ...
-    # dinp = dlogits @ wte, dwte = dlogits.T @ inp (written)
+    # dinp = dlogits @ wte, dwte = dlogits.T @ inp (written; None: a frozen head, no product)
     def lm_head_backward(self, dinp, dwte, dlogits, inp, wte) -> None: ...
 
     # (shape, dtype) of what attention_forward saves for the backward: the probabilities

@@ -101,10 +101,12 @@ def layernorm_forward(out, mean, rstd, inp, w, b, eps):
 @reduce_kernel
 def layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd):
     # dnorm = w * dout;  dinp += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+    # dw, db: None for a frozen LayerNorm (LoRA): only dinp is computed
     N, C = inp.shape
-    for c in range(C):
-        dw[c] = 0.0
-        db[c] = 0.0
+    if dw is not None:
+        for c in range(C):
+            dw[c] = 0.0
+            db[c] = 0.0
     for i in range(N):
         m = mean[i]
         s = rstd[i]
@@ -120,8 +122,9 @@ def layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd):
         for c in range(C):
             norm = (inp[i, c] - m) * s
             dnorm = w[c] * dout[i, c]
-            db[c] += dout[i, c]
-            dw[c] += norm * dout[i, c]
+            if dw is not None:
+                db[c] += dout[i, c]
+                dw[c] += norm * dout[i, c]
             dinp[i, c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
 
 
@@ -148,7 +151,8 @@ def rmsnorm_forward(out, rstd, inp, w, eps):
 @reduce_kernel
 def rmsnorm_backward(dinp, dw, dout, inp, w, rstd):
     # xhat = x rstd, dxhat = dout w:  dinp += rstd (dxhat - xhat mean(dxhat xhat));
-    # dw = sum over rows of dout xhat (written; rows in order, accumulated in float64)
+    # dw = sum over rows of dout xhat (written; rows in order, accumulated in float64; None: a
+    # frozen RMSNorm (LoRA), dinp alone)
     N, C = inp.shape
     acc = np.zeros(C, np.float64)
     for i in range(N):
@@ -162,8 +166,9 @@ def rmsnorm_backward(dinp, dw, dout, inp, w, rstd):
             xhat = x[c] * r
             acc[c] += np.float64(d[c] * xhat)
             di[c] += r * (d[c] * w[c] - xhat * dot)
-    for c in range(C):
-        dw[c] = acc[c]
+    if dw is not None:
+        for c in range(C):
+            dw[c] = acc[c]
 
 
 # --- rotary position embeddings (Hugging Face's rotate-half layout), in place on qkv rows ------
@@ -238,6 +243,26 @@ def matmul_backward(dinp, dw, dbias, dout, inp, w):
         gemm(True, False, C, OC, N, inp, 0, C, dout, 0, OC, 0.0, dw, 0, OC)
     if dbias is not None:
         bias_backward(dbias, dout)
+
+
+# --- a product into (or from) a column block [lo, lo+OC) of a wider [N,W] output: LoRA's B on a
+# part of a fused product (a llama's q, k, v of q|k|v, gate, up of gate|up), read in place -------
+
+@kernel
+def matmul_columns_forward(out, inp, w, lo):
+    # out[:, lo:lo+OC] += inp[N,C] @ w[C,OC]  (out [N,W]: leading dimension W)
+    N, C = inp.shape
+    OC, W = w.shape[1], out.shape[1]
+    gemm(False, False, N, OC, C, inp, 0, C, w, 0, OC, 1.0, out, lo, W)
+
+
+@kernel
+def matmul_columns_backward(dinp, dw, dout, inp, w, lo):
+    # d = dout[:, lo:lo+OC] (of dout [N,W]):  dinp = d w^T;  dw = inp^T d  (both written)
+    N, C = inp.shape
+    OC, W = w.shape[1], dout.shape[1]
+    gemm(False, True, N, C, OC, dout, lo, W, w, 0, OC, 0.0, dinp, 0, C)
+    gemm(True, False, C, OC, N, inp, 0, C, dout, lo, W, 0.0, dw, 0, OC)
 
 
 # --- linear, nn.Linear layout w[OC,C]: out[N,OC] = inp[N,C] @ w^T + bias (Llama's weights) ------
@@ -721,6 +746,12 @@ class CpuBackend:
 
     def matmul_backward(self, dinp, dw, dbias, dout, inp, w):
         matmul_backward(_rows(dinp), dw, dbias, _rows(dout), _rows(inp), w)
+
+    def matmul_columns_forward(self, out, inp, w, lo):
+        matmul_columns_forward(_rows(out), _rows(inp), w, lo)
+
+    def matmul_columns_backward(self, dinp, dw, dout, inp, w, lo):
+        matmul_columns_backward(_rows(dinp), dw, _rows(dout), _rows(inp), w, lo)
 
     def linear_forward(self, out, inp, w, bias):
         linear_forward(_rows(out), _rows(inp), w, bias)

@@ -382,7 +382,8 @@ class CudaBackend:
         C = inp.shape[-1]
         N = inp.size // C
         self._launch(self._k("layernorm_backward_dinp"), grid_rows(N), dinp, dout, inp, w, mean, rstd, N, C)
-        self._column_sums("layernorm_backward_dwdb", (dw, db), (dout, inp, mean, rstd), N, C)
+        if dw is not None:  # None: a frozen LayerNorm (LoRA's base)
+            self._column_sums("layernorm_backward_dwdb", (dw, db), (dout, inp, mean, rstd), N, C)
 
     # --- rmsnorm (Llama) ---
     def rmsnorm_forward(self, out, rstd, inp, w, eps):
