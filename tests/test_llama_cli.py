@@ -4,6 +4,7 @@ during training, metrics.jsonl, TensorBoard, the plain progress lines, `crystal 
 plot`, the --dry-run memory figures and the memory guard); `crystal export --format hf` refuses
 a llama that transformers' LlamaConfig cannot hold. (2 ranks under mpiexec: tests/test_mpi.py.)"""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -41,13 +42,12 @@ def straight(tmp_path_factory):
     return out, text.getvalue()
 
 
+def _has(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401  (the reader)
-        import tensorboardX  # noqa: F401  (the writer)
-    except ImportError:
-        return False
-    return True
+    return _has("tensorboard", "tensorboardX")  # the reader, the writer (the tensorboard extra)
 
 
 def test_a_stopped_and_resumed_llama_run_is_bitwise_the_straight_run(straight, tmp_path):
@@ -100,14 +100,6 @@ def test_a_llama_run_has_what_a_gpt2_run_has(straight, tmp_path, capsys, monkeyp
     monkeypatch.setattr(crystal.memory, "available_bytes", lambda device: total - 1)
     lines = refused(tmp_path, [*LLAMA, "--quiet", "--out", f"{R}/guarded"], capsys)
     assert "(the --dry-run estimate)" in lines[0]
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 def test_export_hf_refuses_a_llama_whose_width_its_heads_do_not_divide(tmp_path, capsys):
