@@ -387,6 +387,17 @@ def llama_from_hf(d: dict) -> ModelConfig:
     return cfg
 
 
+def check_hf_exportable(cfg: ModelConfig) -> None:
+    """CrystalError unless transformers builds the model of cfg.to_hf(): its LlamaConfig refuses
+    a hidden_size that num_attention_heads does not divide, even with an explicit head_dim (which
+    crystal trains, and its Qwen2Config accepts), so such a llama without q/k/v biases has no
+    Hugging Face form."""
+    if cfg.llama and not cfg.attention_bias and cfg.n_embd % cfg.n_head:
+        raise CrystalError(f"export --format hf: transformers' LlamaConfig needs hidden_size ({cfg.n_embd}) divisible "
+                           f"by num_attention_heads ({cfg.n_head}), even with head_dim {cfg.head_size}; this model "
+                           "has no LlamaForCausalLM form")
+
+
 def llama_to_hf(cfg: ModelConfig) -> dict:
     """config.json of a llama: a LlamaConfig, or a Qwen2Config when it has q/k/v biases (which a
     LlamaConfig cannot say). The rotary settings are written both as transformers 5 writes them

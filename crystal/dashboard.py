@@ -170,7 +170,8 @@ class PlainView:
     def start(self, info: dict) -> None:
         c, m = info["config"], info["model"]
         self.steps = info["steps"]
-        click.echo(f"crystal: preset {c.preset} ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+        heads = f"{m.n_head} heads on {m.kv_heads} KV heads" if m.llama else f"{m.n_head} heads"
+        click.echo(f"crystal: preset {c.preset} ({m.arch}: {m.n_layer} layers, {heads}, {m.n_embd} wide, "
                    f"vocab {m.vocab_size}, {info['params'] / 1e6:.2f}M params) on {where(info)} "
                    f"with {c.spheres} spheres" + (" per rank" if info.get("ranks", 1) > 1 else ""))
         click.echo(f"data: {info['data']} ({info['tokens']:,} train / {info['val_tokens']:,} val tokens); "

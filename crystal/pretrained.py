@@ -37,7 +37,7 @@ import numpy as np
 from crystal.atomic import atomic_write_json, atomic_write_text, check_regular, fsync_dir
 from crystal.checkpoint import (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAIN_FILE, latest_checkpoint,
                                 invalid_safetensors, read_config, read_params, require_finite, save_model)
-from crystal.config import ModelConfig
+from crystal.config import ModelConfig, check_hf_exportable
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json, read_json
 from crystal.lora import merge
@@ -445,6 +445,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     run, out = Path(run), Path(out)
     _check_export_target(out)
     cfg, flat = load_flat(run)  # the tensors as they are: no backend, no forward
+    check_hf_exportable(cfg)
     tokenizer_json = checkpoint_tokenizer(run, cfg).to_json()  # a fine-tuned GPT-2's: the released one, verbatim
     # The end-of-text token (GPT-2's <|endoftext|>, 50256; 0 in crystal's bpe) is the first special one.
     try:

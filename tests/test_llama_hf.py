@@ -265,19 +265,30 @@ def test_crystals_logits_equal_transformers_after_init_from(llamas, variant):
 
 
 @needs_forward
-def test_a_fine_tune_exports_to_transformers_with_crystals_logits(llamas, tmp_path):
+@pytest.mark.parametrize("variant", ["untied", "qwen2"])
+def test_a_40_step_fine_tune_lowers_the_loss_exports_with_crystals_logits_and_samples_greedily_as_transformers(
+        llamas, tmp_path, capsys, variant):
     from crystal.pretrained import load_checkpoint
+    from test_generate_llama import hf_greedy_text
 
     root, _ = llamas
     run, out = tmp_path / "run", tmp_path / "export"
-    assert main(["train", "--init-from", str(root / "qwen2"), "--data", str(root / "data"), "--steps", "3",
-                 "--micro-batches", "2", "--seq-len", "16", "--spheres", "2", "--quiet", "--out", str(run)]) == 0
+    assert main(["train", "--init-from", str(root / variant), "--data", str(root / "data"), "--steps", "40",
+                 "--lr", "3e-3", "--warmup", "5", "--micro-batches", "2", "--seq-len", "16", "--spheres", "2",
+                 "--quiet", "--out", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
     idx = np.random.default_rng(2).integers(0, theirs.config.vocab_size, (1, 20))
     with torch.no_grad():
         expected = theirs(torch.tensor(idx)).logits.numpy()
     assert rel_err(load_checkpoint(run).logits(idx), expected) <= 1e-5
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", "ROMEO:", "--temperature", "0", "--max-tokens", "12"]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + hf_greedy_text(theirs, tok, "ROMEO:", 12) + "\n"
 
 
 # --- command line -----------------------------------------------------------------------------------

@@ -236,3 +236,17 @@ def test_ranks_started_with_different_configs_refuse_to_train(tmp_path):
     assert done.returncode != 0
     assert "ranks disagree on the run" in done.stderr
     assert not (out / "model.safetensors").exists()
+
+
+LLAMA = [*TINY, "--arch", "llama", "--n-head", "4", "--n-kv-head", "2", "--no-tie-word-embeddings", "--dropout", "0.1",
+         "--steps", "4", "--eval-every", "2", "--eval-batches", "2"]
+
+
+def test_a_llama_on_two_sharded_ranks_is_bitwise_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(crystal(*LLAMA, "--spheres", "1", "--out", str(one)))
+    mpirun(2, *LLAMA, "--spheres", "2", "--shard-optimizer", "--out", str(two))
+    assert same_run(two, one)
+    root = json.loads((two / "spheres.json").read_text())["root"]
+    assert root["ranks"] == 2 and root["shard_optimizer"]
+    assert json.loads((two / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
