@@ -14,7 +14,7 @@ from crystal import load_checkpoint
 from crystal.cli import main
 from crystal.data import EOT, BPETokenizer, default_corpus
 from crystal.pretrained import checkpoint_tokenizer
-from crystal.tasks import read_task, score
+from crystal.tasks import load_task, score
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (the test extra)")
 torch = pytest.importorskip("torch", reason="needs torch (the test extra)")
@@ -82,7 +82,8 @@ def reference(directory, task):
 def test_acc_and_acc_norm_are_transformers(hf, capsys):
     sums, means, acc, acc_norm = reference(hf / "model", hf / "task.jsonl")
     model = load_checkpoint(hf / "model")
-    r = score(model, checkpoint_tokenizer(hf / "model", model.config), read_task(hf / "task.jsonl"))
+    tok = checkpoint_tokenizer(hf / "model", model.config)
+    r = score(model.token_losses, load_task(hf / "task.jsonl", tok, model.config.block_size))
     np.testing.assert_allclose(r.sum_losses, sums, rtol=1e-4)
     np.testing.assert_allclose(r.mean_losses, means, rtol=1e-4)
     assert (r.acc, r.acc_norm) == (acc, acc_norm)
