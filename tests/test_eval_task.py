@@ -180,3 +180,26 @@ def test_bad_task_inputs_are_refused_before_training(task, tmp_path, capsys):
                        ([*train_, "--eval-task", str(task), "--data", f"{R}/shard.bin", "--vocab-size", "256"],
                         "names no tokenizer")]:
         assert says in refused(tmp_path, argv, capsys)[0]
+
+
+def test_the_emulated_cuda_scorer_is_the_cpu_models_forward(tmp_path):
+    """The scorer training calls (SphereSystem.scorer: the root thread's forward with the spheres'
+    weights) on crystal.backends.cuda's host code and the CPU-emulated kernels (tests/emu), against
+    the cpu GPT. A tiny model without training: emulated launches are slow."""
+    from emu.backend import EmulatedCudaBackend
+
+    from crystal.model import warm_up
+    from crystal.reducer import GradientReducer
+    from crystal.spheres import SphereSystem
+
+    words = [w for w in TEXT.split() if len(w) < 7]
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"ctx": " ".join(words[i:i + 3]), "endings": words[i + 3:i + 7],
+                                        "label": i % 4}) + "\n" for i in range(0, 36, 4)))
+    model_cfg, _ = resolve("tiny", dict(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    layout, be = ParamLayout(model_cfg), EmulatedCudaBackend()
+    flat = init_params(model_cfg, 3)
+    warm_up(be, model_cfg)
+    with SphereSystem(be, model_cfg, layout, be.to_device(flat), GradientReducer(be, layout.size, 1), 1, 1, 8) as sp:
+        got = score(sp.scorer(), load_task(path, ByteTokenizer(), 8))
+    np.testing.assert_allclose(got.sum_losses, reference(path, model_cfg, flat).sum_losses, rtol=1e-4)
