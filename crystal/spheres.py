@@ -421,10 +421,11 @@ class SphereSystem:
     def scorer(self) -> Callable:
         """token_losses(idx, targets) -> [B, T] float32 cross-entropy of each prediction, forward
         only, computed on the calling (root) thread between rounds with the weights the spheres
-        train (and their adapters under LoRA), in activations of its own per shape, freed with
-        the function: no sphere's buffer, no RNG, nothing the training reads is touched. What
-        crystal.tasks.score calls during training (--eval-task)."""
-        acts: dict[tuple[int, int], Activations] = {}
+        train (and their adapters under LoRA), in activations of its own: those of the last
+        shape only (a task's batches differ in length; the logits of 32 rows of GPT-2 are ~1 GB),
+        freed with the function. No sphere's buffer, no RNG, nothing the training reads is
+        touched. What crystal.tasks.score calls during training (--eval-task)."""
+        acts: dict[tuple[int, int], Activations] = {}  # one shape at most
 
         def token_losses(idx, targets) -> np.ndarray:
             be = self.be
@@ -432,6 +433,7 @@ class SphereSystem:
             if min(idx.min(), targets.min()) < 0 or max(idx.max(), targets.max()) >= self.cfg.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
             if idx.shape not in acts:
+                acts.clear()  # the last shape's buffers go first (cuda: back to the pool)
                 acts[idx.shape] = Activations(be, self.cfg, *idx.shape, self.lora_layout)
             a = acts[idx.shape]
             forward(be, self.cfg, self.weights, a, be.to_device(idx), be.to_device(targets), lora=self._lora_pass(a))

@@ -13,6 +13,11 @@ the model, and the cross-entropy of each ending token given everything before it
 (acc: the ending of the lowest sum is the model's answer) and averaged over the ending's
 tokens (acc_norm: of the lowest mean). A row longer than the model's block_size + 1 keeps its
 last block_size + 1 tokens (the context is cut from the left, as lm-eval does).
+
+A file is read, checked and tokenized once (load_task: a Task of rows); score() runs its batches
+of EXAMPLES_PER_BATCH examples through any token_losses function: a GPT's (crystal eval), or,
+during training, the spheres' weights on the root thread (crystal.spheres.SphereSystem.scorer,
+crystal.trainer.score_task: each rank its share of the batches, the hits summed).
 """
 
 from __future__ import annotations
