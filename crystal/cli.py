@@ -121,6 +121,11 @@ def _preset_help() -> str:
 @click.option("--log-every", type=int, default=None, help="print a progress line every N steps")
 @click.option("--eval-every", type=int, default=None, help="validation loss every N steps (0: never)")
 @click.option("--eval-batches", type=int, default=None, help="validation batches per evaluation  [default: 20]")
+@click.option("--eval-task", type=str, default=None,
+              help="a multiple-choice task in HellaSwag's JSON lines ({ctx, endings[4], label}) scored while "
+                   "training: acc and acc_norm to metrics.jsonl and the views")
+@click.option("--eval-task-every", type=int, default=None,
+              help="--eval-task every N steps and at the last step  [default: at each --eval-every evaluation]")
 @click.option("--checkpoint-every", type=int, default=None, help="resumable checkpoint every N steps (0: none)")
 @click.option("--keep", type=int, default=None, help="resumable checkpoints to keep  [default: 3]")
 @click.option("--stop-at", type=int, default=None, help="stop after this step, leaving a resumable checkpoint")
@@ -284,8 +289,17 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         _warn_if_data_changed(Path(resume_dir), dataset, world.is_root)
         data_order = data_order_of(Path(resume_dir))  # a run started before DATA_ORDER keeps its own
     else:  # train.json keeps where the data is from anywhere, and its hash
-        cfg = dataclasses.replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("data", "val_data")
-                                          if getattr(cfg, k) is not None})
+        cfg = dataclasses.replace(cfg, **{k: os.path.abspath(getattr(cfg, k))
+                                          for k in ("data", "val_data", "eval_task") if getattr(cfg, k) is not None})
+    task = None
+    if cfg.eval_task is not None:  # read and tokenized before the run directory exists
+        from crystal.data import TOKENIZER_FILE, run_tokenizer
+        from crystal.tasks import load_task
+
+        tok = dataset.tokenizer  # a resumed run: the tokenizer it keeps (--init-from's, on token shards)
+        if resume_dir is not None and (Path(resume_dir) / TOKENIZER_FILE).exists():
+            tok = run_tokenizer(Path(resume_dir))
+        task = load_task(cfg.eval_task, tok, model_cfg.block_size)
     if memory_check:  # before anything large is allocated, and before the run directory exists
         from crystal.memory import available_bytes, check_fits, run_estimate
 
@@ -336,8 +350,8 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
     with StopSignals() as stop:
         try:
             result = run_training(model_cfg, cfg, run_dir, dataset=dataset, resume=state, backend=backend,
-                                  on_start=view.start, on_step=view.step, on_eval=view.eval,
-                                  should_stop=stop.requested, comm=comm, init=init, data_order=data_order,
+                                  on_start=view.start, on_step=view.step, on_eval=view.eval, on_task=view.task,
+                                  should_stop=stop.requested, comm=comm, init=init, data_order=data_order, task=task,
                                   on_warning=lambda msg: click.echo(f"warning: {msg}", err=True) if root else None)
         except BaseException:
             with contextlib.suppress(OSError):  # the run's own error is the one to report (a full disk)
@@ -632,6 +646,10 @@ def format_summary(result) -> str:
                      f"(mean of last {len(tail)}: {sum(tail) / len(tail):.4f})")
     if result.val_losses:
         lines.append(f"val loss {result.val_losses[-1][1]:.4f} at step {result.val_losses[-1][0]}")
+    if result.tasks:
+        t = result.tasks[-1]
+        lines.append(f"{t.task}: acc {t.task_acc:.4f} | acc_norm {t.task_acc_norm:.4f} | {t.task_examples:,} "
+                     f"examples at step {t.step}")
     if result.finished and result.run_dir:
         if result.train.lora_r:
             lines.append(f"saved adapters: {Path(result.run_dir) / 'adapter_model.safetensors'} (LoRA on "
@@ -748,9 +766,10 @@ def data_verify(path, val_data, vocab_size) -> None:
 @click.option("--task", type=str, default=None,
               help="a multiple-choice task in HellaSwag's JSON lines ({ctx, endings[4], label}): acc and acc_norm "
                    "instead of the validation loss")
+@click.option("--limit", type=int, default=None, help="--task: its first N examples only  [default: all]")
 @click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
               help="--task: where the model runs")
-def eval_cmd(run, data, batches, task, device) -> None:
+def eval_cmd(run, data, batches, task, limit, device) -> None:
     """Validation loss and bits per byte of a trained run, or (--task) its accuracy on a
     multiple-choice task. RUN: a run directory, or (--task) a Hugging Face GPT-2 directory too."""
     from crystal.checkpoint import data_order_of, read_train_config
@@ -761,7 +780,9 @@ def eval_cmd(run, data, batches, task, device) -> None:
     if task is not None:
         if data is not None or batches is not None:
             raise CrystalError("--task scores a task file; --data and --batches are for the validation loss")
-        return _eval_task(run, task, device)
+        return _eval_task(run, task, limit, device)
+    if limit is not None:
+        raise CrystalError("--limit is the number of --task examples; give --task FILE")
     if batches is not None and batches < 1:
         raise CrystalError(f"--batches must be positive, got {batches}")
     model = load_checkpoint(run)
@@ -782,15 +803,17 @@ def eval_cmd(run, data, batches, task, device) -> None:
                f"{cfg.seq_len} tokens of {dataset.name}")
 
 
-def _eval_task(run: str, task: str, device: str) -> None:
+def _eval_task(run: str, task: str, limit: int | None, device: str) -> None:
     from crystal.backends import get_backend
     from crystal.pretrained import checkpoint_tokenizer, load_checkpoint
-    from crystal.tasks import read_task, score
+    from crystal.tasks import read_task, score, tokenize
     from crystal.trainer import _blas_limits
 
-    examples = read_task(task)
+    if limit is not None and limit < 1:
+        raise CrystalError(f"--limit must be a positive number of examples, got {limit}")
+    examples = read_task(task)[:limit]  # checked before the model is read
     model = load_checkpoint(run, get_backend(device))
-    tok = checkpoint_tokenizer(run, model.config)
+    scored = tokenize(task, examples, checkpoint_tokenizer(run, model.config), model.config.block_size)
     t0, tty = time.perf_counter(), sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
@@ -799,7 +822,7 @@ def _eval_task(run: str, task: str, device: str) -> None:
             sys.stderr.flush()
 
     with _blas_limits(model.backend):
-        r = score(model, tok, examples, progress)
+        r = score(model.token_losses, scored, progress)
     if tty:
         sys.stderr.write("\n")
     click.echo(f"{task}: acc {r.acc:.4f} | acc_norm {r.acc_norm:.4f} | {r.examples:,} examples "

@@ -470,6 +470,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: no evaluation; else every N steps and at the last step
     eval_batches: int = 20
+    # a multiple-choice task file (crystal.tasks: HellaSwag's JSON lines) scored during training: acc and
+    # acc_norm every eval_task_every steps (None: at each eval_every evaluation) and at the last step
+    eval_task: str | None = None
+    eval_task_every: int | None = None
     checkpoint_every: int = 0  # 0: no resumable checkpoints; else every N steps and the last
     keep: int = 3  # resumable checkpoints kept (newest)
     stop_at: int | None = None  # stop after this step with a checkpoint, as if interrupted
@@ -819,6 +823,10 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> None:
         v = getattr(t, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise CrystalError(f"--{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
+    if t.eval_task_every is not None:
+        if t.eval_task is None:
+            raise CrystalError("--eval-task-every needs --eval-task FILE")
+        _positive_int("--eval-task-every", t.eval_task_every)
     if t.stop_at is not None and not (isinstance(t.stop_at, int) and 1 <= t.stop_at):
         raise CrystalError(f"--stop-at must be a positive step, got {t.stop_at!r}")
     if t.cores is not None and (not isinstance(t.cores, int) or isinstance(t.cores, bool)

@@ -10,6 +10,7 @@ nothing until the final summary.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -57,6 +58,9 @@ class Snapshot:
     loss: float = float("nan")
     losses: list[float] = field(default_factory=list)
     val_loss: float | None = None
+    task: str = ""  # --eval-task's file name, and its latest scores
+    task_acc: float | None = None
+    task_acc_norm: float | None = None
     lr: float = 0.0
     grad_norm: float = 0.0
     tokens_per_s: float = 0.0
@@ -148,6 +152,9 @@ def render(snap: Snapshot):
                   f"val {snap.val_loss:.4f}" if snap.val_loss is not None else "val -")
     stats.add_row(f"lr {snap.lr:.2e}", f"grad norm {snap.grad_norm:.3f}",
                   f"{snap.tokens_per_s:,.0f} tok/s | {snap.ms_per_step:.0f} ms/step")
+    if snap.task:
+        scores = "-" if snap.task_acc is None else f"acc {snap.task_acc:.4f} | acc_norm {snap.task_acc_norm:.4f}"
+        stats.add_row(snap.task, scores, "")
     buckets = [(name, style) for _, name, style in ACTIVITY] + [WAITING]
     legend = Text.assemble(*[(f"■ {name}  ", style) for name, style in buckets])
     return Group(head, bar, stats, ring(snap.spheres, snap.recent_util, recent_wait=snap.recent_wait), legend,
@@ -190,6 +197,10 @@ class PlainView:
     def eval(self, step: int, val_loss: float) -> None:
         click.echo(f"step {step:>{len(str(self.steps))}}/{self.steps} | val loss {val_loss:.4f}")
 
+    def task(self, rec) -> None:
+        click.echo(f"step {rec.step:>{len(str(self.steps))}}/{self.steps} | {rec.task} acc {rec.task_acc:.4f} | "
+                   f"acc_norm {rec.task_acc_norm:.4f} ({rec.task_examples:,} examples)")
+
     def close(self) -> None:
         pass
 
@@ -204,6 +215,9 @@ class QuietView(PlainView):
         pass
 
     def eval(self, step: int, val_loss: float) -> None:
+        pass
+
+    def task(self, rec) -> None:
         pass
 
 
@@ -229,6 +243,8 @@ class LiveView:
         with self._lock:
             self.snap.preset, self.snap.device = c.preset, where(info, ring=True)
             self.snap.steps, self.snap.first, self.snap.step = info["steps"], info["first"], info["first"]
+            if c.eval_task:
+                self.snap.task = os.path.basename(c.eval_task)
         self._live = Live(get_renderable=self._renderable, console=self.console,
                           refresh_per_second=self._refresh, transient=False)
         self._live.start()
@@ -250,6 +266,10 @@ class LiveView:
     def eval(self, step: int, val_loss: float) -> None:
         with self._lock:
             self.snap.val_loss = val_loss
+
+    def task(self, rec) -> None:
+        with self._lock:
+            self.snap.task, self.snap.task_acc, self.snap.task_acc_norm = rec.task, rec.task_acc, rec.task_acc_norm
 
     def close(self) -> None:
         if self._live is not None:
@@ -275,6 +295,11 @@ class Tee:
     def eval(self, step: int, val_loss: float) -> None:
         for v in self.views:
             v.eval(step, val_loss)
+
+    def task(self, rec) -> None:
+        """A TaskRecord (crystal.trainer): --eval-task's scores at a step."""
+        for v in self.views:
+            v.task(rec)
 
     def close(self) -> None:
         for v in self.views:

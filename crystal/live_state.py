@@ -4,7 +4,7 @@ another process (`crystal watch`) shows the ring without being part of training.
 Written atomically (a temporary file renamed over the old one), so a reader sees the last whole
 state or none. It holds the ring (per sphere: batches, average loss, utilization over the run and
 over the last steps, tokens/s), the root (step, loss, val loss, lr, gradient norm, tokens/s,
-active spheres) and the run's status: "training", "finished" or "stopped". `LiveStateView` is a
+active spheres; with --eval-task: task, task_acc, task_acc_norm) and the run's status: "training", "finished" or "stopped". `LiveStateView` is a
 view like the terminal ones (crystal.dashboard): the trainer calls it from its thread, and it
 writes at most every `every_s` seconds, and always at the end.
 """
@@ -73,6 +73,9 @@ class LiveStateView:
 
     def eval(self, step: int, val_loss: float) -> None:
         self.state["val_loss"] = _finite(val_loss)
+
+    def task(self, rec) -> None:
+        self.state.update(task=rec.task, task_acc=rec.task_acc, task_acc_norm=rec.task_acc_norm)
 
     def close(self) -> None:
         if self.state["status"] == "starting":  # training never started (a bad input): write nothing

@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from crystal.config import ModelConfig
 from crystal.dropout import Dropout
 from crystal.errors import SphereFailure
@@ -261,6 +263,7 @@ class SphereSystem:
         self.weights = Tensors(layout, be.compute_weights(params), be)
         self.reducer = reducer
         self.lora, lora_layout = (lora[0], lora[1]) if lora is not None else (None, None)
+        self.lora_layout = lora_layout
         if lora is None:
             self.row_grads = [Tensors(layout, reducer.row(r)) for r in range(reducer.rows)]  # the pool's rows
             self.trainable = self.weights.flat  # the buffer AdamW refreshes as it updates
@@ -417,6 +420,29 @@ class SphereSystem:
         """Forward-only losses of any number of batches, spread over the spheres likewise
         (denom: as step's)."""
         return self.map(len(batches), lambda i, m: self._eval_batch(i, *batches[m], m, denom), gated=True)
+
+    def scorer(self) -> Callable:
+        """token_losses(idx, targets) -> [B, T] float32 cross-entropy of each prediction, forward
+        only, computed on the calling (root) thread between rounds with the weights the spheres
+        train (and their adapters under LoRA), in activations of its own: those of the last
+        shape only (a task's batches differ in length; the logits of 32 rows of GPT-2 are ~1 GB),
+        freed with the function. No sphere's buffer, no RNG, nothing the training reads is
+        touched. What crystal.tasks.score calls during training (--eval-task)."""
+        acts: dict[tuple[int, int], Activations] = {}  # one shape at most
+
+        def token_losses(idx, targets) -> np.ndarray:
+            be = self.be
+            idx, targets = np.ascontiguousarray(idx, dtype=np.int32), np.ascontiguousarray(targets, dtype=np.int32)
+            if min(idx.min(), targets.min()) < 0 or max(idx.max(), targets.max()) >= self.cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+            if idx.shape not in acts:
+                acts.clear()  # the last shape's buffers go first (cuda: back to the pool)
+                acts[idx.shape] = Activations(be, self.cfg, *idx.shape, self.lora_layout)
+            a = acts[idx.shape]
+            forward(be, self.cfg, self.weights, a, be.to_device(idx), be.to_device(targets), lora=self._lora_pass(a))
+            return np.array(be.to_host(a.losses), dtype=np.float32).reshape(idx.shape)
+
+        return token_losses
 
     def map(self, n_items: int, work: Callable[[int, int], float], gated: bool = False) -> list:
         """[work(sphere, item) for item in range(n_items)], items spread round-robin: over every

@@ -13,6 +13,11 @@ the model, and the cross-entropy of each ending token given everything before it
 (acc: the ending of the lowest sum is the model's answer) and averaged over the ending's
 tokens (acc_norm: of the lowest mean). A row longer than the model's block_size + 1 keeps its
 last block_size + 1 tokens (the context is cut from the left, as lm-eval does).
+
+A file is read, checked and tokenized once (load_task: a Task of rows); score() runs its batches
+of EXAMPLES_PER_BATCH examples through any token_losses function: a GPT's (crystal eval), or,
+during training, the spheres' weights on the root thread (crystal.spheres.SphereSystem.scorer,
+crystal.trainer.score_task: each rank its share of the batches, the hits summed).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class TaskResult:
     acc_norm: float  # the lowest mean loss per ending token is the label
     sum_losses: np.ndarray  # [examples, 4]
     mean_losses: np.ndarray  # [examples, 4]
+    hits: int  # examples whose lowest summed loss is the label (acc = hits / examples)
+    hits_norm: int  # ... whose lowest mean loss is (acc_norm)
 
 
 def read_task(path: str | Path) -> list[Example]:
@@ -100,27 +107,60 @@ def render(tok, ex: Example, block_size: int, where: str = "task") -> list[tuple
     return rows
 
 
-def score(model, tok, examples: list[Example], progress=None) -> TaskResult:
-    """Every example's 4 endings scored by `model` (crystal.model.GPT, either backend), a batch of
-    EXAMPLES_PER_BATCH examples at a time. progress(done, total) after each batch."""
-    block = model.config.block_size
-    sums, means = np.zeros((len(examples), ENDINGS)), np.zeros((len(examples), ENDINGS))
-    for lo in range(0, len(examples), EXAMPLES_PER_BATCH):
-        rows = [r for i, ex in enumerate(examples[lo:lo + EXAMPLES_PER_BATCH])
-                for r in render(tok, ex, block, f"example {lo + i + 1}")]
-        T = min(block, -(-max(len(r) - 1 for r, _ in rows) // PAD_TO) * PAD_TO)
+@dataclass(frozen=True)
+class Task:
+    """A task file's examples tokenized once into rows (a training run scores it many times)."""
+    name: str  # the file's name, as metrics.jsonl records it
+    block_size: int
+    rows: list[list[tuple[np.ndarray, int]]]  # per example, render()'s 4 (ids, ending length)
+    labels: np.ndarray  # [examples] int
+
+    @property
+    def batches(self) -> int:
+        return -(-len(self.rows) // EXAMPLES_PER_BATCH)
+
+
+def load_task(path: str | Path, tok, block_size: int, limit: int | None = None) -> Task:
+    """The first `limit` (None: all) examples of a task file, checked and tokenized (tokenize)."""
+    return tokenize(path, read_task(path)[:limit], tok, block_size)
+
+
+def tokenize(path: str | Path, examples: list[Example], tok, block_size: int) -> Task:
+    """The examples of task file `path` as rows of `tok`'s ids (None: token shards that name no
+    tokenizer, refused)."""
+    if tok is None:
+        raise CrystalError(f"the task {path} is text and the data names no tokenizer (token shards): train on a "
+                           "prepared directory, or --init-from a model with a tokenizer.json")
+    rows = [render(tok, ex, block_size, f"{path} example {i + 1}") for i, ex in enumerate(examples)]
+    return Task(Path(path).name, block_size, rows, np.array([ex.label for ex in examples], dtype=np.int64))
+
+
+def score(token_losses, task: Task, progress=None, batches: range | None = None) -> TaskResult:
+    """The task's examples scored by `token_losses(idx, targets) -> [B, T] losses` (a
+    crystal.model.GPT's, either backend, or a training run's, crystal.spheres.SphereSystem.scorer),
+    EXAMPLES_PER_BATCH examples a forward pass: batch b holds examples b*E ... b*E + E-1, so a
+    share of `batches` (a rank's; None: all) scores its examples exactly as a whole run does.
+    progress(done, total) after each batch."""
+    batches = range(task.batches) if batches is None else batches
+    lo_ex = batches.start * EXAMPLES_PER_BATCH
+    hi_ex = min(len(task.rows), batches.stop * EXAMPLES_PER_BATCH)
+    n_ex = max(0, hi_ex - lo_ex)
+    sums, means = np.zeros((n_ex, ENDINGS)), np.zeros((n_ex, ENDINGS))
+    for lo in range(lo_ex, hi_ex, EXAMPLES_PER_BATCH):
+        rows = [r for ex in task.rows[lo:min(lo + EXAMPLES_PER_BATCH, hi_ex)] for r in ex]
+        T = min(task.block_size, -(-max(len(r) - 1 for r, _ in rows) // PAD_TO) * PAD_TO)
         idx = np.zeros((len(rows), T + 1), dtype=np.int32)  # padding (id 0) is after each row: never read
         mask = np.zeros((len(rows), T), dtype=bool)  # targets that are ending tokens
         for k, (r, n_end) in enumerate(rows):
             idx[k, :len(r)] = r
             mask[k, len(r) - 1 - n_end:len(r) - 1] = True
-        losses = model.token_losses(idx[:, :-1], idx[:, 1:]).astype(np.float64)
+        losses = np.asarray(token_losses(idx[:, :-1], idx[:, 1:]), dtype=np.float64)
         s = (losses * mask).sum(axis=1)
         n = len(rows) // ENDINGS
-        sums[lo:lo + n] = s.reshape(n, ENDINGS)
-        means[lo:lo + n] = (s / mask.sum(axis=1)).reshape(n, ENDINGS)
+        sums[lo - lo_ex:lo - lo_ex + n] = s.reshape(n, ENDINGS)
+        means[lo - lo_ex:lo - lo_ex + n] = (s / mask.sum(axis=1)).reshape(n, ENDINGS)
         if progress is not None:
-            progress(lo + n, len(examples))
-    labels = np.array([ex.label for ex in examples])
-    return TaskResult(len(examples), float(np.mean(sums.argmin(axis=1) == labels)),
-                      float(np.mean(means.argmin(axis=1) == labels)), sums, means)
+            progress(lo + n - lo_ex, n_ex)
+    labels = task.labels[lo_ex:hi_ex]
+    hits = int(np.sum(sums.argmin(axis=1) == labels)), int(np.sum(means.argmin(axis=1) == labels))
+    return TaskResult(n_ex, hits[0] / max(1, n_ex), hits[1] / max(1, n_ex), sums, means, *hits)

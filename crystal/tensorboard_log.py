@@ -1,6 +1,7 @@
 """`crystal train --log tensorboard`: TensorBoard event files in the run directory (tensorboardX,
 the `tensorboard` extra), beside metrics.jsonl: per step loss, lr, grad_norm and tokens_per_s;
-val_loss at each evaluation; per sphere its batches and average loss (spheres/N/...).
+val_loss at each evaluation; task_acc and task_acc_norm at each --eval-task scoring; per sphere
+its batches and average loss (spheres/N/...).
 `tensorboard --logdir RUN` shows them. A view like the terminal ones (crystal.dashboard)."""
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class TensorBoardView:
 
     def eval(self, step: int, val_loss: float) -> None:
         self.writer.add_scalar("val_loss", val_loss, step)
+
+    def task(self, rec) -> None:
+        self.writer.add_scalar("task_acc", rec.task_acc, rec.step)
+        self.writer.add_scalar("task_acc_norm", rec.task_acc_norm, rec.step)
 
     def close(self) -> None:
         if self.writer is not None:  # None: training never started

@@ -30,6 +30,7 @@ from crystal.graphs import StepGraphs, graph_plan
 from crystal.lora import AdapterLayout, LoraConfig, check_backend, init_adapters, target_shape, weights_sha256
 from crystal.reducer import GradientReducer, pool_rows, tree_mean
 from crystal.spheres import SphereSystem, computing_at_once, gate_cores, usable_cores
+from crystal.tasks import Task, load_task, score
 from crystal.world import Comm
 
 
@@ -42,6 +43,19 @@ class StepRecord:
     tokens_per_s: float
     ms_per_step: float
     elapsed: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TaskRecord:
+    """A multiple-choice task scored during training (--eval-task; crystal.tasks)."""
+    step: int
+    task: str  # the task file's name
+    task_acc: float  # the lowest summed loss of an ending is the label
+    task_acc_norm: float  # the lowest mean loss per ending token is the label
+    task_examples: int
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,6 +78,7 @@ class TrainResult:
     checkpoint: str | None = None  # the last resumable checkpoint written
     interrupted: bool = False  # stopped by should_stop (a signal)
     skipped: int = 0  # steps skipped for a non-finite loss or gradient (--on-nonfinite skip)
+    tasks: list[TaskRecord] = field(default_factory=list)  # --eval-task's scores
 
 
 def resolve_steps(cfg: TrainConfig, batches_per_epoch: int) -> TrainConfig:
@@ -85,9 +100,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
           on_start: Callable[[dict], None] | None = None,
           on_step: Callable[[StepRecord, SphereSystem], None] | None = None,
           on_eval: Callable[[int, float], None] | None = None,
+          on_task: Callable[[TaskRecord], None] | None = None,
           should_stop: Callable[[], bool] | None = None, comm: Comm | None = None,
           init: np.ndarray | None = None, on_warning: Callable[[str], None] | None = None,
-          data_order: int = DATA_ORDER) -> TrainResult:
+          data_order: int = DATA_ORDER, task: Task | None = None) -> TrainResult:
     """Train from scratch, from `init` (flat float32 parameters to start from, e.g. a released
     GPT-2's: fine-tuning), or continue from `resume`. `dataset` overrides cfg.data; `backend`
     overrides cfg.device (benchmarks pass a timed backend, tests an instrumented one).
@@ -114,7 +130,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
 
     LoRA (cfg.lora_r > 0, crystal.lora): `init` is the frozen base (cfg.init_from's parameters) and
     the adapters are what trains: the reducer, the norm, AdamW and checkpoints hold the adapter
-    buffer only. A resumed LoRA run refuses a base whose weights (sha256) are not the checkpoint's."""
+    buffer only. A resumed LoRA run refuses a base whose weights (sha256) are not the checkpoint's.
+
+    cfg.eval_task: the task (crystal.tasks; `task`: it loaded already, else it is read here with the
+    data's tokenizer) is scored with the current weights every cfg.eval_task_every steps (None:
+    cfg.eval_every's) and at the last step; `on_task` gets each TaskRecord. Every rank scores its
+    share of the task's batches (score_task); nothing the training computes changes."""
     if dataset is None:
         dataset = load_dataset(cfg.data, cfg.val_fraction, cfg.val_data, model_cfg.vocab_size)
     if dataset.vocab_size != model_cfg.vocab_size:
@@ -124,6 +145,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                             model_cfg.vocab_size, what="the training split", order=data_order,
                             mask=dataset.train_mask)
     cfg = resolve_steps(cfg, batches.batches_per_epoch)
+    if cfg.eval_task is not None and task is None:
+        task = load_task(cfg.eval_task, dataset.tokenizer, model_cfg.block_size)
+    task_every = cfg.eval_task_every if cfg.eval_task_every is not None else cfg.eval_every  # 0: the last step
     val = []
     if cfg.eval_every:
         if len(dataset.val) < cfg.batch_size * cfg.seq_len + 1:
@@ -197,6 +221,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     losses: list[float] = []
     history: list[StepRecord] = []
     val_losses: list[tuple[int, float]] = []
+    task_records: list[TaskRecord] = []
     norms: list[float] = []
     checkpoint = None
     skipped = 0
@@ -277,6 +302,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                     run_dir.log({"step": done, "val_loss": val_loss, "eval_batches": len(val)})
                 if on_eval is not None:
                     on_eval(done, val_loss)
+            if task is not None and (done == cfg.steps or (task_every and done % task_every == 0)):
+                acc, acc_norm = score_task(task, spheres, comm)
+                task_records.append(TaskRecord(done, task.name, acc, acc_norm, len(task.rows)))
+                if run_dir is not None:
+                    run_dir.log(task_records[-1].to_json())
+                if on_task is not None:
+                    on_task(task_records[-1])
             due = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
             interrupted = should_stop is not None and should_stop()
             if comm.size > 1:  # every rank stops after the same step
@@ -332,7 +364,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         run_dir.close()
     return TrainResult(model_cfg, cfg, host_params, losses, sphere_summary, root, dataset.name,
                        wall, str(run_dir.path) if run_dir else None, history, val_losses,
-                       finished, checkpoint, interrupted and not finished, skipped)
+                       finished, checkpoint, interrupted and not finished, skipped, task_records)
+
+
+def score_task(task: Task, spheres: SphereSystem, comm: Comm) -> tuple[float, float]:
+    """(acc, acc_norm) of the task with the weights the spheres train now: each rank scores its
+    share of the task's batches on its root thread (crystal.tasks.score: the same batches for any
+    rank count, so the same result), and the hits are summed over the ranks."""
+    r = score(spheres.scorer(), task, batches=comm.share(task.batches))
+    hits = comm.allgather_values(np.array([r.hits, r.hits_norm], dtype=np.float64), "the exchange of task hits")
+    hits = hits.sum(axis=0)
+    return float(hits[0] / len(task.rows)), float(hits[1] / len(task.rows))
 
 
 def make_optimizer(be, layout: ParamLayout, cfg: TrainConfig, reducer: GradientReducer, comm: Comm):

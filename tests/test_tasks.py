@@ -14,7 +14,7 @@ from crystal import load_checkpoint
 from crystal.cli import main
 from crystal.data import EOT, BPETokenizer, default_corpus
 from crystal.pretrained import checkpoint_tokenizer
-from crystal.tasks import read_task, score
+from crystal.tasks import load_task, score
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (the test extra)")
 torch = pytest.importorskip("torch", reason="needs torch (the test extra)")
@@ -82,7 +82,8 @@ def reference(directory, task):
 def test_acc_and_acc_norm_are_transformers(hf, capsys):
     sums, means, acc, acc_norm = reference(hf / "model", hf / "task.jsonl")
     model = load_checkpoint(hf / "model")
-    r = score(model, checkpoint_tokenizer(hf / "model", model.config), read_task(hf / "task.jsonl"))
+    tok = checkpoint_tokenizer(hf / "model", model.config)
+    r = score(model.token_losses, load_task(hf / "task.jsonl", tok, model.config.block_size))
     np.testing.assert_allclose(r.sum_losses, sums, rtol=1e-4)
     np.testing.assert_allclose(r.mean_losses, means, rtol=1e-4)
     assert (r.acc, r.acc_norm) == (acc, acc_norm)
@@ -91,6 +92,11 @@ def test_acc_and_acc_norm_are_transformers(hf, capsys):
     assert main(["eval", str(hf / "model"), "--task", str(hf / "task.jsonl")]) == 0
     m = re.search(r"acc ([0-9.]+) \| acc_norm ([0-9.]+) \| 9 examples", capsys.readouterr().out)
     assert m and (float(m[1]), float(m[2])) == (round(acc, 4), round(acc_norm, 4))
+    labels = [json.loads(line)["label"] for line in open(hf / "task.jsonl")][:4]
+    assert main(["eval", str(hf / "model"), "--task", str(hf / "task.jsonl"), "--limit", "4"]) == 0
+    m = re.search(r"acc ([0-9.]+) \| acc_norm ([0-9.]+) \| 4 examples", capsys.readouterr().out)
+    assert m and (float(m[1]), float(m[2])) == (round(float(np.mean(sums[:4].argmin(1) == labels)), 4),
+                                                round(float(np.mean(means[:4].argmin(1) == labels)), 4))
 
 
 def line(**kw) -> str:
@@ -118,7 +124,9 @@ def test_a_bad_task_file_exits_2_with_one_line(case, hf, tmp_path, capsys):
     assert "line 2" in line_ or case == "empty"
 
 
-def test_a_missing_task_file_and_task_with_data_are_refused(hf, tmp_path, capsys):
+def test_a_missing_task_file_task_with_data_and_a_bad_limit_are_refused(hf, tmp_path, capsys):
     refused(tmp_path, ["eval", str(hf / "model"), "--task", f"{R}/nope.jsonl"], capsys)
     (tmp_path / "t.jsonl").write_text(line())
     refused(tmp_path, ["eval", str(hf / "model"), "--task", f"{R}/t.jsonl", "--data", "x"], capsys)
+    refused(tmp_path, ["eval", str(hf / "model"), "--task", f"{R}/t.jsonl", "--limit", "0"], capsys)
+    refused(tmp_path, ["eval", str(hf / "model"), "--limit", "3"], capsys)

@@ -127,7 +127,9 @@ async function poll() {
       shown = live.time;
       document.getElementById("status").textContent =
         `${live.status} | ${live.preset} on ${live.device} | step ${live.step}/${live.steps} | loss ${fmt(live.loss, 4)}` +
-        ` | val ${fmt(live.val_loss, 4)} | ${Math.round(live.tokens_per_s || 0).toLocaleString()} tok/s`;
+        ` | val ${fmt(live.val_loss, 4)}` +
+        (live.task ? ` | ${live.task} acc ${fmt(live.task_acc, 4)} acc_norm ${fmt(live.task_acc_norm, 4)}` : "") +
+        ` | ${Math.round(live.tokens_per_s || 0).toLocaleString()} tok/s`;
       drawRing(live);
       drawTable(live);
     } else if (!live) {
