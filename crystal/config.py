@@ -498,7 +498,7 @@ class TrainConfig:
     lora_r: int = 0
     lora_alpha: float | None = None  # the adapters' scale is alpha / r (16)
     lora_dropout: float | None = None  # dropout on the adapters' input (0.05)
-    lora_targets: str | None = None  # comma-separated projections (crystal.lora.TARGETS), or all
+    lora_targets: str | None = None  # comma-separated projections (LORA_TARGETS), or all
 
     @property
     def final_lr(self) -> float:
@@ -887,9 +887,67 @@ def _validate_lora(t: TrainConfig, m: ModelConfig) -> None:
         raise CrystalError("LoRA trains its adapters with AdamW; --optimizer muon is for full training")
     if t.cuda_graphs == "on":
         raise CrystalError("--cuda-graphs on: LoRA steps run eagerly (use --cuda-graphs off or auto)")
-    from crystal.lora import LoraConfig
+    lora_targets(t, m)
 
-    LoraConfig.of(t, m)  # the targets exist in this arch, r within every adapted matrix's rank
+
+# --- LoRA targets (crystal.lora): the projections an adapter may sit on -------------------------
+
+# The projections an adapter may sit on, in buffer order, per arch: crystal's target name -> the
+# module's path inside a block (HF names). A target name is PEFT's target_modules entry as-is.
+LORA_TARGETS = {
+    "gpt2": {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
+    "llama": {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+              "down_proj": "mlp.down_proj"},
+}
+LORA_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+           "down": "down_proj"}
+# litgpt's finetune_lora: query and value. Llama: q_proj, v_proj (PEFT's default too); GPT-2's
+# query and value live in the fused c_attn, which PEFT adapts whole (its default for gpt2).
+LORA_DEFAULT_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj")}
+
+
+def lora_target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
+    """(in, out) features of a target projection of `cfg`."""
+    C, I = cfg.n_embd, cfg.mlp_size
+    if not cfg.llama:
+        return {"c_attn": (C, 3 * C), "attn.c_proj": (C, C), "c_fc": (C, I), "mlp.c_proj": (I, C)}[target]
+    Q, KV = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
+    return {"q_proj": (C, Q), "k_proj": (C, KV), "v_proj": (C, KV), "o_proj": (Q, C), "gate_proj": (C, I),
+            "up_proj": (C, I), "down_proj": (I, C)}[target]
+
+
+def parse_lora_targets(text: str | None, cfg: ModelConfig) -> tuple[str, ...]:
+    """--lora-targets (comma-separated; None: the arch's default; "all": every projection) as
+    target names in buffer order; a name the architecture lacks is a CrystalError."""
+    known = LORA_TARGETS[cfg.arch]
+    if text is None:
+        return LORA_DEFAULT_TARGETS[cfg.arch]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return tuple(known)
+    if not names:
+        raise CrystalError("--lora-targets names no projection")
+    chosen = set()
+    for t in names:
+        t = LORA_ALIASES.get(t, t) if cfg.llama else t
+        if t not in known:
+            raise CrystalError(f"--lora-targets: {t!r} is not a projection of a {cfg.arch} block; "
+                               f"choose from {', '.join(known)} (or all)")
+        chosen.add(t)
+    return tuple(t for t in known if t in chosen)
+
+
+def lora_targets(t: TrainConfig, m: ModelConfig) -> tuple[str, ...]:
+    """--lora-targets of a LoRA run, checked against the model: each a projection of its arch, r
+    within each adapted matrix's rank."""
+    targets = parse_lora_targets(t.lora_targets, m)
+    for name in targets:
+        n_in, n_out = lora_target_shape(m, name)
+        if t.lora_r > min(n_in, n_out):
+            raise CrystalError(f"--lora-r {t.lora_r} is above the rank of {name} ([{n_in}, {n_out}]: at most "
+                               f"{min(n_in, n_out)})")
+    return targets
 
 
 def _validate_optimizer(t: TrainConfig) -> None:

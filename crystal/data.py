@@ -764,7 +764,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
     bounded for any corpus); the last val_fraction of the tokens is then the val split. All is
     written into a sibling directory that replaces `out` whole (see `_replace_dir`): an
     interrupted prepare leaves `out` as it was, and the next one starts over."""
-    from crystal import corpus
+    import crystal.corpus as corpus
     from crystal.spheres import usable_cores
 
     if not inputs:
@@ -845,7 +845,7 @@ def _train_bpe(srcs, vocab_size: int, field: str, budget: int, show) -> tuple["B
     """A BPE trained on the inputs, or, where they hold more than `budget` bytes, on a sample:
     each piece kept with probability budget / size, drawn in order from a generator seeded
     with BPE_SAMPLE_SEED (so a prepare trains the same tokenizer each time)."""
-    from crystal import corpus
+    import crystal.corpus as corpus
 
     total = sum(s.size for s in srcs)
     keep = min(1.0, budget / total)

@@ -51,43 +51,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crystal.config import ModelConfig, TrainConfig
+from crystal.config import LORA_TARGETS as TARGETS, ModelConfig, TrainConfig, lora_target_shape as target_shape, lora_targets
 from crystal.dropout import Dropout
 from crystal.errors import CrystalError
 
-# The projections an adapter may sit on, in buffer order, per arch: crystal's target name -> the
-# module's path inside a block (HF names). A target name is PEFT's target_modules entry as-is.
-# ROLES: the model's product each sits on (crystal.model's hooks), in its output's column order.
-TARGETS = {
-    "gpt2": {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
-    "llama": {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-              "down_proj": "mlp.down_proj"},
-}
+# ROLES: the model's product each target (crystal.config.LORA_TARGETS) sits on (crystal.model's
+# hooks), in its output's column order.
 ROLES = {
     "gpt2": {"c_attn": "qkv", "attn.c_proj": "attproj", "c_fc": "fc", "mlp.c_proj": "fcproj"},
     "llama": {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "attproj", "gate_proj": "fc",
               "up_proj": "fc", "down_proj": "fcproj"},
 }
-ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-           "down": "down_proj"}
-# litgpt's finetune_lora: query and value. Llama: q_proj, v_proj (PEFT's default too); GPT-2's
-# query and value live in the fused c_attn, which PEFT adapts whole (its default for gpt2).
-DEFAULT_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj")}
 LORA_SITE = 8  # dropout sites LORA_SITE + target index (crystal.dropout's model sites are 0..3)
 PEFT_PREFIX = "base_model.model."  # PEFT's names: the wrapped model's, under this prefix
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
-    """(in, out) features of a target projection of `cfg`."""
-    C, I = cfg.n_embd, cfg.mlp_size
-    if not cfg.llama:
-        return {"c_attn": (C, 3 * C), "attn.c_proj": (C, C), "c_fc": (C, I), "mlp.c_proj": (I, C)}[target]
-    Q, KV = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
-    return {"q_proj": (C, Q), "k_proj": (C, KV), "v_proj": (C, KV), "o_proj": (Q, C), "gate_proj": (C, I),
-            "up_proj": (C, I), "down_proj": (I, C)}[target]
 
 
 def target_columns(cfg: ModelConfig, target: str) -> int:
@@ -119,27 +97,6 @@ def check_backend(be, cfg: ModelConfig, lora: "LoraConfig") -> None:
                            f"so far; use --device cpu, or adapt {whole}")
 
 
-def parse_targets(text: str | None, cfg: ModelConfig) -> tuple[str, ...]:
-    """--lora-targets (comma-separated; None: the arch's default; "all": every projection) as
-    target names in buffer order; a name the architecture lacks is a CrystalError."""
-    known = TARGETS[cfg.arch]
-    if text is None:
-        return DEFAULT_TARGETS[cfg.arch]
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if names == ["all"]:
-        return tuple(known)
-    if not names:
-        raise CrystalError("--lora-targets names no projection")
-    chosen = set()
-    for t in names:
-        t = ALIASES.get(t, t) if cfg.llama else t
-        if t not in known:
-            raise CrystalError(f"--lora-targets: {t!r} is not a projection of a {cfg.arch} block; "
-                               f"choose from {', '.join(known)} (or all)")
-        chosen.add(t)
-    return tuple(t for t in known if t in chosen)
-
-
 @dataclass(frozen=True)
 class LoraConfig:
     r: int
@@ -156,13 +113,7 @@ class LoraConfig:
         """The run's LoRA (None: --lora-r 0, full training), validated against the model."""
         if not cfg.lora_r:
             return None
-        lora = cls(cfg.lora_r, cfg.lora("alpha"), cfg.lora("dropout"), parse_targets(cfg.lora_targets, model))
-        for t in lora.targets:
-            n_in, n_out = target_shape(model, t)
-            if lora.r > min(n_in, n_out):
-                raise CrystalError(f"--lora-r {lora.r} is above the rank of {t} ([{n_in}, {n_out}]: at most "
-                                   f"{min(n_in, n_out)})")
-        return lora
+        return cls(cfg.lora_r, cfg.lora("alpha"), cfg.lora("dropout"), lora_targets(cfg, model))
 
 
 @dataclass(frozen=True)
@@ -431,64 +382,3 @@ def peft_config(layout: AdapterLayout, base_path: str | None) -> dict:
             "bias": "none", "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
             "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
             "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
-
-
-class LoraModel:
-    """A frozen model with adapters on a backend, for the Python API and tests: `.loss`,
-    `.loss_and_grads` (the adapters' gradients by PEFT name, PEFT's shapes), `.merged()`."""
-
-    def __init__(self, config: ModelConfig, base: np.ndarray, lora: LoraConfig, adapters: np.ndarray | None = None,
-                 backend=None, seed: int = 0):
-        from crystal.backends import get_backend
-        from crystal.model import ParamLayout, Tensors
-
-        self.config, self.lora = config, lora
-        self.base_layout, self.layout = ParamLayout(config), AdapterLayout(config, lora)
-        self.base_layout.check(base)
-        self.backend = be = backend or get_backend("cpu")
-        check_backend(be, config, lora)
-        self.base = be.to_device(np.ascontiguousarray(base, dtype=np.float32))
-        if adapters is None:
-            adapters = init_adapters(self.layout, seed)
-        self.layout.check(adapters)
-        self.adapters = be.to_device(np.ascontiguousarray(adapters, dtype=np.float32))
-        self._w = Tensors(self.base_layout, be.compute_weights(self.base), be)
-        self._aw = self.layout.tensors(be.compute_weights(self.adapters))
-        self._acts: dict = {}
-
-    def _pass(self, idx, drop=None, grads=None):
-        from crystal.model import Activations
-
-        B, T = np.shape(idx)
-        if (B, T) not in self._acts:
-            self._acts[(B, T)] = Activations(self.backend, self.config, B, T, self.layout)
-        a = self._acts[(B, T)]
-        return a, LoraPass(self.lora, self._aw, a.lora, drop, grads)
-
-    def loss(self, idx, targets, denom: float | None = None) -> float:
-        """Mean cross-entropy over the targets not ignored (< 0), as GPT.loss (denom: as its)."""
-        from crystal.model import forward, loss_denominator
-
-        be = self.backend
-        a, lp = self._pass(idx)
-        denom = loss_denominator([(idx, targets)]) if denom is None else denom
-        return forward(be, self.config, self._w, a, be.to_device(idx), be.to_device(targets), lora=lp, denom=denom)
-
-    def loss_and_grads(self, idx, targets, drop: Dropout | None = None) -> tuple[float, dict]:
-        """Mean cross-entropy (over the targets not ignored) and d loss / d (each A and B); drop:
-        the micro-batch's LoRA dropout."""
-        from crystal.model import backward, forward, loss_denominator
-
-        be = self.backend
-        gflat = be.empty(self.layout.size)
-        a, lp = self._pass(idx, drop, self.layout.tensors(gflat))
-        didx, dtgt = be.to_device(idx), be.to_device(targets)
-        loss = forward(be, self.config, self._w, a, didx, dtgt, grad=True, lora=lp,
-                       denom=loss_denominator([(idx, targets)]))
-        backward(be, self.config, self._w, None, a, didx, dtgt, lora=lp)
-        return loss, self.layout.state_dict(be.to_host(gflat))
-
-    def merged(self) -> np.ndarray:
-        """The base parameters with the adapters merged in (host)."""
-        be = self.backend
-        return merge(self.layout, self.base_layout, be.to_host(self.base), be.to_host(self.adapters))

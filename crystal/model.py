@@ -29,6 +29,7 @@ import numpy as np
 from crystal.backends.base import AdamWScalars
 from crystal.config import ModelConfig
 from crystal.dropout import ATTENTION_PROBS, ATTENTION_PROJ, EMBEDDING, MLP_PROJ, Dropout
+from crystal.lora import AdapterLayout, LoraActivations, LoraConfig, LoraPass, check_backend, init_adapters, merge
 
 
 # --- parameter layout ------------------------------------------------------------------------
@@ -357,8 +358,6 @@ class Activations:
         self.dfch_act = be.empty((B, T, M), act) if cfg.llama else self.dfch
         self.lora = None
         if lora is not None:
-            from crystal.lora import LoraActivations
-
             self.lora = LoraActivations(be, lora, B, T)
 
 
@@ -760,6 +759,60 @@ class GPT:
         backward(be, self.config, self._tensors, grads, a, didx, dtgt, drop)
         host = np.array(be.to_host(gflat), dtype=np.float32)
         return loss, {k: v.copy() for k, v in self.layout.views(host).items()}
+
+
+class LoraModel:
+    """A frozen model with adapters on a backend, for the Python API and tests: `.loss`,
+    `.loss_and_grads` (the adapters' gradients by PEFT name, PEFT's shapes), `.merged()`."""
+
+    def __init__(self, config: ModelConfig, base: np.ndarray, lora: LoraConfig, adapters: np.ndarray | None = None,
+                 backend=None, seed: int = 0):
+        from crystal.backends import get_backend
+
+        self.config, self.lora = config, lora
+        self.base_layout, self.layout = ParamLayout(config), AdapterLayout(config, lora)
+        self.base_layout.check(base)
+        self.backend = be = backend or get_backend("cpu")
+        check_backend(be, config, lora)
+        self.base = be.to_device(np.ascontiguousarray(base, dtype=np.float32))
+        if adapters is None:
+            adapters = init_adapters(self.layout, seed)
+        self.layout.check(adapters)
+        self.adapters = be.to_device(np.ascontiguousarray(adapters, dtype=np.float32))
+        self._w = Tensors(self.base_layout, be.compute_weights(self.base), be)
+        self._aw = self.layout.tensors(be.compute_weights(self.adapters))
+        self._acts: dict = {}
+
+    def _pass(self, idx, drop=None, grads=None):
+        B, T = np.shape(idx)
+        if (B, T) not in self._acts:
+            self._acts[(B, T)] = Activations(self.backend, self.config, B, T, self.layout)
+        a = self._acts[(B, T)]
+        return a, LoraPass(self.lora, self._aw, a.lora, drop, grads)
+
+    def loss(self, idx, targets, denom: float | None = None) -> float:
+        """Mean cross-entropy over the targets not ignored (< 0), as GPT.loss (denom: as its)."""
+        be = self.backend
+        a, lp = self._pass(idx)
+        denom = loss_denominator([(idx, targets)]) if denom is None else denom
+        return forward(be, self.config, self._w, a, be.to_device(idx), be.to_device(targets), lora=lp, denom=denom)
+
+    def loss_and_grads(self, idx, targets, drop: Dropout | None = None) -> tuple[float, dict]:
+        """Mean cross-entropy (over the targets not ignored) and d loss / d (each A and B); drop:
+        the micro-batch's LoRA dropout."""
+        be = self.backend
+        gflat = be.empty(self.layout.size)
+        a, lp = self._pass(idx, drop, self.layout.tensors(gflat))
+        didx, dtgt = be.to_device(idx), be.to_device(targets)
+        loss = forward(be, self.config, self._w, a, didx, dtgt, grad=True, lora=lp,
+                       denom=loss_denominator([(idx, targets)]))
+        backward(be, self.config, self._w, None, a, didx, dtgt, lora=lp)
+        return loss, self.layout.state_dict(be.to_host(gflat))
+
+    def merged(self) -> np.ndarray:
+        """The base parameters with the adapters merged in (host)."""
+        be = self.backend
+        return merge(self.layout, self.base_layout, be.to_host(self.base), be.to_host(self.adapters))
 
 
 def warm_up(be, cfg: ModelConfig | None = None) -> None:

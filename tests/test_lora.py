@@ -18,7 +18,8 @@ from crystal.backends.cpu import CpuBackend
 from crystal.cli import main
 from crystal.config import ModelConfig, resolve
 from crystal.data import EOT, default_corpus, load_dataset
-from crystal.lora import AdapterLayout, LoraConfig, LoraModel, init_adapters
+from crystal.lora import AdapterLayout, LoraConfig, init_adapters
+from crystal.model import LoraModel
 from crystal.model import ParamLayout
 from crystal.optim import AdamW
 from crystal.pretrained import load_params, open_pretrained

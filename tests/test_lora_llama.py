@@ -17,7 +17,8 @@ from crystal.backends.cpu import CpuBackend
 from crystal.cli import main
 from crystal.config import resolve
 from crystal.data import EOT, default_corpus, load_dataset
-from crystal.lora import AdapterLayout, LoraConfig, LoraModel, target_columns
+from crystal.lora import AdapterLayout, LoraConfig, target_columns
+from crystal.model import LoraModel
 from crystal.optim import AdamW
 from crystal.pretrained import load_checkpoint, load_params, open_pretrained
 from crystal.trainer import train
