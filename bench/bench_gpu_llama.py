@@ -3,7 +3,7 @@ step's tokens/s, MFU and peak memory, fp32 and bf16.
 
 Usage (on a machine with an NVIDIA GPU, from the repository root):
     PYTHONPATH=. python3 bench/bench_gpu_llama.py [--preset smollm2-135m] [--precision fp32 bf16]
-        [--seq-len 2048] [--batch-size 4] [--micro-batches 4] [--spheres 2] [--layers N]
+        [--seq-len 2048] [--batch-size 2] [--micro-batches 8] [--spheres 2] [--layers N]
         [--steps 8] [--warmup-steps 3] [--rounds 1] [--json OUT]
     python bench/bench_gpu_llama.py --cpu-check   # no GPU: both sides' setup and steps, tiny, on the cpu
 
@@ -191,8 +191,8 @@ def main() -> None:
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    ap.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
+    ap.add_argument("--batch-size", type=int, default=2, help="sequences per micro-batch")
+    ap.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step")
     ap.add_argument("--spheres", type=int, default=2, help="crystal's sphere streams")
     ap.add_argument("--layers", type=int, default=0, help="blocks kept (0: the preset's)")
     ap.add_argument("--steps", type=int, default=8)

@@ -208,11 +208,11 @@ run_step bf16_check 75 30 195 -- python3 bench/bench_bf16_check.py --json "$OUT/
 
 if [ -z "${SKIP_BENCH:-}" ]; then
     # Llama training step, crystal vs transformers' LlamaForCausalLM (SDPA; bf16: autocast), SmolLM2-135M
-    # shapes at vocabulary 49152, 4 micro-batches of 4 x 2048 a step, fp32 then bf16: its JSON lines
+    # shapes at vocabulary 49152, 8 micro-batches of 2 x 2048 a step, fp32 then bf16: its JSON lines
     # ({"bench": "gpu_llama", ...}) go to log.txt and one line to summary.txt (no file of its own in $OUT)
     TAIL_LINES=8
     run_step bench_llama 120 45 150 -- python3 bench/bench_gpu_llama.py --preset smollm2-135m --precision fp32 bf16 \
-        --seq-len 2048 --batch-size 4 --micro-batches 4 --spheres 2 --steps 6 --warmup-steps 2 --rounds 1
+        --seq-len 2048 --batch-size 2 --micro-batches 8 --spheres 2 --steps 6 --warmup-steps 2 --rounds 1
     LJ=$(grep '^{"bench": "gpu_llama", "precision"' "$LOG" | grep -v '"round"' || true)
     [ -n "$LJ" ] && SUMMARY+=("$(python3 -c 'import json, sys
 rows = [json.loads(l) for l in sys.argv[1].splitlines()]
