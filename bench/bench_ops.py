@@ -1,6 +1,6 @@
 """One micro-batch of the cpu backend up close: time per op family, Python overhead, GIL waits.
 
-Usage: python bench/bench_ops.py [--preset small] [--reps 300] [--json OUT]
+Usage: python bench/bench_ops.py [--preset small|llama-small] [--reps 300] [--json OUT]
 
 1. Per op family: a forward + backward of one micro-batch (the preset's batch_size x seq_len),
    one thread, through TimedBackend, averaged over --reps.
@@ -29,7 +29,7 @@ class MicroBatch:
     def __init__(self, be, cfg: ModelConfig, B: int, T: int):
         self.be, self.cfg = be, cfg
         layout = ParamLayout(cfg)
-        self.w = Tensors(layout, init_params(cfg, 0))
+        self.w = Tensors(layout, init_params(cfg, 0), be)  # a llama's rotary table on the backend
         self.g = Tensors(layout, np.empty(layout.size, np.float32))
         self.a = Activations(be, cfg, B, T)
         rng = np.random.default_rng(0)
@@ -51,7 +51,9 @@ def per_family(be, cfg, B, T, reps) -> dict:
 
 
 def overhead_ms(be, cfg, reps) -> float:
-    tiny = ModelConfig(vocab_size=8, block_size=4, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=8)
+    llama = dict(arch="llama", n_kv_head=cfg.n_kv_head, head_dim=2, intermediate_size=8,
+                 tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias) if cfg.llama else {}
+    tiny = ModelConfig(vocab_size=8, block_size=4, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=8, **llama)
     mb = MicroBatch(be, tiny, 1, 2)
     mb.run(10)
     t = time.perf_counter()
@@ -88,7 +90,7 @@ def main() -> None:
     cfg, train = resolve(args.preset)
     B, T = train.batch_size, train.seq_len
     be = CpuBackend()
-    warm_up(be)
+    warm_up(be, cfg)  # a llama's ops too
     with blas_threads(1):
         fam = per_family(be, cfg, B, T, args.reps)
         over = overhead_ms(be, cfg, args.reps)

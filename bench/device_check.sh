@@ -9,7 +9,9 @@
 #   installed) run twice for the same bits, RMSNorm/RoPE/SwiGLU, nn.Linear products through cuBLAS and cuBLASLt
 #   (BIAS only with a bias, BGRADB bias gradient, dw=None), the encoder without position embeddings; alone:
 #   `pytest -m cuda -k llama tests/test_cuda.py`)
-#   -> bench_bf16_check.py (bf16 vs fp32, 1 vs 4 spheres bitwise) -> bench_gpu.py shakespeare-char bf16
+#   -> bench_bf16_check.py (bf16 vs fp32, 1 vs 4 spheres bitwise)
+#   -> bench_gpu_llama.py (a Llama step at SmolLM2-135M shapes, fp32 and bf16, vs transformers + SDPA)
+#   -> bench_gpu.py shakespeare-char bf16
 #   (+ torch.compile, + graphs) -> CPU sphere scaling (bench_scaling.py, all cores) -> bench_gpu.py gpt2 bf16
 #   -> bench_quality.py shakespeare-char bf16 to val <= 1.47 with whatever time is left
 #   -> only when .llmc/ was carried (bench/bench_llmc.sh prepare): llm.c's train_gpt2cu at the gpt2 preset's
@@ -19,8 +21,11 @@
 # Time plan for TOTAL=540 (the caps; a step gets min(cap, max(its minimum, time left - the
 # minimums of the steps after it - 5 s)), and is skipped when less than its minimum is left):
 #   install+env 45 | reduce kernels 60 | smoke fp32 60 | smoke bf16 60 | smoke graphs 60 | generate 75 | pytest 120
-#   | bf16 check 75 | bench shakespeare 100 | CPU scaling 60 | bench gpt2 90 | quality: the rest (at least 40)
-# Expected (not capped) about 20+15+25+20+40+70+45+70+45+60 = 410 s, leaving ~125 s for the quality run.
+#   | bf16 check 75 | bench llama 120 | bench shakespeare 100 | CPU scaling 60 | bench gpt2 90
+#   | quality: the rest (at least 40)
+# Expected (not capped) about 20+15+25+20+40+70+45+70+45+60 = 410 s before bench llama (~90 s, not yet
+# measured on a GPU), leaving ~35 s for the quality run at TOTAL=540 (it is skipped under 40 s: pass
+# TOTAL=600, or SKIP_BENCH=1 to skip every bench row, llama's included).
 #
 # $OUT (default /tmp/device-out) gets at most 8 files (the device tool brings back 8):
 #   log.txt summary.txt reduce_kernels.json bf16_check.json bench_gpu_shakespeare.json bench_gpu_gpt2.json
@@ -171,24 +176,24 @@ EOF
 export -f env_report
 export OUT
 TAIL_LINES=60
-run_step env 45 10 325 -- bash -c 'env_report 2>&1'
+run_step env 45 10 370 -- bash -c 'env_report 2>&1'
 
 TAIL_LINES=12
-run_step reduce_kernels 60 20 305 -- python3 bench/bench_reduce_kernels.py --json "$OUT/reduce_kernels.json"
+run_step reduce_kernels 60 20 350 -- python3 bench/bench_reduce_kernels.py --json "$OUT/reduce_kernels.json"
 
 TAIL_LINES=12
-run_step smoke_fp32 60 20 285 -- python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \
+run_step smoke_fp32 60 20 330 -- python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \
     --out /tmp/run-smoke --overwrite
-run_step smoke_bf16 60 20 265 -- python3 -m crystal.cli train --preset tiny --device cuda --precision bf16 --steps 20 \
+run_step smoke_bf16 60 20 310 -- python3 -m crystal.cli train --preset tiny --device cuda --precision bf16 --steps 20 \
     --spheres 4 --out /tmp/run-smoke-bf16 --overwrite
-run_step smoke_graphs 60 20 245 -- python3 -m crystal.cli train --preset tiny --device cuda --cuda-graphs on \
+run_step smoke_graphs 60 20 290 -- python3 -m crystal.cli train --preset tiny --device cuda --cuda-graphs on \
     --steps 20 --spheres 4 --out /tmp/run-smoke-graphs --overwrite
 
 # KV-cache generation (crystal/generate.py on kernels/kv_cache.cu): decode tokens/s and time to first
 # token, GPT-2 124M shapes, a 128-token prompt and 32 new tokens, fp32 then bf16, batch 1 then 8, decode
 # steps eager and replayed as CUDA graphs (alternating; same_tokens_as_eager: the replay's tokens are the eager ones)
 TAIL_LINES=10
-run_step generate 75 25 220 -- python3 bench/bench_generate.py --device cuda --precisions fp32,bf16 --batches 1,8 \
+run_step generate 75 25 265 -- python3 bench/bench_generate.py --device cuda --precisions fp32,bf16 --batches 1,8 \
     --graphs off,on --prompt-len 128 --new-tokens 32 --rounds 1
 GJ=$(grep '^{"bench": "generate", "device"' "$LOG" | tail -n 1)
 [ -n "$GJ" ] && SUMMARY+=("$(python3 -c 'import json, sys; d = json.loads(sys.argv[1])
@@ -196,12 +201,25 @@ print("generate result        decode tok/s " + "; ".join("%s%s b%s %s%s" % (r["p
       r["batch"], r["decode_tok_per_s"], "" if r.get("same_tokens_as_eager", True) else " (TOKENS DIFFER)") for r in d["rows"]))' "$GJ" 2>&1)")
 
 TAIL_LINES=40
-run_step pytest_cuda 120 40 180 -- python3 -m pytest -m cuda -p no:cacheprovider -q
+run_step pytest_cuda 120 40 225 -- python3 -m pytest -m cuda -p no:cacheprovider -q
 
 TAIL_LINES=30
-run_step bf16_check 75 30 150 -- python3 bench/bench_bf16_check.py --json "$OUT/bf16_check.json"
+run_step bf16_check 75 30 195 -- python3 bench/bench_bf16_check.py --json "$OUT/bf16_check.json"
 
 if [ -z "${SKIP_BENCH:-}" ]; then
+    # Llama training step, crystal vs transformers' LlamaForCausalLM (SDPA; bf16: autocast), SmolLM2-135M
+    # shapes at vocabulary 49152, 8 micro-batches of 2 x 2048 a step, fp32 then bf16: its JSON lines
+    # ({"bench": "gpu_llama", ...}) go to log.txt and one line to summary.txt (no file of its own in $OUT)
+    TAIL_LINES=8
+    run_step bench_llama 120 45 150 -- python3 bench/bench_gpu_llama.py --preset smollm2-135m --precision fp32 bf16 \
+        --seq-len 2048 --batch-size 2 --micro-batches 8 --spheres 2 --steps 6 --warmup-steps 2 --rounds 1
+    LJ=$(grep '^{"bench": "gpu_llama", "precision"' "$LOG" | grep -v '"round"' || true)
+    [ -n "$LJ" ] && SUMMARY+=("$(python3 -c 'import json, sys
+rows = [json.loads(l) for l in sys.argv[1].splitlines()]
+print("llama result           tok/s crystal/transformers " + "; ".join("%s %s/%s (%sx)" % (r["precision"],
+      r.get("crystal_tokens_per_s", r.get("crystal_error", "-")), r.get("transformers_tokens_per_s",
+      r.get("transformers_error", "-")), r.get("ratio", "-")) for r in rows))' "$LJ" 2>&1)")
+    TAIL_LINES=30
     run_step bench_shakespeare 100 40 110 -- python3 bench/bench_gpu.py --preset shakespeare-char --precision bf16 \
         --torch-compile --cuda-graphs --steps 20 --warmup-steps 5 --rounds 2 --json "$OUT/bench_gpu_shakespeare.json"
     run_step scaling_cpu 60 25 85 -- python3 bench/bench_scaling.py --preset small --micro-batches 48 \

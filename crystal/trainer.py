@@ -326,7 +326,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
         active = spheres.active_spheres()
         per_micro_batch = spheres.launches_per_micro_batch
     wall = time.perf_counter() - t_start
-    host_params = np.array(be.to_host(params), dtype=np.float32)
+    # the cpu's trained buffer itself, no copy: a copy here, with the pool, moments and activations
+    # still held, was the run's peak RSS (one more parameter buffer); cuda's to_host is the copy
+    host_params = np.asarray(be.to_host(params), dtype=np.float32)
     n = max(1, len(losses))
     root = {
         "spheres": cfg.spheres,
