@@ -9,7 +9,9 @@ shape; cupy's memory pool is stream-aware, so nothing is handed from one stream 
 
 Determinism: every kernel has a fixed reduction order (see kernels/README.md); each sphere
 thread has its own cuBLAS handle and stream, so a product's result never depends on which
-sphere computed it. TF32 is off unless `precision="tf32"`.
+sphere computed it. TF32 is off unless `precision="tf32"`. LoRA's products on a column block of a
+fused product (matmul_columns_*) go through cuBLASLt in every precision: the block is read and
+written in place with the fused width as leading dimension, which cupy's matmul would copy.
 
 bf16 (`precision="bf16"`, compute capability 8.0+): master parameters, gradients, AdamW moments,
 the reducer and the loss stay float32; the spheres read a bf16 copy of the weights (one cast
