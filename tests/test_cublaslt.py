@@ -108,6 +108,30 @@ def test_bf16_out_is_the_fp32_out_rounded(lt):
     np.testing.assert_array_equal(out, out32.astype(bf16))
 
 
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False)])
+def test_column_blocks_in_place_and_accumulate(lt, standin, trans_a, trans_b):
+    """Operands that are column blocks of wider row-major arrays are read with ld = the wide
+    array's width (no copy); accumulate adds the product (beta = 1, C = D = out) with one rounding:
+    integer operands, so the bf16 block is (old + exact product) rounded once; the columns around
+    the block keep their bits."""
+    M, K, N = 5, 3, 7
+    rng = np.random.default_rng(8)
+    wide = lambda rows, cols: rand(rng, (rows, cols + 9), ints=3)  # noqa: E731 (9 spare columns)
+    a_w, b_w = wide(*((K, M) if trans_a else (M, K))), wide(*((N, K) if trans_b else (K, N)))
+    a, b = a_w[:, 4:4 + a_w.shape[1] - 9], b_w[:, 2:2 + b_w.shape[1] - 9]
+    out_w = rand(rng, (M, N + 9), ints=3)
+    before = out_w.copy()
+    lt.gemm(out_w[:, 5:5 + N], a, b, trans_a=trans_a, trans_b=trans_b, accumulate=True)
+    ref = f64(before[:, 5:5 + N]) + op(f64(a), trans_a) @ op(f64(b), trans_b)
+    np.testing.assert_array_equal(out_w[:, 5:5 + N], ref.astype(bf16))
+    assert out_w[:, :5].tobytes() == before[:, :5].tobytes() and out_w[:, 5 + N:].tobytes() == before[:, 5 + N:].tobytes()
+    call = standin.last_matmul
+    # cuBLASLt's A is crystal's b, its B crystal's a
+    assert call["beta"] == 1.0 and [call["layouts"][x][Layout.LD] for x in "ABD"] == [b_w.shape[1], a_w.shape[1], N + 9]
+    with pytest.raises(ValueError, match="alone"):
+        lt.gemm(out_w[:, :N], a, b, trans_a=trans_a, trans_b=trans_b, accumulate=True, bias=np.zeros(N, bf16))
+
+
 @pytest.mark.parametrize("trans_a,trans_b", [(False, True), (False, False), (True, False)])
 def test_batched_products(lt, trans_a, trans_b):
     """Attention's products on [B*NH, ., .]: scores q @ k^T, att @ v, and the backward's att^T @ dy."""

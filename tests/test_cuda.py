@@ -286,3 +286,68 @@ def test_cuda_llama_encoder_without_position_embeddings_matches_cpu(precision):
     dwte = gpu.zeros((V, C))
     gpu.encoder_backward(dwte, None, up(gpu, dout), gpu.to_device(idx))
     assert rel_err(down(gpu, dwte), e_dwte) <= 1e-5
+
+
+# --- LoRA's B on a column block of a fused product (matmul_columns_*: cuBLASLt, ld = the fused width) ---
+
+@pytest.mark.parametrize("precision, graphs", [("fp32", False), ("fp32", True), ("bf16", False)])
+@pytest.mark.parametrize("lo", [0, 96, 160])  # the first, an inner and the last block of a [N, 192] product
+def test_cuda_matmul_columns_match_cpu_in_place_and_repeat_bitwise(precision, graphs, lo):
+    from crystal.backends.cpu import CpuBackend
+    from crystal.errors import CrystalError
+
+    cpu = CpuBackend()
+    try:
+        gpu = llama_backend(precision, graphs=graphs)
+        gpu.require_lt("the column-block products")
+    except CrystalError as e:  # cuBLASLt needs nvmath-python
+        pytest.skip(str(e))
+    rng = np.random.default_rng(25)
+    Nr, R, OC, W = LB * LT, 8, 32, 192
+    prep = widened if gpu.bf16 else (lambda x: x)
+    inp, w, out0, dout = (prep(rng.standard_normal(s).astype(np.float32)) for s in ((Nr, R), (R, OC), (Nr, W), (Nr, W)))
+    e_out = out0.copy()
+    cpu.matmul_columns_forward(e_out, inp, w, lo)
+    e_dinp, e_dw = np.empty_like(inp), np.empty_like(w)
+    cpu.matmul_columns_backward(e_dinp, e_dw, dout, inp, w, lo)
+    d_inp, d_w, d_dout = up(gpu, inp), up(gpu, w), up(gpu, dout)
+    results = []
+    for _ in range(2):
+        out = up(gpu, out0.copy())  # out0 stays the reference
+        gpu.matmul_columns_forward(out, d_inp, d_w, lo)
+        dinp, dw = gpu.empty((Nr, R), gpu.act_dtype), gpu.zeros((R, OC))
+        gpu.matmul_columns_backward(dinp, dw, d_dout, d_inp, d_w, lo)
+        results.append([down(gpu, x) for x in (out, dinp, dw)])
+    (out, dinp, dw), again = results
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(results[0], again))  # deterministic
+    outside = np.ones(W, bool)
+    outside[lo:lo + OC] = False
+    assert out[:, outside].tobytes() == out0[:, outside].tobytes()  # the other columns untouched
+    tol = 1e-2 if gpu.bf16 else 1e-5
+    assert rel_err(out, e_out) <= tol and rel_err(dinp, e_dinp) <= tol and rel_err(dw, e_dw) <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_llama_lora_on_every_target_matches_cpu(precision):
+    """q, k, v, gate, up adapters add into their columns of q|k|v and gate|up; o, down whole products."""
+    from crystal.config import ModelConfig
+    from crystal.dropout import Dropout
+    from crystal.errors import CrystalError
+    from crystal.lora import TARGETS, AdapterLayout, LoraConfig, LoraModel
+
+    cfg = ModelConfig(arch="llama", vocab_size=259, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                      intermediate_size=96, tie_word_embeddings=False)
+    lora = LoraConfig(8, 16.0, 0.1, tuple(TARGETS["llama"]))
+    rng = np.random.default_rng(26)
+    adapters = (rng.standard_normal(AdapterLayout(cfg, lora).size) * 0.1).astype(np.float32)
+    x, y = (rng.integers(0, cfg.vocab_size, (LB, LT)).astype(np.int32) for _ in range(2))
+    drop = Dropout(0.1, 1, 0, 0)
+    try:
+        gpu = llama_backend(precision)
+        loss_g, grads_g = LoraModel(cfg, init_params(cfg, 1), lora, adapters, backend=gpu).loss_and_grads(x, y, drop)
+    except CrystalError as e:  # cuBLASLt needs nvmath-python
+        pytest.skip(str(e))
+    loss_c, grads_c = LoraModel(cfg, init_params(cfg, 1), lora, adapters).loss_and_grads(x, y, drop)
+    assert abs(loss_g - loss_c) / loss_c <= (2e-2 if gpu.bf16 else 1e-5)
+    for k, g in grads_c.items():
+        assert (cosine(grads_g[k], g) >= 0.99) if gpu.bf16 else (rel_err(grads_g[k], g) <= 1e-4), k

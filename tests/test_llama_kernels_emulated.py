@@ -27,7 +27,7 @@ from cudnn_standin import CudnnStandIn
 from emu.backend import EmulatedCudaBackend
 from emu.build import parse_global_kernels
 from emu.coverage import LLAMA_FILES, Coverage, gpu, launch_column_sums
-from lt_standin import DescAttr, Epi, LtStandIn
+from lt_standin import DescAttr, Epi, LayoutAttr, LtStandIn
 from test_kernels_bf16_emulated import (TOL_F32, TOL_PIPELINE, TOL_ROUND, assert_within_ulp, bits, launch_twins,
                                         nan_bf16, randbf, to_bf16, widen)
 
@@ -383,3 +383,63 @@ def test_linear_bf16_backend_emulated_matches_cpu(rng, bias):
             np.empty(OC, np.float32) if bias else None, dout, inp, w)
     assert_within_ulp(dinp, e[0])
     assert rel_err(dw, e[1]) <= TOL_F32 and (not bias or rel_err(dbias, e[2]) <= TOL_F32)
+
+
+# --- LoRA's B on a column block [lo, lo+OC) of a fused [N, W] product (matmul_columns_*) --------------
+
+R, OC_COLS = 4, 12  # the adapter's rank; the block's width (a k_proj of the fused q|k|v of width W)
+LOS = [0, NH * HD, W - OC_COLS]  # the block first, inside, last: q, k, v of q|k|v
+
+
+def assert_columns_product(lt: LtStandIn, ld: int, beta: float) -> None:
+    """The stand-in's last product read the block in place: D (and C) with ld = the fused width."""
+    call = lt.last_matmul
+    assert call["layouts"]["D"][LayoutAttr.LD] == ld and call["beta"] == beta
+
+
+@pytest.mark.parametrize("graphs", [False, True])  # fp32: cuBLASLt either way (cupy has no beta, and copies a strided operand)
+@pytest.mark.parametrize("lo", LOS)
+def test_matmul_columns_backend_emulated_matches_cpu_in_place(rng, graphs, lo):
+    """out[:, lo:lo+OC] += inp @ w on the block of out [N, W], every other column untouched;
+    d = dout[:, lo:lo+OC] read in place: dinp = d w^T, dw = inp^T d."""
+    gpu_ = EmulatedCudaBackend(graphs=graphs)
+    inp, w, out, dout = randn(rng, B, T, R), randn(rng, R, OC_COLS), randn(rng, B, T, W), randn(rng, B, T, W)
+    before = out.copy()
+    gpu_.matmul_columns_forward(out, inp, w, lo)
+    assert_columns_product(gpu_._lt_bindings, W, 1.0)
+    expected = cpu("matmul_columns_forward", before, inp, w, lo)[0]
+    assert rel_err(out, expected) <= TOL
+    outside = np.ones(W, bool)
+    outside[lo:lo + OC_COLS] = False
+    assert out[..., outside].tobytes() == before[..., outside].tobytes()
+    dout_before = dout.copy()
+    dinp, dw = np.full_like(inp, np.nan), np.full_like(w, np.nan)
+    gpu_.matmul_columns_backward(dinp, dw, dout, inp, w, lo)
+    e = cpu("matmul_columns_backward", np.empty_like(inp), np.empty_like(w), dout, inp, w, lo)
+    assert rel_err(dinp, e[0]) <= TOL and rel_err(dw, e[1]) <= TOL
+    assert dout.tobytes() == dout_before.tobytes()
+    assert gpu_._lt_bindings.last_matmul["layouts"]["A"][LayoutAttr.LD] == W  # dw = inp^T d: d is cuBLASLt's A, ld W
+
+
+@pytest.mark.parametrize("lo", LOS)
+def test_matmul_columns_bf16_backend_emulated_matches_cpu(rng, lo):
+    """bf16 activations, fp32 math: the block is its old values plus the product rounded once (within
+    1 ulp of the cpu op on the widened inputs), every other column's bits untouched; dinp bf16
+    within 1 ulp, dw float32 (a gradient slot) within TOL_F32."""
+    gpu_ = EmulatedCudaBackend("bf16", lt=LtStandIn())
+    inp, w, out, dout = randbf(rng, N, R), randbf(rng, R, OC_COLS), randbf(rng, N, W), randbf(rng, N, W)
+    before = out.copy()
+    gpu_.matmul_columns_forward(out, inp, w, lo)
+    assert_columns_product(gpu_._lt_bindings, W, 1.0)
+    expected = cpu("matmul_columns_forward", before, inp, w, lo)[0]
+    assert_within_ulp(out, expected)
+    outside = np.ones(W, bool)
+    outside[lo:lo + OC_COLS] = False
+    assert bits(out[:, outside]).tobytes() == bits(before[:, outside]).tobytes()
+    dinp, dw = nan_bf16(N, R), np.full((R, OC_COLS), np.nan, np.float32)
+    gpu_.matmul_columns_backward(dinp, dw, dout, inp, w, lo)
+    e = cpu("matmul_columns_backward", np.empty((N, R), np.float32), np.empty((R, OC_COLS), np.float32), dout, inp,
+            w, lo)
+    assert_within_ulp(dinp, e[0])
+    assert rel_err(dw, e[1]) <= TOL_F32
+

@@ -368,6 +368,9 @@ def test_dry_run_prints_the_adapter_sized_buffers(base, capsys):
     (["--lora-alpha", "8"], "needs --lora-r"),
     (["--lora-r", "0", "--lora-dropout", "0.1"], "needs --lora-r"),
     (["--lora-r", "-1"], ">= 0"),
+    (["--lora-r", "1.5"], "not a valid integer"),
+    (["--lora-targets", "c_attn"], "needs --lora-r"),  # LoRA flags on a run that trains every weight
+    (["--preset", "finetune-lora"], "--init-from"),  # the LoRA preset with no model to adapt
 ])
 def test_bad_lora_flags_without_a_base_are_one_line(flags, message, capsys):
     assert main(["train", "--preset", "tiny", "--dry-run", *flags]) == 2
@@ -377,7 +380,12 @@ def test_bad_lora_flags_without_a_base_are_one_line(flags, message, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--lora-targets", "q_proj"], "not a projection of a gpt2 block"),
+    (["--lora-targets", "q"], "not a projection of a gpt2 block"),  # a Llama alias
+    (["--lora-targets", "c_attn,c_fc,bogus"], "'bogus' is not a projection"),
+    (["--lora-targets", ","], "names no projection"),
     (["--lora-r", "33"], "above the rank"),
+    (["--lora-r", "0"], "--lora-targets needs --lora-r"),  # r 0 is no LoRA: the targets make no sense
+    (["--lora-alpha", "0"], "positive number"),
     (["--lora-dropout", "1"], "[0, 1)"),
     (["--optimizer", "muon"], "AdamW"),
 ])
@@ -386,6 +394,15 @@ def test_bad_lora_settings_are_one_line(base, flags, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags", [["--lora-r", "4"], ["--lora-targets", "c_fc"], ["--lora-dropout", "0.2"]])
+def test_lora_flags_on_a_resume_are_one_line_and_change_nothing(lora_run, flags, capsys):
+    before = {f: f.read_bytes() for f in sorted(lora_run.rglob("*")) if f.is_file()}
+    assert main(["train", "--resume", str(lora_run), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot change --lora-" in err
+    assert {f: f.read_bytes() for f in sorted(lora_run.rglob("*")) if f.is_file()} == before
 
 
 def test_peft_export_of_a_full_run_is_refused(base, tmp_path, capsys):

@@ -30,6 +30,12 @@ The epilogues, in cuBLASLt's terms:
   the elements of output matrix (Dtype)" (IMMA and fp8 kernels excepted). llm.c writes a bf16 dW
   (C/D and dbias bf16); crystal's bf16-in/fp32-out product keeps that same rule, with fp32.
 
+Strided rows and accumulation (LoRA's B on a column block of a fused product): a 2-D operand may
+be a column block x[:, lo:lo + n] of a wider row-major [R, W] array (its rows W apart: unit
+column stride), read with ld = W; `accumulate` sets beta = 1 with C = D = out, so the product is
+added to out in the same pass (out = op(a) op(b) + out, fp32 accumulation, one rounding to out's
+type). Nothing is copied.
+
 Determinism: one handle per sphere thread; per (shapes, types, transposes, epilogue, pointer
 alignments) one descriptor set and one algorithm, the heuristic's first with split-K
 reductions masked out, chosen on first use and reused by every later call.
@@ -114,32 +120,37 @@ class LtMatmul:
         self._stream = stream
         self._alpha = np.ones(1, np.float32)  # host scalars (pointer mode host, scale type fp32)
         self._beta = np.zeros(1, np.float32)  # beta = 0: C (= D's buffer) is never read
+        self._beta_one = np.ones(1, np.float32)  # beta = 1 (accumulate): D = op(A) op(B) + C, C = D
         self._plans: dict[tuple, _Plan] = {}
         self._tf32 = tf32
         self.handle = int(lt.create())
 
     # --- the product ---
     def gemm(self, out, a, b, *, trans_a=False, trans_b=False, bias=None, gelu_pre=None, dbias=None,
-             dbias_a=None) -> None:
-        """out[..., M, N] = op(a)[..., M, K] @ op(b)[..., K, N], row-major C-contiguous arrays,
-        op = transpose of the last two axes when trans_* is set; 3-D arrays: a strided batch.
-        Epilogues (2-D only, one at a time): bias[N]: out += bias; gelu_pre (requires bias):
-        gelu_pre = op(a)@op(b) + bias, out = gelu_tanh(gelu_pre); dbias[N] = sum_k op(b)[k, n];
-        dbias_a[M] = sum_k op(a)[m, k]."""
+             dbias_a=None, accumulate=False) -> None:
+        """out[..., M, N] = op(a)[..., M, K] @ op(b)[..., K, N], row-major arrays (C-contiguous; a
+        2-D one may have strided rows: a column block of a wider array), op = transpose of the last
+        two axes when trans_* is set; 3-D arrays: a strided batch. accumulate: out += the product
+        (beta = 1; no epilogue). Epilogues (2-D only, one at a time): bias[N]: out += bias;
+        gelu_pre (requires bias): gelu_pre = op(a)@op(b) + bias, out = gelu_tanh(gelu_pre);
+        dbias[N] = sum_k op(b)[k, n]; dbias_a[M] = sum_k op(a)[m, k]."""
         if self.handle is None:
             raise LtError("cuBLASLt gemm after close()")
         M, N, K, batch = _check_shapes(out, a, b, trans_a, trans_b)
+        lds = (_leading_dim(b), _leading_dim(a), _leading_dim(out))  # cuBLASLt's A, B, D (= C)
         ab_type, out_type = _data_type(a, "a"), _data_type(out, "out")
         if _data_type(b, "b") != ab_type:
             raise ValueError("cuBLASLt gemm: a and b must have the same dtype")
         if ab_type == F32 and out_type != F32:
             raise ValueError("cuBLASLt gemm: fp32 inputs need an fp32 out")
         epilogue, vec = self._epilogue(out, out_type, M, N, trans_a, trans_b, bias, gelu_pre, dbias, dbias_a)
+        if accumulate and epilogue != self.lt.Epilogue.DEFAULT:
+            raise ValueError("cuBLASLt gemm: accumulate goes alone (no bias, gelu_pre, dbias or dbias_a)")
 
         a_ptr, b_ptr, out_ptr = device_pointer(a), device_pointer(b), device_pointer(out)
         vec_ptr = device_pointer(vec) if vec is not None else 0
         aux_ptr = device_pointer(gelu_pre) if gelu_pre is not None else 0
-        key = (batch, M, N, K, trans_a, trans_b, ab_type, out_type, epilogue,
+        key = (batch, M, N, K, trans_a, trans_b, ab_type, out_type, epilogue, lds,
                _alignment(b_ptr), _alignment(a_ptr), _alignment(out_ptr), _alignment(vec_ptr), _alignment(aux_ptr))
         plan = self._plans.get(key)
         if plan is None:
@@ -149,8 +160,9 @@ class LtMatmul:
 
         A, B, D = plan.layouts
         try:  # cuBLASLt: D = alpha op(A) op(B) + beta C with A = b, B = a, C = D = out
+            beta = self._beta_one if accumulate else self._beta
             self.lt.matmul(self.handle, plan.desc, self._alpha.ctypes.data, b_ptr, A, a_ptr, B,
-                           self._beta.ctypes.data, out_ptr, D, out_ptr, D, plan.algo_ptr,
+                           beta.ctypes.data, out_ptr, D, out_ptr, D, plan.algo_ptr,
                            self._ws_ptr, self._ws_bytes, int(self._stream()))
         except self.lt.cuBLASLtError as e:
             raise LtError(f"cuBLASLt matmul failed for {_describe(key)}: {e}") from e
@@ -191,7 +203,7 @@ class LtMatmul:
 
     # --- descriptors, layouts, preference and algorithm of one kind of product ---
     def _plan(self, key: tuple, a_shape, b_shape, vec_ptr: int, aux_ptr: int) -> _Plan:
-        (batch, M, N, K, trans_a, trans_b, ab_type, out_type, epilogue,
+        (batch, M, N, K, trans_a, trans_b, ab_type, out_type, epilogue, lds,
          align_A, align_B, align_D, _align_vec, _align_aux) = key
         lt = self.lt
         Desc, Pref = lt.MatmulDescAttribute, lt.MatmulPreferenceAttribute
@@ -209,10 +221,11 @@ class LtMatmul:
                 self._desc_set(plan.desc, Desc.EPILOGUE_AUX_LD, N)
             self._desc_pointers(plan.desc, vec_ptr, aux_ptr)  # the heuristic reads their alignment
 
-            # each operand's storage read column-major: rows = last dim, cols = the one before
-            for data_type, shape in ((ab_type, b_shape), (ab_type, a_shape), (out_type, (M, N))):
+            # each operand's storage read column-major: rows = last dim, cols = the one before,
+            # ld = its row stride (rows, or the wider array's width for a column block)
+            for data_type, shape, ld in zip((ab_type, ab_type, out_type), (b_shape, a_shape, (M, N)), lds):
                 rows, cols = shape[-1], shape[-2]
-                layout = int(lt.matrix_layout_create(data_type, rows, cols, rows))  # ld = rows
+                layout = int(lt.matrix_layout_create(data_type, rows, cols, ld))
                 plan.layouts += (layout,)
                 if batch > 1:  # a strided batch: rows * cols elements from one matrix to the next
                     self._layout_set(layout, lt.MatrixLayoutAttribute.BATCH_COUNT, batch)
@@ -282,11 +295,27 @@ class LtMatmul:
         self.handle = None
 
 
+def _leading_dim(x) -> int:
+    """The distance, in elements, from one row of row-major x to the next: its width when it is
+    C-contiguous, the wider array's for a column block (checked by _check_shapes)."""
+    if x.flags.c_contiguous or x.ndim != 2 or x.shape[0] == 1:
+        return int(x.shape[-1])
+    return int(x.strides[0] // x.itemsize)
+
+
+def _row_strided(x) -> bool:
+    """x is a 2-D column block of a row-major array: unit column stride, rows at least its width
+    apart, a whole number of elements."""
+    return (x.ndim == 2 and x.strides[1] == x.itemsize and x.strides[0] % x.itemsize == 0
+            and x.strides[0] >= x.shape[1] * x.itemsize)
+
+
 def _check_shapes(out, a, b, trans_a: bool, trans_b: bool) -> tuple[int, int, int, int]:
     """(M, N, K, batch) of out = op(a) @ op(b), or a ValueError naming what does not fit."""
     for name, x in (("out", out), ("a", a), ("b", b)):
-        if not x.flags.c_contiguous:
-            raise ValueError(f"cuBLASLt gemm: {name} must be C-contiguous (row-major)")
+        if not (x.flags.c_contiguous or _row_strided(x)):
+            raise ValueError(f"cuBLASLt gemm: {name} must be row-major: C-contiguous, or a 2-D column block "
+                             f"of a row-major array")
     if not (out.ndim == a.ndim == b.ndim and out.ndim in (2, 3)):
         raise ValueError(f"cuBLASLt gemm: out, a, b must be all 2-D or all 3-D, got {out.ndim}, {a.ndim}, {b.ndim}")
     M, K = a.shape[-1:-3:-1] if trans_a else a.shape[-2:]
@@ -312,8 +341,8 @@ def _check_vector(v, name: str, N: int, out_type: int) -> None:
 
 def _describe(key: tuple) -> str:
     """One line naming a product: shapes, types, transposes, epilogue, alignments."""
-    batch, M, N, K, trans_a, trans_b, ab_type, out_type, epilogue, *aligns = key
+    batch, M, N, K, trans_a, trans_b, ab_type, out_type, epilogue, lds, *aligns = key
     lead = f"{batch} x " if batch > 1 else ""
     return (f"{lead}[{M}x{K}]{'(a^T)' if trans_a else ''} @ [{K}x{N}]{'(b^T)' if trans_b else ''} "
             f"{_type_name(ab_type)} -> {_type_name(out_type)}, epilogue {getattr(epilogue, 'name', epilogue)}, "
-            f"alignments {tuple(aligns)}")
+            f"leading dimensions (b, a, out) {lds}, alignments {tuple(aligns)}")

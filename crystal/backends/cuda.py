@@ -9,7 +9,9 @@ shape; cupy's memory pool is stream-aware, so nothing is handed from one stream 
 
 Determinism: every kernel has a fixed reduction order (see kernels/README.md); each sphere
 thread has its own cuBLAS handle and stream, so a product's result never depends on which
-sphere computed it. TF32 is off unless `precision="tf32"`.
+sphere computed it. TF32 is off unless `precision="tf32"`. LoRA's products on a column block of a
+fused product (matmul_columns_*) go through cuBLASLt in every precision: the block is read and
+written in place with the fused width as leading dimension, which cupy's matmul would copy.
 
 bf16 (`precision="bf16"`, compute capability 8.0+): master parameters, gradients, AdamW moments,
 the reducer and the loss stay float32; the spheres read a bf16 copy of the weights (one cast
@@ -291,12 +293,20 @@ class CudaBackend:
         """The kernel for this precision: `name`, or its `name_bf16` twin (bf16 activations)."""
         return name + "_bf16" if self.bf16 else name
 
+    def require_lt(self, what: str) -> None:
+        """cuBLASLt's bindings, loaded now where this backend did not need them before (fp32 and
+        tf32 without graphs run cupy's products; `what` needs cuBLASLt anyway): a one-line
+        CrystalError naming `what` when nvmath-python is missing."""
+        if self._lt_bindings is None:
+            self._lt_bindings = _import_cublaslt(what)
+
     def _lt(self):
         """This thread's cuBLASLt products (its own handle and workspace, made on first use)."""
         lt = getattr(self._local, "lt", None)
         if lt is None:
             from crystal.backends.cublaslt import LtMatmul
 
+            self.require_lt("a cuBLASLt product")
             workspace = self.cp.empty(LT_WORKSPACE_BYTES, dtype=np.uint8)
             lt = self._local.lt = LtMatmul(self._lt_bindings, workspace, self._stream_ptr,
                                            tf32=self._lt_compute == "tf32")
@@ -445,6 +455,26 @@ class CudaBackend:
         if dbias is not None:
             N, OC = dout2.shape
             self._column_sums("bias_backward", (dbias,), (dout2,), N, OC)
+
+    # --- a product into (or from) a column block [lo, lo+OC) of a wider [N, W] array: LoRA's B on a
+    # part of a fused product (a llama's q, k, v of q|k|v, gate, up of gate|up). cuBLASLt in every
+    # precision: the block is read and written in place with ld = W, and the forward's addition is
+    # the product's own beta = 1 (cupy's matmul would copy a strided operand, and has no beta) ---
+    def matmul_columns_forward(self, out, inp, w, lo):
+        """out[:, lo:lo+OC] += inp[N,C] @ w[C,OC] (out [N,W]): one product, fp32 accumulation, one
+        rounding to out's type (bf16 activations)."""
+        block = _rows(out)[:, lo:lo + w.shape[1]]
+        self._count()
+        self._issue(self._lt().gemm, block, _rows(inp), w, accumulate=True)
+
+    def matmul_columns_backward(self, dinp, dw, dout, inp, w, lo):
+        """d = dout[:, lo:lo+OC] of dout [N,W], read in place: dinp = d @ w.T (activations' type),
+        dw = inp.T @ d (float32: a gradient slot); both written."""
+        d = _rows(dout)[:, lo:lo + w.shape[1]]
+        lt = self._lt()
+        self._count(2)
+        self._issue(lt.gemm, _rows(dinp), d, w, trans_b=True)
+        self._issue(lt.gemm, dw, _rows(inp), d, trans_a=True)
 
     # --- linear products in nn.Linear layout (w [OC, C]: Llama's weights, the LM head) ---
     def linear_forward(self, out, inp, w, bias):
@@ -839,26 +869,29 @@ def _lt_libraries(device, bf16: bool):
 
     cc = int(device.compute_capability)
     if not bf16:
-        try:
-            from nvmath.bindings import cublasLt
-        except Exception as e:
-            raise CrystalError(f"--cuda-graphs needs nvmath-python for cuBLASLt (pip install 'crystal[cuda]'): "
-                               f"{type(e).__name__}") from None
-        return cublasLt, None
+        return _import_cublaslt("--cuda-graphs"), None
     if cc < 80:
         raise CrystalError(f"--precision bf16 needs a GPU of compute capability 8.0 or newer; "
                            f"this one is {cc // 10}.{cc % 10} (use fp32 or tf32)")
-    try:
-        from nvmath.bindings import cublasLt
-    except Exception as e:
-        raise CrystalError(f"--precision bf16 needs nvmath-python for cuBLASLt (pip install 'crystal[cuda]'): "
-                           f"{type(e).__name__}") from None
+    cublasLt = _import_cublaslt("--precision bf16")
     from crystal.backends.cudnn_attention import unavailable_reason
 
     cudnn = None
     if os.environ.get("CRYSTAL_CUDNN", "1") != "0" and unavailable_reason() is None:
         import cudnn
     return cublasLt, cudnn
+
+
+def _import_cublaslt(what: str):
+    """nvmath's cuBLASLt bindings, or a one-line CrystalError saying `what` needs them."""
+    from crystal.errors import CrystalError
+
+    try:
+        from nvmath.bindings import cublasLt
+    except Exception as e:
+        raise CrystalError(f"{what} needs nvmath-python for cuBLASLt (pip install 'crystal[cuda]'): "
+                           f"{type(e).__name__}") from None
+    return cublasLt
 
 
 def set_matmul_precision(precision: str) -> None:

@@ -92,12 +92,13 @@ def _owner(a: np.ndarray) -> np.ndarray:
 
 class EmulatedCudaBackend(CudaBackend):
     """CudaBackend with numpy arrays and emulated kernels; streams and events are no-ops.
-    precision "bf16" takes `lt` (a cuBLASLt stand-in, required) and `cudnn` (a cuDNN stand-in,
-    or None for the cuBLAS + softmax attention path). graphs=True: every product through `lt`
-    (a stand-in is made when none is given), as on a GPU with --cuda-graphs."""
+    `lt`: a cuBLASLt stand-in (one is made when none is given): bf16's products, every product
+    with graphs=True (as on a GPU with --cuda-graphs), and in fp32 without graphs the column-block
+    products (matmul_columns_*) only. `cudnn`: a cuDNN stand-in (bf16), or None for the cuBLAS +
+    softmax attention path."""
 
     def __init__(self, precision: str = "fp32", lt=None, cudnn=None, flash: bool = True, graphs: bool = False):
-        if graphs and lt is None:
+        if lt is None:
             from lt_standin import LtStandIn
 
             lt = LtStandIn()
