@@ -3,8 +3,8 @@
 # timeout so that a crash or a hang in one never blocks the later ones:
 #   env (+ the bf16 libraries) -> bench_reduce_kernels.py (the parameter-gradient column sums, old vs
 #   two-stage, at GPT-2 124M shapes) -> smoke runs (tiny: fp32, bf16, fp32 with CUDA graphs)
-#   -> bench_generate.py --device cuda (KV-cache decode at GPT-2 124M shapes, fp32 and bf16, batch 1 and 8,
-#   decode steps eager and as CUDA graphs)
+#   -> bench_generate.py --device cuda (KV-cache decode at GPT-2 124M shapes, then SmolLM2-135M's (llama), fp32
+#   and bf16, batch 1 and 8, decode steps eager and as CUDA graphs)
 #   -> `pytest -m cuda` (with the Llama ops of tests/test_cuda.py: grouped-query attention fp32/bf16 (cuDNN where
 #   installed) run twice for the same bits, RMSNorm/RoPE/SwiGLU, nn.Linear products through cuBLAS and cuBLASLt
 #   (BIAS only with a bias, BGRADB bias gradient, dw=None), the encoder without position embeddings; alone:
@@ -20,12 +20,12 @@
 #
 # Time plan for TOTAL=540 (the caps; a step gets min(cap, max(its minimum, time left - the
 # minimums of the steps after it - 5 s)), and is skipped when less than its minimum is left):
-#   install+env 45 | reduce kernels 60 | smoke fp32 60 | smoke bf16 60 | smoke graphs 60 | generate 75 | pytest 120
+#   install+env 45 | reduce kernels 60 | smoke fp32 60 | smoke bf16 60 | smoke graphs 60 | generate 120 | pytest 120
 #   | bf16 check 75 | bench llama 120 | bench shakespeare 100 | CPU scaling 60 | bench gpt2 90
 #   | quality: the rest (at least 40)
-# Expected (not capped) about 20+15+25+20+40+70+45+70+45+60 = 410 s before bench llama (~90 s, not yet
-# measured on a GPU), leaving ~35 s for the quality run at TOTAL=540 (it is skipped under 40 s: pass
-# TOTAL=600, or SKIP_BENCH=1 to skip every bench row, llama's included).
+# Expected (not capped) about 20+15+25+20+40+110+45+70+45+60 = 450 s before bench llama (~90 s, not yet
+# measured on a GPU): at TOTAL=540 the quality run is skipped (under 40 s left); pass TOTAL=600 for
+# it, or SKIP_BENCH=1 to skip every bench row, llama's included.
 #
 # $OUT (default /tmp/device-out) gets at most 8 files (the device tool brings back 8):
 #   log.txt summary.txt reduce_kernels.json bf16_check.json bench_gpu_shakespeare.json bench_gpu_gpt2.json
@@ -176,29 +176,34 @@ EOF
 export -f env_report
 export OUT
 TAIL_LINES=60
-run_step env 45 10 370 -- bash -c 'env_report 2>&1'
+run_step env 45 10 380 -- bash -c 'env_report 2>&1'
 
 TAIL_LINES=12
-run_step reduce_kernels 60 20 350 -- python3 bench/bench_reduce_kernels.py --json "$OUT/reduce_kernels.json"
+run_step reduce_kernels 60 20 360 -- python3 bench/bench_reduce_kernels.py --json "$OUT/reduce_kernels.json"
 
 TAIL_LINES=12
-run_step smoke_fp32 60 20 330 -- python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \
+run_step smoke_fp32 60 20 340 -- python3 -m crystal.cli train --preset tiny --device cuda --steps 20 --spheres 4 \
     --out /tmp/run-smoke --overwrite
-run_step smoke_bf16 60 20 310 -- python3 -m crystal.cli train --preset tiny --device cuda --precision bf16 --steps 20 \
+run_step smoke_bf16 60 20 320 -- python3 -m crystal.cli train --preset tiny --device cuda --precision bf16 --steps 20 \
     --spheres 4 --out /tmp/run-smoke-bf16 --overwrite
-run_step smoke_graphs 60 20 290 -- python3 -m crystal.cli train --preset tiny --device cuda --cuda-graphs on \
+run_step smoke_graphs 60 20 300 -- python3 -m crystal.cli train --preset tiny --device cuda --cuda-graphs on \
     --steps 20 --spheres 4 --out /tmp/run-smoke-graphs --overwrite
 
 # KV-cache generation (crystal/generate.py on kernels/kv_cache.cu): decode tokens/s and time to first
-# token, GPT-2 124M shapes, a 128-token prompt and 32 new tokens, fp32 then bf16, batch 1 then 8, decode
-# steps eager and replayed as CUDA graphs (alternating; same_tokens_as_eager: the replay's tokens are the eager ones)
-TAIL_LINES=10
-run_step generate 75 25 265 -- python3 bench/bench_generate.py --device cuda --precisions fp32,bf16 --batches 1,8 \
-    --graphs off,on --prompt-len 128 --new-tokens 32 --rounds 1
-GJ=$(grep '^{"bench": "generate", "device"' "$LOG" | tail -n 1)
-[ -n "$GJ" ] && SUMMARY+=("$(python3 -c 'import json, sys; d = json.loads(sys.argv[1])
-print("generate result        decode tok/s " + "; ".join("%s%s b%s %s%s" % (r["precision"], " graphs" if r["graphs"] else "",
-      r["batch"], r["decode_tok_per_s"], "" if r.get("same_tokens_as_eager", True) else " (TOKENS DIFFER)") for r in d["rows"]))' "$GJ" 2>&1)")
+# token, GPT-2 124M shapes then SmolLM2-135M's (--arch llama: GQA 9 heads on 3, SwiGLU, rotary), a
+# 128-token prompt and 32 new tokens, fp32 then bf16, batch 1 then 8, decode steps eager and replayed as
+# CUDA graphs (alternating; same_tokens_as_eager: the replay's tokens are the eager ones); the llama run
+# follows the gpt2 run in the same step (either one failing leaves the other's rows)
+TAIL_LINES=14
+GEN="--device cuda --precisions fp32,bf16 --batches 1,8 --graphs off,on --prompt-len 128 --new-tokens 32 --rounds 1"
+run_step generate 120 35 265 -- bash -c "python3 bench/bench_generate.py --arch gpt2 $GEN; \
+    python3 bench/bench_generate.py --arch llama $GEN"
+while read -r GJ; do
+    SUMMARY+=("$(python3 -c 'import json, sys; d = json.loads(sys.argv[1])
+print("generate %-5s result  decode tok/s " % d.get("arch", "gpt2") + "; ".join("%s%s b%s %s%s" % (r["precision"],
+      " graphs" if r["graphs"] else "", r["batch"], r["decode_tok_per_s"],
+      "" if r.get("same_tokens_as_eager", True) else " (TOKENS DIFFER)") for r in d["rows"]))' "$GJ" 2>&1)")
+done < <(grep '^{"bench": "generate", "device"' "$LOG")
 
 TAIL_LINES=40
 run_step pytest_cuda 120 40 225 -- python3 -m pytest -m cuda -p no:cacheprovider -q

@@ -237,13 +237,22 @@ class Decoder:
 
     def prefill(self, prompts: list) -> np.ndarray:
         """Every sequence's prompt (1..capacity tokens each) in one forward, right-padded to the
-        longest; the logits after each prompt's last token, [batch, V]."""
+        longest; the logits after each prompt's last token, [batch, V]. The same prompt in every
+        row (n samples of one prompt) is computed once, in row 0, and shared (`share`): its
+        logits and cache are bitwise those of the prompt prefilled alone."""
         if len(prompts) != self.batch:
             raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch}")
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
         if lens.min() < 1 or lens.max() > self.capacity:
             raise ValueError(f"prompt lengths must be in [1, {self.capacity}], got {lens.min()}..{lens.max()}")
         self._check_tokens(prompts)
+        if self.batch > 1 and all(np.array_equal(p, prompts[0]) for p in prompts[1:]):
+            # one prompt continued by every sequence (n samples of it): computed once, in row 0
+            # (the forward of the prompt drawn alone), then its keys and values copied
+            logits = self._run(self.cache.rows(0, 1), np.asarray(prompts[0])[None, :], np.zeros(1), lens[:1] - 1)
+            self.lengths[0] = lens[0]
+            self.share(0, range(1, self.batch))
+            return np.repeat(logits, self.batch, axis=0)
         idx = np.zeros((self.batch, int(lens.max())), dtype=np.int32)
         for b, p in enumerate(prompts):
             idx[b, :len(p)] = p
@@ -261,6 +270,20 @@ class Decoder:
         logits = self._run(self.cache.rows(row, row + 1), np.asarray(tokens)[None, :], np.zeros(1), np.array([n - 1]))
         self.lengths[row] = n
         return logits[0]
+
+    def share(self, src: int, rows) -> None:
+        """Sequences `rows` continue sequence src's context: its cache (positions
+        0..lengths[src]-1 of every layer's k and v) is copied into their rows (ops.copy_rows, one
+        copy per layer, k and v, and run of adjacent rows), and its length. Several sequences of
+        one prompt share its prefill this way: the prompt is computed once, in one row."""
+        rows = sorted({int(r) for r in rows})
+        if any(not 0 <= r < self.batch for r in rows) or src in rows or not 0 <= src < self.batch:
+            raise ValueError(f"cannot share row {src} into rows {rows} of a batch of {self.batch}")
+        n = int(self.lengths[src])
+        for a, b in _adjacent_runs(rows):
+            for layer in (*self.cache.k, *self.cache.v):
+                self.ops.copy_rows(layer[a:b, :, :n], layer[src:src + 1, :, :n])
+        self.lengths[rows] = n
 
     def decode(self, tokens, active=None) -> np.ndarray:
         """One token per sequence at its next position; the logits after it, [len(tokens), V].
@@ -281,3 +304,14 @@ class Decoder:
         logits = self._run(cache, idx[:, None], pos, np.zeros(B), step=True)
         lengths[active] += 1
         return logits
+
+
+def _adjacent_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted rows as [start, stop) runs of adjacent rows: [1, 2, 3, 6] -> [(1, 4), (6, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs

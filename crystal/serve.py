@@ -20,12 +20,12 @@ fills block_size slides (crystal.sample.context_window).
 
 Concurrency: one worker thread owns the model and decodes the running requests together, as
 rows of one KV-cache decoder: a request waits in a FIFO queue until its n rows are free, joins
-the batch (its prompt computed into its rows), and leaves it when its choices end, so a short
-request does not wait for a long one to finish. Bounds (`Limits`): the body, the prompt's
-tokens, max_tokens, n, the stop texts, and the requests queued or running; beyond one, the
-OpenAI error JSON with 400, 413 (body) or 429 (queue full), at once. A client that disconnects
-(mid-stream, or while its answer is decoded) cancels its request: its rows are freed before
-the next decode step.
+the batch (its prompt computed once, into one row, and copied into its other n - 1), and leaves
+it when its choices end, so a short request does not wait for a long one to finish. Bounds
+(`Limits`): the body, the prompt's tokens, max_tokens, n, the stop texts, and the requests
+queued or running; beyond one, the OpenAI error JSON with 400, 413 (body) or 429 (queue full),
+at once. A client that disconnects (mid-stream, or while its answer is decoded) cancels its
+request: its rows are freed before the next decode step.
 
 Chat: the template is tokenizer_config.json's `chat_template` (or chat_template.jinja beside
 it), rendered as transformers' apply_chat_template renders it (crystal.chat) (a sandboxed jinja2 environment
@@ -160,11 +160,12 @@ class Worker:
     """One thread that owns the model and decodes every running request's choices together, as
     rows of one Decoder of `max_batch` rows and block_size positions (its KV cache allocated
     once, here). A request waits in a FIFO queue until `n` rows are free; it then joins the
-    running batch: each choice's prompt (its last block_size tokens) is computed into its row
-    (Decoder.refill), and from then on each step decodes one token for every live row at once;
-    a row that fills block_size slides (crystal.sample.context_window). Each row draws exactly
-    as crystal.sample.Generation draws (choose, its own generator seeded seed + i), so a choice
-    is the same text whether or not other requests were decoded beside it."""
+    running batch: its prompt (its last block_size tokens) is computed once, into its first
+    choice's row (Decoder.refill), and copied into the other choices' rows (Decoder.share); from
+    then on each step decodes one token for every live row at once; a row that fills block_size
+    slides (crystal.sample.context_window). Each row draws exactly as crystal.sample.Generation
+    draws (choose, its own generator seeded seed + i), so a choice is the same text whether or not
+    other requests were decoded beside it."""
 
     def __init__(self, served: ServedModel, max_queue: int, max_batch: int):
         from crystal.generate import Decoder
@@ -265,8 +266,10 @@ class Worker:
         self.running[id(job)] = seqs
         for s in seqs:
             self.rows[s.row] = s
+        logits = self.decoder.refill(seqs[0].row, job.prompt[-self.served.block_size:])
+        self.decoder.share(seqs[0].row, [s.row for s in seqs[1:]])  # the n choices share one prefill
         for s in seqs:
-            self._draw(s, self.decoder.refill(s.row, job.prompt[-self.served.block_size:]))
+            self._draw(s, logits)
         self.decoder.release_workspaces()  # prompts of every length: keep none of their shapes
 
     def _draw(self, s: Sequence, logits) -> None:

@@ -124,6 +124,51 @@ def test_logits_are_restricted_to_the_vocabulary_when_wte_has_padding_rows(model
     assert got.shape == (1, CFG.vocab_size) and rel_err(got[0], last_logits(model, [3, 4, 5])) <= TOL
 
 
+def test_one_prompt_in_every_row_is_prefilled_once_and_shared(model):
+    """n samples of one prompt: the prompt is computed in one row (the only prefill workspace is
+    [1, T]) and its cache copied into the others; logits and cache bitwise the prompt's alone,
+    and each row then decodes its own tokens as the full forward does."""
+    prompt = prompts_of((11,), seed=4)[0]
+    alone, shared = Decoder(model, 1), Decoder(model, 4)
+    want, got = alone.prefill([prompt]), shared.prefill([prompt] * 4)
+    assert list(shared._work) == [(1, len(prompt))]
+    assert all(np.array_equal(row, want[0]) for row in got)
+    assert shared.lengths.tolist() == [len(prompt)] * 4
+    for a, b in zip((*alone.cache.k, *alone.cache.v), (*shared.cache.k, *shared.cache.v)):
+        assert all(np.array_equal(b[r, :, :len(prompt)], a[0, :, :len(prompt)]) for r in range(4))
+    logits = shared.decode([1, 2, 3, 4])
+    for r, t in enumerate([1, 2, 3, 4]):
+        assert rel_err(logits[r], last_logits(model, prompt + [t])) <= TOL
+
+
+def test_a_row_shared_into_rows_anywhere_in_the_batch_continues_its_context(model):
+    """Decoder.share copies a row's cache (its positions only) into rows that need not be
+    adjacent; they continue its context, the others theirs."""
+    prompts = prompts_of((3, 9, 5, 2, 7), seed=6)
+    decoder = Decoder(model, 5)
+    decoder.prefill(prompts)
+    decoder.share(1, [0, 3, 4])
+    assert decoder.lengths.tolist() == [9, 9, 5, 9, 9]
+    logits = decoder.decode([10, 11, 12, 13, 14])
+    ctx = [prompts[1], prompts[1], prompts[2], prompts[1], prompts[1]]
+    for r in range(5):
+        assert rel_err(logits[r], last_logits(model, ctx[r] + [10 + r])) <= TOL
+    with pytest.raises(ValueError):
+        decoder.share(1, [1, 2])
+
+
+def test_sample_i_of_a_batch_of_one_prompt_is_bitwise_the_sample_of_seed_plus_i_alone(model):
+    """The tokens (not just the text) of sample i of a batch sharing one prefill are those of
+    seed + i drawn alone."""
+    prompt, params = prompts_of((7,), seed=8)[0], SamplingParams(max_tokens=12, temperature=1.0, seed=3)
+    batch = Generation(model, [prompt] * 4, params)
+    while batch.step():
+        pass
+    for i in range(4):
+        assert batch.ids[i] == generate(model, prompt, 12, temperature=1.0, seed=3 + i)
+    assert len({tuple(ids) for ids in batch.ids}) == 4
+
+
 def test_emulated_cuda_decoder_matches_the_cpu_at_every_position():
     """kernels/kv_cache.cu through the cuda backend's host code, fp32, against the cpu."""
     from emu.backend import EmulatedCudaBackend
@@ -142,6 +187,24 @@ def test_emulated_cuda_decoder_matches_the_cpu_at_every_position():
         runs.append(logits)
     assert max(rel_err(g, c) for g, c in zip(runs[1], runs[0])) <= TOL
     assert rel_err(runs[1][0], decode_reference(cpu, prompts)) <= TOL
+
+
+def test_emulated_cuda_decoder_shares_one_prompts_prefill_as_the_cpu():
+    """The cuda backend's copy of cache rows (ops.copy_rows) under emulation, fp32: a prompt
+    prefilled once and shared decodes as on the cpu."""
+    from emu.backend import EmulatedCudaBackend
+
+    cfg = ModelConfig(vocab_size=67, block_size=12, n_layer=2, n_head=2, n_embd=16)
+    flat = init_params(cfg, 4)
+    prompt = prompts_of((5,), seed=9, vocab=cfg.vocab_size)[0]
+    cpu, runs = GPT(cfg, flat), []
+    for m in (cpu, GPT(cfg, flat, EmulatedCudaBackend())):
+        decoder = Decoder(m, 3)
+        runs.append([decoder.prefill([prompt] * 3), decoder.decode([1, 2, 3]), decoder.decode([4, 5, 6])])
+        decoder.share(2, [0])  # row 0 continues row 2's context
+        runs[-1].append(decoder.decode([7, 8, 9]))
+    assert max(rel_err(g, c) for g, c in zip(runs[1], runs[0])) <= TOL
+    assert rel_err(runs[1][-1][0], last_logits(cpu, prompt + [3, 6, 7])) <= TOL
 
 
 def decode_reference(model, prompts):

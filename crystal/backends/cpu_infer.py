@@ -12,7 +12,9 @@ only inference has, because its rows sit at different positions of different seq
   attends, causally, to every cached key of its sequence up to its own position; with
   n_kv_head < n_head (grouped-query attention), query head h reads KV head h // (NH / KV) of
   the cache in place (no copy per query head);
-- `gather_rows`: one row per sequence (the last prompt token's) for the LM head.
+- `gather_rows`: one row per sequence (the last prompt token's) for the LM head;
+- `copy_rows`: a cache row's keys or values copied into other rows (sequences that continue the
+  same prompt share its prefill).
 
 qkv rows are [q heads 0..NH-1 | k heads 0..KV-1 | v heads 0..KV-1], hd values each (GPT-2:
 KV = NH, hd = C / NH). Cache layout: k and v are [B, KV, capacity, hd] per layer, so one head's
@@ -146,7 +148,8 @@ def _controller():
 
 
 class CpuInferenceOps:
-    """embed_at, rope_at, kv_attention and gather_rows on numpy arrays (crystal.generate's protocol)."""
+    """embed_at, rope_at, kv_attention, gather_rows and copy_rows on numpy arrays (crystal.generate's
+    protocol)."""
 
     def threads(self, decode: bool):
         """The BLAS thread limit of a decode step (DECODE_BLAS_THREADS) or a prefill (none)."""
@@ -185,3 +188,7 @@ class CpuInferenceOps:
 
     def gather_rows(self, out, x, rows) -> None:
         gather_rows(out, x, rows)
+
+    def copy_rows(self, dst, src) -> None:
+        """dst[...] = src, src [1, ...] broadcast over dst's rows (views of one layer's k or v)."""
+        np.copyto(dst, src)

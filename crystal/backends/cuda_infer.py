@@ -1,12 +1,12 @@
 """The cuda backend's inference ops (crystal.generate): kernels/kv_cache.cu.
 
-The same four ops as crystal.backends.cpu_infer, on the calling thread's stream: the
-embedding at each sequence's position (no position embeddings for llama), the rotary rotation
-at each sequence's positions (llama), the store of the new keys and values (KV heads) followed
-by attention against the cache (one block per query row, reading its KV head in place; the
-scores in a float32 scratch of [B*NH*T, capacity]), and the gather of one row per sequence.
-fp32 and bf16 (the `_bf16` twins: bf16 activations and cache, float32 scores, rotary tables and
-math).
+The ops of crystal.backends.cpu_infer, on the calling thread's stream: the embedding at each
+sequence's position (no position embeddings for llama), the rotary rotation at each sequence's
+positions (llama), the store of the new keys and values (KV heads) followed by attention
+against the cache (one block per query row, reading its KV head in place; the scores in a
+float32 scratch of [B*NH*T, capacity]), the gather of one row per sequence, and the copy of a
+cache row into other rows (device to device: cupy's copyto). fp32 and bf16 (the `_bf16` twins:
+bf16 activations and cache, float32 scores, rotary tables and math).
 """
 
 from __future__ import annotations
@@ -49,3 +49,9 @@ class CudaInferenceOps:
     def gather_rows(self, out, x, rows) -> None:
         be, (B, T, C) = self.be, x.shape
         be._launch(be._k("gather_rows"), grid_1d(B * C, be.block), out, x, rows, B, T, C)
+
+    def copy_rows(self, dst, src) -> None:
+        """dst[...] = src, src [1, ...] broadcast over dst's rows (strided views of one layer's k or
+        v): device to device, on the calling thread's stream."""
+        self.be._count()
+        self.be._issue(self.be.cp.copyto, dst, src)
