@@ -4,8 +4,8 @@ and after, and greedy answers before and after. Every step is the `crystal` comm
 (printed as it runs).
 
 Usage (from the repository root):
-    python bench/example_instruct.py [--out DIR] [--records 400] [--pretrain-steps 600]
-                                     [--lora-steps 300] [--full-steps 300] [--json OUT]
+    python bench/example_instruct.py [--out DIR] [--records 400] [--pretrain-steps 600] [--steps 300]
+                                     [--lora-targets all] [--lora-lr 3e-3] [--full-lr 3e-4] [--json OUT]
 
 1. Pretraining: the embedded Tiny Shakespeare, a byte-level BPE of 512 tokens trained on it by
    `crystal prepare --tokenizer bpe`, the `small` preset (4 layers, 128 wide, T = 64) for
@@ -21,12 +21,15 @@ Usage (from the repository root):
    out: the validation loss is the mean over their assistant turns' tokens only (the mask).
    The held-out records ask new sums, new word lists and capitals phrased in ways the
    training records may not have used for that country.
-3. LoRA: `--preset finetune-lora` (r 8, alpha 16, dropout 0.05 on c_attn, lr 1e-3, 16 sequences a
-   step, no clipping) with --lora-steps steps and a 10% warmup instead of the preset's 5 epochs
-   and 100 warmup steps; --seq-len 64 (the base's context).
-4. The full fine-tune: `--preset finetune` (dropout 0.1, 32 sequences a step, constant lr after
-   the warmup) with lr 3e-4 instead of 3e-5 (a 3.3M model that has --full-steps steps), the same
-   --seq-len and steps.
+3. LoRA: `--preset finetune-lora` (r 8, alpha 16, dropout 0.05, 16 sequences a step, AdamW betas
+   0.9/0.999, weight decay 0.01, cosine to 0, no clipping) with --steps steps and a 10% warmup
+   instead of the preset's 5 epochs and 100 warmup steps, --seq-len 64 (the base's context), and
+   by default adapters on every GPT-2 projection (--lora-targets all) at lr 3e-3: on a 128-wide
+   model that has 300 steps, the preset's c_attn at lr 1e-3 (litgpt's 7B defaults) learns little
+   (bench/RESULTS.md has both).
+4. The full fine-tune: `--preset finetune` (dropout 0.1, constant lr after the warmup) with the
+   same 16 sequences a step (the same batches as LoRA), steps and warmup, at lr 3e-4 (--full-lr)
+   instead of 3e-5.
 5. `crystal eval RUN --data chat` on the base and both runs (the same fixed validation windows,
    every one of the split), and `crystal sample RUN --prompt ... --temperature 0` on held-out
    questions.
@@ -128,8 +131,10 @@ def main() -> None:
     ap.add_argument("--out", help="working directory (default: a temporary one, removed)")
     ap.add_argument("--records", type=int, default=400)
     ap.add_argument("--pretrain-steps", type=int, default=600)
-    ap.add_argument("--lora-steps", type=int, default=300)
-    ap.add_argument("--full-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps (LoRA and full)")
+    ap.add_argument("--lora-targets", default="all", help="the finetune-lora preset's is c_attn")
+    ap.add_argument("--lora-lr", default="3e-3", help="the finetune-lora preset's is 1e-3")
+    ap.add_argument("--full-lr", default="3e-4", help="the finetune preset's is 3e-5")
     ap.add_argument("--spheres", type=int, default=2)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
@@ -165,13 +170,12 @@ def run(w: Path, args) -> None:
     meta = json.loads((w / "chat" / "meta.json").read_text())
 
     # 3, 4. LoRA and the full fine-tune
-    common = ["--init-from", str(w / "base"), "--data", str(w / "chat"), "--seq-len", "64", "--eval-batches", "100000"]
-    crystal("train", "--preset", "finetune-lora", *common, "--steps", str(args.lora_steps),
-            "--warmup", str(max(1, args.lora_steps // 10)), "--eval-every", str(args.lora_steps),
-            "--out", str(w / "lora"), *sp, log=log)
-    crystal("train", "--preset", "finetune", *common, "--steps", str(args.full_steps), "--lr", "3e-4",
-            "--warmup", str(max(1, args.full_steps // 10)), "--eval-every", str(args.full_steps),
-            "--out", str(w / "full"), *sp, log=log)
+    common = ["--init-from", str(w / "base"), "--data", str(w / "chat"), "--seq-len", "64", "--micro-batches", "16",
+              "--steps", str(args.steps), "--warmup", str(max(1, args.steps // 10)), "--eval-every", str(args.steps),
+              "--eval-batches", "100000", *sp]
+    crystal("train", "--preset", "finetune-lora", *common, "--lora-targets", args.lora_targets, "--lr", args.lora_lr,
+            "--out", str(w / "lora"), log=log)
+    crystal("train", "--preset", "finetune", *common, "--lr", args.full_lr, "--out", str(w / "full"), log=log)
 
     # 5. held-out figures
     runs = {"base": w / "base", "lora": w / "lora", "full": w / "full"}
@@ -194,7 +198,8 @@ def run(w: Path, args) -> None:
                                                                          *sys.argv[1:]]),
         "records": meta["records"], "response_tokens": meta.get("response_tokens"),
         "lora": {"r": lora_info.get("r"), "alpha": lora_info.get("lora_alpha"),
-                 "targets": lora_info.get("target_modules")},
+                 "targets": lora_info.get("target_modules"), "lr": float(args.lora_lr)},
+        "full_lr": float(args.full_lr),
         "val_loss": losses, "samples": samples, "commands": log,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
