@@ -392,8 +392,8 @@ def test_chat_data_to_a_lora_run_to_a_peft_adapter_end_to_end(world, tmp_path, c
     assert main(["prepare", str(tmp_path / "qa.jsonl"), "--format", "chat", "--tokenizer", str(world / "hf"),
                  "--out", str(tmp_path / "data"), "--val-fraction", "0.25"]) == 0
     run = tmp_path / "lora"
-    assert main(["train", "--preset", "finetune-lora", "--init-from", str(world / "hf"), "--data", str(tmp_path / "data"),
-                 "--lora-r", "4", "--lora-targets", "all", "--lora-dropout", "0", "--lr", "1e-2", "--warmup", "0",
+    assert main(["train", "--preset", "finetune-lora", "--init-from", str(world / "hf"),
+                 "--data", str(tmp_path / "data"), "--lora-r", "4", "--lora-targets", "all", "--lora-dropout", "0", "--lr", "1e-2", "--warmup", "0",
                  "--steps", "12", "--seq-len", "16", "--batch-size", "4", "--micro-batches", "2", "--spheres", "2",
                  "--eval-every", "12", "--eval-batches", "1000", "--out", str(run), "--quiet"]) == 0
     capsys.readouterr()

@@ -176,8 +176,6 @@ def test_ranks_on_masked_instruction_data_give_bitwise_the_single_process_run(ch
     """The loss is the mean over the step's unmasked targets, counted over every rank's
     micro-batches (one with none adds zero): 2 ranks of 2 spheres, with the sharded optimizer, are
     bitwise 1 process of 1 sphere, val loss included."""
-    import numpy as np
-
     from crystal.data import BatchIterator, load_dataset
 
     masked = ["train", "--preset", "tiny", "--device", "cpu", "--quiet", "--data", str(chat_data), "--seq-len", "16",
