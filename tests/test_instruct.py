@@ -359,3 +359,55 @@ def test_lora_on_masked_data_takes_the_masked_mean_and_is_bitwise_for_1_and_3_sp
     assert rel_err(first["l1"], first["full"]) <= 1e-6
     assert (tmp_path / "l1" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "l3" / "adapter_model.safetensors").read_bytes()
+
+
+# --- the instruction-tuning pipeline end to end (bench/example_instruct.py in miniature) -------
+
+CAPITALS = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Peru", "Lima"), ("Cuba", "Havana"),
+            ("Egypt", "Cairo"), ("Japan", "Tokyo"), ("Kenya", "Nairobi")]
+
+
+def qa_records(n=48):
+    """Templated questions and answers: a capital city or a sum, some with a system turn."""
+    out = []
+    for i in range(n):
+        country, city = CAPITALS[(5 * i) % len(CAPITALS)]
+        q, a = ((f"Capital of {country}?", f"The capital is {city}.") if i % 2 else
+                (f"What is {i % 7} plus {i % 5}?", f"It is {i % 7 + i % 5}."))
+        sys_turn = [{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []
+        out.append({"messages": [*sys_turn, {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return out
+
+
+def test_chat_data_to_a_lora_run_to_a_peft_adapter_end_to_end(world, tmp_path, capsys):
+    """crystal prepare --format chat -> crystal train --lora-r on the masked data -> the val loss
+    on the held-out responses drops (crystal eval, the same fixed windows as the base's) ->
+    crystal export --format peft -> PeftModel.from_pretrained(base, DIR) gives crystal's logits."""
+    peft = pytest.importorskip("peft", reason="needs peft (the test extra)")
+    from crystal import load_checkpoint
+    from crystal.checkpoint import read_train_config
+    from crystal.trainer import evaluate
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa_records()))
+    assert main(["prepare", str(tmp_path / "qa.jsonl"), "--format", "chat", "--tokenizer", str(world / "hf"),
+                 "--out", str(tmp_path / "data"), "--val-fraction", "0.25"]) == 0
+    run = tmp_path / "lora"
+    assert main(["train", "--preset", "finetune-lora", "--init-from", str(world / "hf"),
+                 "--data", str(tmp_path / "data"), "--lora-r", "4", "--lora-targets", "all", "--lora-dropout", "0", "--lr", "1e-2", "--warmup", "0",
+                 "--steps", "12", "--seq-len", "16", "--batch-size", "4", "--micro-batches", "2", "--spheres", "2",
+                 "--eval-every", "12", "--eval-batches", "1000", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    after = float(capsys.readouterr().out.split()[2])  # "val loss X | ..."
+    data = load_dataset(str(tmp_path / "data"))
+    before, n = evaluate(load_checkpoint(world / "hf"), data, read_train_config(run / "train.json"))
+    print(f"val loss of the held-out responses: {before:.4f} -> {after:.4f} ({n} windows)")
+    assert n > 4 and after < before - 0.5, (before, after)
+
+    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "adapter")]) == 0
+    x = read_tokens(tmp_path / "data" / "val.bin")[0][:32].astype(np.int64).reshape(2, 16)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(world / "hf"), local_files_only=True)
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor(x)).logits.numpy()
+    assert rel_err(load_checkpoint(run).logits(x), theirs) <= 1e-5

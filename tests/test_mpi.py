@@ -140,6 +140,57 @@ def test_muon_on_ranks_gives_bitwise_the_single_process_run(tmp_path, ranks, sha
     assert same_run(many, one)
 
 
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    """Chat records prepared with `crystal prepare --format chat` (a byte-level BPE of 300 tokens
+    and a chat template): a loss mask whose long prompts leave 16-token windows without a target."""
+    pytest.importorskip("jinja2")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from crystal.cli import main
+    from crystal.data import EOT, default_corpus
+
+    root = tmp_path_factory.mktemp("chat")
+    text = default_corpus()[:20_000].decode()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT], show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (root / "tok").mkdir()
+    bpe.save(str(root / "tok" / "tokenizer.json"))
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                "{{ eos_token if m['role'] == 'assistant' else '' }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    (root / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOT, "chat_template": template}))
+    lines = [s for s in text.split("\n") if len(s) > 20]
+    records = [{"messages": [{"role": "user", "content": " ".join(lines[3 * i:3 * i + 1 + i % 3])},
+                             {"role": "assistant", "content": lines[3 * i + 2][:12 + 7 * (i % 4)]}]}
+               for i in range(60)]
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["prepare", str(root / "chat.jsonl"), "--format", "chat", "--tokenizer", str(root / "tok"),
+                 "--out", str(root / "data"), "--val-fraction", "0.2"]) == 0
+    return root / "data"
+
+
+def test_ranks_on_masked_instruction_data_give_bitwise_the_single_process_run(chat_data, tmp_path):
+    """The loss is the mean over the step's unmasked targets, counted over every rank's
+    micro-batches (one with none adds zero): 2 ranks of 2 spheres, with the sharded optimizer, are
+    bitwise 1 process of 1 sphere, val loss included."""
+    from crystal.data import BatchIterator, load_dataset
+
+    masked = ["train", "--preset", "tiny", "--device", "cpu", "--quiet", "--data", str(chat_data), "--seq-len", "16",
+              "--micro-batches", "6", "--steps", "4", "--eval-every", "2", "--eval-batches", "4"]
+    ds = load_dataset(str(chat_data))
+    batches = BatchIterator(ds.train, 2, 16, 1337, mask=ds.train_mask)  # tiny's batch size and seed
+    counts = [int((batches.next_batch()[1] >= 0).sum()) for _ in range(6)]  # the first step's micro-batches
+    assert 0 in counts and len(set(counts)) > 2 and sum(counts) < 6 * 2 * 16, counts  # [0, 17, 0, 16, 0, 3]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(crystal(*masked, "--spheres", "1", "--out", str(one)))
+    mpirun(2, *masked, "--spheres", "2", "--shard-optimizer", "--out", str(two))
+    assert same_run(two, one) and any("val_loss" in s for s in steps(one))
+    assert json.loads((two / "spheres.json").read_text())["root"]["ranks"] == 2
+
+
 def test_only_rank_zero_prints_and_writes(tmp_path):
     out = tmp_path / "run"
     done = mpirun(2, *TINY, "--spheres", "1", "--steps", "4", "--out", str(out))
