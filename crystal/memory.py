@@ -43,8 +43,15 @@ def run_estimate(model: ModelConfig, train, ranks: int = 1, flash: bool = False,
     at_once = computing_at_once(train.spheres, train.cores, train.device)
     if shard is None:
         shard = ranks > 1 and train.shard_optimizer is not False
-    return memory_estimate(model, train.micro_batches, at_once, train.batch_size, train.seq_len, ranks,
-                           train.precision, flash, shard)
+    parts = memory_estimate(model, train.micro_batches, at_once, train.batch_size, train.seq_len, ranks,
+                            train.precision, flash, shard)
+    if train.optimizer == "muon":  # AdamW's moments of its own tensors, Muon's momentum (crystal.muon)
+        from crystal.muon import optimizer_memory
+
+        state = optimizer_memory(ParamLayout(model), "muon", ranks, shard)
+        parts["total"] += sum(state.values()) - parts["adamw_moments"]
+        parts.update(state)
+    return parts
 
 
 def available_bytes(device: str) -> int | None:
