@@ -17,7 +17,8 @@ state.json name the frozen base (`base_model`: its path and the sha256 of its we
 Files hold the model's tensors only, in their Hugging Face shapes: the LM head's padding rows of
 the flat buffer (crystal.model.ParamLayout) are left out of model.safetensors and of the flat
 AdamW moments in optim.safetensors, and put back as zeros on reading, so a checkpoint does not
-depend on the layout of the run that wrote it.
+depend on the layout of the run that wrote it. A Muon run's optim.safetensors holds AdamW's
+moments of AdamW's tensors alone and muon.momentum of Muon's matrices (crystal.muon).
 Every file is written to a temporary name in its directory, fsynced and renamed; a checkpoint
 directory is complete before it is renamed into place, and `latest` moves only after that.
 Training has no randomness besides the data order, which is a function of (seed, epoch), so
@@ -120,15 +121,49 @@ class TrainState:
 
     step: int  # optimizer steps taken
     params: np.ndarray  # flat float32, a buffer of ParamLayout (padding rows zero)
-    m: np.ndarray  # AdamW first moments, the same layout
-    v: np.ndarray  # AdamW second moments, the same layout
+    m: np.ndarray  # AdamW first moments, the same layout (Muon: of AdamW's tensors, packed: crystal.optim.Packing)
+    v: np.ndarray  # AdamW second moments, as m
     data: dict  # BatchIterator position {"epoch", "cursor"}
     adam_t: int = -1  # AdamW's step count (differs from step after skipped steps); -1: = step
     base: dict | None = None  # LoRA: the frozen base {"path", "sha256"}; params, m and v are the adapters'
+    momentum: np.ndarray | None = None  # Muon's momentum of its matrices, packed (crystal.muon); None: AdamW alone
 
     def __post_init__(self):
         if self.adam_t < 0:
             self.adam_t = self.step
+
+
+def optimizer_tensors(layout: ParamLayout, state: TrainState) -> dict[str, np.ndarray]:
+    """optim.safetensors: AdamW's moments of every tensor ("adamw.m", "adamw.v": the layout's
+    values in buffer order, the padding rows' zero moments left out), or of a Muon run AdamW's
+    moments of its own tensors beside Muon's momentum of its matrices (crystal.muon.state_tensors)."""
+    if state.momentum is None:
+        return {"adamw.m": layout.unpadded(state.m), "adamw.v": layout.unpadded(state.v)}
+    from crystal.muon import state_tensors
+
+    return state_tensors(layout, state.m, state.v, state.momentum)
+
+
+def read_optimizer_state(path: Path, layout: ParamLayout) -> tuple:
+    """(m, v, momentum) of optim.safetensors (the inverse of optimizer_tensors): an AdamW run's,
+    and a Muon run's written before its state was packed (momentum None: crystal.muon reads it),
+    or a Muon run's (muon.momentum present), each checked against the model's shapes."""
+    optim = load_tensors(path)
+    if "muon.momentum" in optim:
+        from crystal.muon import state_shapes
+
+        shapes = state_shapes(layout)
+    else:
+        shapes = {"adamw.m": (layout.n_params,), "adamw.v": (layout.n_params,)}
+    if set(optim) != set(shapes) or any(t.dtype != np.float32 or t.shape != shapes[k] for k, t in optim.items()):
+        raise CrystalError(f"{path}: optimizer state does not match the model")
+    for name, t in optim.items():
+        require_finite(path, name, t)
+    if "muon.momentum" in optim:
+        from crystal.muon import state_from_tensors
+
+        return state_from_tensors(layout, optim)
+    return layout.padded(optim["adamw.m"]), layout.padded(optim["adamw.v"]), None
 
 
 class RunDir:
@@ -320,13 +355,13 @@ class RunDir:
                 tmp.mkdir()
                 save_model(tmp / weights, layout, state.params)
                 # the moments of the padding rows are zero (their gradient always is): left out
-                save_tensors(tmp / OPTIM_FILE, {"adamw.m": layout.unpadded(state.m),
-                                                "adamw.v": layout.unpadded(state.v)})
+                optim = optimizer_tensors(layout, state)
+                save_tensors(tmp / OPTIM_FILE, optim)
                 atomic_write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, "step": state.step,
                                                      "adam_t": state.adam_t, "data": state.data,
                                                      "params": int(layout.n_params), **extra})
                 verify_safetensors(tmp / weights, {s.name: s.shape for s in layout.specs})
-                verify_safetensors(tmp / OPTIM_FILE, {"adamw.m": (layout.n_params,), "adamw.v": (layout.n_params,)})
+                verify_safetensors(tmp / OPTIM_FILE, {k: t.shape for k, t in optim.items()})
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint frees its space
                 raise
@@ -372,14 +407,8 @@ class RunDir:
         else:
             layout = ParamLayout(model)
             params = read_params(ckpt / MODEL_FILE, model)
-        optim = load_tensors(ckpt / OPTIM_FILE)
-        if set(optim) != {"adamw.m", "adamw.v"} or any(
-                t.dtype != np.float32 or t.shape != (layout.n_params,) for t in optim.values()):
-            raise CrystalError(f"{ckpt / OPTIM_FILE}: optimizer state does not match the model")
-        for name, t in optim.items():
-            require_finite(ckpt / OPTIM_FILE, name, t)
-        return TrainState(step, params, layout.padded(optim["adamw.m"]), layout.padded(optim["adamw.v"]), data,
-                          adam_t, base)
+        m, v, momentum = read_optimizer_state(ckpt / OPTIM_FILE, layout)
+        return TrainState(step, params, m, v, data, adam_t, base, momentum=momentum)
 
     def close(self) -> None:
         """Close metrics.jsonl and release the run's lock (the run's last act)."""

@@ -546,6 +546,8 @@ def format_dry_run(model_cfg, cfg, ranks: int = 1) -> str:
         f"memory{where}: params {mib['params']} | "
         f"grads ({mem['grads'] / mem['params']:.3g} buffers) {mib['grads']} | "
         f"AdamW moments {mib['adamw_moments']} | "
+        + (f"Muon momentum {mib['muon_momentum']} | " if "muon_momentum" in mem else "")
+        + (f"Muon exchange {mib['muon_exchange']} | " if mem.get("muon_exchange") else "")
         + (f"bf16 weights {mib['weights_bf16']} | " if bf16 else "")
         + f"activations {mib['activations_per_sphere']} per "
         f"sphere x {at_once}{' computing at once' if at_once < cfg.spheres else ''} = {mib['activations']} | "
@@ -613,10 +615,11 @@ def _muon_dry_run(model_cfg, cfg, ranks: int, shard: bool) -> str:
     mib = lambda floats: f"{4 * floats / 2**20:,.1f} MiB"  # noqa: E731
     flops = ns_flops_per_step(layout, cfg.muon("ns_steps"))
     per = f"; {'each rank its own matrices' if shard else 'every rank all of them'}" if ranks > 1 else ""
+    bf16 = ", bf16 products" if cfg.precision == "bf16" else ""
+    kept = "; a rank keeps its span's moments and its own matrices' momentum" if shard else ""
     return (f"optimizer: Muon on {len(muon_matrices(layout))} matrices ({k:,} params: momentum {mib(k)}), "
-            f"AdamW on {n - k:,} params (two moments {mib(2 * (n - k))}); AdamW's v also spans Muon's "
-            f"matrices, unused ({mib(k)}){' (whole buffer; a rank keeps its span)' if shard else ''}; "
-            f"Newton-Schulz {flops / 1e9:,.3f} GFLOPs per step ({cfg.muon('ns_steps')} iterations{per})")
+            f"AdamW on {n - k:,} params (two moments {mib(2 * (n - k))}){kept}; "
+            f"Newton-Schulz {flops / 1e9:,.3f} GFLOPs per step ({cfg.muon('ns_steps')} iterations{bf16}{per})")
 
 
 def _cudnn_reason() -> str | None:

@@ -54,8 +54,15 @@ def run_estimate(model: ModelConfig, train, ranks: int = 1, flash: bool = False,
         shard = ranks > 1 and train.shard_optimizer is not False
     from crystal.lora import LoraConfig
 
-    return memory_estimate(model, train.micro_batches, at_once, train.batch_size, train.seq_len, ranks,
-                           train.precision, flash, shard, LoraConfig.of(train, model))
+    parts = memory_estimate(model, train.micro_batches, at_once, train.batch_size, train.seq_len, ranks,
+                            train.precision, flash, shard, LoraConfig.of(train, model))
+    if train.optimizer == "muon":  # AdamW's moments of its own tensors, Muon's momentum (crystal.muon)
+        from crystal.muon import optimizer_memory
+
+        state = optimizer_memory(ParamLayout(model), "muon", ranks, shard)
+        parts["total"] += sum(state.values()) - parts["adamw_moments"]
+        parts.update(state)
+    return parts
 
 
 def available_bytes(device: str) -> int | None:

@@ -464,14 +464,6 @@ class GradientReducer:
             self.comm.allgatherv(params, [hi - lo for lo, hi in self.spans], [lo for lo, _ in self.spans],
                                  "the parameter all-gather")
 
-    def gather_shards(self, x):
-        """A span-sized buffer of every rank (AdamW moments) joined into the whole buffer, on the
-        host of rank 0 (None on the others); unsharded, x itself on the host."""
-        if not self.sharded:
-            return self.be.to_host(x)
-        out = self.comm.gatherv(x, [hi - lo for lo, hi in self.spans], [lo for lo, _ in self.spans])
-        return None if out is None else self.be.to_host(out)
-
     def reduce_losses(self, losses: list[float]) -> float:
         """Mean micro-batch loss of the whole step, summed over the same tree."""
         return tree_mean(self.comm.gather(losses, self.M))

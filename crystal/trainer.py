@@ -196,9 +196,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
     if resume is not None:
         if not (0 < resume.step <= cfg.steps):
             raise CrystalError(f"checkpoint step {resume.step} is outside this run's {cfg.steps} steps")
-        lo, hi = reducer.span  # the whole buffer, or this rank's shard of the checkpoint's moments
-        optimizer.m[...] = be.to_device(resume.m[lo:hi])
-        optimizer.v[...] = be.to_device(resume.v[lo:hi])
+        optimizer.load_state(resume)  # the whole state, or this rank's shard of it
         optimizer.t = resume.adam_t
         batches.set_state(resume.data)
         first = resume.step
@@ -315,9 +313,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: RunDir | None = Non
                 interrupted = comm.any(interrupted)
             stopping = (done == last and last < cfg.steps) or (interrupted and done < cfg.steps)
             if (due or stopping) and (run_dir is not None or reducer.sharded):  # --stop-at and signals leave one
-                m, v = reducer.gather_shards(optimizer.m), reducer.gather_shards(optimizer.v)  # whole, on rank 0
+                m, v, momentum = optimizer.gather_state(reducer)  # whole, on rank 0
                 if run_dir is not None:
-                    state = TrainState(done, be.to_host(params), m, v, batches.state(), optimizer.t, base_id)
+                    state = TrainState(done, be.to_host(params), m, v, batches.state(), optimizer.t, base_id,
+                                       momentum=momentum)
                     checkpoint = str(run_dir.save_state(trainable, state, cfg.keep))
             if interrupted:
                 last = done

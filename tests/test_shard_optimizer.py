@@ -49,7 +49,8 @@ def train_steps(m: int, ranks: int, grads: list[np.ndarray], shard: bool, make_c
             red.gather_params(params)
             norms.append(norm)
         sent = comm.bytes_sent
-        return params, norms, red.gather_shards(opt.m), red.gather_shards(opt.v), opt, comm, sent
+        moments = opt.gather_state(red)[:2]
+        return params, norms, *moments, opt, comm, sent
 
     return run_ranks(ranks, rank, shared)
 

@@ -195,7 +195,7 @@ class CudaBackend:
         if not self.bf16:
             return flat
         copy = self.empty(flat.shape, self.act_dtype) if out is None else out
-        self._launch("cast_to_bf16", grid_1d(flat.size, self.block), copy, flat, flat.size)
+        self._to_bf16(copy, flat)
         return copy
 
     @contextlib.contextmanager
@@ -770,20 +770,52 @@ class CudaBackend:
                 grads[start:end] = mi
 
     def muon_orthogonal_update(self, p, u, steps, coeffs, decay, step_size):
-        # Newton-Schulz through cupy's cuBLAS products in float32 (the run's compute type: fp32
-        # pedantic, tf32 under --precision tf32), on this thread's stream: deterministic
+        # Newton-Schulz on this thread's stream, deterministic: cupy's cuBLAS products in float32
+        # (the run's compute type: fp32 pedantic, tf32 under --precision tf32), or under bf16
+        # cuBLASLt's products of bf16 inputs (the reference's bf16 iteration, _newton_schulz_bf16)
         self._no_capture("Muon's Newton-Schulz")
         f = np.float32
         a, b, c = (f(k) for k in coeffs)
         wide = u.shape[0] <= u.shape[1]
         x = (u if wide else u.T).copy()  # contiguous
         x /= f(math.sqrt(self.sum_squares(x.reshape(-1))) + 1e-7)
-        for _ in range(steps):
-            A = self.cp.matmul(x, x.T)
-            B = b * A + c * self.cp.matmul(A, A)
-            x = a * x + self.cp.matmul(B, x)
+        if self.bf16:
+            x = self._newton_schulz_bf16(x, steps, a, b, c)
+        else:
+            for _ in range(steps):
+                A = self.cp.matmul(x, x.T)
+                B = b * A + c * self.cp.matmul(A, A)
+                x = a * x + self.cp.matmul(B, x)
         p *= f(decay)
         p -= f(step_size) * (x if wide else x.T)
+
+    def _newton_schulz_bf16(self, x, steps, a, b, c):
+        """x[r, n] (float32, r <= n) after `steps` iterations A = X X^T, B = b A + c A A,
+        X = a X + B X whose three products take bf16 inputs with float32 accumulation and output
+        (cuBLASLt, one fixed algorithm per shape: deterministic); X, A and B stay float32 between
+        the products, each rounded to bf16 once as a product's input (the reference rounds them
+        to bf16 as it stores them, and each elementwise result too)."""
+        r, n = x.shape
+        lt = self._lt()
+        xh, ah, bh = (self.empty(shape, self.act_dtype) for shape in ((r, n), (r, r), (r, r)))
+        A, AA, Y = self.empty((r, r)), self.empty((r, r)), self.empty((r, n))
+        for _ in range(steps):
+            self._to_bf16(xh, x)
+            self._count()
+            self._issue(lt.gemm, A, xh, xh, trans_b=True)  # A = X X^T
+            self._to_bf16(ah, A)
+            self._count()
+            self._issue(lt.gemm, AA, ah, ah)  # A A
+            B = b * A + c * AA
+            self._to_bf16(bh, B)
+            self._count()
+            self._issue(lt.gemm, Y, bh, xh)  # B X
+            x = a * x + Y
+        return x
+
+    def _to_bf16(self, out, x) -> None:
+        """out (bf16, x's shape) = x (float32, contiguous) rounded to nearest even."""
+        self._launch("cast_to_bf16", grid_1d(x.size, self.block), out, x, x.size)
 
     def reserve_flat_ops(self, ranges) -> None:
         """Allocate, for the calling thread, what its flat-buffer ops use (the reduction partials,
