@@ -458,28 +458,16 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     if specials:
         name = specials[0][1]
         tok_cfg.update(bos_token=name, eos_token=name, unk_token=name)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise CrystalError(f"cannot create {out}: {e.strerror or e}") from None
-    try:
+
+    def write(tmp: Path) -> None:
         atomic_write_json(tmp / CONFIG_FILE, {**cfg.to_hf(), "bos_token_id": eot, "eos_token_id": eot})
         save_model(tmp / MODEL_FILE, ParamLayout(cfg), flat)
         atomic_write_text(tmp / TOKENIZER_FILE, tokenizer_json)
         atomic_write_json(tmp / "tokenizer_config.json", tok_cfg)
         atomic_write_json(tmp / "generation_config.json",
                           {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size})
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; this is an ordinary directory
-        os.replace(tmp, out)  # onto nothing or an empty directory; a non-empty one fails
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CrystalError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.parent)
-    return out
+
+    return _write_export(out, write)
 
 
 def _check_export_target(out: Path) -> None:
