@@ -27,6 +27,7 @@ from test_bad_inputs import R, refused
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (the test extra)")
 torch = pytest.importorskip("torch", reason="needs torch (the test extra)")
+from tiny_hf import save_tiny_gpt2  # noqa: E402
 pytest.importorskip("jinja2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,26 +59,8 @@ def chat_records(n=40):
 def world(tmp_path_factory):
     """A tiny GPT-2 and its tokenizer with a chat template (hf), one without (plain), and the
     Alpaca (.json) and chat (.jsonl) data sets prepared with it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     root = tmp_path_factory.mktemp("instruct")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([default_corpus()[:30_000].decode()], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOT], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(tok), n_positions=48, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(root / "plain")
-    tok.save_pretrained(root / "plain")
-    tok.chat_template = TEMPLATE
-    model.save_pretrained(root / "hf")
-    tok.save_pretrained(root / "hf")
+    save_tiny_gpt2(root, TEMPLATE, "hf")
     (root / "alpaca.json").write_text(json.dumps(alpaca_records()))
     (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat_records()) + "\n")
     for fmt, src in (("alpaca", "alpaca.json"), ("chat", "chat.jsonl")):
