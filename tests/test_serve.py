@@ -25,9 +25,10 @@ torch = pytest.importorskip("torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from crystal.cli import main  # noqa: E402
-from crystal.data import EOT, default_corpus  # noqa: E402
+from crystal.data import EOT  # noqa: E402
 from crystal.serve import Limits, ServedModel, Server  # noqa: E402
 from crystal.watch import bind  # noqa: E402
+from tiny_hf import save_tiny_gpt2  # noqa: E402
 
 KEY = "test-key"
 # ChatML with the special tokens a template may use (bos_token, eos_token) and raise_exception
@@ -36,32 +37,14 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['syst
             "<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>{{ eos_token }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "ROMEO: who goes there?"}]
-LIMITS = Limits(max_body_bytes=64 << 10, max_tokens=2048, max_n=4, max_queue=8)
+LIMITS = Limits(max_body_bytes=64 << 10, max_tokens=8192, max_n=4, max_queue=8)
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """A tiny random GPT-2 saved by transformers twice: with a chat template and without."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     root = tmp_path_factory.mktemp("serve")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([default_corpus()[:30_000].decode()], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOT], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(tok), n_positions=48, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(root / "plain")
-    tok.save_pretrained(root / "plain")
-    tok.chat_template = TEMPLATE
-    model.save_pretrained(root / "chat")
-    tok.save_pretrained(root / "chat")
+    save_tiny_gpt2(root, TEMPLATE, "chat")
     return root
 
 
@@ -217,7 +200,7 @@ def test_decoding_the_first_rows_of_a_decoder_gives_their_rows_of_a_whole_decode
 @pytest.mark.parametrize("body,status,param", [
     ({"model": "chat", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ({"model": "chat", "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
-    ({"model": "chat", "prompt": "x", "max_tokens": 2049}, 400, "max_tokens"),
+    ({"model": "chat", "prompt": "x", "max_tokens": 8193}, 400, "max_tokens"),
     ({"model": "chat", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "chat", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "chat", "prompt": "x", "top_p": 0}, 400, "top_p"),
@@ -333,14 +316,17 @@ def test_requests_decoded_together_give_the_texts_they_give_alone(chat_server):
 
 
 def send_long_request(server, stream: bool) -> socket.socket:
-    """A request of max_tokens 2048 (seconds of decoding) on a raw connection, sent once the
-    worker is idle (so `worker.running` then means this request is being decoded)."""
+    """A greedy request of max_tokens 8192 on a raw connection (seconds of decoding: greedy from
+    this prompt never reaches the end-of-text token of the tiny model, so it cannot end before its
+    client leaves, as a sampled one could), sent once the worker is idle (so `worker.running` then
+    means this request is being decoded)."""
     deadline = time.monotonic() + 20
     while (server.worker.pending or server.worker.running) and time.monotonic() < deadline:
         time.sleep(0.01)
     port = server.sock.getsockname()[1]
     conn = socket.create_connection(("127.0.0.1", port), timeout=10)
-    body = json.dumps({"model": "chat", "prompt": "ROMEO:", "max_tokens": 2048, "stream": stream}).encode()
+    body = json.dumps({"model": "chat", "prompt": "ROMEO:", "max_tokens": 8192, "temperature": 0,
+                       "stream": stream}).encode()
     conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                  % (port, KEY.encode(), len(body), body))
