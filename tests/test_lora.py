@@ -28,6 +28,8 @@ from crystal.trainer import train
 transformers = pytest.importorskip("transformers", reason="needs transformers (the test extra)")
 torch = pytest.importorskip("torch", reason="needs torch (the test extra)")
 peft = pytest.importorskip("peft", reason="needs peft (the test extra)")
+
+from compare import rel_err  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ALL = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -85,10 +87,6 @@ def batch(seed=1, B=2, T=16, V=300):
     return rng.integers(0, V, (B, T)).astype(np.int32), rng.integers(0, V, (B, T)).astype(np.int32)
 
 
-def rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 # --- against PEFT ------------------------------------------------------------------------------------
 
 def test_loss_adapter_gradients_and_ten_adamw_steps_match_peft(base):
@@ -105,7 +103,7 @@ def test_loss_adapter_gradients_and_ten_adamw_steps_match_peft(base):
     ref.backward()
     assert abs(loss - ref.item()) < 1e-6
     for k, g in grads.items():
-        assert rel(g, named[k.replace(".weight", ".default.weight")].grad.numpy()) < 1e-5, k
+        assert rel_err(g, named[k.replace(".weight", ".default.weight")].grad.numpy()) < 1e-5, k
     # ten AdamW steps: crystal's AdamW on the adapter buffer, torch's on PEFT's parameters
     cfg = dataclasses.replace(lora_cfg(base)[1], lr=1e-2, weight_decay=0.01, beta2=0.999)
     be = CpuBackend()
@@ -178,7 +176,7 @@ def test_adapter_dropout_gradients_match_autograd_with_the_same_masks(base):
     ref.backward()
     assert abs(loss - ref.item()) < 1e-5
     for k, g in grads.items():
-        assert rel(g, ad[k].grad.numpy()) < 1e-4, k
+        assert rel_err(g, ad[k].grad.numpy()) < 1e-4, k
 
 
 # --- the trainer --------------------------------------------------------------------------------------
@@ -341,12 +339,12 @@ def test_peft_export_loads_in_peft_with_crystal_logits_and_hf_export_is_the_merg
         merged = pm.merge_and_unload()(input_ids=torch.tensor(x, dtype=torch.long)).logits.numpy()
         exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")(
             input_ids=torch.tensor(x, dtype=torch.long)).logits.numpy()
-    assert rel(ours, theirs) < 1e-5
-    assert rel(exported, merged) < 1e-6
+    assert rel_err(ours, theirs) < 1e-5
+    assert rel_err(exported, merged) < 1e-6
     # the run directory itself is a PEFT adapter directory
     pm2 = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base["hf"]), lora_run)
     with torch.no_grad():
-        assert rel(pm2(input_ids=torch.tensor(x, dtype=torch.long)).logits.numpy(), theirs) == 0
+        assert rel_err(pm2(input_ids=torch.tensor(x, dtype=torch.long)).logits.numpy(), theirs) == 0
 
 
 def test_sample_and_eval_work_on_a_lora_run(lora_run, capsys):
@@ -449,4 +447,4 @@ def test_emulated_cuda_adapters_match_the_cpu(precision):
     tol = 2e-2 if precision == "bf16" else 1e-5
     assert abs(loss_g - loss_c) / loss_c < tol
     for k, g in grads_c.items():
-        assert rel(grads_g[k], g) < (0.1 if precision == "bf16" else 1e-4), k
+        assert rel_err(grads_g[k], g) < (0.1 if precision == "bf16" else 1e-4), k

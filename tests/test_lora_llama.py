@@ -26,6 +26,9 @@ from crystal.trainer import train
 transformers = pytest.importorskip("transformers", reason="needs transformers (the test extra)")
 torch = pytest.importorskip("torch", reason="needs torch (the test extra)")
 peft = pytest.importorskip("peft", reason="needs peft (the test extra)")
+
+from compare import rel_err  # noqa: E402
+from test_lora import batch  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,15 +77,6 @@ def peft_model(base, lora: LoraConfig, adapters: np.ndarray):
     return pm, named
 
 
-def batch(seed=1, B=2, T=16, V=300):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, V, (B, T)).astype(np.int32), rng.integers(0, V, (B, T)).astype(np.int32)
-
-
-def rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def peft_loss(pm, x, y):
     logits = pm(input_ids=torch.tensor(x, dtype=torch.long)).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(y.reshape(-1)).long())
@@ -108,7 +102,7 @@ def test_loss_adapter_gradients_and_ten_adamw_steps_match_peft(base, targets):
     assert abs(loss - ref.item()) < 1e-6
     assert len(grads) == 2 * len(targets) * base["config"].n_layer
     for k, g in grads.items():
-        assert rel(g, named[k.replace(".weight", ".default.weight")].grad.numpy()) < 1e-5, k
+        assert rel_err(g, named[k.replace(".weight", ".default.weight")].grad.numpy()) < 1e-5, k
     # ten AdamW steps: crystal's AdamW on the adapter buffer, torch's on PEFT's parameters
     cfg = dataclasses.replace(resolve("finetune-lora", dataclasses.asdict(base["config"]),
                                       dict(init_from=str(base["hf"])))[1], lr=1e-2, weight_decay=0.01)
@@ -167,9 +161,9 @@ def test_peft_export_loads_in_peft_with_crystal_logits_and_hf_export_is_the_merg
         exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")(
             input_ids=torch.tensor(x, dtype=torch.long)).logits.numpy()
     base_logits = load_checkpoint(base["hf"]).logits(x)
-    assert rel(ours, base_logits) > 1e-4  # the adapters trained
-    assert rel(ours, theirs) < 1e-5
-    assert rel(exported, merged) < 1e-6
+    assert rel_err(ours, base_logits) > 1e-4  # the adapters trained
+    assert rel_err(ours, theirs) < 1e-5
+    assert rel_err(exported, merged) < 1e-6
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -223,7 +217,7 @@ def test_emulated_cuda_adapters_on_every_target_match_the_cpu(precision):
     assert len(grads_c) == 2 * len(ALL) and all(np.abs(g).max() > 0 for g in grads_c.values())
     for k, g in grads_c.items():
         if precision == "fp32":
-            assert rel(grads_g[k], g) < 1e-4, k
+            assert rel_err(grads_g[k], g) < 1e-4, k
         else:
             assert cosine(grads_g[k], g) >= 0.99, k
     # the column-block products ran on the fused products in place: the fused q|k|v width as ld
