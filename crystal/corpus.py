@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from crystal.wordcache import WordCache, applies
 from crystal.atomic import check_regular
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json
@@ -259,22 +260,27 @@ def batches(items: Iterable[str | None], limit: int) -> Iterator[list]:
 
 # --- encoding ------------------------------------------------------------------------------------------
 
-def encode_items(tok, items: list, eot: int | None, threads: bool) -> np.ndarray:
+def encode_items(tok, items: list, eot: int | None, threads: bool, words=None) -> np.ndarray:
     """uint32 ids of a batch: each piece encoded by itself (a `tokenizers.Tokenizer`; threads:
-    by its encode_batch, on the library's threads), `eot` for each None."""
-    texts = [p for p in items if p is not None]
+    by its encode_batch, on the library's threads; words: a crystal.wordcache.WordCache, which
+    gives the library's ids of the pieces it can), `eot` for each None."""
+    out = [None if p is None or words is None else words.encode(p) for p in items]
+    texts = [p for p, ids in zip(items, out) if p is not None and ids is None]
     if threads:
-        encoded = tok.encode_batch(texts, add_special_tokens=False)
+        encoded = iter(tok.encode_batch(texts, add_special_tokens=False))
     else:
-        encoded = [tok.encode(t, add_special_tokens=False) for t in texts]
-    out, k = [], 0
-    for p in items:
+        encoded = (tok.encode(t, add_special_tokens=False) for t in texts)
+    for i, p in enumerate(items):
         if p is None:
-            out.append(np.array([eot], dtype=np.uint32))
-        else:
-            out.append(np.asarray(encoded[k].ids, dtype=np.uint32))
-            k += 1
+            out[i] = np.array([eot], dtype=np.uint32)
+        elif out[i] is None:
+            out[i] = np.asarray(next(encoded).ids, dtype=np.uint32)
     return np.concatenate(out) if out else np.empty(0, np.uint32)
+
+
+def word_cache(tok):
+    """A WordCache for `tok` where it applies (crystal.wordcache), else None."""
+    return WordCache(tok) if applies(tok) else None
 
 
 _WORKER: dict = {}  # a worker process's own tokenizer (set by _init_worker; never in the parent)
@@ -288,11 +294,11 @@ def _init_worker(tok_json: str) -> None:
     tok = Tokenizer.from_str(tok_json)
     tok.no_truncation()
     tok.no_padding()
-    _WORKER["tok"] = tok
+    _WORKER["tok"], _WORKER["words"] = tok, word_cache(tok)
 
 
 def _encode_task(items: list, eot: int | None) -> bytes:
-    return encode_items(_WORKER["tok"], items, eot, threads=False).tobytes()
+    return encode_items(_WORKER["tok"], items, eot, threads=False, words=_WORKER["words"]).tobytes()
 
 
 def encoded(batches: Iterable[list], tok, tok_json: str, eot: int | None, workers: int,
@@ -300,8 +306,9 @@ def encoded(batches: Iterable[list], tok, tok_json: str, eot: int | None, worker
     """Each batch's uint32 ids, in order. pool: by `workers` processes (spawned; at most two
     batches each in flight), one core each; else here (workers > 1: the library's threads)."""
     if not pool:
+        words = word_cache(tok)
         for b in batches:
-            yield encode_items(tok, b, eot, threads=workers > 1)
+            yield encode_items(tok, b, eot, threads=workers > 1, words=words)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(tok_json,)) as ex:
