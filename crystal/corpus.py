@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import multiprocessing
 import os
-import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -35,7 +34,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from crystal.wordcache import WordCache, applies
+from crystal.encode import encode_items, encode_task, init_worker, word_cache
 from crystal.atomic import check_regular
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json
@@ -260,47 +259,6 @@ def batches(items: Iterable[str | None], limit: int) -> Iterator[list]:
 
 # --- encoding ------------------------------------------------------------------------------------------
 
-def encode_items(tok, items: list, eot: int | None, threads: bool, words=None) -> np.ndarray:
-    """uint32 ids of a batch: each piece encoded by itself (a `tokenizers.Tokenizer`; threads:
-    by its encode_batch, on the library's threads; words: a crystal.wordcache.WordCache, which
-    gives the library's ids of the pieces it can), `eot` for each None."""
-    out = [None if p is None or words is None else words.encode(p) for p in items]
-    texts = [p for p, ids in zip(items, out) if p is not None and ids is None]
-    if threads:
-        encoded = iter(tok.encode_batch(texts, add_special_tokens=False))
-    else:
-        encoded = (tok.encode(t, add_special_tokens=False) for t in texts)
-    for i, p in enumerate(items):
-        if p is None:
-            out[i] = np.array([eot], dtype=np.uint32)
-        elif out[i] is None:
-            out[i] = np.asarray(next(encoded).ids, dtype=np.uint32)
-    return np.concatenate(out) if out else np.empty(0, np.uint32)
-
-
-def word_cache(tok):
-    """A WordCache for `tok` where it applies (crystal.wordcache), else None."""
-    return WordCache(tok) if applies(tok) else None
-
-
-_WORKER: dict = {}  # a worker process's own tokenizer (set by _init_worker; never in the parent)
-
-
-def _init_worker(tok_json: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker, one core
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(tok_json)
-    tok.no_truncation()
-    tok.no_padding()
-    _WORKER["tok"], _WORKER["words"] = tok, word_cache(tok)
-
-
-def _encode_task(items: list, eot: int | None) -> bytes:
-    return encode_items(_WORKER["tok"], items, eot, threads=False, words=_WORKER["words"]).tobytes()
-
-
 def encoded(batches: Iterable[list], tok, tok_json: str, eot: int | None, workers: int,
             pool: bool) -> Iterator[np.ndarray]:
     """Each batch's uint32 ids, in order. pool: by `workers` processes (spawned; at most two
@@ -308,14 +266,14 @@ def encoded(batches: Iterable[list], tok, tok_json: str, eot: int | None, worker
     if not pool:
         words = word_cache(tok)
         for b in batches:
-            yield encode_items(tok, b, eot, threads=workers > 1, words=words)
+            yield np.frombuffer(encode_items(tok, b, eot, threads=workers > 1, words=words), dtype=np.uint32)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(tok_json,)) as ex:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(tok_json,)) as ex:
         pending = deque()
         try:
             for b in batches:
-                pending.append(ex.submit(_encode_task, b, eot))
+                pending.append(ex.submit(encode_task, b, eot))
                 if len(pending) >= 2 * workers:
                     yield np.frombuffer(pending.popleft().result(), dtype=np.uint32)
             while pending:

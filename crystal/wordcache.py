@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from itertools import chain
-
-import numpy as np
 
 _WS = "\\t\\n\\x0b\\x0c\\r "  # Unicode White_Space among the ASCII characters
 WORDS = re.compile(f"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+"
@@ -49,8 +48,8 @@ class WordCache:
         self.added = re.compile("|".join(map(re.escape, added))) if added else None
         self.ids: dict[str, tuple[int, ...]] = {}
 
-    def encode(self, text: str) -> np.ndarray | None:
-        """uint32 ids of `text` = the library's, or None where this module does not apply."""
+    def encode(self, text: str) -> array | None:
+        """uint32 ids of `text` (array "I") = the library's, or None where this module does not apply."""
         if not text.isascii() or (self.added is not None and self.added.search(text)):
             return None
         words = WORDS.findall(text)
@@ -63,4 +62,4 @@ class WordCache:
             for w, e in zip(new, self.tok.encode_batch_fast(new, add_special_tokens=False)):
                 ids[w] = tuple(e.ids)
             parts = [ids[w] for w in words]
-        return np.fromiter(chain.from_iterable(parts), dtype=np.uint32)
+        return array("I", chain.from_iterable(parts))

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-import crystal.corpus
+import crystal.encode
 import crystal.wordcache
 from crystal.data import BPETokenizer, default_corpus, prepare
 from crystal.wordcache import WordCache, applies
@@ -87,5 +87,5 @@ def test_prepare_writes_the_same_bytes_with_and_without_the_cache(tmp_path, monk
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())}
 
     fast = made("fast")
-    monkeypatch.setattr(crystal.corpus, "applies", lambda tok: False)
+    monkeypatch.setattr(crystal.encode, "applies", lambda tok: False)
     assert made("library") == fast
