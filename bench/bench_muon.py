@@ -6,17 +6,26 @@ AdamW's final val loss, as a markdown table.
 Usage: python bench/bench_muon.py --preset small [--seeds 1337,1,2] [--steps 2000]
                                   [--eval-every 100] [--plan adamw:1e-3,adamw:2e-3,muon:0.04]
                                   [--sweep muon:0.08 --sweep-seed 1337] [--out bench/muon_runs]
+       python bench/bench_muon.py --preset small --step-cost 200 [--rounds 3]
 
 A plan item is OPTIMIZER:LR (for muon, LR is --muon-lr; `muon:0.04/2e-3` also sets AdamW's lr
 for the embeddings, head and 1-D parameters). The first item is the default run whose final val
 loss per seed is the target. Sweep items run on --sweep-seed only (the losing settings are
 reported too). Every run: warmup 100 + cosine to lr/10 for both optimizers, 2 spheres.
+
+--step-cost N: the seconds per step of each optimizer, side by side in this process: N steps of
+AdamW then N of Muon (no evaluation), --rounds times alternating, the first 20 steps of each run
+not timed; the median round of each and their ratio. A run's seconds to reach a loss are then
+its steps to reach it times its optimizer's step time (wall-clock seconds of runs made one after
+another on a shared machine are not comparable).
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +63,25 @@ def first(rows: list, target: float):
     return f"{hit['step']} ({hit['seconds']:.0f} s)" if hit else "not reached"
 
 
+def step_cost(preset: str, steps: int, rounds: int) -> None:
+    from crystal.config import resolve
+    from crystal.trainer import train
+
+    per = {"adamw": [], "muon": []}
+    for _ in range(rounds):
+        for opt in per:
+            model_cfg, cfg = resolve(preset, train_overrides=dict(steps=steps, optimizer=opt, spheres=2,
+                                                                  eval_every=10 * steps))
+            stamps = []
+            train(model_cfg, cfg, on_step=lambda rec, spheres: stamps.append(time.perf_counter()))
+            per[opt].append((stamps[-1] - stamps[19]) / (len(stamps) - 20))
+    ms = {k: 1000 * statistics.median(v) for k, v in per.items()}
+    print(json.dumps({"preset": preset, "steps": steps, "rounds": rounds, "date": time.strftime("%Y-%m-%d"),
+                      "ms_per_step": {k: round(v, 2) for k, v in ms.items()},
+                      "rounds_ms": {k: [round(1000 * x, 2) for x in v] for k, v in per.items()},
+                      "muon_over_adamw": round(ms["muon"] / ms["adamw"], 3)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="small")
@@ -64,7 +92,11 @@ def main() -> None:
     ap.add_argument("--sweep", action="append", default=[])
     ap.add_argument("--sweep-seed", type=int, default=1337)
     ap.add_argument("--out", default=str(HERE / "muon_runs"))
+    ap.add_argument("--step-cost", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.step_cost:
+        return step_cost(args.preset, args.step_cost, args.rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
