@@ -40,6 +40,7 @@ from crystal.errors import CrystalError
 from crystal.jsonio import parse_json
 
 READ_BYTES = 1 << 20  # a text file is read this many bytes at a time
+PARQUET_ROWS = 1024  # a .parquet file is read this many rows at a time
 SCRATCH_TOKENS = 1 << 24  # ids per scratch file (a finished shard frees its scratch files)
 GLOB_CHARS = "*?["
 KINDS = {".jsonl": "jsonl", ".parquet": "parquet"}  # any other file is text
@@ -188,22 +189,40 @@ def _jsonl_texts(src: Source, field: str, progress: Progress) -> Iterator[str]:
 
 
 def _parquet_texts(src: Source, field: str, progress: Progress) -> Iterator[str]:
-    """Each row's `field`, read a batch of rows at a time (pyarrow)."""
+    """Each row's `field`, in row order, read PARQUET_ROWS rows at a time (pyarrow). The column
+    must be of a string type; a null in it is refused with its row (counted from 0)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    def why(e: Exception) -> str:
+        return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
     try:
         pf = pq.ParquetFile(src.path)
-        names = pf.schema_arrow.names
-    except Exception as e:  # pyarrow's own exception types
-        raise CrystalError(f"{src.path}: not a parquet file ({str(e).splitlines()[0][:200]})") from None
-    if field not in names:
-        raise CrystalError(f"{src.path}: no {field!r} column (--text-field; it has {', '.join(names[:8])})")
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise CrystalError(f"{src.path}: not a parquet file ({why(e)})") from None
+    if field not in schema.names:
+        raise CrystalError(f"{src.path}: no {field!r} column (--text-field; it has {', '.join(schema.names[:8])})")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+        raise CrystalError(f"{src.path}: the {field!r} column holds {kind}, not strings")
     rows, done = max(pf.metadata.num_rows, 1), 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[field]):
-        for i, text in enumerate(batch.column(0).to_pylist()):
-            if not isinstance(text, str):
-                raise CrystalError(f"{src.path} row {done + i}: the {field!r} field is not a string")
-            yield text
+    batches = pf.iter_batches(batch_size=PARQUET_ROWS, columns=[field])
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            col = batch.column(0)
+            if col.null_count:
+                first = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+                raise CrystalError(f"{src.path} row {done + first} (counting from 0): the {field!r} field is null")
+            texts = col.to_pylist()
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise CrystalError(f"{src.path}: a damaged parquet file ({why(e)})") from None
+        yield from texts
         progress.read(src.size * (done + batch.num_rows) // rows - src.size * done // rows)
         done += batch.num_rows
 
