@@ -180,7 +180,7 @@ def _field(value, field: str, where: str) -> str:
 
 def _jsonl_texts(src: Source, field: str, progress: Progress) -> Iterator[str]:
     """Each non-blank line's `field` (a line is read whole: it is one document)."""
-    with open(src.path, "rb") as f:
+    with open(src.path, "rb", buffering=READ_BYTES) as f:  # not 8 KiB reads
         for n, line in enumerate(f, 1):
             progress.read(len(line))
             if line.strip():
@@ -249,17 +249,19 @@ def pieces(srcs: list[Source], cutter, field: str, separate: bool, progress: Pro
 
 
 def byte_ids(srcs: list[Source], field: str, progress: Progress) -> Iterator[np.ndarray]:
-    """The byte tokenizer's ids of every document, one after another, about READ_BYTES at a time."""
-    buf = bytearray()
+    """The byte tokenizer's ids of every document, one after another, about READ_BYTES at a time
+    (uint8: each id is a byte; the documents' bytes joined, viewed, never converted)."""
+    parts, n = [], 0
     for src in srcs:
         for doc in documents(src, field, False, progress):
             for b in doc:
-                buf += b
-                if len(buf) >= READ_BYTES:
-                    yield np.frombuffer(bytes(buf), dtype=np.uint8).astype(np.uint16)
-                    buf.clear()
-    if buf:
-        yield np.frombuffer(bytes(buf), dtype=np.uint8).astype(np.uint16)
+                parts.append(b)
+                n += len(b)
+                if n >= READ_BYTES:
+                    yield np.frombuffer(b"".join(parts), dtype=np.uint8)
+                    parts, n = [], 0
+    if parts:
+        yield np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
 def batches(items: Iterable[str | None], limit: int) -> Iterator[list]:
@@ -355,8 +357,8 @@ class TokenSink:
     def write(self, ids: np.ndarray) -> None:
         if ids.size and int(ids.max()) >= self.vocab:
             raise CrystalError(f"the tokenizer gave token id {int(ids.max())}, outside its vocabulary of {self.vocab}")
-        self.sha.update(ids.astype("<u4").tobytes())
-        data = ids.astype(self.dtype)
+        self.sha.update(ids.astype("<u4"))  # hashlib and write take the arrays' buffers: no bytes copies
+        data = ids.astype(self.dtype, copy=False)
         while data.size:
             room = SCRATCH_TOKENS - (self.count - SCRATCH_TOKENS * (len(self.files) - 1)) if self.files else 0
             if room == 0:
@@ -364,7 +366,7 @@ class TokenSink:
                 self.files.append(self.dir / f".stream_{len(self.files):06d}.ids")
                 self._f = open(self.files[-1], "wb")
                 room = SCRATCH_TOKENS
-            self._f.write(data[:room].tobytes())
+            self._f.write(data[:room])
             self.count += min(room, data.size)
             data = data[room:]
 

@@ -61,7 +61,7 @@ from crystal.atomic import (atomic_write_bytes, atomic_write_chunks, atomic_writ
                             fsync_dir)
 from crystal.errors import CrystalError
 from crystal.jsonio import read_json
-from crystal.shards import (DATA_ORDER, LEGACY_ORDER, SCAN_TOKENS, TOKEN_HEADER, TOKEN_MAGIC,  # noqa: F401
+from crystal.shards import (DATA_ORDER, SCAN_TOKENS, TOKEN_HEADER, TOKEN_MAGIC,
                             TOKEN_VERSION, TokenFile, TokenStream, WindowOrder, is_token_file, map_tokens, open_mask_file,
                             open_token_file, sample_sha256, scan_ids, token_dtype, tokens_sha256)
 
@@ -801,7 +801,8 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
     meta = {}
 
     def write(d: Path) -> None:
-        sink = corpus.TokenSink(d, token_dtype(tok.vocab_size), tok.vocab_size)
+        scratch = np.uint8 if tok.vocab_size <= 256 else token_dtype(tok.vocab_size)  # bytes: 1 byte an id
+        sink = corpus.TokenSink(d, scratch, tok.vocab_size)
         try:
             show.start("tokenizing")
             if isinstance(tok, ByteTokenizer):
@@ -881,7 +882,7 @@ def _write_split(d: Path, sink, name: str, lo: int, hi: int, shard_tokens: int |
         b = min(a + per, hi)
         file = f"{name}_{i:06d}.bin" if named else f"{name}.bin"
         header = TOKEN_HEADER.pack(TOKEN_MAGIC, TOKEN_VERSION, dtype.itemsize, b - a, vocab)
-        atomic_write_chunks(d / file, itertools.chain([header], (x.tobytes() for x in sink.read(a, b))))
+        atomic_write_chunks(d / file, itertools.chain([header], (x.astype(dtype, copy=False) for x in sink.read(a, b))))
         sink.drop_below(b)
         listed.append({"file": file, "tokens": b - a, "sample_sha256": sample_sha256(open_token_file(d / file))})
     return listed

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,62 @@ def test_a_killed_prepare_run_again_gives_the_same_data_set(inputs, tmp_path):
     ids = Tokenizer.from_file(str(inputs / "tokenizer.json")).encode(TEXT * 16, add_special_tokens=False).ids
     assert meta["tokens_sha256"] == hashlib.sha256(np.asarray(ids, dtype="<u4").tobytes()).hexdigest()
     assert all_ids(out).tolist() == ids
+
+
+BIG = 1 << 30  # the memory test's input: 1 GiB of jsonl
+CHILD_RSS = """
+import json, resource, sys
+from crystal.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "peak_rss": 1024 * max(resource.getrusage(who).ru_maxrss  # KiB on Linux
+                                                    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))}))
+"""
+
+
+def write_big_jsonl(path: Path, size: int) -> tuple[int, bytes, bytes]:
+    """At least `size` bytes of jsonl: a 32 MiB block of Tiny Shakespeare documents (1,000-6,000
+    characters) written again and again. Returns the byte tokenizer's id count, the first
+    document's bytes and the last one's."""
+    text = default_corpus().decode()
+    rng = np.random.default_rng(0)
+    docs, lines, n = [], [], 0
+    while n < 32 << 20:
+        at = int(rng.integers(0, len(text) - 6000))
+        docs.append(text[at:at + int(rng.integers(1000, 6000))])
+        lines.append(json.dumps({"text": docs[-1]}) + "\n")
+        n += len(lines[-1])
+    block = "".join(lines).encode()
+    repeats = -(-size // len(block))
+    with open(path, "wb") as f:
+        for _ in range(repeats):
+            f.write(block)
+    return repeats * sum(len(d.encode()) for d in docs), docs[0].encode(), docs[-1].encode()
+
+
+def test_a_1_gib_jsonl_prepares_with_peak_rss_under_1_gib(tmp_path):
+    # disk: the input, then at most about 2 bytes an id in the scratch (1 byte an id, freed as
+    # the shards are written) and the shards (2 bytes an id) together, with an id per input byte
+    need = 3 * BIG + (256 << 20)
+    if shutil.disk_usage(tmp_path).free < need:
+        pytest.skip(f"needs {need / 2**30:.2f} GiB free in {tmp_path} for a 1 GiB input and its shards")
+    try:
+        n, first, last = write_big_jsonl(tmp_path / "big.jsonl", BIG)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run([sys.executable, "-c", CHILD_RSS, "prepare", str(tmp_path / "big.jsonl"), "--out",
+                               str(tmp_path / "d"), "--tokenizer", "bytes"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        child = json.loads(done.stdout.splitlines()[-1])
+        assert child["code"] == 0, done.stderr
+        assert child["peak_rss"] < 1 << 30, f"peak RSS {child['peak_rss'] / 2**20:.0f} MiB"
+        meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+        assert meta["train_tokens"] + meta["val_tokens"] == n
+        assert sum(s["tokens"] for split in ("train_shards", "val_shards") for s in meta[split]) == n
+        head = crystal.data.map_tokens(crystal.data.open_token_file(tmp_path / "d" / meta["train_shards"][0]["file"]))
+        tail = crystal.data.map_tokens(crystal.data.open_token_file(tmp_path / "d" / meta["val_shards"][-1]["file"]))
+        assert bytes(head[:len(first)].astype(np.uint8)) == first and bytes(tail[-len(last):].astype(np.uint8)) == last
+        del head, tail
+    finally:  # pytest keeps the last runs' tmp_path: delete the 3 GiB now
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_parquet_rows_prepare_to_the_same_token_files_as_the_same_jsonl_lines(inputs, tmp_path, small_pieces):
