@@ -5,13 +5,13 @@ Usage: python bench/bench_prepare_stream.py [--mb 20] [--vocab-size 8192] [--wor
 
 The corpus: Tiny Shakespeare cut into documents of 200-5,000 characters, repeated to --mb MB,
 as a .jsonl file written as the documents are made (kept in memory only for the baseline).
---no-baseline: no encode_batch (it holds the whole corpus, and a child started while this
-process holds it reports its peak RSS); e.g. --mb 1024 --workers 2 --no-baseline for the 1 GiB
-memory figure. A GPT-2-style byte-level BPE of --vocab-size is trained first on the corpus
-(1 MB). Each `crystal prepare --tokenizer FILE --workers N` runs in a child process; its wall
-time and peak RSS (the child and its worker processes: ru_maxrss, the largest one) are
-reported. encode_batch holds every document and every id in memory; prepare streams them.
-The prepare children run first: a child forked later would inherit this process's peak RSS.
+--no-baseline: no encode_batch (it holds the whole corpus); e.g. --mb 1024 --workers 2
+--no-baseline for the 1 GiB memory figure. A GPT-2-style byte-level BPE of --vocab-size is
+trained first on the corpus (1 MB). Each `crystal prepare --tokenizer FILE --workers N` runs in a child process; its wall
+time and peak RSS (the largest of the child's VmHWM and its worker processes' ru_maxrss; the
+child's own ru_maxrss would start at this process's peak: vfork and exec) are reported.
+encode_batch holds every document and every id in memory; prepare streams them. The prepare
+children run first.
 Load average: os.getloadavg() before the first run (the machine's other work).
 """
 
@@ -35,8 +35,8 @@ from crystal.data import prepare
 t0 = time.perf_counter()
 meta = prepare([sys.argv[1]], sys.argv[2], sys.argv[3], workers=int(sys.argv[4]))
 wall = time.perf_counter() - t0
-print(wall, meta["train_tokens"] + meta["val_tokens"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(wall, meta["train_tokens"] + meta["val_tokens"], hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
