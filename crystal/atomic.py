@@ -39,9 +39,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_chunks(path: str | Path, chunks) -> None:
-    """Temp file in the same directory, written a chunk (bytes) at a time, fsync, rename over the
-    target, fsync the directory. A failure (a full disk) removes the temp file and raises OSError
-    naming `path`, the file the caller asked for (not the temp name)."""
+    """Temp file in the same directory, written a chunk (bytes, or any buffer: a numpy array) at a
+    time, fsync, rename over the target, fsync the directory. A failure (a full disk) removes the
+    temp file and raises OSError naming `path`, the file the caller asked for (not the temp name)."""
     path = Path(path)
     tmp = None
     try:

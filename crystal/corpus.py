@@ -40,6 +40,7 @@ from crystal.errors import CrystalError
 from crystal.jsonio import parse_json
 
 READ_BYTES = 1 << 20  # a text file is read this many bytes at a time
+PARQUET_ROWS = 1024  # a .parquet file is read this many rows at a time
 SCRATCH_TOKENS = 1 << 24  # ids per scratch file (a finished shard frees its scratch files)
 GLOB_CHARS = "*?["
 KINDS = {".jsonl": "jsonl", ".parquet": "parquet"}  # any other file is text
@@ -179,7 +180,7 @@ def _field(value, field: str, where: str) -> str:
 
 def _jsonl_texts(src: Source, field: str, progress: Progress) -> Iterator[str]:
     """Each non-blank line's `field` (a line is read whole: it is one document)."""
-    with open(src.path, "rb") as f:
+    with open(src.path, "rb", buffering=READ_BYTES) as f:  # not 8 KiB reads
         for n, line in enumerate(f, 1):
             progress.read(len(line))
             if line.strip():
@@ -188,22 +189,40 @@ def _jsonl_texts(src: Source, field: str, progress: Progress) -> Iterator[str]:
 
 
 def _parquet_texts(src: Source, field: str, progress: Progress) -> Iterator[str]:
-    """Each row's `field`, read a batch of rows at a time (pyarrow)."""
+    """Each row's `field`, in row order, read PARQUET_ROWS rows at a time (pyarrow). The column
+    must be of a string type; a null in it is refused with its row (counted from 0)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    def why(e: Exception) -> str:
+        return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
     try:
         pf = pq.ParquetFile(src.path)
-        names = pf.schema_arrow.names
-    except Exception as e:  # pyarrow's own exception types
-        raise CrystalError(f"{src.path}: not a parquet file ({str(e).splitlines()[0][:200]})") from None
-    if field not in names:
-        raise CrystalError(f"{src.path}: no {field!r} column (--text-field; it has {', '.join(names[:8])})")
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise CrystalError(f"{src.path}: not a parquet file ({why(e)})") from None
+    if field not in schema.names:
+        raise CrystalError(f"{src.path}: no {field!r} column (--text-field; it has {', '.join(schema.names[:8])})")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+        raise CrystalError(f"{src.path}: the {field!r} column holds {kind}, not strings")
     rows, done = max(pf.metadata.num_rows, 1), 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[field]):
-        for i, text in enumerate(batch.column(0).to_pylist()):
-            if not isinstance(text, str):
-                raise CrystalError(f"{src.path} row {done + i}: the {field!r} field is not a string")
-            yield text
+    batches = pf.iter_batches(batch_size=PARQUET_ROWS, columns=[field])
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            col = batch.column(0)
+            if col.null_count:
+                first = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+                raise CrystalError(f"{src.path} row {done + first} (counting from 0): the {field!r} field is null")
+            texts = col.to_pylist()
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise CrystalError(f"{src.path}: a damaged parquet file ({why(e)})") from None
+        yield from texts
         progress.read(src.size * (done + batch.num_rows) // rows - src.size * done // rows)
         done += batch.num_rows
 
@@ -230,17 +249,19 @@ def pieces(srcs: list[Source], cutter, field: str, separate: bool, progress: Pro
 
 
 def byte_ids(srcs: list[Source], field: str, progress: Progress) -> Iterator[np.ndarray]:
-    """The byte tokenizer's ids of every document, one after another, about READ_BYTES at a time."""
-    buf = bytearray()
+    """The byte tokenizer's ids of every document, one after another, about READ_BYTES at a time
+    (uint8: each id is a byte; the documents' bytes joined, viewed, never converted)."""
+    parts, n = [], 0
     for src in srcs:
         for doc in documents(src, field, False, progress):
             for b in doc:
-                buf += b
-                if len(buf) >= READ_BYTES:
-                    yield np.frombuffer(bytes(buf), dtype=np.uint8).astype(np.uint16)
-                    buf.clear()
-    if buf:
-        yield np.frombuffer(bytes(buf), dtype=np.uint8).astype(np.uint16)
+                parts.append(b)
+                n += len(b)
+                if n >= READ_BYTES:
+                    yield np.frombuffer(b"".join(parts), dtype=np.uint8)
+                    parts, n = [], 0
+    if parts:
+        yield np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
 def batches(items: Iterable[str | None], limit: int) -> Iterator[list]:
@@ -301,8 +322,8 @@ class TokenSink:
     def write(self, ids: np.ndarray) -> None:
         if ids.size and int(ids.max()) >= self.vocab:
             raise CrystalError(f"the tokenizer gave token id {int(ids.max())}, outside its vocabulary of {self.vocab}")
-        self.sha.update(ids.astype("<u4").tobytes())
-        data = ids.astype(self.dtype)
+        self.sha.update(ids.astype("<u4"))  # hashlib and write take the arrays' buffers: no bytes copies
+        data = ids.astype(self.dtype, copy=False)
         while data.size:
             room = SCRATCH_TOKENS - (self.count - SCRATCH_TOKENS * (len(self.files) - 1)) if self.files else 0
             if room == 0:
@@ -310,7 +331,7 @@ class TokenSink:
                 self.files.append(self.dir / f".stream_{len(self.files):06d}.ids")
                 self._f = open(self.files[-1], "wb")
                 room = SCRATCH_TOKENS
-            self._f.write(data[:room].tobytes())
+            self._f.write(data[:room])
             self.count += min(room, data.size)
             data = data[room:]
 

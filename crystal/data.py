@@ -54,6 +54,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -61,7 +62,7 @@ from crystal.atomic import (atomic_write_bytes, atomic_write_chunks, atomic_writ
                             fsync_dir)
 from crystal.errors import CrystalError
 from crystal.jsonio import read_json
-from crystal.shards import (DATA_ORDER, LEGACY_ORDER, SCAN_TOKENS, TOKEN_HEADER, TOKEN_MAGIC,  # noqa: F401
+from crystal.shards import (DATA_ORDER, SCAN_TOKENS, TOKEN_HEADER, TOKEN_MAGIC,
                             TOKEN_VERSION, TokenFile, TokenStream, WindowOrder, is_token_file, map_tokens, open_mask_file,
                             open_token_file, sample_sha256, scan_ids, token_dtype, tokens_sha256)
 
@@ -801,7 +802,8 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
     meta = {}
 
     def write(d: Path) -> None:
-        sink = corpus.TokenSink(d, token_dtype(tok.vocab_size), tok.vocab_size)
+        scratch = np.uint8 if tok.vocab_size <= 256 else token_dtype(tok.vocab_size)  # bytes: 1 byte an id
+        sink = corpus.TokenSink(d, scratch, tok.vocab_size)
         try:
             show.start("tokenizing")
             if isinstance(tok, ByteTokenizer):
@@ -828,12 +830,11 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
             if sample is not None:
                 meta["bpe_sample"] = sample
             meta["end_of_text"] = eot
+            meta["val_bytes"] = decoded_bytes(tok, sink.read(n - n_val, n, DECODE_TOKENS))  # read, not mapped
             for name, lo, hi in (("train", 0, n - n_val), ("val", n - n_val, n)):
                 meta[f"{name}_shards"] = _write_split(d, sink, name, lo, hi, shard_tokens, tok.vocab_size)
         finally:
             sink.remove()
-        val = TokenStream([map_tokens(open_token_file(d / s["file"])) for s in meta["val_shards"]])
-        meta["val_bytes"] = decoded_bytes(tok, val)
         atomic_write_text(d / TOKENIZER_FILE, tok_json)
         atomic_write_json(d / META_FILE, meta)
 
@@ -881,27 +882,33 @@ def _write_split(d: Path, sink, name: str, lo: int, hi: int, shard_tokens: int |
         b = min(a + per, hi)
         file = f"{name}_{i:06d}.bin" if named else f"{name}.bin"
         header = TOKEN_HEADER.pack(TOKEN_MAGIC, TOKEN_VERSION, dtype.itemsize, b - a, vocab)
-        atomic_write_chunks(d / file, itertools.chain([header], (x.tobytes() for x in sink.read(a, b))))
+        atomic_write_chunks(d / file, itertools.chain([header], (x.astype(dtype, copy=False) for x in sink.read(a, b))))
         sink.drop_below(b)
         listed.append({"file": file, "tokens": b - a, "sample_sha256": sample_sha256(open_token_file(d / file))})
     return listed
 
 
-def decoded_bytes(tok, ids) -> int:
-    """UTF-8 bytes of the text `ids` decode to (val_bytes: bits per byte), decoded at most about
-    DECODE_TOKENS at a time: a longer run is cut before a token whose text starts with an ASCII
-    character, where no character spans the cut (exact for byte-level decoders)."""
-    n = len(ids)
-    if n <= DECODE_TOKENS:
-        return len(tok.decode(np.asarray(ids)).encode("utf-8")) if n else 0
-    total, lo = 0, 0
-    while lo < n:
-        hi = min(n, lo + DECODE_TOKENS)
-        while hi < n and hi < lo + 2 * DECODE_TOKENS and not _ascii_start(tok, int(ids.windows(np.array([hi]), 1)[0, 0])):
+def decoded_bytes(tok, chunks: Iterable[np.ndarray]) -> int:
+    """UTF-8 bytes of the text that the ids, given as `chunks` of any sizes, decode to (val_bytes:
+    bits per byte), decoded about DECODE_TOKENS at a time: a longer run is cut before the first
+    token from DECODE_TOKENS on whose text starts with an ASCII character, where no character
+    spans the cut (exact for byte-level decoders), or at 2 x DECODE_TOKENS. Holds at most
+    2 x DECODE_TOKENS ids and a chunk."""
+    chunks = iter(chunks)
+    total, held, end = 0, np.empty(0, np.uint32), False
+    while True:
+        while not end and len(held) < 2 * DECODE_TOKENS:
+            chunk = next(chunks, None)
+            end = chunk is None
+            held = held if end else np.concatenate([held, chunk])
+        n = len(held)
+        if n == 0:
+            return total
+        hi = min(n, DECODE_TOKENS)
+        while hi < n and hi < 2 * DECODE_TOKENS and not _ascii_start(tok, int(held[hi])):
             hi += 1
-        total += len(tok.decode(np.asarray(ids.slice(lo, hi))).encode("utf-8"))
-        lo = hi
-    return total
+        total += len(tok.decode(held[:hi]).encode("utf-8"))
+        held = held[hi:]
 
 
 def _ascii_start(tok, token: int) -> bool:

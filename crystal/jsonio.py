@@ -37,13 +37,14 @@ def _reason(e: BaseException) -> str:
 
 def _shallow(value):
     """`value`, when its lists and dicts nest at most MAX_DEPTH deep (walked without recursion)."""
-    stack = [(value, 1)]
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []  # containers only, with their depth
     while stack:
         v, depth = stack.pop()
-        if isinstance(v, (list, dict)):
-            if depth > MAX_DEPTH:
-                raise _TooDeep()
-            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+        if depth > MAX_DEPTH:
+            raise _TooDeep()
+        for x in (v.values() if isinstance(v, dict) else v):
+            if isinstance(x, (list, dict)):
+                stack.append((x, depth + 1))
     return value
 
 

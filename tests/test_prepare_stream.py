@@ -1,5 +1,5 @@
-"""Streaming `crystal prepare` (issue 32, item 4): inputs read as streams (text, .jsonl, globs,
-directories), <|endoftext|> between documents, the same bytes for any --workers, an interrupted
+"""Streaming `crystal prepare` (issue 32, item 4): inputs read as streams (text, .jsonl, .parquet,
+globs, directories), <|endoftext|> between documents, the same bytes for any --workers, an interrupted
 prepare run again gives the same data set, bpe trained on a seeded sample, and the refusals.
 
 The tokenizer is a byte-level BPE trained here; the reference ids are its own `encode`."""
@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,16 @@ def inputs(tmp_path_factory):
     tok = BPETokenizer.train([TEXT], 300)
     (root / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
     return root
+
+
+def write_parquet(path: Path, columns: dict, row_group_size: int | None = None) -> Path:
+    """A .parquet file of `columns` (name -> list of values), in row groups of row_group_size rows."""
+    pytest.importorskip("pyarrow", reason="reading .parquet needs pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
 
 
 def reference_ids(root: Path) -> list[int]:
@@ -160,6 +171,96 @@ def test_a_killed_prepare_run_again_gives_the_same_data_set(inputs, tmp_path):
     assert all_ids(out).tolist() == ids
 
 
+BIG = 1 << 30  # the memory test's input: 1 GiB of jsonl
+# The child's peak RSS: its own VmHWM (the peak of its memory since exec; its ru_maxrss is no
+# use: through vfork and exec it starts at the peak of the process that started it, here pytest's)
+# and the ru_maxrss of the processes it started (tokenizer workers; none for bytes).
+CHILD_RSS = """
+import json, resource, sys
+from crystal.cli import main
+code = main(sys.argv[1:])
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"code": code, "peak_rss": 1024 * max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)}))
+"""
+
+
+def write_big_jsonl(path: Path, size: int) -> tuple[int, bytes, bytes]:
+    """At least `size` bytes of jsonl: a 32 MiB block of Tiny Shakespeare documents (1,000-6,000
+    characters) written again and again. Returns the byte tokenizer's id count, the first
+    document's bytes and the last one's."""
+    text = default_corpus().decode()
+    rng = np.random.default_rng(0)
+    docs, lines, n = [], [], 0
+    while n < 32 << 20:
+        at = int(rng.integers(0, len(text) - 6000))
+        docs.append(text[at:at + int(rng.integers(1000, 6000))])
+        lines.append(json.dumps({"text": docs[-1]}) + "\n")
+        n += len(lines[-1])
+    block = "".join(lines).encode()
+    repeats = -(-size // len(block))
+    with open(path, "wb") as f:
+        for _ in range(repeats):
+            f.write(block)
+    return repeats * sum(len(d.encode()) for d in docs), docs[0].encode(), docs[-1].encode()
+
+
+def test_a_1_gib_jsonl_prepares_with_peak_rss_under_1_gib(tmp_path):
+    # disk: the input, then at most about 2 bytes an id in the scratch (1 byte an id, freed as
+    # the shards are written) and the shards (2 bytes an id) together, with an id per input byte
+    need = 3 * BIG + (256 << 20)
+    if not Path("/proc/self/status").exists():
+        pytest.skip("reads the child's peak RSS (VmHWM) from /proc (Linux)")
+    if shutil.disk_usage(tmp_path).free < need:
+        pytest.skip(f"needs {need / 2**30:.2f} GiB free in {tmp_path} for a 1 GiB input and its shards")
+    try:
+        n, first, last = write_big_jsonl(tmp_path / "big.jsonl", BIG)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run([sys.executable, "-c", CHILD_RSS, "prepare", str(tmp_path / "big.jsonl"), "--out",
+                               str(tmp_path / "d"), "--tokenizer", "bytes"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        child = json.loads(done.stdout.splitlines()[-1])
+        assert child["code"] == 0, done.stderr
+        assert child["peak_rss"] < 1 << 30, f"peak RSS {child['peak_rss'] / 2**20:.0f} MiB"
+        meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+        assert meta["train_tokens"] + meta["val_tokens"] == n
+        assert sum(s["tokens"] for split in ("train_shards", "val_shards") for s in meta[split]) == n
+        head = crystal.data.map_tokens(crystal.data.open_token_file(tmp_path / "d" / meta["train_shards"][0]["file"]))
+        tail = crystal.data.map_tokens(crystal.data.open_token_file(tmp_path / "d" / meta["val_shards"][-1]["file"]))
+        assert bytes(head[:len(first)].astype(np.uint8)) == first and bytes(tail[-len(last):].astype(np.uint8)) == last
+        del head, tail
+    finally:  # pytest keeps the last runs' tmp_path: delete the 3 GiB now
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_parquet_rows_prepare_to_the_same_token_files_as_the_same_jsonl_lines(inputs, tmp_path, small_pieces):
+    write_parquet(tmp_path / "b.parquet", {"id": [len(d) for d in DOCS], "text": DOCS}, row_group_size=3)
+    metas = {}
+    for name in ("b.jsonl", "b.parquet"):
+        src = inputs / name if name.endswith("jsonl") else tmp_path / name
+        metas[name] = prepare([str(inputs / "a.txt"), str(src)], str(tmp_path / name[2:]),
+                              str(inputs / "tokenizer.json"), shard_tokens=5000, workers=1)
+    assert hashes(tmp_path / "jsonl").keys() == hashes(tmp_path / "parquet").keys()
+    for f, h in hashes(tmp_path / "jsonl").items():  # meta.json names its inputs, so differs there only
+        assert f == "meta.json" or hashes(tmp_path / "parquet")[f] == h, f
+    assert {k: v for k, v in metas["b.jsonl"].items() if k != "sources"} == \
+        {k: v for k, v in metas["b.parquet"].items() if k != "sources"}
+    assert all_ids(tmp_path / "parquet").tolist() == reference_ids(inputs)
+
+
+def test_text_field_picks_the_parquet_column(tmp_path):
+    src = write_parquet(tmp_path / "x.parquet", {"text": ["not this ", "nor this"], "body": ["this ", "one"]})
+    prepare([str(src)], str(tmp_path / "d"), "bytes", val_fraction=0, text_field="body")
+    assert bytes(all_ids(tmp_path / "d").astype(np.uint8)) == b"this one"
+
+
+def test_parquet_rows_keep_their_order_across_row_groups_and_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(crystal.corpus, "PARQUET_ROWS", 4)  # batches of 4 rows over row groups of 7
+    docs = [f"<{i}>" for i in range(50)]
+    src = write_parquet(tmp_path / "x.parquet", {"text": docs}, row_group_size=7)
+    prepare([str(src)], str(tmp_path / "d"), "bytes", val_fraction=0)
+    assert bytes(all_ids(tmp_path / "d").astype(np.uint8)) == "".join(docs).encode()
+
+
 # --- refusals: exit 2, one line, nothing written ---------------------------------------------------------
 
 CASES = {
@@ -175,6 +276,14 @@ CASES = {
                                  ["prepare", f"{R}/x.jsonl", "--out", f"{R}/p", "--text-field", "content"]),
     "parquet without pyarrow": (lambda r: (r / "x.parquet").write_bytes(b"PAR1"),
                                 ["prepare", f"{R}/x.parquet", "--out", f"{R}/p"]),
+    "parquet not a parquet file": (lambda r: (r / "x.parquet").write_bytes(b"PAR1garbage"),
+                                   ["prepare", f"{R}/x.parquet", "--out", f"{R}/p"]),
+    "parquet without the column": (lambda r: write_parquet(r / "x.parquet", {"body": ["a"]}),
+                                   ["prepare", f"{R}/x.parquet", "--out", f"{R}/p"]),
+    "parquet column of ints": (lambda r: write_parquet(r / "x.parquet", {"text": [1, 2]}),
+                               ["prepare", f"{R}/x.parquet", "--out", f"{R}/p"]),
+    "parquet null in the column": (lambda r: write_parquet(r / "x.parquet", {"text": ["a", "b", None, "c"]}),
+                                   ["prepare", f"{R}/x.parquet", "--out", f"{R}/p"]),
     "workers 0": (None, ["prepare", f"{R}/a.txt", "--out", f"{R}/p", "--workers", "0"]),
     "bpe-train-bytes 0": (None, ["prepare", f"{R}/a.txt", "--out", f"{R}/p", "--tokenizer", "bpe",
                                  "--bpe-train-bytes", "0"]),
@@ -186,9 +295,17 @@ CASES = {
                                         ["prepare", f"{R}/u.txt", "--out", f"{R}/p", "--tokenizer", "bpe"]),
 }
 
+SAYS = {  # what the line must say, where it matters
+    "parquet without pyarrow": "needs pyarrow",
+    "parquet not a parquet file": "not a parquet file",
+    "parquet without the column": "no 'text' column",
+    "parquet column of ints": "holds int64, not strings",
+    "parquet null in the column": "row 2 (counting from 0): the 'text' field is null",
+}
+
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_prepare_input_exits_2_with_one_line_and_writes_nothing(case, inputs, tmp_path, capsys):
+def test_bad_prepare_input_exits_2_with_one_line_and_writes_nothing(case, inputs, tmp_path, capsys, monkeypatch):
     root = tmp_path / "r"
     root.mkdir()
     for name in ("a.txt", "tokenizer.json"):
@@ -196,9 +313,15 @@ def test_bad_prepare_input_exits_2_with_one_line_and_writes_nothing(case, inputs
     damage, argv = CASES[case]
     if damage:
         damage(root)
-    if case == "parquet without pyarrow" and crystal.corpus.importlib.util.find_spec("pyarrow"):
-        pytest.skip("pyarrow is installed")
+    if case == "parquet without pyarrow":  # pretend it is not installed, whether it is or not
+        find_spec = crystal.corpus.importlib.util.find_spec
+        monkeypatch.setattr(crystal.corpus.importlib.util, "find_spec",
+                            lambda name, *a: None if name == "pyarrow" else find_spec(name, *a))
+    elif case.startswith("parquet"):
+        pytest.importorskip("pyarrow", reason="reading .parquet needs pyarrow")
     line = refused(root, argv, capsys)[0]
     if case == "not UTF-8 after the first block":
         assert "byte 3,000,000" in line or "byte 3000000" in line
+    if case in SAYS:
+        assert SAYS[case] in line, line
     assert not (root / "p").exists() and not list(root.glob(".p.*"))
