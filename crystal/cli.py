@@ -103,8 +103,8 @@ def _preset_help() -> str:
               help="linear-cooldown: fraction of the steps that cools down  [default: 0.4]")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
               help="adamw, or muon: Muon on the blocks' matrices, AdamW (--lr) on embeddings, biases and "
-                   "norms  [default: adamw]")
-@click.option("--muon-lr", type=float, default=None, help="Muon's peak learning rate  [default: 0.02]")
+                   "norms  [default: adamw; small: muon]")
+@click.option("--muon-lr", type=float, default=None, help="Muon's peak learning rate  [default: 0.02; small: 0.04]")
 @click.option("--muon-momentum", type=float, default=None, help="Muon's momentum  [default: 0.95]")
 @click.option("--muon-momentum-start", type=float, default=None,
               help="Muon's momentum at step 0, warmed up linearly to --muon-momentum  [default: 0.85]")
@@ -236,7 +236,7 @@ def _train(world, overwrite, resume_dir, config_file, print_config, dry_run, qui
         run_dir = RunDir(resume_dir, resume=True)
         model_cfg, cfg = run_dir.read_configs()
         _, cfg = resolve(cfg.preset, dataclasses.asdict(model_cfg),
-                         {**dataclasses.asdict(cfg), "stop_at": None, **given})
+                         {**dataclasses.asdict(cfg), "stop_at": None, **given}, derive=False)
         state = run_dir.load_state(model_cfg, _adapter_layout(model_cfg, cfg))
         if state.step >= cfg.steps and not (print_config or dry_run):  # nothing to train
             if world.is_root:
