@@ -80,8 +80,8 @@ def run_crystal(preset: str, spheres: int, steps: int, warmup: int, batch: int |
     from crystal.config import resolve
     from crystal.trainer import train
 
-    # dropout off: the PyTorch side has none
-    model_cfg, cfg = resolve(preset, train_overrides=dict(spheres=spheres, steps=steps, device="cpu",
+    # dropout off: the PyTorch side has none; AdamW, as the PyTorch side (small's default is Muon)
+    model_cfg, cfg = resolve(preset, train_overrides=dict(spheres=spheres, steps=steps, device="cpu", optimizer="adamw",
                                                           eval_every=0, dropout=0.0, **crystal_split(preset, batch)))
     marks = []
     train(model_cfg, cfg, on_step=lambda rec, s: marks.append(time.perf_counter()))

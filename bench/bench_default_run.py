@@ -1,6 +1,8 @@
 """Time `crystal train` with no options (default preset, embedded corpus), as a user runs it.
+The default preset is small: Muon for 1000 steps.
 
-Usage: python bench/bench_default_run.py [--json OUT.json]
+Usage: python bench/bench_default_run.py [--json OUT.json] [-- crystal train flags]
+       (`-- --optimizer adamw`: the earlier default run, 2000 AdamW steps)
 Prints wall time, final loss, mean of the last 20 losses and mean tokens/s.
 """
 

@@ -35,8 +35,8 @@ from crystal.model import ParamLayout
 
 preset, spheres, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 vocab, over = int(sys.argv[4]), json.loads(sys.argv[5])
-m, c = resolve(preset, dict(vocab_size=vocab) if vocab else {},
-               dict(spheres=spheres, steps=steps, eval_every=0, device="cpu", **over))
+m, c = resolve(preset, dict(vocab_size=vocab) if vocab else {},  # AdamW: memory_estimate's optimizer
+               dict(spheres=spheres, steps=steps, eval_every=0, device="cpu", optimizer="adamw", **over))
 be = CpuBackend(); warm_up(be)
 if vocab:  # random tokens: only the shapes matter here
     rng = np.random.default_rng(0)

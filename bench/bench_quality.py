@@ -14,6 +14,8 @@ reached --target (nanoGPT's CPU baseline for the small config is 1.88 nats per b
 --max-seconds stops training after the first step past that wall time (the rows so far stay);
 the JSON file is rewritten after every evaluation, so a run that is cut off still leaves it.
 --stop-at-target stops after the first evaluation at or below --target (saves a lent GPU's time).
+Flags not given take the preset's values: small trains with Muon (muon lr 0.04) for 1000 steps,
+with --optimizer adamw for 2000.
 """
 
 import argparse

@@ -38,7 +38,8 @@ def run(preset: str, ranks: int, shard: bool, spheres: int, steps: int, warmup: 
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "crystal.cli", "train", "--preset", preset, "--device", "cpu",
                "--spheres", str(spheres), "--steps", str(steps), "--eval-every", "0", "--checkpoint-every", "0",
-               "--quiet", "--shard-optimizer" if shard else "--no-shard-optimizer", "--out", str(out), *extra]
+               "--quiet", "--shard-optimizer" if shard else "--no-shard-optimizer", "--out", str(out),
+               "--optimizer", "adamw", *extra]  # AdamW (ZeRO-1), as the estimate; small's default is Muon
         if ranks > 1:
             mpiexec = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
             if mpiexec is None:

@@ -14,6 +14,7 @@ import torch
 from crystal.backends.cpu import CpuBackend
 from crystal.cli import main
 from crystal.config import ModelConfig, TrainConfig, resolve
+from crystal.errors import CrystalError
 from crystal.model import ParamLayout
 from crystal.checkpoint import latest_checkpoint, load_tensors, read_config, save_tensors
 from crystal.muon import (NS_COEFFS, Muon, muon_matrices, muon_parameters, muon_tensors, optimizer_ranges,
@@ -439,3 +440,38 @@ def test_dry_run_shows_muons_memory_and_newton_schulz_flops(capsys):
     # the compact state: AdamW's moments of its 10,112 params, Muon's momentum of its 24,576 (the
     # whole buffer's two moments were 0.3 MiB)
     assert "AdamW moments 0.1 MiB | Muon momentum 0.1 MiB |" in out
+
+
+# --- the small preset (the default run) trains with Muon ---------------------------------------------
+
+def test_the_small_preset_is_muon_for_1000_steps_and_adamw_is_the_earlier_2000_step_run():
+    muon = resolve("small")[1]
+    assert (muon.optimizer, muon.steps, muon.muon_lr, muon.lr) == ("muon", 1000, 0.04, 1e-3)
+    adamw = resolve("small", None, {"optimizer": "adamw"})[1]
+    assert (adamw.optimizer, adamw.steps, adamw.muon_lr, adamw.lr) == ("adamw", 2000, None, 1e-3)
+
+
+def test_lora_on_the_small_preset_derives_adamw():
+    cfg = resolve("small", None, {"lora_r": 4, "init_from": "x"})[1]
+    assert (cfg.optimizer, cfg.steps, cfg.muon_lr) == ("adamw", 2000, None)
+
+
+def test_cuda_graphs_on_with_the_small_preset_asks_for_adamw():
+    with pytest.raises(CrystalError, match="the small preset trains with Muon unless given --optimizer adamw"):
+        resolve("small", None, {"cuda_graphs": "on", "device": "cuda"})
+    assert resolve("small", None, {"cuda_graphs": "on", "device": "cuda", "optimizer": "adamw"})[1].steps == 2000
+
+
+def test_a_small_muon_run_from_before_the_switch_resumes_with_its_own_muon_lr(tmp_path, capsys):
+    # a run whose train.json leaves muon_lr unset (MUON_DEFAULTS' 0.02): the preset's 0.04 is for new runs
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "small", "--device", "cpu", "--quiet", "--n-layer", "1", "--n-head", "2",
+                 "--n-embd", "16", "--block-size", "8", "--micro-batches", "1", "--spheres", "1", "--steps", "2",
+                 "--eval-every", "0", "--checkpoint-every", "1", "--stop-at", "1", "--out", str(run)]) == 0
+    train_json = json.loads((run / "train.json").read_text())
+    assert train_json["muon_lr"] == 0.04
+    (run / "train.json").write_text(json.dumps({**train_json, "muon_lr": None}))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert 'optimizer = "muon"' in printed and "muon_lr" not in printed
