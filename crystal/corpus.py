@@ -280,7 +280,7 @@ def batches(items: Iterable[str | None], limit: int) -> Iterator[list]:
 
 # --- encoding ------------------------------------------------------------------------------------------
 
-def encoded(batches: Iterable[list], tok, tok_json: str, eot: int | None, workers: int,
+def encoded(batches: Iterable[list], tok, tok_file: Path, eot: int | None, workers: int,
             pool: bool) -> Iterator[np.ndarray]:
     """Each batch's uint32 ids, in order. pool: by `workers` processes (spawned; at most two
     batches each in flight), one core each; else here (workers > 1: the library's threads)."""
@@ -290,7 +290,7 @@ def encoded(batches: Iterable[list], tok, tok_json: str, eot: int | None, worker
             yield np.frombuffer(encode_items(tok, b, eot, threads=workers > 1, words=words), dtype=np.uint32)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(tok_json,)) as ex:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(str(tok_file),)) as ex:
         pending = deque()
         try:
             for b in batches:

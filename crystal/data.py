@@ -179,7 +179,8 @@ class BPETokenizer:
         return np.asarray(ids, dtype=token_dtype(self.vocab_size))
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+        return self.tok.decode(ids, skip_special_tokens=False)
 
     def to_json(self) -> str:
         return self.source if self.source is not None else self.tok.to_str()
@@ -810,7 +811,9 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
                 chunks = corpus.byte_ids(srcs, text_field, show)
             else:
                 items = corpus.pieces(srcs, Cutter(tok.tok), text_field, eot is not None, show)
-                chunks = corpus.encoded(corpus.batches(items, BATCH_CHARS), tok.tok, tok_json, eot, workers,
+                # written first: the worker processes read it (a path is all a spawned worker is sent)
+                atomic_write_text(d / TOKENIZER_FILE, tok_json)
+                chunks = corpus.encoded(corpus.batches(items, BATCH_CHARS), tok.tok, d / TOKENIZER_FILE, eot, workers,
                                         pool=workers > 1 and total >= POOL_MIN_BYTES)
             for ids in chunks:
                 sink.write(ids)

@@ -44,12 +44,12 @@ def encode_items(tok, items: list, eot: int | None, threads: bool, words: WordCa
 _WORKER: dict = {}  # a worker process's own tokenizer and cache (set by init_worker; never in the parent)
 
 
-def init_worker(tok_json: str) -> None:
+def init_worker(tok_file: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker, one core
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(tok_json)
+    tok = Tokenizer.from_file(tok_file)
     tok.no_truncation()
     tok.no_padding()
     _WORKER["tok"], _WORKER["words"] = tok, word_cache(tok)
