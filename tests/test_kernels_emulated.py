@@ -1,6 +1,6 @@
 """Every CUDA kernel of kernels/*.cu, run on the CPU under emulation, matches the cpu backend.
 
-The .cu sources are compiled by g++ with tests/emu/emu.h (threads for CUDA threads, a barrier
+The .cu sources are compiled by g++ with tests/emu/emu.h (fibers for CUDA threads, a barrier
 for __syncthreads) and launched with the geometry of crystal/backends/kernels.py, on odd
 shapes and small blocks, including blocks that do not divide the sizes. Where cuBLAS does a
 product on the GPU (attention), a numpy matmul stands in for it and the host composes the

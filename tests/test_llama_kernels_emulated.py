@@ -10,7 +10,7 @@ bf16, the conventions of tests/test_kernels_bf16_emulated.py: each `_bf16` kerne
 fp32 twin on the widened inputs rounded once (`launch_twins`), and against the cpu op on the
 widened inputs: elementwise within 1 bf16 ulp, rows within one rounding (TOL_ROUND), float32
 outputs (rstd, dw) within TOL_F32, pipelines with bf16 products within TOL_PIPELINE.
-Shapes are tiny (the emulator runs a thread per CUDA thread): B = 2, T = 5, hd = 8.
+Shapes are tiny (the emulator runs a fiber per CUDA thread): B = 2, T = 5, hd = 8.
 """
 
 from __future__ import annotations
