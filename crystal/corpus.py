@@ -34,8 +34,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from crystal.encode import encode_items, encode_task, init_worker, word_cache
 from crystal.atomic import check_regular
+from crystal.encode import encode_items, encode_task, init_worker, word_cache
 from crystal.errors import CrystalError
 from crystal.jsonio import parse_json
 

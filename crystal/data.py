@@ -805,14 +805,13 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
     def write(d: Path) -> None:
         scratch = np.uint8 if tok.vocab_size <= 256 else token_dtype(tok.vocab_size)  # bytes: 1 byte an id
         sink = corpus.TokenSink(d, scratch, tok.vocab_size)
+        atomic_write_text(d / TOKENIZER_FILE, tok_json)  # first: worker processes are sent its path
         try:
             show.start("tokenizing")
             if isinstance(tok, ByteTokenizer):
                 chunks = corpus.byte_ids(srcs, text_field, show)
             else:
                 items = corpus.pieces(srcs, Cutter(tok.tok), text_field, eot is not None, show)
-                # written first: the worker processes read it (a path is all a spawned worker is sent)
-                atomic_write_text(d / TOKENIZER_FILE, tok_json)
                 chunks = corpus.encoded(corpus.batches(items, BATCH_CHARS), tok.tok, d / TOKENIZER_FILE, eot, workers,
                                         pool=workers > 1 and total >= POOL_MIN_BYTES)
             for ids in chunks:
@@ -838,7 +837,6 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bytes", vocab_size: i
                 meta[f"{name}_shards"] = _write_split(d, sink, name, lo, hi, shard_tokens, tok.vocab_size)
         finally:
             sink.remove()
-        atomic_write_text(d / TOKENIZER_FILE, tok_json)
         atomic_write_json(d / META_FILE, meta)
 
     _replace_dir(Path(out), write)
