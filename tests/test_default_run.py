@@ -1,7 +1,7 @@
 """`crystal train` with no options trains the default preset (small: Muon, 1000 steps) on the
 embedded corpus to a train loss (mean of the last 20 steps) below 1.85 nats per byte: the run
 gives about 1.65 (bench/muon_runs, seed 1337), while AdamW is at 1.97-2.02 after 1000 of its 2000
-steps; the byte bigram baseline is 2.49. This is the longest test (a few minutes on 2 cores); its
+steps; the byte bigram baseline is 2.49. This is the longest test (about 90 s on 2 cores); its
 wall time is recorded by bench/bench_default_run.py, not asserted here."""
 
 import json
